@@ -1,0 +1,430 @@
+"""Loading HF causal LMs with PEFT adapters, and the site convention for their residual stream.
+
+Sites (stored with every saved vector), ``i`` = decoder block index from 0:
+
+- ``resid_pre[i]``: the input of ``layers[i]``;
+- ``resid_post[i]``: the output of ``layers[i]`` (the residual stream after block ``i``;
+  HF ``output_hidden_states[i + 1]`` for every block but the last, whose entry is after the
+  final norm);
+- ``attn_out[i]`` / ``mlp_out[i]``: what the attention / MLP sub-block adds to the residual
+  (for Gemma-2 that is the output of its post-norm, not of ``o_proj`` / ``down_proj``).
+
+Architectures are known by ``config.model_type`` (:data:`ARCHITECTURES`); an unknown one fails
+loudly unless the caller passes ``layers_path`` (and the sub-module names) explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from emscope.errors import EmscopeError
+from emscope.lora import CONFIG_FILE, LoraAdapter
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the parts of a decoder live, relative to the bare ``*ForCausalLM`` model.
+
+    ``attn_out`` / ``mlp_out`` name the sub-module of a block whose output is added to the
+    residual stream. ``post_norms`` is true when a norm sits between ``o_proj``/``down_proj``
+    and the residual add (weight orthogonalisation is then not exact).
+    """
+
+    layers_path: str
+    attn_out: str = "self_attn"
+    mlp_out: str = "mlp"
+    embed_path: str = "model.embed_tokens"
+    post_norms: bool = False
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "qwen2": Architecture("model.layers"),
+    "qwen3": Architecture("model.layers"),
+    "llama": Architecture("model.layers"),
+    "mistral": Architecture("model.layers"),
+    "gemma2": Architecture(
+        "model.layers",
+        attn_out="post_attention_layernorm",
+        mlp_out="post_feedforward_layernorm",
+        post_norms=True,
+    ),
+    "gemma3_text": Architecture(
+        "model.layers",
+        attn_out="post_attention_layernorm",
+        mlp_out="post_feedforward_layernorm",
+        post_norms=True,
+    ),
+}
+
+SITE_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+_SITE_RE = re.compile(r"^(resid_pre|resid_post|attn_out|mlp_out)\[(-?\d+)\]$")
+
+
+@dataclass(frozen=True, order=True)
+class Site:
+    """A point in the residual stream: ``kind[layer]``, e.g. ``resid_post[3]``."""
+
+    kind: str
+    layer: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in SITE_KINDS:
+            raise EmscopeError(f"unknown site kind {self.kind!r}; expected one of {SITE_KINDS}")
+
+    def __str__(self) -> str:
+        return f"{self.kind}[{self.layer}]"
+
+    @classmethod
+    def parse(cls, text: str) -> Site:
+        match = _SITE_RE.match(text.strip())
+        if match is None:
+            raise EmscopeError(f"bad site {text!r}; expected e.g. 'resid_post[3]'")
+        return cls(match.group(1), int(match.group(2)))
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The bare ``*ForCausalLM`` inside a PEFT wrapper (or the model itself)."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return model
+    if isinstance(model, PeftModel):
+        return model.base_model.model  # type: ignore[no-any-return]
+    return model
+
+
+def architecture(model: nn.Module, layers_path: str | None = None) -> Architecture:
+    """The :class:`Architecture` of a (possibly PEFT-wrapped) model.
+
+    ``layers_path`` (e.g. ``"model.layers"``) overrides the lookup for unknown architectures.
+    """
+    bare = _unwrap_peft(model)
+    model_type = getattr(getattr(bare, "config", None), "model_type", None)
+    if layers_path is not None:
+        base = ARCHITECTURES.get(str(model_type), Architecture(layers_path))
+        return Architecture(
+            layers_path, base.attn_out, base.mlp_out, base.embed_path, base.post_norms
+        )
+    if model_type not in ARCHITECTURES:
+        raise EmscopeError(
+            f"unknown architecture {model_type!r} ({type(bare).__name__}); known: "
+            f"{', '.join(sorted(ARCHITECTURES))}. Pass layers_path='model.layers' (or the "
+            "path of its decoder blocks) to use it anyway"
+        )
+    return ARCHITECTURES[str(model_type)]
+
+
+def get_layers(model: nn.Module, layers_path: str | None = None) -> Sequence[nn.Module]:
+    """The decoder blocks ``layers[0..L-1]`` of a bare or PEFT-wrapped model."""
+    arch = architecture(model, layers_path)
+    bare = _unwrap_peft(model)
+    layers = _get_path(bare, arch.layers_path)
+    if layers is None or not hasattr(layers, "__len__"):
+        raise EmscopeError(
+            f"{type(bare).__name__} has no decoder block list at {arch.layers_path!r}"
+        )
+    return layers  # type: ignore[no-any-return]
+
+
+def site_module(model: nn.Module, site: Site, layers_path: str | None = None) -> nn.Module:
+    """The module whose output (``resid_post``, ``attn_out``, ``mlp_out``) or input
+    (``resid_pre``) is the site."""
+    arch = architecture(model, layers_path)
+    layers = get_layers(model, layers_path)
+    n = len(layers)
+    if not -n <= site.layer < n:
+        raise EmscopeError(f"site {site}: the model has {n} layers (0..{n - 1})")
+    block = layers[site.layer]
+    if site.kind in ("resid_pre", "resid_post"):
+        return block
+    name = arch.attn_out if site.kind == "attn_out" else arch.mlp_out
+    module = _get_path(block, name)
+    if module is None:
+        raise EmscopeError(f"site {site}: block {site.layer} has no sub-module {name!r}")
+    return module  # type: ignore[no-any-return]
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        if part.lstrip("-").isdigit():
+            try:
+                obj = obj[int(part)]
+            except (IndexError, TypeError):
+                return None
+        else:
+            obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+# ---------------------------------------------------------------------------- model specs
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model as named on the command line: a model dir and zero or more adapter dirs."""
+
+    path: Path
+    adapters: tuple[Path, ...] = ()
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        return "+".join([self.path.name, *(a.name for a in self.adapters)])
+
+
+_NAMED_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.-]*)=(.+)$")
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """Parse ``NAME=MODEL_DIR[+ADAPTER_DIR...]`` (the name is required)."""
+    match = _NAMED_RE.match(text)
+    if match is None:
+        raise EmscopeError(f"bad model spec {text!r}; expected NAME=MODEL_DIR[+ADAPTER_DIR]")
+    name, rest = match.groups()
+    model_dir, *adapters = rest.split("+")
+    if not model_dir:
+        raise EmscopeError(f"bad model spec {text!r}: empty model dir")
+    return ModelSpec(Path(model_dir), tuple(Path(a) for a in adapters if a), name)
+
+
+def list_checkpoints(adapter_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, dir)`` of ``adapter_dir/checkpoints/checkpoint-<step>/``, by step."""
+    root = Path(adapter_dir) / "checkpoints"
+    found = []
+    for child in root.glob("checkpoint-*") if root.is_dir() else []:
+        match = re.fullmatch(r"checkpoint-(\d+)", child.name)
+        if match and (child / CONFIG_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def resolve_adapter_dir(path: str | Path) -> Path:
+    """An adapter dir, accepting ``DIR@STEP`` for ``DIR/checkpoints/checkpoint-STEP``."""
+    text = str(path)
+    if "@" in text and not Path(text).exists():
+        root, step = text.rsplit("@", 1)
+        if step.isdigit():
+            candidate = Path(root) / "checkpoints" / f"checkpoint-{int(step)}"
+            if not candidate.is_dir():
+                steps = [s for s, _ in list_checkpoints(root)]
+                raise EmscopeError(f"{root}: no checkpoint {step}; available steps: {steps}")
+            return candidate
+    return Path(path)
+
+
+def adapter_label(path: Path) -> str:
+    """A readable name: the dir's basename, or ``<adapter>@<step>`` for a checkpoint dir."""
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    if match and path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name}@{match.group(1)}"
+    return path.name
+
+
+def _peft_name(label: str) -> str:
+    """PEFT adapter names may not contain dots (they become module-dict keys)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", label)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model, its tokenizer, and the named adapters it carries.
+
+    ``model`` is a plain ``*ForCausalLM`` without adapters, or a ``peft.PeftModel`` with
+    every adapter loaded (by default the first one active). Switch with :meth:`use_adapter`
+    or :meth:`adapters_disabled`.
+    """
+
+    model: Any
+    tokenizer: Any
+    path: Path
+    adapters: dict[str, Path] = field(default_factory=dict)
+    _peft_names: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def label(self) -> str:
+        return "+".join([self.path.name, *self.active_adapters])
+
+    @property
+    def active_adapters(self) -> list[str]:
+        if not self.adapters:
+            return []
+        active = self.model.active_adapters
+        by_peft = {v: k for k, v in self._peft_names.items()}
+        return [by_peft[a] for a in active if a in by_peft]
+
+    def use_adapter(self, *names: str) -> None:
+        """Make exactly these adapters active (their updates add up)."""
+        unknown = [n for n in names if n not in self.adapters]
+        if unknown:
+            raise EmscopeError(f"unknown adapter(s) {unknown}; loaded: {list(self.adapters)}")
+        if not names:
+            raise EmscopeError("use_adapter needs at least one name (or adapters_disabled())")
+        peft_names = [self._peft_names[n] for n in names]
+        self.model.base_model.set_adapter(peft_names if len(peft_names) > 1 else peft_names[0])
+
+    @contextlib.contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Run the base model inside the block (no-op when no adapter is loaded)."""
+        if not self.adapters:
+            yield
+            return
+        with self.model.disable_adapter():
+            yield
+
+
+def _dtype(dtype: str | torch.dtype | None) -> Any:
+    import torch
+
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise EmscopeError(f"unknown dtype {dtype!r}; expected one of {sorted(names)} or 'auto'")
+    return names[dtype]
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer saved with a model dir (``trust_remote_code`` off)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    path: str | Path,
+    adapters: Sequence[str | Path] | Mapping[str, str | Path] | None = None,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    device: str | None = None,
+    device_map: str | None = None,
+    layers_path: str | None = None,
+) -> LoadedModel:
+    """Load a local HF model dir with zero, one or several PEFT LoRA adapter dirs.
+
+    ``adapters`` is a list of dirs (named by basename, ``<dir>@<step>`` for checkpoint dirs)
+    or a ``{name: dir}`` mapping; ``DIR@STEP`` selects ``DIR/checkpoints/checkpoint-STEP``.
+    Each adapter is checked against the model before PEFT sees it: a module it names must
+    exist in the model with matching shapes. The first adapter is active.
+    ``device_map="auto"`` spreads a large model over the available GPUs (accelerate).
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise EmscopeError(f"{path}: not a model dir (no config.json)")
+    config = json.loads((path / "config.json").read_text())
+    model_type = config.get("model_type")
+    if layers_path is None and model_type not in ARCHITECTURES:
+        raise EmscopeError(
+            f"{path}: unknown architecture {model_type!r}; known: "
+            f"{', '.join(sorted(ARCHITECTURES))} (pass layers_path to use it anyway)"
+        )
+
+    named = _named_adapters(adapters)
+    loaded_adapters = {name: LoraAdapter.load(p, name=name) for name, p in named.items()}
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if device is None and device_map is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path),
+        dtype=_dtype(dtype),
+        trust_remote_code=False,
+        device_map=device_map,
+    )
+    if device_map is None and device is not None:
+        model = model.to(device)
+    model.eval()
+    tokenizer = load_tokenizer(path)
+
+    for adapter in loaded_adapters.values():
+        check_adapter_fits(adapter, model)
+
+    peft_names: dict[str, str] = {}
+    if named:
+        from peft import PeftModel
+
+        first, *rest = named.items()
+        peft_names[first[0]] = _peft_name(first[0])
+        model = PeftModel.from_pretrained(
+            model, str(first[1]), adapter_name=peft_names[first[0]], is_trainable=False
+        )
+        for name, adapter_path in rest:
+            peft_names[name] = _peft_name(name)
+            model.load_adapter(str(adapter_path), adapter_name=peft_names[name])
+        if len(set(peft_names.values())) != len(peft_names):
+            raise EmscopeError(f"adapter names collide after sanitising: {list(peft_names)}")
+        model.base_model.set_adapter(peft_names[first[0]])
+        model.eval()
+    return LoadedModel(model, tokenizer, path, dict(named), peft_names)
+
+
+def _named_adapters(
+    adapters: Sequence[str | Path] | Mapping[str, str | Path] | None,
+) -> dict[str, Path]:
+    if not adapters:
+        return {}
+    if isinstance(adapters, Mapping):
+        pairs = [(name, resolve_adapter_dir(p)) for name, p in adapters.items()]
+    else:
+        resolved = [resolve_adapter_dir(p) for p in adapters]
+        pairs = [(adapter_label(p), p) for p in resolved]
+    named: dict[str, Path] = {}
+    for name, adapter_path in pairs:
+        if name in named:
+            raise EmscopeError(f"two adapters named {name!r}; pass a {{name: dir}} mapping")
+        named[name] = adapter_path
+    return named
+
+
+def check_adapter_fits(adapter: LoraAdapter, model: nn.Module) -> None:
+    """Fail with one clear line if an adapter module is missing from the model or mis-shaped."""
+    bare = _unwrap_peft(model)
+    modules = dict(bare.named_modules())
+    for lora in adapter:
+        target = modules.get(lora.name)
+        if target is None:
+            n_layers = len(get_layers(bare)) if getattr(bare, "config", None) else "?"
+            raise EmscopeError(
+                f"adapter {adapter.name!r} ({adapter.path}): module {lora.name!r} matches no "
+                f"module of the base model ({type(bare).__name__}, {n_layers} layers)"
+            )
+        weight = getattr(target, "weight", None)
+        if weight is None:
+            raise EmscopeError(
+                f"adapter {adapter.name!r}: module {lora.name!r} of the base model has no weight"
+            )
+        expected = tuple(weight.shape)
+        got = (lora.d_out, lora.d_in)
+        if expected != got:
+            raise EmscopeError(
+                f"adapter {adapter.name!r}: module {lora.name!r} shape mismatch: adapter "
+                f"update is {got[0]}x{got[1]}, base weight is {expected[0]}x{expected[1]}"
+            )

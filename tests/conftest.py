@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random-init models of four families, saved as real HF model dirs
+with locally built tokenizers, and PEFT adapters on them. Built once per test session."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ARCHS = ("qwen2", "llama", "mistral", "gemma2")
+
+
+@dataclass(frozen=True)
+class Fixture:
+    """A tiny model dir and adapters on it."""
+
+    arch: str
+    model: Path
+    adapters: dict[str, Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Fixture]:
+    """For each family: the model dir and adapters
+    ``r4`` (rank 4 on all seven modules, alpha 8), ``r1`` (rank 1 on down_proj of layers 1..,
+    rsLoRA, alpha 4), ``pattern`` (rank 4 with rank_pattern/alpha_pattern, rsLoRA)."""
+    from emscope.testing import make_adapter, make_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    fixtures = {}
+    for i, arch in enumerate(ARCHS):
+        model = make_tiny_model(arch, root / arch / "model", seed=i)
+        adapters = {
+            "r4": make_adapter(model, root / arch / "r4", rank=4, alpha=8, seed=10 + i),
+            "r1": make_adapter(
+                model,
+                root / arch / "r1",
+                rank=1,
+                alpha=4,
+                targets=("down_proj",),
+                layers=[1],
+                rslora=True,
+                seed=20 + i,
+            ),
+            "pattern": make_adapter(
+                model,
+                root / arch / "pattern",
+                rank=4,
+                alpha=8,
+                rslora=True,
+                rank_pattern={"down_proj": 2},
+                alpha_pattern={"q_proj": 16},
+                seed=30 + i,
+            ),
+        }
+        fixtures[arch] = Fixture(arch, model, adapters)
+    return fixtures
+
+
+@pytest.fixture(scope="session")
+def qwen(tiny_models: dict[str, Fixture]) -> Fixture:
+    return tiny_models["qwen2"]
+
+
+@pytest.fixture(params=ARCHS)
+def any_arch(request: pytest.FixtureRequest, tiny_models: dict[str, Fixture]) -> Fixture:
+    return tiny_models[request.param]
