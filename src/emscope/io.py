@@ -1,0 +1,104 @@
+"""Atomic file output and the tidy response table on disk.
+
+Every file emscope writes goes through a temporary file in the same dir and ``os.replace``,
+so an interrupted run never leaves a half-written file behind. Tables are written as
+parquet with a CSV copy (``<stem>.parquet`` + ``<stem>.csv``); either can be read back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from emscope.errors import EmscopeError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file + rename); creates parent dirs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Pretty JSON (NaN written as null), atomically."""
+    return atomic_write_text(path, json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EmscopeError(f"{path}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise EmscopeError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+
+
+def _clean(obj: Any) -> Any:
+    import math
+
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return _clean(obj.item())  # numpy / torch scalars
+    if hasattr(obj, "tolist"):
+        return _clean(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_table(df: pd.DataFrame, directory: str | Path, stem: str) -> Path:
+    """Write ``<dir>/<stem>.parquet`` and ``<dir>/<stem>.csv`` atomically; returns the parquet."""
+    import io
+
+    directory = Path(directory)
+    buffer = io.BytesIO()
+    df.to_parquet(buffer, index=False)
+    parquet = atomic_write_bytes(directory / f"{stem}.parquet", buffer.getvalue())
+    atomic_write_text(directory / f"{stem}.csv", df.to_csv(index=False))
+    return parquet
+
+
+def read_table(directory_or_file: str | Path, stem: str = "responses") -> pd.DataFrame:
+    """Read ``<stem>.parquet`` (or ``<stem>.csv``) from a dir, or a given .parquet/.csv file."""
+    import pandas as pd
+
+    path = Path(directory_or_file)
+    if path.is_dir():
+        for candidate in (path / f"{stem}.parquet", path / f"{stem}.csv"):
+            if candidate.is_file():
+                path = candidate
+                break
+        else:
+            raise EmscopeError(f"{directory_or_file}: no {stem}.parquet or {stem}.csv")
+    if not path.is_file():
+        raise EmscopeError(f"{path}: file not found")
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix == ".csv":
+        return pd.read_csv(path)
+    raise EmscopeError(f"{path}: expected a .parquet or .csv table")
