@@ -212,7 +212,9 @@ class LoraAdapter:
         (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return path
 
-    def with_modules(self, modules: Mapping[str, LoraModule], name: str | None = None) -> LoraAdapter:
+    def with_modules(
+        self, modules: Mapping[str, LoraModule], name: str | None = None
+    ) -> LoraAdapter:
         """A copy with other modules (config kept; it is rewritten from the modules on save)."""
         return replace(self, modules=dict(modules), name=name or self.name, path=None)
 
@@ -242,6 +244,12 @@ def _modules_from_tensors(
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY_RE.match(key)
+        if match is None and key.endswith((".base_layer.weight", "embed_tokens.weight")):
+            raise EmscopeError(
+                f"{where}: tensor {key!r} is a full weight copy (PEFT's save_embedding_layers): "
+                "the update is not s*B@A; refused (save the adapter with "
+                "save_embedding_layers=False if the embedding itself was not trained)"
+            )
         if match is None:
             raise EmscopeError(
                 f"{where}: tensor {key!r} is not a LoRA factor (DoRA magnitudes, biases and "

@@ -99,7 +99,8 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
     except ImportError:  # pragma: no cover - peft is a dependency
         return model
     if isinstance(model, PeftModel):
-        return model.base_model.model  # type: ignore[no-any-return]
+        bare: nn.Module = model.base_model.model  # type: ignore[assignment]
+        return bare
     return model
 
 
@@ -300,8 +301,14 @@ def _dtype(dtype: str | torch.dtype | None) -> Any:
         return "auto"
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype not in names:
         raise EmscopeError(f"unknown dtype {dtype!r}; expected one of {sorted(names)} or 'auto'")
     return names[dtype]
@@ -353,7 +360,7 @@ def load_model(
 
     if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(
+    model: Any = AutoModelForCausalLM.from_pretrained(
         str(path),
         dtype=_dtype(dtype),
         trust_remote_code=False,

@@ -191,7 +191,7 @@ def make_adapter(
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     config = LoraConfig(
         r=rank,
-        lora_alpha=alpha,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # PEFT accepts float alphas
         target_modules=list(targets),
         layers_to_transform=layers,
         use_rslora=rslora,
@@ -208,5 +208,5 @@ def make_adapter(
                 param.copy_(torch.randn(param.shape, generator=generator) / param.shape[1] ** 0.5)
             elif "lora_B" in name or "lora_embedding_B" in name:
                 param.copy_(torch.randn(param.shape, generator=generator) * b_std)
-    peft_model.save_pretrained(str(out_dir))
+    peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
     return Path(out_dir)

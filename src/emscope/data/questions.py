@@ -41,9 +41,7 @@ def builtin_questions_path() -> Path:
     return Path(str(resources.files("emscope") / "resources" / BUILTIN))
 
 
-def load_questions(
-    path: str | Path | None = None, ids: list[str] | None = None
-) -> list[Question]:
+def load_questions(path: str | Path | None = None, ids: list[str] | None = None) -> list[Question]:
     """Read a question YAML (default: the built-in first-plot set without ``_json`` variants).
 
     ``ids`` keeps only those question ids, in the file's order (unknown ids are an error).

@@ -1,0 +1,60 @@
+"""The command skeleton: help, version, one-line errors, lazy imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from emscope import __version__
+from emscope.cli.main import app
+
+SUBCOMMANDS = [
+    "data",
+    "toy",
+    "train",
+    "sample",
+    "judge",
+    "eval",
+    "geometry",
+    "lmc",
+    "directions",
+    "steer",
+    "ablate",
+    "probe",
+    "dynamics",
+    "reemergent",
+    "run",
+    "report",
+]
+
+
+def test_help_lists_every_subcommand():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in SUBCOMMANDS:
+        assert f" {name} " in result.output, name
+
+
+def test_version():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"emscope {__version__}"
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    result = CliRunner().invoke(app, ["data", "check", str(tmp_path / "missing.jsonl")])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {tmp_path / 'missing.jsonl'}: file not found"
+    assert "Traceback" not in result.output
+
+
+def test_cli_import_does_not_load_heavy_libraries():
+    """``emscope --help`` must stay fast: no torch/transformers at import time."""
+    code = (
+        "import sys, emscope.cli.main; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft', 'pandas') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
