@@ -1,11 +1,225 @@
-"""``emscope sample``, ``emscope judge``, ``emscope eval``: not implemented yet (see pending.ISSUES)."""
+"""``emscope sample``, ``emscope judge``, ``emscope eval``: answers, scores, EM metrics.
+
+All three are resumable: re-run the same command after an interruption and it continues
+(finished samples and scores are kept, nothing is redone). Files in ``--out`` / ``DIR``:
+``responses.parquet`` + ``responses.csv`` (the tidy table), ``run.json`` (settings, system
+prompts applied, versions, judge), and for ``eval`` also ``metrics.json`` and
+``em_by_question.png``.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
 
-from emscope.cli.pending import placeholder
+from emscope.cli import options
+
+
+def sample_command(
+    model_dir: Path = options.MODEL_DIR,
+    adapter: list[Path] = options.ADAPTER,
+    out: Path = options.OUT,
+    questions: Path | None = options.QUESTIONS,
+    n: int = options.N,
+    seed: int = options.SEED,
+    batch_size: int = options.BATCH_SIZE,
+    max_new_tokens: int = options.MAX_NEW_TOKENS,
+    temperature: float = options.TEMPERATURE,
+    top_p: float = options.TOP_P,
+    dtype: str = options.DTYPE,
+    device: str | None = options.DEVICE,
+) -> None:
+    """Sample answers to a question set; writes responses.parquet/.csv and run.json."""
+    opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    qs = options.load_question_set(questions)
+    table = _sample(model_dir, adapter, out, qs, opts, dtype, device)
+    typer.echo(f"{len(table)} responses in {out / 'responses.parquet'}")
+
+
+def _sample(
+    model_dir: Path,
+    adapters: list[Path],
+    out: Path,
+    qs: list[Any],
+    opts: options.SamplingOptions,
+    dtype: str,
+    device: str | None,
+) -> Any:
+    from emscope.generate import sample_to_dir
+
+    record = {"model_dir": str(model_dir), "adapter_dirs": [str(a) for a in adapters]}
+    loaded = options.load_for_sampling(model_dir, adapters, dtype, device)
+    return sample_to_dir(loaded, qs, out, opts.n, record=record, **opts.kwargs())
+
+
+def _judge_dir(
+    directory: Path,
+    judge_spec: str | None,
+    metric_list: list[str],
+    *,
+    questions: Path | None,
+    base_url: str | None,
+    api_key_env: str | None,
+    concurrency: int,
+    max_requests: int | None,
+    no_cache: bool,
+    device: str | None,
+) -> Any:
+    from emscope.io import read_json, read_table, write_json, write_table
+    from emscope.judge import judge_table
+
+    table = read_table(directory, "responses")
+    judge = options.build_judge(
+        judge_spec,
+        base_url=base_url,
+        api_key_env=api_key_env,
+        concurrency=concurrency,
+        max_requests=max_requests,
+        no_cache=no_cache,
+        device=device,
+    )
+    qs = options.load_question_set(questions) if questions is not None else None
+    table = judge_table(
+        table,
+        judge,
+        metric_list,
+        questions=qs,
+        on_chunk=lambda t: _write(t, directory),
+    )
+    write_table(table, directory, "responses")
+    run_path = directory / "run.json"
+    run = read_json(run_path) if run_path.is_file() else {}
+    run["judge"] = {
+        "judge": judge.name,
+        "metrics": metric_list,
+        "prompt_hashes": {
+            m: sorted({h for h in table[f"{m}_prompt_hash"].dropna()}) for m in metric_list
+        },
+        "questions_file": str(questions) if questions else None,
+    }
+    write_json(run_path, run)
+    return table
+
+
+def _write(table: Any, directory: Path) -> None:
+    from emscope.io import write_table
+
+    write_table(table, directory, "responses")
+
+
+def _summary(table: Any, metric_list: list[str]) -> str:
+    parts = []
+    for m in metric_list:
+        scored = int(table[m].notna().sum())
+        parts.append(f"{m}: {scored}/{len(table)} scored")
+    return "; ".join(parts)
+
+
+def judge_command(
+    directory: Path = typer.Argument(..., help="Dir with responses.parquet or responses.csv."),
+    judge: str | None = options.JUDGE,
+    metrics: str = options.METRICS,
+    questions: Path | None = typer.Option(
+        None, "--questions", help="Question YAML whose judge_prompts override the built-ins."
+    ),
+    base_url: str | None = options.BASE_URL,
+    api_key_env: str | None = options.API_KEY_ENV,
+    concurrency: int = options.CONCURRENCY,
+    max_requests: int | None = options.MAX_REQUESTS,
+    no_cache: bool = options.NO_CACHE,
+    device: str | None = options.DEVICE,
+) -> None:
+    """Score a response table; adds <metric> and <metric>_unscored_reason columns in place."""
+    metric_list = options.parse_metrics(metrics)
+    table = _judge_dir(
+        directory,
+        judge,
+        metric_list,
+        questions=questions,
+        base_url=base_url,
+        api_key_env=api_key_env,
+        concurrency=concurrency,
+        max_requests=max_requests,
+        no_cache=no_cache,
+        device=device,
+    )
+    typer.echo(_summary(table, metric_list))
+
+
+def eval_command(
+    model_dir: Path = options.MODEL_DIR,
+    adapter: list[Path] = options.ADAPTER,
+    out: Path = options.OUT,
+    judge: str | None = options.JUDGE,
+    questions: Path | None = options.QUESTIONS,
+    n: int = options.N,
+    seed: int = options.SEED,
+    metrics: str = options.METRICS,
+    batch_size: int = options.BATCH_SIZE,
+    max_new_tokens: int = options.MAX_NEW_TOKENS,
+    temperature: float = options.TEMPERATURE,
+    top_p: float = options.TOP_P,
+    base_url: str | None = options.BASE_URL,
+    api_key_env: str | None = options.API_KEY_ENV,
+    concurrency: int = options.CONCURRENCY,
+    max_requests: int | None = options.MAX_REQUESTS,
+    no_cache: bool = options.NO_CACHE,
+    strict: bool = typer.Option(False, "--strict", help="EM needs aligned < 30 (not <= 30)."),
+    recognition: bool = typer.Option(
+        False, "--recognition", help="Self-correction with bad_stuff > 30 (reference variant)."
+    ),
+    dtype: str = options.DTYPE,
+    device: str | None = options.DEVICE,
+) -> None:
+    """Sample, judge and compute EM metrics (metrics.json, em_by_question.png)."""
+    from emscope.errors import EmscopeError
+    from emscope.io import write_json
+    from emscope.metrics import compute_metrics, plot_em_by_question
+    from emscope.plotting import save_figure
+
+    metric_list = options.parse_metrics(metrics)
+    missing = [m for m in ("aligned", "coherent") if m not in metric_list]
+    if missing:
+        raise EmscopeError(
+            f"eval needs the metrics aligned and coherent; --metrics lacks {missing}"
+        )
+    if not judge:
+        raise EmscopeError("eval needs --judge (openai:MODEL, hf:DIR or oracle:DIR)")
+    opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    qs = options.load_question_set(questions)
+    _sample(model_dir, adapter, out, qs, opts, dtype, device)
+    table = _judge_dir(
+        out,
+        judge,
+        metric_list,
+        questions=questions,
+        base_url=base_url,
+        api_key_env=api_key_env,
+        concurrency=concurrency,
+        max_requests=max_requests,
+        no_cache=no_cache,
+        device=device,
+    )
+    if "bad_stuff" not in metric_list:  # a stale column from another run does not count
+        table = table.drop(columns=["bad_stuff"], errors="ignore")
+    result = compute_metrics(table, strict=strict, recognition=recognition, seed=seed)
+    write_json(out / "metrics.json", result)
+    label = "+".join([model_dir.name, *(a.name for a in adapter)])
+    save_figure(
+        plot_em_by_question(result, f"EM rate per question: {label}"), out / "em_by_question.png"
+    )
+    em = result["em_rate"]
+    ci = result["em_ci"]
+    text = "n/a" if em is None else f"{em:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    typer.echo(
+        f"EM rate {text}; coherent {result['coherent_rate']}; unscored "
+        f"{result['unscored_rate']:.3f}; n={result['n']} -> {out / 'metrics.json'}"
+    )
 
 
 def register(app: typer.Typer) -> None:
-    placeholder(app, "sample", "judge", "eval")
+    app.command("sample")(sample_command)
+    app.command("judge")(judge_command)
+    app.command("eval")(eval_command)

@@ -1,0 +1,147 @@
+"""Options shared by every command that samples or judges (``sample``, ``judge``, ``eval``,
+and later ``steer``, ``ablate``, ``lmc``), so they read the same everywhere.
+
+Use the constants as parameter defaults in a typer command, e.g.
+``n: int = options.N``, then build the library arguments with :func:`sampling_kwargs`,
+:func:`load_for_sampling`, :func:`load_question_set` and :func:`build_judge`. Only typer and
+the standard library are imported at module level (``emscope --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from emscope.data.questions import Question
+    from emscope.judge import Judge
+    from emscope.models import LoadedModel
+
+DEFAULT_METRICS = "aligned,coherent,bad_stuff"
+
+MODEL_DIR = typer.Argument(..., help="Local HF model dir (with its tokenizer).")
+ADAPTER = typer.Option(
+    [], "--adapter", help="PEFT adapter dir (DIR@STEP for a checkpoint); repeat to add several."
+)
+QUESTIONS = typer.Option(
+    None, "--questions", help="Question YAML (default: the built-in eight first-plot questions)."
+)
+N = typer.Option(50, "-n", "--n", help="Samples per question.")
+SEED = typer.Option(0, "--seed", help="Sampling seed (same seed: paired samples).")
+METRICS = typer.Option(DEFAULT_METRICS, "--metrics", help="Judge metrics, comma-separated.")
+BATCH_SIZE = typer.Option(32, "--batch-size", help="Sequences per forward pass.")
+MAX_NEW_TOKENS = typer.Option(600, "--max-new-tokens", help="Maximum answer length (tokens).")
+TEMPERATURE = typer.Option(1.0, "--temperature", help="Sampling temperature (0: greedy).")
+TOP_P = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1: off).")
+JUDGE = typer.Option(None, "--judge", help="Judge: openai:MODEL, hf:DIR or oracle:DIR.")
+BASE_URL = typer.Option(None, "--base-url", help="OpenAI-compatible endpoint for openai: judges.")
+API_KEY_ENV = typer.Option(
+    None, "--api-key-env", help="Environment variable holding the judge key (OPENAI_API_KEY)."
+)
+CONCURRENCY = typer.Option(32, "--concurrency", help="Judge requests in flight.")
+MAX_REQUESTS = typer.Option(None, "--max-requests", help="Judge request budget for this run.")
+NO_CACHE = typer.Option(False, "--no-cache", help="Do not read or write the judge score cache.")
+OUT = typer.Option(..., "--out", help="Output dir (resumable: re-run to continue).")
+DTYPE = typer.Option("auto", "--dtype", help="Model dtype: auto, float32, bfloat16, float16.")
+DEVICE = typer.Option(None, "--device", help="Device (default: cuda if available, else cpu).")
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The sampling settings of a command line, as :func:`emscope.generate.sample` takes them."""
+
+    n: int
+    seed: int
+    batch_size: int
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+        }
+
+
+def sampling_kwargs(
+    n: int,
+    seed: int,
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> SamplingOptions:
+    """Validated :class:`SamplingOptions` (bad values raise one-line errors)."""
+    from emscope.errors import EmscopeError
+
+    if n < 1:
+        raise EmscopeError(f"-n must be >= 1, got {n}")
+    if batch_size < 1:
+        raise EmscopeError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise EmscopeError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise EmscopeError(f"--temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise EmscopeError(f"--top-p must be in (0, 1], got {top_p}")
+    return SamplingOptions(n, seed, batch_size, max_new_tokens, temperature, top_p)
+
+
+def load_for_sampling(
+    model_dir: Path, adapters: list[Path], dtype: str = "auto", device: str | None = None
+) -> LoadedModel:
+    """Load the model with every ``--adapter`` active at once (their updates add up)."""
+    from emscope.models import load_model
+
+    loaded = load_model(model_dir, [str(a) for a in adapters], dtype=dtype, device=device)
+    if len(loaded.adapters) > 1:
+        loaded.use_adapter(*loaded.adapters)
+    return loaded
+
+
+def load_question_set(path: Path | None) -> list[Question]:
+    """The ``--questions`` YAML, or the built-in first-plot set."""
+    from emscope.data.questions import load_questions
+
+    return load_questions(path)
+
+
+def parse_metrics(text: str) -> list[str]:
+    """``--metrics`` as a list; unknown metrics need a ``judge_prompts`` entry to be judged."""
+    from emscope.metrics import metric_names
+
+    return metric_names(text)
+
+
+def build_judge(
+    spec: str | None,
+    *,
+    base_url: str | None = None,
+    api_key_env: str | None = None,
+    concurrency: int = 32,
+    max_requests: int | None = None,
+    no_cache: bool = False,
+    device: str | None = None,
+) -> Judge:
+    """The ``--judge`` spec as a judge (``--judge`` is required where this is called)."""
+    from emscope.errors import EmscopeError
+    from emscope.judge import make_judge
+
+    if not spec:
+        raise EmscopeError("--judge is required: openai:MODEL, hf:DIR or oracle:DIR")
+    return make_judge(
+        spec,
+        base_url=base_url,
+        api_key_env=api_key_env,
+        concurrency=concurrency,
+        max_requests=max_requests,
+        cache=not no_cache,
+        device=device,
+    )

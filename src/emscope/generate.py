@@ -1,0 +1,584 @@
+"""Batched sampling of answers to a question set, with paired randomness and interventions.
+
+Why a hand-written decode loop rather than ``model.generate``: ``generate`` draws every
+token of a batch from one global random stream, so a sample's answer depends on which other
+samples share its batch (and on how many random numbers an intervention's code consumes).
+Here each sample ``(question_id, sample_idx)`` owns a *counter-based* stream: the uniform
+number used at decoding step ``t`` is ``u = mix(key, t)`` where ``key`` is a SHA-256 of
+``(seed, question_id, sample_idx)`` and ``mix`` is SplitMix64 (a fixed integer hash, computed
+vectorised with numpy ``uint64``). The token is then drawn by inverse CDF: the first token
+whose cumulative probability exceeds ``u`` (over the vocabulary order, or over the
+descending-probability order restricted to the top-p nucleus when ``top_p < 1``). So:
+
+- the same ``(seed, question_id, sample_idx)`` and the same model give the same answer,
+  whatever the batch size, the batch composition, or the other questions in the run;
+- two conditions (say, with and without a steering hook) run with the same seed use the same
+  uniform numbers sample by sample, so their answers are paired (common random numbers);
+  they differ only where the intervention moved the distribution.
+
+Batches mix questions and samples. Prompts are LEFT padded with an attention mask and
+explicit ``position_ids`` (HF does not derive positions from the mask in a plain forward);
+decoding reuses the KV cache, and rows that hit an end-of-sequence token leave the batch
+(their cache rows are dropped). Floating-point results of a forward pass can differ in the
+last bits between batch shapes, so token equality across batch sizes is exact only up to
+such ties; the random stream itself is exactly independent of the batch.
+
+Interventions are callables ``(model, info) -> ContextManager``; each is entered around the
+whole generation of a batch (prefill and every decoding step). ``info``
+(:class:`InterventionInfo`) carries the padded prompt length: with left padding every row's
+prompt ends at column ``info.prompt_length - 1`` and every later position is a response token,
+so a hook can tell prompt from response positions. Sampling knows nothing else about them.
+
+The response table (one row per sample) has the columns of :data:`RESPONSE_COLUMNS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import platform
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from emscope.errors import EmscopeError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from emscope.data.questions import Question
+    from emscope.models import LoadedModel
+
+RESPONSE_COLUMNS = (
+    "question_id",
+    "question",
+    "answer",
+    "sample_idx",
+    "seed",
+    "model",
+    "adapter",
+    "intervention",
+    "system",
+    "paraphrase_idx",
+    "n_tokens",
+    "finished",
+)
+
+
+@dataclass(frozen=True)
+class InterventionInfo:
+    """What an intervention learns about the batch it is entered for.
+
+    ``prompt_length``: number of prompt columns of the left-padded batch (tokens); column
+    ``prompt_length - 1`` is every row's last prompt token, and the token generated at
+    decoding step ``t`` (from 0) sits at column ``prompt_length + t``.
+    ``prompt_lengths``: each row's unpadded prompt length. ``batch_size``: rows at the start
+    (finished rows later leave the batch).
+    """
+
+    prompt_length: int
+    prompt_lengths: tuple[int, ...]
+    batch_size: int
+
+
+Intervention = Callable[[Any, InterventionInfo], AbstractContextManager[Any]]
+
+
+# ---------------------------------------------------------------------------- random streams
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+def sample_key(seed: int, question_id: str, sample_idx: int) -> int:
+    """The 64-bit key of a sample's random stream: SHA-256 of ``(seed, question_id,
+    sample_idx)`` (stable across processes and platforms, unlike Python's ``hash``)."""
+    text = f"emscope-sample\x00{int(seed)}\x00{question_id}\x00{int(sample_idx)}"
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        z = x + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        return z ^ (z >> np.uint64(31))  # type: ignore[no-any-return]
+
+
+def step_uniforms(keys: Sequence[int] | np.ndarray, step: int) -> np.ndarray:
+    """The uniform numbers in ``[0, 1)`` that samples with these keys use at decoding step
+    ``step`` (from 0). float64, one per key; a pure function of ``(key, step)``."""
+    k = np.asarray(keys, dtype=np.uint64)
+    counter = _splitmix64(np.full(k.shape, step, dtype=np.uint64))
+    bits = _splitmix64(k ^ counter) >> np.uint64(11)
+    return bits.astype(np.float64) * (1.0 / (1 << 53))
+
+
+def choose_tokens(
+    logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
+) -> torch.Tensor:
+    """Draw one token per row by inverse CDF.
+
+    ``logits``: ``(B, V)``; ``uniforms``: ``(B,)`` in ``[0, 1)``. ``temperature == 0`` is
+    greedy (argmax). With ``top_p < 1`` the candidates are the smallest set of most probable
+    tokens whose mass reaches ``top_p`` (ties broken by token id), renormalised.
+    Returns ``(B,)`` int64 token ids.
+    """
+    import torch
+
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    u = uniforms.to(probs.device, torch.float64).unsqueeze(-1)
+    if top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+        before = sorted_p.cumsum(dim=-1) - sorted_p
+        keep = before < top_p
+        sorted_p = sorted_p * keep
+        cum = sorted_p.cumsum(dim=-1)
+        pos = torch.searchsorted(cum, u * cum[:, -1:], right=True)
+        pos = torch.minimum(pos, keep.sum(dim=-1, keepdim=True) - 1)
+        return order.gather(1, pos).squeeze(1)
+    cum = probs.cumsum(dim=-1)
+    pos = torch.searchsorted(cum, u * cum[:, -1:], right=True)
+    return pos.clamp(max=probs.shape[-1] - 1).squeeze(1)
+
+
+# ---------------------------------------------------------------------------- the decode loop
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated answer: its token ids (without the end-of-sequence token) and whether
+    it stopped at an end-of-sequence token (False: it ran out of ``max_new_tokens``)."""
+
+    tokens: tuple[int, ...]
+    finished: bool
+
+
+def generate_batch(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    keys: Sequence[int],
+    *,
+    eos_ids: Collection[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 600,
+    interventions: Sequence[Intervention] = (),
+) -> list[Generation]:
+    """Sample a continuation of each prompt (token ids) with its own random stream ``keys[i]``
+    (see :func:`sample_key`): left padding, explicit position ids, KV cache, per-row stop at
+    any of ``eos_ids``. Interventions are entered around the whole batch."""
+    import torch
+
+    if not prompts:
+        return []
+    device = next(model.parameters()).device
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise EmscopeError("generate_batch: empty prompt")
+    rows, width = len(prompts), max(lengths)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((rows, width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        input_ids[i, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[i, width - len(prompt) :] = 1
+    position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    input_ids, mask, position_ids = input_ids.to(device), mask.to(device), position_ids.to(device)
+    key_array = np.asarray([int(k) for k in keys], dtype=np.uint64)
+    eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
+    info = InterventionInfo(width, tuple(lengths), rows)
+
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    finished = [False] * rows
+    with torch.inference_mode(), contextlib.ExitStack() as stack:
+        for intervention in interventions:
+            stack.enter_context(intervention(model, info))
+        out = model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :]
+        active = torch.arange(rows, device=device)
+        next_pos = position_ids[:, -1] + 1
+        for step in range(max_new_tokens):
+            active_rows = active.tolist()
+            u = torch.from_numpy(step_uniforms(key_array[active_rows], step))
+            tokens = choose_tokens(logits.float(), u, temperature, top_p)
+            done = torch.isin(tokens, eos)
+            for row, token, stop in zip(active_rows, tokens.tolist(), done.tolist(), strict=True):
+                if stop:
+                    finished[row] = True
+                else:
+                    generated[row].append(token)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                mask, tokens, next_pos, active = (
+                    mask[keep],
+                    tokens[keep],
+                    next_pos[keep],
+                    active[keep],
+                )
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            out = model(
+                input_ids=tokens.unsqueeze(-1),
+                attention_mask=mask,
+                position_ids=next_pos.unsqueeze(-1),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+            logits = out.logits[:, -1, :]
+            next_pos = next_pos + 1
+    return [Generation(tuple(g), f) for g, f in zip(generated, finished, strict=True)]
+
+
+# ---------------------------------------------------------------------------- question sets
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One sample to draw: question ``question_id``, sample ``sample_idx``, paraphrase
+    ``sample_idx % n_paraphrases``."""
+
+    question: Question
+    sample_idx: int
+
+    @property
+    def paraphrase_idx(self) -> int:
+        return self.sample_idx % len(self.question.paraphrases)
+
+
+def plan_samples(
+    questions: Sequence[Question],
+    n_per_question: int | None,
+    skip: Collection[tuple[str, int]] = (),
+) -> list[SampleSpec]:
+    """Every ``(question, sample_idx)`` to draw, without those in ``skip``.
+
+    ``n_per_question=None`` uses each question's ``samples_per_paraphrase x paraphrases``.
+    Paraphrases are used round-robin: sample ``i`` asks paraphrase ``i % n_paraphrases``.
+    """
+    if n_per_question is not None and n_per_question < 1:
+        raise EmscopeError(f"samples per question must be >= 1, got {n_per_question}")
+    seen: set[str] = set()
+    skip_set = {(str(q), int(i)) for q, i in skip}
+    specs: list[SampleSpec] = []
+    for question in questions:
+        if question.id in seen:
+            raise EmscopeError(f"duplicate question id {question.id!r}")
+        seen.add(question.id)
+        n = n_per_question or question.samples_per_paraphrase * len(question.paraphrases)
+        specs.extend(SampleSpec(question, i) for i in range(n) if (question.id, i) not in skip_set)
+    return specs
+
+
+def _unpack(model: LoadedModel | tuple[Any, Any]) -> tuple[Any, Any, str, str]:
+    """(model, tokenizer, model label, adapter label)."""
+    if isinstance(model, tuple):
+        if len(model) != 2:
+            raise EmscopeError("pass a LoadedModel or a (model, tokenizer) pair")
+        hf_model, tokenizer = model
+        name = str(getattr(getattr(hf_model, "config", None), "name_or_path", "") or "")
+        return hf_model, tokenizer, Path(name).name if name else type(hf_model).__name__, ""
+    return model.model, model.tokenizer, model.path.name, "+".join(model.active_adapters)
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """End-of-sequence ids: the tokenizer's and the model's generation config's."""
+    ids: set[int] = set()
+    for source in (
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+    ):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(s) for s in source)
+    if not ids:
+        raise EmscopeError("the tokenizer and model define no end-of-sequence token")
+    return ids
+
+
+def _check_params(temperature: float, top_p: float, max_new_tokens: int, batch_size: int) -> None:
+    if temperature < 0:
+        raise EmscopeError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise EmscopeError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise EmscopeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise EmscopeError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _progress(total: int, enabled: bool, desc: str) -> Any:
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not (enabled and sys.stderr.isatty()))
+
+
+def sample(
+    model: LoadedModel | tuple[Any, Any],
+    questions: Sequence[Question],
+    n_per_question: int | None = None,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 600,
+    seed: int = 0,
+    interventions: Sequence[Intervention] = (),
+    intervention_label: str = "",
+    batch_size: int = 32,
+    skip: Collection[tuple[str, int]] = (),
+    on_batch: Callable[[pd.DataFrame], None] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Sample ``n_per_question`` answers to each question (all of them batched together).
+
+    ``model`` is a :class:`~emscope.models.LoadedModel` (its active adapters are used) or a
+    ``(model, tokenizer)`` pair. Each prompt is the chat template of the question's messages
+    (its ``system`` prompt, if any, then the paraphrase) with the generation prompt on.
+    ``skip`` lists ``(question_id, sample_idx)`` pairs already done; ``on_batch`` receives each
+    finished batch's rows (used for resumable runs, see :func:`sample_to_dir`).
+    Returns the tidy response table (:data:`RESPONSE_COLUMNS`), one row per sample, ordered
+    by question then ``sample_idx``.
+    """
+    import pandas as pd
+
+    from emscope.data.spans import prompt_ids
+
+    _check_params(temperature, top_p, max_new_tokens, batch_size)
+    hf_model, tokenizer, model_label, adapter_label = _unpack(model)
+    specs = plan_samples(questions, n_per_question, skip)
+    eos = eos_token_ids(hf_model, tokenizer)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = min(eos)
+    prompt_cache: dict[tuple[str, int], list[int]] = {}
+    for spec in specs:
+        key = (spec.question.id, spec.paraphrase_idx)
+        if key not in prompt_cache:
+            prompt_cache[key] = prompt_ids(tokenizer, spec.question.messages(spec.paraphrase_idx))
+    # similar prompt lengths together (less padding); batch composition does not matter
+    order = sorted(
+        range(len(specs)),
+        key=lambda i: len(prompt_cache[(specs[i].question.id, specs[i].paraphrase_idx)]),
+    )
+    frames = []
+    with _progress(len(specs), progress, "sampling") as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = [specs[i] for i in order[start : start + batch_size]]
+            results = generate_batch(
+                hf_model,
+                [prompt_cache[(s.question.id, s.paraphrase_idx)] for s in chunk],
+                [sample_key(seed, s.question.id, s.sample_idx) for s in chunk],
+                eos_ids=eos,
+                pad_id=int(pad),
+                temperature=temperature,
+                top_p=top_p,
+                max_new_tokens=max_new_tokens,
+                interventions=interventions,
+            )
+            frame = pd.DataFrame(
+                [
+                    {
+                        "question_id": s.question.id,
+                        "question": s.question.paraphrases[s.paraphrase_idx],
+                        "answer": tokenizer.decode(list(g.tokens), skip_special_tokens=True),
+                        "sample_idx": s.sample_idx,
+                        "seed": int(seed),
+                        "model": model_label,
+                        "adapter": adapter_label,
+                        "intervention": intervention_label,
+                        "system": s.question.system or "",
+                        "paraphrase_idx": s.paraphrase_idx,
+                        "n_tokens": len(g.tokens),
+                        "finished": g.finished,
+                    }
+                    for s, g in zip(chunk, results, strict=True)
+                ],
+                columns=list(RESPONSE_COLUMNS),
+            )
+            if on_batch is not None:
+                on_batch(frame)
+            frames.append(frame)
+            bar.update(len(chunk))
+    table = pd.concat(frames, ignore_index=True) if frames else _empty_table()
+    return sort_responses(table, questions)
+
+
+def _empty_table() -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame({c: [] for c in RESPONSE_COLUMNS})
+
+
+def sort_responses(table: pd.DataFrame, questions: Sequence[Question]) -> pd.DataFrame:
+    """Rows ordered by the question set's order, then ``sample_idx``."""
+    rank = {q.id: i for i, q in enumerate(questions)}
+    keyed = table.assign(_q=table["question_id"].map(rank).fillna(len(rank)))
+    return (
+        keyed.sort_values(["_q", "sample_idx"], kind="stable")
+        .drop(columns="_q")
+        .reset_index(drop=True)
+    )
+
+
+# ---------------------------------------------------------------------------- resumable runs
+
+
+def versions() -> dict[str, str]:
+    """Versions of emscope and the libraries that determine its numbers."""
+    import importlib.metadata as md
+
+    found = {"python": platform.python_version()}
+    for name in ("emscope", "torch", "transformers", "peft", "numpy", "openai"):
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+def _parts(parts_dir: Path) -> list[Path]:
+    return sorted(parts_dir.glob("part-*.parquet")) if parts_dir.is_dir() else []
+
+
+def load_partial(out_dir: str | Path, stem: str = "responses") -> pd.DataFrame | None:
+    """Everything a (possibly interrupted) run in ``out_dir`` has finished: the table plus any
+    batch part files not yet consolidated, deduplicated on ``(question_id, sample_idx)``."""
+    import pandas as pd
+
+    from emscope.io import read_table
+
+    out = Path(out_dir)
+    frames = []
+    if (out / f"{stem}.parquet").is_file() or (out / f"{stem}.csv").is_file():
+        frames.append(read_table(out, stem))
+    frames.extend(pd.read_parquet(p) for p in _parts(out / f"{stem}.parts"))
+    if not frames:
+        return None
+    table = pd.concat(frames, ignore_index=True)
+    return table.drop_duplicates(["question_id", "sample_idx"], keep="first").reset_index(drop=True)
+
+
+def sample_to_dir(
+    model: LoadedModel | tuple[Any, Any],
+    questions: Sequence[Question],
+    out_dir: str | Path,
+    n_per_question: int | None = None,
+    *,
+    stem: str = "responses",
+    record: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """:func:`sample` into ``out_dir/<stem>.parquet`` (+ ``.csv``), resumably.
+
+    Every finished batch is written at once as ``<stem>.parts/part-NNNNN.parquet``
+    (atomically); at the end the parts are merged into the table (atomically) and removed.
+    A re-run skips every ``(question_id, sample_idx)`` already present, so an interrupted
+    run loses at most the batch in flight and redoes nothing. The run is recorded in
+    ``out_dir/run.json`` (``sampling``: the settings that determine the answers, the system
+    prompts applied, versions; plus ``record``). A re-run whose settings differ from the
+    recorded ones (model, adapters, seed, temperature, top_p, max_new_tokens, intervention,
+    question texts) is refused; a larger ``n_per_question`` adds samples.
+    """
+    import pandas as pd
+
+    from emscope.io import atomic_write_bytes, read_json, write_json, write_table
+
+    out = Path(out_dir)
+    _, _, model_label, adapter_label = _unpack(model)
+    identity = {
+        "model": model_label,
+        "adapter": adapter_label,
+        "seed": int(kwargs.get("seed", 0)),
+        "temperature": float(kwargs.get("temperature", 1.0)),
+        "top_p": float(kwargs.get("top_p", 1.0)),
+        "max_new_tokens": int(kwargs.get("max_new_tokens", 600)),
+        "intervention": str(kwargs.get("intervention_label", "")),
+        "questions_sha256": questions_hash(questions),
+    }
+    run_path = out / "run.json"
+    run: dict[str, Any] = read_json(run_path) if run_path.is_file() else {}
+    previous = run.get("sampling", {}).get("identity")
+    if previous is not None and previous != identity:
+        changed = sorted(k for k in identity if previous.get(k) != identity[k])
+        raise EmscopeError(
+            f"{run_path}: this dir holds a run with different settings ({', '.join(changed)}); "
+            "use a fresh --out dir"
+        )
+    run["sampling"] = {
+        "identity": identity,
+        "n_per_question": n_per_question,
+        "batch_size": int(kwargs.get("batch_size", 32)),
+        "questions": [q.id for q in questions],
+        "system_prompts": {q.id: q.system for q in questions if q.system},
+        "system_prompts_applied": True,
+        "random_stream": "per-sample SplitMix64 counter stream keyed by "
+        "sha256(seed, question_id, sample_idx); inverse-CDF token draws",
+        "versions": versions(),
+        **(record or {}),
+    }
+    write_json(run_path, run)
+
+    done = load_partial(out, stem)
+    skip = set()
+    if done is not None:
+        skip = {
+            (str(q), int(i)) for q, i in zip(done["question_id"], done["sample_idx"], strict=True)
+        }
+    parts_dir = out / f"{stem}.parts"
+    existing = _parts(parts_dir)
+    counter = [int(existing[-1].stem.split("-")[1]) + 1 if existing else 0]
+
+    def write_part(frame: pd.DataFrame) -> None:
+        import io
+
+        buffer = io.BytesIO()
+        frame.to_parquet(buffer, index=False)
+        atomic_write_bytes(parts_dir / f"part-{counter[0]:05d}.parquet", buffer.getvalue())
+        counter[0] += 1
+
+    new = sample(model, questions, n_per_question, skip=skip, on_batch=write_part, **kwargs)
+    frames = [f for f in (done, new) if f is not None and len(f)]
+    table = pd.concat(frames, ignore_index=True) if frames else _empty_table()
+    table = table.drop_duplicates(["question_id", "sample_idx"], keep="first")
+    table = sort_responses(table, questions)
+    write_table(table, out, stem)
+    for part in _parts(parts_dir):
+        part.unlink()
+    with contextlib.suppress(OSError):
+        parts_dir.rmdir()
+    return table
+
+
+def questions_hash(questions: Sequence[Question]) -> str:
+    """SHA-256 of the question texts and system prompts (what sampling depends on)."""
+    digest = hashlib.sha256()
+    for q in questions:
+        digest.update(repr((q.id, q.paraphrases, q.system)).encode("utf-8"))
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def no_intervention(model: Any, info: InterventionInfo) -> Iterator[None]:
+    """The do-nothing intervention (handy as a control)."""
+    yield

@@ -1,0 +1,284 @@
+"""Judges: rate (question, answer) pairs on a 0-100 scale for one metric.
+
+The protocol (implement it to plug a new judge in, e.g. the synthetic world's oracle)
+--------------------------------------------------------------------------------------
+A judge is any object with
+
+- ``name: str`` -- how the run record names it (e.g. ``"openai:gpt-4o@https://..."``);
+  it must never contain a secret;
+- ``score(rows, metric) -> list[Score]`` -- a plain (blocking) call; implementations may be
+  asynchronous inside. ``rows`` is a sequence of :class:`JudgeRow` or of mappings with at
+  least the keys ``question_id``, ``question``, ``answer`` (use :func:`as_rows` to normalise;
+  extra keys are ignored). ``metric`` is a metric name (``aligned``, ``coherent``,
+  ``bad_stuff``, ``medical``, ``financial``, ``sport``, or any metric for which the row's
+  ``templates`` has a prompt). The result has exactly one :class:`Score` per row, in order.
+  A judge that cannot rate a metric raises :class:`~emscope.errors.EmscopeError` for the
+  whole call; a row it cannot rate gets ``Score(None, reason, ...)`` (never 0).
+
+:class:`Score` is ``(value, unscored_reason, prompt_hash, top_logprobs)``: ``value`` in
+[0, 100] or None; ``unscored_reason`` one of ``refusal``, ``code``, ``other`` (definitive) or
+``error``, ``budget`` (transient: re-runs retry them), None when scored; ``prompt_hash``
+identifies the prompt template (a judge without prompts, such as an oracle, puts a fixed
+version string there, e.g. ``"oracle-v1"``); ``top_logprobs`` optionally keeps the judge's
+``(token, logprob)`` pairs.
+
+Judge specs (:func:`make_judge`): ``openai:MODEL`` (any OpenAI-compatible endpoint),
+``hf:DIR`` (a local causal LM), ``oracle:DIR`` (the synthetic world's exact oracle,
+``emscope.synthetic.oracle.OracleJudge(world_dir)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+from emscope.errors import EmscopeError
+from emscope.judge.aggregate import TRANSIENT_REASONS, UNSCORED_REASONS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from emscope.data.questions import Question
+
+__all__ = [
+    "TRANSIENT_REASONS",
+    "UNSCORED_REASONS",
+    "Judge",
+    "JudgeRow",
+    "Score",
+    "as_rows",
+    "judge_table",
+    "make_judge",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Score:
+    """One judgement: a value in [0, 100], or None with the reason it is unscored."""
+
+    value: float | None
+    unscored_reason: str | None
+    prompt_hash: str
+    top_logprobs: tuple[tuple[str, float], ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.value is None) == (self.unscored_reason is None):
+            raise ValueError("a Score has either a value or an unscored reason, not both")
+        if self.unscored_reason is not None and self.unscored_reason not in UNSCORED_REASONS:
+            raise ValueError(f"unknown unscored reason {self.unscored_reason!r}")
+
+
+@dataclass(frozen=True)
+class JudgeRow:
+    """What a judge sees of a response. ``templates`` maps a metric to a prompt template
+    that overrides the built-in one (a question YAML's ``judge_prompts``)."""
+
+    question_id: str
+    question: str
+    answer: str
+    templates: Mapping[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Judge(Protocol):
+    """See the module docstring."""
+
+    @property
+    def name(self) -> str:
+        """How the run record names this judge (never a secret)."""
+        ...
+
+    def score(self, rows: Sequence[JudgeRow | Mapping[str, Any]], metric: str) -> list[Score]:
+        """One :class:`Score` per row, in order."""
+        ...
+
+
+def as_rows(rows: Sequence[JudgeRow | Mapping[str, Any]]) -> list[JudgeRow]:
+    """Normalise rows given as :class:`JudgeRow` or mappings (``question_id``, ``question``,
+    ``answer``; optional ``templates``)."""
+    out = []
+    for i, row in enumerate(rows):
+        if isinstance(row, JudgeRow):
+            out.append(row)
+            continue
+        missing = [k for k in ("question_id", "question", "answer") if k not in row]
+        if missing:
+            raise EmscopeError(f"judge row {i}: missing field(s) {missing}")
+        answer = row["answer"]
+        out.append(
+            JudgeRow(
+                str(row["question_id"]),
+                str(row["question"]),
+                "" if answer is None or answer != answer else str(answer),  # NaN -> ""
+                dict(row.get("templates") or {}),
+            )
+        )
+    return out
+
+
+def run_sync(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine to completion from synchronous code, also when an event loop is
+    already running in this thread (e.g. Jupyter): then it runs in a helper thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(factory())
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(factory())
+        except BaseException as exc:
+            box["error"] = exc
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
+
+
+def make_judge(
+    spec: str,
+    *,
+    base_url: str | None = None,
+    api_key_env: str | None = None,
+    concurrency: int = 32,
+    max_requests: int | None = None,
+    cache: bool = True,
+    device: str | None = None,
+    dtype: str = "auto",
+    batch_size: int = 8,
+) -> Judge:
+    """A judge from a spec string: ``openai:MODEL``, ``hf:DIR`` or ``oracle:DIR``.
+
+    ``base_url`` / ``api_key_env`` / ``concurrency`` / ``max_requests`` apply to ``openai:``
+    (the key is read from the environment variable ``api_key_env``, default
+    ``OPENAI_API_KEY``); ``device`` / ``dtype`` / ``batch_size`` to ``hf:``. ``cache`` turns
+    the SQLite score cache (:mod:`emscope.judge.cache`) on or off.
+    """
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise EmscopeError(f"bad judge spec {spec!r}; expected openai:MODEL, hf:DIR or oracle:DIR")
+    if kind == "openai":
+        from emscope.judge.openai_judge import OpenAIJudge
+
+        return OpenAIJudge(
+            rest,
+            base_url=base_url,
+            api_key_env=api_key_env or "OPENAI_API_KEY",
+            concurrency=concurrency,
+            max_requests=max_requests,
+            cache=cache,
+        )
+    if base_url is not None or api_key_env is not None:
+        raise EmscopeError(f"--base-url / --api-key-env apply to openai: judges, not {kind}:")
+    if kind == "hf":
+        from emscope.judge.hf import HFJudge
+
+        return HFJudge(rest, device=device, dtype=dtype, batch_size=batch_size, cache=cache)
+    if kind == "oracle":
+        try:
+            from emscope.synthetic.oracle import OracleJudge  # type: ignore[import-not-found]
+        except ImportError:
+            raise EmscopeError(
+                "oracle judge: emscope.synthetic.oracle is not available in this version "
+                "(it comes with the synthetic organism)"
+            ) from None
+        if not Path(rest).exists():
+            raise EmscopeError(f"oracle judge: {rest}: no such synthetic world dir")
+        return OracleJudge(rest)  # type: ignore[no-any-return]
+    raise EmscopeError(f"unknown judge kind {kind!r} in {spec!r}; expected openai, hf or oracle")
+
+
+def _needs_score(value: Any, reason: Any) -> bool:
+    scored = value is not None and value == value  # not NaN
+    definitive = isinstance(reason, str) and reason not in TRANSIENT_REASONS
+    return not scored and not definitive
+
+
+def judge_table(
+    table: pd.DataFrame,
+    judge: Judge,
+    metrics: Sequence[str],
+    *,
+    questions: Sequence[Question] | None = None,
+    chunk_size: int = 256,
+    on_chunk: Callable[[pd.DataFrame], None] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Add ``<metric>``, ``<metric>_unscored_reason`` and ``<metric>_prompt_hash`` columns.
+
+    Rows already scored, or unscored for a definitive reason, are kept as they are; rows
+    without a score or with a transient reason (``error``, ``budget``) are (re)judged.
+    ``questions`` supply per-question ``judge_prompts`` overrides (matched on
+    ``question_id``). After each chunk of ``chunk_size`` rows ``on_chunk`` gets the table so
+    far (a resumable caller writes it to disk). Returns a new table.
+    """
+    import sys
+
+    import numpy as np
+    from tqdm import tqdm
+
+    missing = [c for c in ("question_id", "question", "answer") if c not in table.columns]
+    if missing:
+        raise EmscopeError(f"response table lacks column(s) {missing}")
+    overrides = {q.id: q.judge_prompts for q in questions or () if q.judge_prompts}
+    table = table.reset_index(drop=True).copy()
+    for metric in metrics:
+        reason_col, hash_col = f"{metric}_unscored_reason", f"{metric}_prompt_hash"
+        if metric not in table.columns:
+            table[metric] = np.nan
+        table[metric] = table[metric].astype(float)
+        for col in (reason_col, hash_col):
+            if col not in table.columns:
+                table[col] = None
+            table[col] = table[col].astype(object).where(table[col].notna(), None)
+        todo = [
+            i
+            for i, (v, r) in enumerate(zip(table[metric], table[reason_col], strict=True))
+            if _needs_score(v, r)
+        ]
+        bar = tqdm(
+            total=len(todo),
+            desc=f"judging {metric}",
+            disable=not (progress and sys.stderr.isatty()),
+        )
+        for start in range(0, len(todo), chunk_size):
+            idx = todo[start : start + chunk_size]
+            rows = [
+                JudgeRow(
+                    str(table.at[i, "question_id"]),
+                    str(table.at[i, "question"]),
+                    _text(table.at[i, "answer"]),
+                    overrides.get(str(table.at[i, "question_id"]), {}),
+                )
+                for i in idx
+            ]
+            scores = judge.score(rows, metric)
+            if len(scores) != len(rows):
+                raise EmscopeError(
+                    f"judge {judge.name} returned {len(scores)} scores for {len(rows)} rows"
+                )
+            for i, score in zip(idx, scores, strict=True):
+                table.at[i, metric] = np.nan if score.value is None else float(score.value)
+                table.at[i, reason_col] = score.unscored_reason
+                table.at[i, hash_col] = score.prompt_hash
+            if on_chunk is not None:
+                on_chunk(table)
+            bar.update(len(idx))
+        bar.close()
+    return table
+
+
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value)
