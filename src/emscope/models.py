@@ -308,6 +308,8 @@ def _dtype(dtype: str | torch.dtype | None) -> Any:
         "fp16": torch.float16,
         "bfloat16": torch.bfloat16,
         "bf16": torch.bfloat16,
+        "float64": torch.float64,
+        "fp64": torch.float64,
     }
     if dtype not in names:
         raise EmscopeError(f"unknown dtype {dtype!r}; expected one of {sorted(names)} or 'auto'")

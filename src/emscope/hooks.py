@@ -1,0 +1,297 @@
+"""Read and write the residual stream at named sites, as context managers.
+
+Sites follow :class:`emscope.models.Site` (``resid_pre[i]``, ``resid_post[i]``,
+``attn_out[i]``, ``mlp_out[i]``). Each context manager registers PyTorch forward hooks on the
+modules of the (bare or PEFT-wrapped) model and removes them when the block ends, also on an
+exception; nothing of the user's model is changed afterwards. They compose by nesting.
+Block outputs may be tensors or tuples (older transformers); hooks return the same type.
+
+Positions: ``"all"``, ``"prompt"`` or ``"response"``, relative to ``prompt_len`` (tokens).
+A position is a column of the input, counted from the first token the model saw since the
+start of the sequence: with a KV cache, the column of the token processed in a decoding step
+is the cache length before that step (read from ``past_key_values`` by a pre-hook on the
+decoder), so cached decoding and an uncached forward over the same tokens select the same
+positions. With left padding every row's prompt ends at column ``prompt_len``, so one number
+serves a whole batch. ``"prompt"`` is columns ``< prompt_len``; ``"response"`` is columns
+``>= prompt_len`` (the generated tokens; the activation at the last prompt column, which
+predicts the first response token, counts as prompt).
+
+Raw hooks on HF modules are used instead of TransformerLens/nnsight (DESIGN.md): they are
+exact, cheap, and work on any HF model without conversion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from emscope.errors import EmscopeError
+from emscope.models import Site, _get_path, _unwrap_peft, architecture, site_module
+
+POSITIONS = ("all", "prompt", "response")
+SiteLike = Site | str
+
+
+def as_site(site: SiteLike) -> Site:
+    return site if isinstance(site, Site) else Site.parse(site)
+
+
+def _hidden(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple) else value  # type: ignore[no-any-return]
+
+
+def _replace_hidden(value: Any, hidden: torch.Tensor) -> Any:
+    return (hidden, *value[1:]) if isinstance(value, tuple) else hidden
+
+
+@dataclass
+class _Columns:
+    """Column offset of the current forward call (the KV-cache length before it)."""
+
+    offset: int = 0
+
+
+def _past_length(past: Any) -> int:
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    try:  # legacy tuple cache: ((k, v), ...) with k: batch x heads x seq x head_dim
+        return int(past[0][0].shape[-2])
+    except (IndexError, TypeError, AttributeError):
+        return 0
+
+
+@contextlib.contextmanager
+def _track_columns(model: nn.Module, layers_path: str | None) -> Iterator[_Columns]:
+    """Keep ``_Columns.offset`` equal to the cache length at the start of each forward."""
+    arch = architecture(model, layers_path)
+    parent_path = arch.layers_path.rsplit(".", 1)[0]
+    decoder = _get_path(_unwrap_peft(model), parent_path)
+    if decoder is None:
+        raise EmscopeError(f"cannot find the decoder module at {parent_path!r}")
+    columns = _Columns()
+
+    def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        columns.offset = _past_length(kwargs.get("past_key_values"))
+
+    handle = decoder.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield columns
+    finally:
+        handle.remove()
+
+
+def _position_mask(
+    positions: str, prompt_len: int | None, offset: int, seq_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean mask over the call's ``seq_len`` columns, or None for all positions."""
+    if positions == "all":
+        return None
+    assert prompt_len is not None
+    columns = torch.arange(offset, offset + seq_len, device=device)
+    return columns < prompt_len if positions == "prompt" else columns >= prompt_len
+
+
+def _check_positions(positions: str, prompt_len: int | None) -> None:
+    if positions not in POSITIONS:
+        raise EmscopeError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    if positions != "all" and prompt_len is None:
+        raise EmscopeError(f"positions={positions!r} needs prompt_len")
+
+
+Edit = Callable[[torch.Tensor], torch.Tensor]
+
+
+@contextlib.contextmanager
+def _edit_sites(
+    model: nn.Module,
+    edits: Mapping[Site, Edit],
+    positions: str,
+    prompt_len: int | None,
+    layers_path: str | None,
+) -> Iterator[None]:
+    """Apply ``edit(hidden) -> new hidden`` at each site, at the selected positions."""
+    _check_positions(positions, prompt_len)
+    with contextlib.ExitStack() as stack:
+        columns = (
+            stack.enter_context(_track_columns(model, layers_path)) if positions != "all" else None
+        )
+
+        def apply(edit: Edit, hidden: torch.Tensor) -> torch.Tensor:
+            new = edit(hidden)
+            if columns is None:
+                return new
+            mask = _position_mask(
+                positions, prompt_len, columns.offset, hidden.shape[1], hidden.device
+            )
+            assert mask is not None
+            return torch.where(mask[None, :, None], new, hidden)
+
+        for site, edit in edits.items():
+            module = site_module(model, site, layers_path)
+            if site.kind == "resid_pre":
+
+                def pre_hook(
+                    module: nn.Module,
+                    args: tuple[Any, ...],
+                    kwargs: dict[str, Any],
+                    edit: Edit = edit,
+                ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+                    if args:
+                        return (apply(edit, args[0]), *args[1:]), kwargs
+                    kwargs = dict(kwargs)
+                    kwargs["hidden_states"] = apply(edit, kwargs["hidden_states"])
+                    return args, kwargs
+
+                handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            else:
+
+                def hook(
+                    module: nn.Module, args: tuple[Any, ...], output: Any, edit: Edit = edit
+                ) -> Any:
+                    return _replace_hidden(output, apply(edit, _hidden(output)))
+
+                handle = module.register_forward_hook(hook)
+            stack.callback(handle.remove)
+        yield
+
+
+def _vectors_by_site(vectors: Mapping[SiteLike, torch.Tensor]) -> dict[Site, torch.Tensor]:
+    out = {}
+    for key, vector in vectors.items():
+        if vector.ndim != 1:
+            raise EmscopeError(
+                f"vector for {key} must be 1-d (d_model,), got {tuple(vector.shape)}"
+            )
+        out[as_site(key)] = vector
+    return out
+
+
+def add(
+    model: nn.Module,
+    vectors: Mapping[SiteLike, torch.Tensor],
+    scale: float = 1.0,
+    positions: str = "all",
+    prompt_len: int | None = None,
+    layers_path: str | None = None,
+) -> contextlib.AbstractContextManager[None]:
+    """Add ``scale * v`` to the hidden state at each site (``v``: ``d_model``), in the
+    hidden state's dtype, at the selected positions. Steering: ``add(model,
+    {"resid_post[12]": v}, scale=8)``."""
+    by_site = _vectors_by_site(vectors)
+
+    def make(vector: torch.Tensor) -> Edit:
+        def edit(hidden: torch.Tensor) -> torch.Tensor:
+            return hidden + (scale * vector).to(hidden.device, hidden.dtype)
+
+        return edit
+
+    return _edit_sites(
+        model, {s: make(v) for s, v in by_site.items()}, positions, prompt_len, layers_path
+    )
+
+
+def project_out(
+    model: nn.Module,
+    directions: Mapping[SiteLike, torch.Tensor],
+    positions: str = "all",
+    prompt_len: int | None = None,
+    layers_path: str | None = None,
+) -> contextlib.AbstractContextManager[None]:
+    """Remove each direction from the hidden state at its site: ``x <- x - (x . u) u`` with
+    ``u = v / |v|``. A ``k x d_model`` matrix removes the span of its rows (orthonormalised
+    by QR). Computed in float32, cast back to the hidden dtype."""
+    bases: dict[Site, torch.Tensor] = {}
+    for key, value in directions.items():
+        matrix = value[None, :] if value.ndim == 1 else value
+        if matrix.ndim != 2:
+            raise EmscopeError(f"direction for {key} must be 1-d or k x d_model")
+        if not torch.all(torch.isfinite(matrix)) or float(matrix.norm()) == 0.0:
+            raise EmscopeError(f"direction for {key} is zero or not finite")
+        q, _ = torch.linalg.qr(matrix.detach().to(torch.float32).T)  # d x k, orthonormal
+        bases[as_site(key)] = q
+
+    def make(q: torch.Tensor) -> Edit:
+        def edit(hidden: torch.Tensor) -> torch.Tensor:
+            basis = q.to(hidden.device)
+            x = hidden.to(torch.float32)
+            return (x - (x @ basis) @ basis.T).to(hidden.dtype)
+
+        return edit
+
+    return _edit_sites(
+        model, {s: make(q) for s, q in bases.items()}, positions, prompt_len, layers_path
+    )
+
+
+@dataclass
+class Captured:
+    """Activations recorded by :func:`capture`: for each site, one tensor per forward call
+    (``batch x seq x d_model``); :meth:`__getitem__` concatenates the calls along ``seq`` so
+    a prompt pass followed by cached decoding steps lines up with an uncached forward."""
+
+    calls: dict[Site, list[torch.Tensor]] = field(default_factory=dict)
+
+    def __getitem__(self, site: SiteLike) -> torch.Tensor:
+        site = as_site(site)
+        if site not in self.calls or not self.calls[site]:
+            raise EmscopeError(f"nothing captured at {site}")
+        return torch.cat(self.calls[site], dim=1)
+
+    def clear(self) -> None:
+        for values in self.calls.values():
+            values.clear()
+
+
+@contextlib.contextmanager
+def capture(
+    model: nn.Module,
+    sites: Iterable[SiteLike],
+    layers_path: str | None = None,
+    to_cpu: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Iterator[Captured]:
+    """Record the hidden state at each site for every forward call inside the block
+    (detached; optionally moved to CPU and/or cast)."""
+    captured = Captured()
+    with contextlib.ExitStack() as stack:
+        for site in dict.fromkeys(as_site(s) for s in sites):  # unique, in order
+            captured.calls[site] = []
+            module = site_module(model, site, layers_path)
+
+            def store(hidden: torch.Tensor, site: Site = site) -> None:
+                value = hidden.detach()
+                if dtype is not None:
+                    value = value.to(dtype)
+                captured.calls[site].append(value.cpu() if to_cpu else value)
+
+            if site.kind == "resid_pre":
+
+                def pre_hook(
+                    module: nn.Module,
+                    args: tuple[Any, ...],
+                    kwargs: dict[str, Any],
+                    store: Callable[[torch.Tensor], None] = store,
+                ) -> None:
+                    store(args[0] if args else kwargs["hidden_states"])
+
+                handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            else:
+
+                def hook(
+                    module: nn.Module,
+                    args: tuple[Any, ...],
+                    output: Any,
+                    store: Callable[[torch.Tensor], None] = store,
+                ) -> None:
+                    store(_hidden(output))
+
+                handle = module.register_forward_hook(hook)
+            stack.callback(handle.remove)
+        yield captured
