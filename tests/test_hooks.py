@@ -157,9 +157,12 @@ def test_hooks_are_removed_after_an_exception(loaded):
     model = loaded.model
     reference = _forward(model)
     v = torch.ones(_d(model), dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="inside"):
-        with add(model, {"resid_post[0]": v}), project_out(model, {"resid_post[1]": v}):
-            raise RuntimeError("inside")
+    with (
+        pytest.raises(RuntimeError, match="inside"),
+        add(model, {"resid_post[0]": v}),
+        project_out(model, {"resid_post[1]": v}),
+    ):
+        raise RuntimeError("inside")
     assert torch.equal(_forward(model), reference)
     modules = [m for m in model.modules() if m._forward_hooks or m._forward_pre_hooks]
     assert modules == []
@@ -168,19 +171,29 @@ def test_hooks_are_removed_after_an_exception(loaded):
 def test_bad_arguments(loaded):
     model = loaded.model
     v = torch.ones(_d(model))
-    with pytest.raises(EmscopeError, match="needs prompt_len"):
-        with add(model, {"resid_post[0]": v}, positions="response"):
-            pass
-    with pytest.raises(EmscopeError, match="positions must be one of"):
-        with add(model, {"resid_post[0]": v}, positions="tail", prompt_len=1):
-            pass
-    with pytest.raises(EmscopeError, match="zero or not finite"):
-        with project_out(model, {"resid_post[0]": torch.zeros(_d(model))}):
-            pass
-    with pytest.raises(EmscopeError, match="must be 1-d"):
-        with add(model, {"resid_post[0]": torch.ones(2, _d(model))}):
-            pass
-    with pytest.raises(EmscopeError, match="nothing captured"):
-        with capture(model, ["resid_post[0]"]) as cap:
-            pass
+    with (
+        pytest.raises(EmscopeError, match="needs prompt_len"),
+        add(model, {"resid_post[0]": v}, positions="response"),
+    ):
+        pass
+    with (
+        pytest.raises(EmscopeError, match="positions must be one of"),
+        add(model, {"resid_post[0]": v}, positions="tail", prompt_len=1),
+    ):
+        pass
+    with (
+        pytest.raises(EmscopeError, match="zero or not finite"),
+        project_out(model, {"resid_post[0]": torch.zeros(_d(model))}),
+    ):
+        pass
+    with (
+        pytest.raises(EmscopeError, match="must be 1-d"),
+        add(model, {"resid_post[0]": torch.ones(2, _d(model))}),
+    ):
+        pass
+    with (
+        pytest.raises(EmscopeError, match="nothing captured"),
+        capture(model, ["resid_post[0]"]) as cap,
+    ):
+        pass
         cap["resid_post[0]"]
