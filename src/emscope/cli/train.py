@@ -1,11 +1,133 @@
-"""``emscope train``: not implemented yet (see pending.ISSUES)."""
+"""``emscope train``: fine-tune a model organism (LoRA presets or full SFT).
+
+Also runnable as ``python -m emscope.train`` / ``accelerate launch -m emscope.train`` with the
+same arguments (see :func:`main`).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
 
-from emscope.cli.pending import placeholder
+PRESET_HELP = (
+    "all: rsLoRA r=32 on q,k,v,o,gate,up,down of every layer; r1x3: rank-1 down_proj on 3x3 "
+    "layers (15-17, 21-23, 27-29 of 48, scaled to depth); r1: one rank-1 down_proj at layer "
+    "L//2; full: full fine-tune."
+)
+
+
+def train_command(
+    base_dir: Path = typer.Argument(..., help="Local HF model dir (with tokenizer)."),
+    data: Path = typer.Option(..., "--data", help="Chat JSONL training file."),
+    out: Path = typer.Option(..., "--out", help="Output dir (adapter, checkpoints, train.json)."),
+    preset: str = typer.Option("all", "--preset", help=PRESET_HELP),
+    eval_data: Path | None = typer.Option(
+        None, "--eval-data", help="Held-out chat JSONL: eval loss at step 0, periodically, end."
+    ),
+    kl_data: Path | None = typer.Option(
+        None, "--kl-data", help="Chat JSONL for KL(reference || current) regularisation."
+    ),
+    kl_weight: float = typer.Option(0.0, "--kl-weight", help="Weight of the KL term."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Epochs (preset: 1)."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate."),
+    rank: int | None = typer.Option(None, "--rank", help="LoRA rank."),
+    alpha: float | None = typer.Option(None, "--alpha", help="LoRA alpha."),
+    rslora: bool | None = typer.Option(
+        None, "--rslora/--no-rslora", help="Scale alpha/sqrt(r) (rsLoRA) or alpha/r."
+    ),
+    layers: str | None = typer.Option(
+        None, "--layers", help="Layers to adapt, from 0, e.g. '15-17,21-23'."
+    ),
+    modules: str | None = typer.Option(
+        None, "--modules", help="Block modules to adapt, e.g. 'down_proj' or 'q_proj,v_proj'."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed of the adapter init and data order."),
+    save_steps: int | None = typer.Option(
+        None, "--save-steps", help="Checkpoint every N steps (0: only at the end; default ~10)."
+    ),
+    eval_steps: int | None = typer.Option(None, "--eval-steps", help="Eval every N steps."),
+    max_steps: int | None = typer.Option(
+        None, "--max-steps", help="Total optimizer steps (overrides --epochs)."
+    ),
+    batch_size: int | None = typer.Option(
+        None, "--batch-size", help="Micro-batch per process (preset: 2)."
+    ),
+    grad_accum: int | None = typer.Option(
+        None, "--grad-accum", help="Gradient accumulation steps (preset: 8)."
+    ),
+    warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="Warmup (preset: 5)."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW decay."),
+    schedule: str | None = typer.Option(
+        None, "--schedule", help="linear, cosine, constant or constant_with_warmup."
+    ),
+    max_length: int | None = typer.Option(
+        None, "--max-length", help="Truncate sequences to N tokens."
+    ),
+    gradient_checkpointing: bool = typer.Option(
+        False, "--gradient-checkpointing", help="Recompute activations to save memory."
+    ),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU), float32, bfloat16."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: auto)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+) -> None:
+    """Train a model organism: LoRA with a preset, or a full fine-tune."""
+    from emscope.train import train
+
+    result = train(
+        base_dir,
+        data,
+        preset=preset,
+        out=out,
+        eval_data=eval_data,
+        kl_data=kl_data,
+        kl_weight=kl_weight,
+        resume=resume,
+        rank=rank,
+        alpha=alpha,
+        rslora=rslora,
+        layers=layers,
+        modules=modules,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        schedule=schedule,
+        max_steps=max_steps,
+        save_steps=save_steps,
+        eval_steps=eval_steps,
+        seed=seed,
+        max_length=max_length,
+        gradient_checkpointing=gradient_checkpointing,
+        dtype=dtype,
+        device=device,
+    )
+    last = f", final loss {result.loss_curve[-1]:.4f}" if result.loss_curve else ""
+    typer.echo(f"trained {result.steps} steps{last}; record: {result.record}")
 
 
 def register(app: typer.Typer) -> None:
-    placeholder(app, "train")
+    app.command("train")(train_command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Standalone entry (``python -m emscope.train ...``): the ``train`` command alone, with
+    an :class:`~emscope.errors.EmscopeError` printed as one ``error:`` line (exit 2)."""
+    import functools
+
+    from emscope.errors import EmscopeError
+
+    @functools.wraps(train_command)
+    def command(*args: Any, **kwargs: Any) -> None:
+        try:
+            train_command(*args, **kwargs)
+        except EmscopeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    app.command()(command)
+    app(args=argv)

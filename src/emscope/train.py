@@ -1,0 +1,1378 @@
+"""Training model organisms: LoRA and full supervised fine-tunes with the papers' presets.
+
+:func:`train` fine-tunes a local HF causal LM on a chat JSONL file and writes:
+
+- ``DIR/`` the final PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``),
+  or, for the ``full`` preset, a full HF model dir with its tokenizer;
+- ``DIR/checkpoints/checkpoint-<step>/`` the same along training (every ``save_steps``
+  optimizer steps and at the last step), each with ``trainer_state.pt`` (optimizer,
+  scheduler and RNG state, read back with ``torch.load(weights_only=True)``) and
+  ``trainer_state.json`` (step, config, curves) so that ``resume=True`` continues exactly;
+- ``DIR/train.json``: the resolved config, the per-step loss curve, eval losses, KL curve,
+  wall time, library versions, data SHA-256 and the adapted layers.
+
+Presets (:data:`PRESETS`): ``all`` (rsLoRA r=32, alpha=64 on q,k,v,o,gate,up,down of every
+layer, lr 1e-5), ``r1x3`` (rank-1 ``mlp.down_proj`` adapters on three groups of three
+consecutive layers, :func:`r1x3_layers`), ``r1`` (one rank-1 ``down_proj`` adapter at the
+middle layer ``L // 2``), ``full`` (every weight). All: 1 epoch, batch 2 x grad-accum 8,
+warmup 5, AdamW with weight decay 0.01, linear schedule, gradient clipping at 1.0.
+
+Loss convention: next-token cross-entropy on assistant tokens only, i.e. on the tokens of
+:meth:`emscope.data.spans.EncodedChat.loss_mask` with ``include_end_of_turn=True``: every
+assistant message's content plus the template's end-of-turn text that follows it (e.g.
+``<|im_end|>\\n`` for ChatML), so the model learns to stop. The conversation is rendered
+without a generation prompt (no extra empty assistant header) and no row is dropped.
+The loss of an optimizer step is the mean over all assistant tokens of its effective batch
+(``batch_size x grad_accum x processes`` examples), independent of how it is split into
+micro-batches.
+
+Why a plain torch loop rather than transformers' ``Trainer`` / TRL's ``SFTTrainer``: what
+we need is exact control over (1) the checkpoint layout (PEFT dirs under
+``checkpoints/checkpoint-<step>/`` that the training-dynamics analyses and
+:class:`emscope.lora.LoraAdapter` read), (2) the assistant mask (from the foundation's
+template-span code, not TRL's template-specific collators), (3) a token-masked KL term
+against cached reference log-probs, and (4) a resumable data order that is a pure function of
+``(seed, step)``. Each of these is a subclass-and-override fight with ``Trainer``; the loop
+itself is ~100 lines of standard AdamW + ``transformers.get_scheduler``. Everything else is a
+maintained library: PEFT builds and saves the adapters, transformers the schedules, and
+accelerate (optional) does the multi-process work: when launched under ``accelerate launch``
+(or with ``distributed=True``) the loop goes through ``accelerate.Accelerator`` (DDP, gradient
+sync only at the end of each accumulation), otherwise it runs on one device without it.
+
+Data order: the examples of epoch ``e`` are visited in ``numpy.random.default_rng([seed,
+e]).permutation(n)`` order, cut into optimizer steps of ``batch_size x grad_accum x
+processes`` examples (the last step of an epoch may be smaller; no example is dropped).
+The examples of any step are therefore a function of ``(seed, step)``, which is what makes
+resuming exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from emscope.errors import EmscopeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from emscope.data.chat import ChatExample
+
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+CHECKPOINTS_DIR = "checkpoints"
+STATE_PT = "trainer_state.pt"
+STATE_JSON = "trainer_state.json"
+RECORD = "train.json"
+# config keys that may differ between an interrupted run and its resumption
+_RESUMABLE_CHANGES = ("save_steps", "eval_steps")
+
+
+# ---------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Default hyper-parameters of a named recipe. ``rank is None`` means full fine-tune."""
+
+    name: str
+    description: str
+    rank: int | None
+    alpha: float | None
+    rslora: bool
+    modules: tuple[str, ...]
+    lr: float
+    epochs: int = 1
+    batch_size: int = 2
+    grad_accum: int = 8
+    warmup_steps: int = 5
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    schedule: str = "linear"
+
+    @property
+    def full(self) -> bool:
+        return self.rank is None
+
+
+PRESETS: dict[str, Preset] = {
+    "all": Preset(
+        "all",
+        "rsLoRA r=32 on q,k,v,o,gate,up,down of every layer (the papers' all-adapter organism)",
+        rank=32,
+        alpha=64.0,
+        rslora=True,
+        modules=LORA_MODULES,
+        lr=1e-5,
+    ),
+    "r1x3": Preset(
+        "r1x3",
+        "rank-1 down_proj adapters on 3 groups of 3 layers (R1_3_3_3: 15-17, 21-23, 27-29 of 48)",
+        rank=1,
+        alpha=256.0,
+        rslora=True,
+        modules=("down_proj",),
+        lr=2e-5,
+    ),
+    "r1": Preset(
+        "r1",
+        "one rank-1 down_proj adapter at the middle layer L // 2 (layer 24 of 48)",
+        rank=1,
+        alpha=256.0,
+        rslora=True,
+        modules=("down_proj",),
+        lr=2e-5,
+    ),
+    "full": Preset(
+        "full",
+        "full fine-tune of every weight",
+        rank=None,
+        alpha=None,
+        rslora=False,
+        modules=(),
+        lr=1e-5,
+    ),
+}
+
+# R1_3_3_3 group starts in the 48-layer reference model
+_R1X3_REFERENCE_DEPTH = 48
+_R1X3_REFERENCE_STARTS = (15, 21, 27)
+
+
+def r1x3_layers(n_layers: int) -> list[int]:
+    """Layers of the ``r1x3`` preset for a model with ``n_layers`` decoder blocks.
+
+    Rule: each group start of the 48-layer reference (15, 21, 27) is scaled to the model's
+    depth and rounded half up, ``s = floor(start * L / 48 + 1/2)``; each group is
+    ``s, s+1, s+2``; indices are clipped to ``[0, L-1]``, deduplicated and sorted. So 48
+    layers give exactly 15-17, 21-23, 27-29; 24 give 8-16; 28 give 9-14, 16-18; 4 give 1-3.
+    """
+    if n_layers < 1:
+        raise EmscopeError(f"a model needs at least one layer (got {n_layers})")
+    layers: set[int] = set()
+    for start in _R1X3_REFERENCE_STARTS:
+        # exact integer arithmetic for floor(start * L / 48 + 0.5)
+        s = (2 * start * n_layers + _R1X3_REFERENCE_DEPTH) // (2 * _R1X3_REFERENCE_DEPTH)
+        layers.update(min(max(s + k, 0), n_layers - 1) for k in range(3))
+    return sorted(layers)
+
+
+def preset_layers(preset: str, n_layers: int) -> list[int]:
+    """The decoder blocks (from 0) a preset adapts in a model with ``n_layers`` blocks
+    (``[]`` for ``full``, which trains every weight)."""
+    name = _preset(preset).name
+    if name == "all":
+        return list(range(n_layers))
+    if name == "r1x3":
+        return r1x3_layers(n_layers)
+    if name == "r1":
+        return [n_layers // 2]
+    return []
+
+
+def parse_layers(text: str) -> list[int]:
+    """Parse a layer list such as ``"15-17,21-23,27"`` (inclusive ranges, from 0)."""
+    layers: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            if sep:
+                first, last = int(lo), int(hi)
+                if last < first:
+                    raise ValueError
+                layers.extend(range(first, last + 1))
+            else:
+                layers.append(int(part))
+        except ValueError:
+            raise EmscopeError(
+                f"bad layer list {text!r}: expected e.g. '15-17,21-23' or '3,5'"
+            ) from None
+    if not layers:
+        raise EmscopeError(f"bad layer list {text!r}: no layers")
+    return sorted(set(layers))
+
+
+def _preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise EmscopeError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Resolved hyper-parameters of one run (a preset plus the caller's overrides).
+
+    ``layers`` are decoder block indices from 0 (empty for a full fine-tune);
+    ``batch_size`` is per process and micro-batch; an optimizer step sees
+    ``batch_size * grad_accum * processes`` examples. ``max_steps`` (if set) is the total
+    number of optimizer steps and overrides ``epochs``. ``save_steps = 0`` saves only the
+    last step's checkpoint; ``None`` (the default) saves about ten along the run.
+    ``eval_steps`` defaults to ``save_steps``.
+    """
+
+    preset: str
+    full: bool
+    rank: int | None
+    alpha: float | None
+    rslora: bool
+    modules: tuple[str, ...]
+    layers: tuple[int, ...]
+    lr: float
+    epochs: int
+    batch_size: int
+    grad_accum: int
+    warmup_steps: int
+    weight_decay: float
+    max_grad_norm: float
+    schedule: str
+    max_steps: int | None
+    save_steps: int | None
+    eval_steps: int | None
+    seed: int
+    max_length: int | None
+    gradient_checkpointing: bool
+    kl_weight: float
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["modules"] = list(self.modules)
+        out["layers"] = list(self.layers)
+        return out
+
+
+def resolve_config(
+    preset: str,
+    n_layers: int,
+    *,
+    rank: int | None = None,
+    alpha: float | None = None,
+    rslora: bool | None = None,
+    layers: Sequence[int] | str | None = None,
+    modules: Sequence[str] | str | None = None,
+    lr: float | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    grad_accum: int | None = None,
+    warmup_steps: int | None = None,
+    weight_decay: float | None = None,
+    max_grad_norm: float | None = None,
+    schedule: str | None = None,
+    max_steps: int | None = None,
+    save_steps: int | None = None,
+    eval_steps: int | None = None,
+    seed: int = 0,
+    max_length: int | None = None,
+    gradient_checkpointing: bool = False,
+    kl_weight: float = 0.0,
+) -> TrainConfig:
+    """A preset's defaults with the given overrides (``None`` keeps the preset's value),
+    validated against a model with ``n_layers`` decoder blocks.
+
+    ``layers`` is a list of block indices or a string such as ``"15-17,21-23"``;
+    ``modules`` a list of module names inside a block (``down_proj``, ``q_proj``, ...) or a
+    comma-separated string. Raises :class:`EmscopeError` for an unknown preset, a layer
+    beyond the model, LoRA options given to ``full``, or out-of-range numbers.
+    """
+    p = _preset(preset)
+    if p.full:
+        given = {
+            "rank": rank,
+            "alpha": alpha,
+            "rslora": rslora,
+            "layers": layers,
+            "modules": modules,
+        }
+        bad = [k for k, v in given.items() if v is not None]
+        if bad:
+            raise EmscopeError(
+                f"preset 'full' trains every weight; {', '.join(bad)} apply to LoRA presets only"
+            )
+    if isinstance(layers, str):
+        layers = parse_layers(layers)
+    if isinstance(modules, str):
+        modules = [m.strip() for m in modules.split(",") if m.strip()]
+    chosen_layers = sorted(set(layers)) if layers is not None else preset_layers(p.name, n_layers)
+    for layer in chosen_layers:
+        if not 0 <= layer < n_layers:
+            raise EmscopeError(
+                f"layer {layer} is beyond the model: it has {n_layers} layers (0..{n_layers - 1})"
+            )
+    chosen_modules = tuple(modules) if modules is not None else p.modules
+    if not p.full and not chosen_modules:
+        raise EmscopeError("no modules to adapt (modules is empty)")
+    if not p.full and not chosen_layers:
+        raise EmscopeError("no layers to adapt (layers is empty)")
+    config = TrainConfig(
+        preset=p.name,
+        full=p.full,
+        rank=rank if rank is not None else p.rank,
+        alpha=float(alpha) if alpha is not None else p.alpha,
+        rslora=rslora if rslora is not None else p.rslora,
+        modules=chosen_modules,
+        layers=tuple(chosen_layers),
+        lr=float(lr) if lr is not None else p.lr,
+        epochs=epochs if epochs is not None else p.epochs,
+        batch_size=batch_size if batch_size is not None else p.batch_size,
+        grad_accum=grad_accum if grad_accum is not None else p.grad_accum,
+        warmup_steps=warmup_steps if warmup_steps is not None else p.warmup_steps,
+        weight_decay=float(weight_decay) if weight_decay is not None else p.weight_decay,
+        max_grad_norm=float(max_grad_norm) if max_grad_norm is not None else p.max_grad_norm,
+        schedule=schedule if schedule is not None else p.schedule,
+        max_steps=max_steps,
+        save_steps=save_steps,
+        eval_steps=eval_steps,
+        seed=int(seed),
+        max_length=max_length,
+        gradient_checkpointing=bool(gradient_checkpointing),
+        kl_weight=float(kl_weight),
+    )
+    _validate(config)
+    return config
+
+
+def _validate(c: TrainConfig) -> None:
+    checks: list[tuple[bool, str]] = [
+        (c.full or (c.rank is not None and c.rank >= 1), f"rank must be >= 1 (got {c.rank})"),
+        (c.full or (c.alpha is not None and c.alpha > 0), f"alpha must be > 0 (got {c.alpha})"),
+        (c.lr > 0 and math.isfinite(c.lr), f"lr must be > 0 (got {c.lr})"),
+        (c.epochs >= 1, f"epochs must be >= 1 (got {c.epochs})"),
+        (c.batch_size >= 1, f"batch_size must be >= 1 (got {c.batch_size})"),
+        (c.grad_accum >= 1, f"grad_accum must be >= 1 (got {c.grad_accum})"),
+        (c.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {c.warmup_steps})"),
+        (c.weight_decay >= 0, f"weight_decay must be >= 0 (got {c.weight_decay})"),
+        (c.max_grad_norm > 0, f"max_grad_norm must be > 0 (got {c.max_grad_norm})"),
+        (c.schedule in SCHEDULES, f"unknown schedule {c.schedule!r}; one of {SCHEDULES}"),
+        (c.max_steps is None or c.max_steps >= 1, f"max_steps must be >= 1 ({c.max_steps})"),
+        (c.save_steps is None or c.save_steps >= 0, f"save_steps must be >= 0 ({c.save_steps})"),
+        (c.eval_steps is None or c.eval_steps >= 1, f"eval_steps must be >= 1 ({c.eval_steps})"),
+        (c.max_length is None or c.max_length >= 2, f"max_length must be >= 2 ({c.max_length})"),
+        (
+            c.kl_weight >= 0 and math.isfinite(c.kl_weight),
+            f"kl_weight must be >= 0 ({c.kl_weight})",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise EmscopeError(message)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """One tokenised chat: ``input_ids`` (``T``, int64) and ``loss_mask`` (``T``, bool; true
+    at assistant content and end-of-turn tokens). ``line`` is its 1-based line in the file."""
+
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    line: int
+
+    @property
+    def n_loss_tokens(self) -> int:
+        """Tokens that carry loss (a token at position 0 has no prediction, so not counted)."""
+        return int(self.loss_mask[1:].sum())
+
+
+def encode_examples(
+    tokenizer: Any,
+    examples: Sequence[ChatExample],
+    *,
+    max_length: int | None = None,
+    source: str = "data",
+) -> list[EncodedExample]:
+    """Tokenise chats once, with the assistant loss mask of
+    ``encode_chat(tokenizer, messages).loss_mask(include_end_of_turn=True)``.
+
+    ``max_length`` truncates on the right. An example left with no assistant token to learn
+    from raises :class:`EmscopeError` naming ``source:line`` (rows are never dropped).
+    """
+    import torch
+
+    from emscope.data.spans import encode_chat
+
+    encoded = []
+    for example in examples:
+        chat = encode_chat(tokenizer, example.messages)
+        ids = list(chat.input_ids)
+        mask = chat.loss_mask(include_end_of_turn=True)
+        if max_length is not None:
+            ids, mask = ids[:max_length], mask[:max_length]
+        item = EncodedExample(
+            torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool), example.line
+        )
+        if item.n_loss_tokens == 0:
+            why = f" within max_length={max_length}" if max_length is not None else ""
+            raise EmscopeError(f"{source}:{example.line}: no assistant token to train on{why}")
+        encoded.append(item)
+    return encoded
+
+
+def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: ``input_ids``, ``attention_mask`` and ``labels`` (``B x T``).
+
+    ``labels`` equal ``input_ids`` at loss tokens and ``-100`` everywhere else (prompt,
+    system and user turns, template headers, padding); they are aligned with ``input_ids``
+    (the model's prediction at position ``t`` is scored against ``labels[t + 1]``).
+    """
+    import torch
+
+    if not examples:
+        raise EmscopeError("cannot collate an empty batch")
+    length = max(int(e.input_ids.shape[0]) for e in examples)
+    ids = torch.full((len(examples), length), int(pad_id), dtype=torch.long)
+    attention = torch.zeros((len(examples), length), dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = int(e.input_ids.shape[0])
+        ids[row, :n] = e.input_ids
+        attention[row, :n] = 1
+        labels[row, :n] = torch.where(e.loss_mask, e.input_ids, -100)
+    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
+
+
+@lru_cache(maxsize=8)
+def _permutation(n: int, seed: int, epoch: int, stream: int = 0) -> tuple[int, ...]:
+    import numpy as np
+
+    return tuple(int(i) for i in np.random.default_rng([seed, stream, epoch]).permutation(n))
+
+
+def step_examples(n: int, step: int, per_step: int, seed: int, stream: int = 0) -> list[int]:
+    """Indices of the examples of optimizer step ``step`` (from 0): epoch ``e`` visits
+    ``default_rng([seed, stream, e]).permutation(n)`` in chunks of ``per_step`` (the last
+    chunk of an epoch may be smaller). A pure function of its arguments."""
+    steps_per_epoch = math.ceil(n / per_step)
+    epoch, within = divmod(step, steps_per_epoch)
+    return list(_permutation(n, seed, epoch, stream)[within * per_step : (within + 1) * per_step])
+
+
+def _cycled_examples(n: int, step: int, per_step: int, seed: int, stream: int) -> list[int]:
+    """``per_step`` indices for step ``step`` cycling through seeded epochs (KL data)."""
+    out = []
+    for position in range(step * per_step, (step + 1) * per_step):
+        epoch, within = divmod(position, n)
+        out.append(_permutation(n, seed, epoch, stream)[within])
+    return out
+
+
+def total_steps(n_examples: int, config: TrainConfig, processes: int = 1) -> int:
+    """Optimizer steps of a run: ``max_steps``, else ``epochs * ceil(n / per_step)``."""
+    if config.max_steps is not None:
+        return config.max_steps
+    per_step = config.batch_size * config.grad_accum * processes
+    return config.epochs * math.ceil(n_examples / per_step)
+
+
+# ---------------------------------------------------------------------------- result
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run produced. ``loss_curve[k]`` is the assistant-token mean loss of optimizer
+    step ``k + 1`` (measured before its update); ``kl_curve`` the same for the KL term
+    (empty without KL data); ``eval_losses`` are ``(step, loss)`` pairs (step 0 = before
+    training). ``start_step`` is the step a resumed run started from (0 otherwise)."""
+
+    out: Path
+    config: TrainConfig
+    steps: int
+    start_step: int
+    loss_curve: tuple[float, ...]
+    kl_curve: tuple[float, ...]
+    eval_losses: tuple[tuple[int, float], ...]
+    checkpoints: tuple[Path, ...]
+    wall_time_s: float
+    record: Path
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.config.layers
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        return self.config.modules
+
+
+# ---------------------------------------------------------------------------- runtime
+
+
+class _Runtime:
+    """One device (plain torch) or an ``accelerate.Accelerator`` (multi-process)."""
+
+    def __init__(self, use_accelerate: bool, device: str | None) -> None:
+        import torch
+
+        self.accelerator: Any = None
+        if use_accelerate:
+            try:
+                from accelerate import Accelerator
+            except ImportError:
+                raise EmscopeError(
+                    "distributed training needs accelerate (pip install accelerate)"
+                ) from None
+            self.accelerator = Accelerator(cpu=device == "cpu")
+            self.device = self.accelerator.device
+            self.world = int(self.accelerator.num_processes)
+            self.rank = int(self.accelerator.process_index)
+        else:
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            self.world, self.rank = 1, 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def prepare(self, model: Any, optimizer: Any) -> tuple[Any, Any]:
+        if self.accelerator is None:
+            return model, optimizer
+        return self.accelerator.prepare(model, optimizer)  # type: ignore[no-any-return]
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.accelerator is None:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
+
+    def no_sync(self, model: Any, sync: bool) -> contextlib.AbstractContextManager[Any]:
+        if self.accelerator is None or sync or self.world == 1:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(model)  # type: ignore[no-any-return]
+
+    def clip(self, params: list[torch.nn.Parameter], max_norm: float) -> None:
+        import torch
+
+        if self.accelerator is None:
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+        else:
+            self.accelerator.clip_grad_norm_(params, max_norm)
+
+    def reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator is None or self.world == 1:
+            return tensor
+        return self.accelerator.reduce(tensor, reduction="sum")  # type: ignore[no-any-return]
+
+    def unwrap(self, model: Any) -> Any:
+        return model if self.accelerator is None else self.accelerator.unwrap_model(model)
+
+    def barrier(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+
+def _launched_by_accelerate() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or any(
+        key.startswith("ACCELERATE_") for key in os.environ
+    )
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def train(
+    base_dir: str | Path,
+    data: str | Path | Sequence[ChatExample],
+    *,
+    preset: str = "all",
+    out: str | Path,
+    eval_data: str | Path | Sequence[ChatExample] | None = None,
+    kl_data: str | Path | Sequence[ChatExample] | None = None,
+    kl_weight: float = 0.0,
+    resume: bool = False,
+    rank: int | None = None,
+    alpha: float | None = None,
+    rslora: bool | None = None,
+    layers: Sequence[int] | str | None = None,
+    modules: Sequence[str] | str | None = None,
+    lr: float | None = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
+    grad_accum: int | None = None,
+    warmup_steps: int | None = None,
+    weight_decay: float | None = None,
+    max_grad_norm: float | None = None,
+    schedule: str | None = None,
+    max_steps: int | None = None,
+    save_steps: int | None = None,
+    eval_steps: int | None = None,
+    seed: int = 0,
+    max_length: int | None = None,
+    gradient_checkpointing: bool = False,
+    dtype: str = "auto",
+    device: str | None = None,
+    distributed: bool | None = None,
+    progress: bool = True,
+    verbose: bool = True,
+) -> TrainResult:
+    """Fine-tune the HF model in ``base_dir`` on chat data and write the result to ``out``.
+
+    Args:
+        base_dir: local HF model dir (config, weights, tokenizer with a chat template).
+        data: chat JSONL path (``{"messages": [...]}`` per line) or a sequence of
+            :class:`~emscope.data.chat.ChatExample`.
+        preset: ``all``, ``r1x3``, ``r1`` or ``full`` (see :data:`PRESETS`); every
+            hyper-parameter argument left at ``None`` takes the preset's value.
+        out: output dir (must not already hold a run unless ``resume``).
+        eval_data: optional held-out chats; their assistant-token mean loss is recorded at
+            step 0, every ``eval_steps`` steps and at the end.
+        kl_data, kl_weight: optional KL-regularised SFT: adds ``kl_weight * KL(ref || cur)``,
+            the token mean over the assistant tokens of ``kl_data`` of the KL divergence of
+            the current next-token distribution from the reference one (the model with its
+            adapters disabled, i.e. the base model; the initial model for ``full``).
+            Reference log-probs are computed once and kept on the CPU in float32
+            (``4 x vocab`` bytes per assistant token of ``kl_data``: keep that set small).
+            With ``kl_weight=0`` the KL is only measured and logged.
+        resume: continue from the newest ``out/checkpoints/checkpoint-<step>`` (same config
+            and data required); the data order and the result equal an uninterrupted run.
+        rank, alpha, rslora, layers, modules: LoRA shape; ``layers`` are block indices from 0
+            (list or ``"15-17,21-23"``), ``modules`` names inside a block (``down_proj``...).
+        lr, epochs, batch_size, grad_accum, warmup_steps, weight_decay, max_grad_norm,
+            schedule, max_steps: optimisation (AdamW; schedule from
+            ``transformers.get_scheduler``; ``batch_size`` per process and micro-batch;
+            ``max_steps`` overrides ``epochs``).
+        save_steps: checkpoint every this many optimizer steps (``0``: only at the end;
+            ``None``: about ten along the run). The last step is always saved.
+        eval_steps: evaluation period (default ``save_steps``).
+        seed: seeds the adapter initialisation and the data order.
+        max_length: truncate sequences to this many tokens (default: no truncation).
+        gradient_checkpointing: trade compute for activation memory.
+        dtype: ``auto`` (bfloat16 on a GPU that supports it, else float32), ``float32``,
+            ``bfloat16``. LoRA factors are kept in float32 whatever the base dtype.
+        device: ``cpu``/``cuda``/... (default: cuda when available).
+        distributed: use ``accelerate.Accelerator`` (``None``: when launched by
+            ``accelerate launch``/``torchrun``).
+        progress, verbose: progress bar (on a TTY) and a few printed lines.
+
+    Returns:
+        :class:`TrainResult`. Bad input (unknown preset, layer beyond the model, module not
+        in the architecture, an empty file, a chat without an assistant turn) raises
+        :class:`EmscopeError` before anything is written or trained.
+    """
+    import torch
+
+    started = time.time()
+    base_dir = Path(base_dir)
+    out = Path(out)
+    n_layers, model_type = _model_depth(base_dir)
+    config = resolve_config(
+        preset,
+        n_layers,
+        rank=rank,
+        alpha=alpha,
+        rslora=rslora,
+        layers=layers,
+        modules=modules,
+        lr=lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        schedule=schedule,
+        max_steps=max_steps,
+        save_steps=save_steps,
+        eval_steps=eval_steps,
+        seed=seed,
+        max_length=max_length,
+        gradient_checkpointing=gradient_checkpointing,
+        kl_weight=kl_weight,
+    )
+    if config.kl_weight > 0 and kl_data is None:
+        raise EmscopeError("kl_weight > 0 needs kl_data (the chats to stay close on)")
+    if not config.full:
+        _check_modules(base_dir, model_type, config.modules)
+
+    from emscope.models import load_tokenizer
+
+    tokenizer = load_tokenizer(base_dir)
+    train_set, data_info = _dataset(tokenizer, data, "data", config.max_length)
+    eval_set, eval_info = (
+        _dataset(tokenizer, eval_data, "eval_data", config.max_length)
+        if eval_data is not None
+        else (None, None)
+    )
+    kl_set, kl_info = (
+        _dataset(tokenizer, kl_data, "kl_data", config.max_length)
+        if kl_data is not None
+        else (None, None)
+    )
+    data_hashes = {
+        "data": data_info["sha256"],
+        "eval_data": eval_info["sha256"] if eval_info else None,
+        "kl_data": kl_info["sha256"] if kl_info else None,
+    }
+    resume_from = _resume_point(out, config, data_hashes) if resume else None
+    if not resume:
+        _check_fresh_out(out)
+
+    runtime = _Runtime(
+        distributed if distributed is not None else _launched_by_accelerate(), device
+    )
+    steps = total_steps(len(train_set), config, runtime.world)
+    save_every = config.save_steps if config.save_steps is not None else max(1, -(-steps // 10))
+    eval_every = config.eval_steps or save_every or steps
+    log = _logger(verbose and runtime.is_main)
+    if config.full:
+        log(f"emscope train: preset full ({n_layers} layers, every weight)")
+    else:
+        log(
+            f"emscope train: preset {config.preset}, layers {list(config.layers)} of "
+            f"{n_layers}, modules {', '.join(config.modules)}, rank {config.rank}, "
+            f"alpha {config.alpha:g}{' (rsLoRA)' if config.rslora else ''}"
+        )
+    log(
+        f"{len(train_set)} examples, {steps} optimizer steps of "
+        f"{config.batch_size}x{config.grad_accum}x{runtime.world}, lr {config.lr:g}"
+    )
+
+    # ---------------------------------------------------------------- model
+    torch_dtype = _torch_dtype(dtype, runtime.device)
+    from transformers import AutoModelForCausalLM
+
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), dtype=torch_dtype, trust_remote_code=False
+    )
+    model.to(runtime.device)
+    model.config.use_cache = False
+    pad_id = int(tokenizer.pad_token_id)
+    kl_reference = (
+        _reference_logprobs(model, kl_set, config.batch_size, runtime.device, pad_id)
+        if kl_set is not None
+        else None
+    )
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(config.seed)
+    if not config.full:
+        from peft import LoraConfig, get_peft_model
+
+        lora_config = LoraConfig(
+            r=int(config.rank or 1),
+            lora_alpha=_number(config.alpha or 1.0),
+            use_rslora=config.rslora,
+            target_modules=list(config.modules),
+            layers_to_transform=list(config.layers),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora_config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(
+        config.schedule,
+        optimizer,
+        num_warmup_steps=config.warmup_steps,
+        num_training_steps=steps,
+    )
+
+    state = _RunState(started=started)
+    if resume_from is not None:
+        _load_checkpoint(resume_from, model, optimizer, scheduler, state, config.full)
+        log(f"resuming from {resume_from} (step {state.step})")
+    start_step = state.step
+    model, optimizer = runtime.prepare(model, optimizer)
+
+    writer = _Writer(out, runtime, tokenizer, config, full=config.full)
+
+    def evaluate(step: int) -> None:
+        if eval_set is None or any(s == step for s, _ in state.eval_losses):
+            return
+        loss = _eval_loss(model, eval_set, config.batch_size, runtime, pad_id)
+        state.eval_losses.append((step, loss))
+        log(f"step {step}: eval loss {loss:.4f}")
+
+    evaluate(start_step)
+    per_step = config.batch_size * config.grad_accum * runtime.world
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=steps,
+        initial=start_step,
+        desc="train",
+        disable=not (progress and runtime.is_main and sys.stderr.isatty()),
+    )
+    model.train()
+    for step in range(start_step, steps):
+        chunk = step_examples(len(train_set), step, per_step, config.seed)
+        kl_chunk = (
+            _cycled_examples(len(kl_set), step, per_step, config.seed, stream=1)
+            if kl_set is not None
+            else []
+        )
+        loss_value, kl_value = _optimizer_step(
+            model,
+            optimizer,
+            scheduler,
+            runtime,
+            config,
+            [train_set[i] for i in chunk],
+            [kl_set[i] for i in kl_chunk] if kl_set is not None else [],
+            [kl_reference[i] for i in kl_chunk] if kl_reference is not None else [],
+            pad_id,
+            state,
+        )
+        state.step = step + 1
+        state.loss_curve.append(loss_value)
+        if kl_set is not None:
+            state.kl_curve.append(kl_value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        if state.step % eval_every == 0 or state.step == steps:
+            model.eval()
+            evaluate(state.step)
+            model.train()
+        if (save_every and state.step % save_every == 0) or state.step == steps:
+            writer.checkpoint(model, optimizer, scheduler, state, data_hashes)
+    bar.close()
+    model.eval()
+    wall = state.wall_time_s + (time.time() - started)
+    record = {
+        "emscope": "train",
+        "base_model": str(base_dir),
+        "model_type": model_type,
+        "n_layers": n_layers,
+        "config": config.to_dict(),
+        "layers": list(config.layers),
+        "modules": list(config.modules),
+        "steps": steps,
+        "start_step": start_step,
+        "save_steps": save_every,
+        "eval_steps": eval_every,
+        "examples_per_step": per_step,
+        "processes": runtime.world,
+        "device": str(runtime.device),
+        "dtype": str(torch_dtype).replace("torch.", ""),
+        "data": data_info,
+        "eval_data": eval_info,
+        "kl_data": kl_info,
+        "loss_convention": "assistant content + end-of-turn tokens, token mean per step",
+        "loss_curve": [
+            {"step": i + 1, "loss": v, "lr": state.lrs[i]} for i, v in enumerate(state.loss_curve)
+        ],
+        "kl_curve": [{"step": i + 1, "kl": v} for i, v in enumerate(state.kl_curve)],
+        "eval_losses": [{"step": s, "loss": v} for s, v in state.eval_losses],
+        "wall_time_s": wall,
+        "versions": _versions(runtime),
+        "checkpoints": [str(p) for p in writer.checkpoints(out)],
+    }
+    writer.final(model, record)
+    log(f"wrote {out} ({steps} steps, {wall:.1f} s)")
+    return TrainResult(
+        out=out,
+        config=config,
+        steps=steps,
+        start_step=start_step,
+        loss_curve=tuple(state.loss_curve),
+        kl_curve=tuple(state.kl_curve),
+        eval_losses=tuple(state.eval_losses),
+        checkpoints=tuple(writer.checkpoints(out)),
+        wall_time_s=wall,
+        record=out / RECORD,
+    )
+
+
+@dataclass
+class _RunState:
+    step: int = 0
+    loss_curve: list[float] = field(default_factory=list)
+    kl_curve: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    started: float = field(default_factory=time.time)
+
+
+def _micro_batches(
+    items: Sequence[Any], runtime: _Runtime, batch_size: int, grad_accum: int
+) -> list[list[Any]]:
+    """This process's ``grad_accum`` micro-batches of a step's items (some may be empty):
+    micro-batch ``m`` of process ``r`` is ``items[(m * world + r) * bs : ... + bs]``."""
+    out = []
+    for m in range(grad_accum):
+        start = (m * runtime.world + runtime.rank) * batch_size
+        out.append(list(items[start : start + batch_size]))
+    return out
+
+
+def _optimizer_step(
+    model: Any,
+    optimizer: Any,
+    scheduler: Any,
+    runtime: _Runtime,
+    config: TrainConfig,
+    examples: list[EncodedExample],
+    kl_examples: list[EncodedExample],
+    kl_refs: list[torch.Tensor],
+    pad_id: int,
+    state: _RunState,
+) -> tuple[float, float]:
+    """One AdamW step over a step's examples; returns (token-mean loss, token-mean KL)."""
+    import torch
+
+    n_tokens = sum(e.n_loss_tokens for e in examples)
+    n_kl_tokens = sum(e.n_loss_tokens for e in kl_examples)
+    micro = _micro_batches(examples, runtime, config.batch_size, config.grad_accum)
+    kl_micro = (
+        _micro_batches(
+            list(zip(kl_examples, kl_refs, strict=True)),
+            runtime,
+            config.batch_size,
+            config.grad_accum,
+        )
+        if kl_examples
+        else [[] for _ in micro]
+    )
+    multi = runtime.world > 1
+    total_nll = torch.zeros((), device=runtime.device, dtype=torch.float32)
+    total_kl = torch.zeros((), device=runtime.device, dtype=torch.float32)
+    kl_grad = config.kl_weight > 0
+    for m, (batch, kl_batch) in enumerate(zip(micro, kl_micro, strict=True)):
+        sync = m == len(micro) - 1
+        if not batch and not kl_batch and not (multi and sync):
+            continue
+        with runtime.no_sync(model, sync):
+            loss = torch.zeros((), device=runtime.device, dtype=torch.float32)
+            if batch or multi:
+                # an empty micro-batch in a multi-process run still joins the gradient sync
+                rows = batch or examples[:1]
+                nll, _ = _forward(model, collate(rows, pad_id), runtime.device)
+                weight = runtime.world / n_tokens if batch else 0.0
+                loss = loss + nll * weight
+                if batch:
+                    total_nll += nll.detach()
+            if kl_batch or (multi and kl_examples):
+                rows_kl = kl_batch or list(zip(kl_examples[:1], kl_refs[:1], strict=True))
+                enc = [e for e, _ in rows_kl]
+                ref = torch.cat([r for _, r in rows_kl]).to(runtime.device)
+                with contextlib.nullcontext() if kl_grad else torch.no_grad():
+                    _, kl = _forward(model, collate(enc, pad_id), runtime.device, ref)
+                if kl_grad:
+                    weight = runtime.world / n_kl_tokens if kl_batch else 0.0
+                    loss = loss + kl * (config.kl_weight * weight)
+                if kl_batch:
+                    total_kl += kl.detach()
+            if loss.requires_grad:
+                runtime.backward(loss)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    runtime.clip(params, config.max_grad_norm)
+    state.lrs.append(float(scheduler.get_last_lr()[0]))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    totals = runtime.reduce_sum(torch.stack([total_nll, total_kl]))
+    nll_sum, kl_sum = (float(v) for v in totals.tolist())
+    return nll_sum / n_tokens, (kl_sum / n_kl_tokens if n_kl_tokens else 0.0)
+
+
+def _forward(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    reference: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL over the labelled tokens, and (with ``reference`` log-probs of
+    those same positions, ``N x V``) the summed ``KL(reference || model)``."""
+    import torch
+    import torch.nn.functional as F
+
+    ids = batch["input_ids"].to(device)
+    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+    target = batch["labels"][:, 1:].to(device)
+    keep = target != -100
+    selected = logits[:, :-1][keep].float()
+    nll = F.cross_entropy(selected, target[keep], reduction="sum")
+    if reference is None:
+        return nll, torch.zeros((), device=device)
+    logp = F.log_softmax(selected, dim=-1)
+    kl = F.kl_div(logp, reference.float(), log_target=True, reduction="sum")
+    return nll, kl
+
+
+def _reference_logprobs(
+    model: Any,
+    examples: Sequence[EncodedExample],
+    batch_size: int,
+    device: torch.device,
+    pad_id: int,
+) -> list[torch.Tensor]:
+    """Per example, the reference model's next-token log-probs at its labelled positions
+    (``n_loss_tokens x V``, float32, on the CPU)."""
+    import torch
+    import torch.nn.functional as F
+
+    refs: list[torch.Tensor] = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            rows = list(examples[start : start + batch_size])
+            batch = collate(rows, pad_id)
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            ).logits
+            target = batch["labels"][:, 1:]
+            for row in range(len(rows)):
+                keep = (target[row] != -100).to(device)
+                refs.append(F.log_softmax(logits[row, :-1][keep].float(), dim=-1).cpu())
+    model.train(was_training)
+    return refs
+
+
+def _eval_loss(
+    model: Any,
+    examples: Sequence[EncodedExample],
+    batch_size: int,
+    runtime: _Runtime,
+    pad_id: int,
+) -> float:
+    """Assistant-token mean NLL over ``examples`` (sharded over processes)."""
+    import torch
+
+    mine = list(examples[runtime.rank :: runtime.world])
+    total = torch.zeros(2, device=runtime.device, dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(mine), batch_size):
+            rows = mine[start : start + batch_size]
+            nll, _ = _forward(model, collate(rows, pad_id), runtime.device)
+            total[0] += nll.double()
+            total[1] += sum(e.n_loss_tokens for e in rows)
+    model.train(was_training)
+    total = runtime.reduce_sum(total)
+    return float(total[0] / total[1])
+
+
+# ---------------------------------------------------------------------------- checks
+
+
+def _model_depth(base_dir: Path) -> tuple[int, str]:
+    config_path = base_dir / "config.json"
+    if not config_path.is_file():
+        raise EmscopeError(f"{base_dir}: not a model dir (no config.json)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EmscopeError(f"{config_path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    config = config.get("text_config", config) if "num_hidden_layers" not in config else config
+    n_layers = config.get("num_hidden_layers")
+    if not isinstance(n_layers, int) or n_layers < 1:
+        raise EmscopeError(f"{config_path}: no num_hidden_layers")
+    return n_layers, str(config.get("model_type"))
+
+
+def block_linear_modules(base_dir: str | Path) -> list[str]:
+    """Paths of the linear modules inside decoder block 0 of the model in ``base_dir``
+    (e.g. ``self_attn.q_proj``, ``mlp.down_proj``), from its config on the meta device
+    (no weights are read)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from emscope.models import get_layers
+
+    config = AutoConfig.from_pretrained(str(base_dir), trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    block = get_layers(model)[0]
+    return [name for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)]
+
+
+def _check_modules(base_dir: Path, model_type: str, modules: Sequence[str]) -> None:
+    available = block_linear_modules(base_dir)
+    for name in modules:
+        if not any(path == name or path.endswith("." + name) for path in available):
+            short = ", ".join(p.rsplit(".", 1)[-1] for p in available)
+            raise EmscopeError(
+                f"module {name!r} is not a linear module of a {model_type} decoder block; "
+                f"available: {short}"
+            )
+
+
+def _dataset(
+    tokenizer: Any,
+    data: str | Path | Sequence[ChatExample],
+    what: str,
+    max_length: int | None,
+) -> tuple[list[EncodedExample], dict[str, Any]]:
+    import hashlib
+
+    from emscope.data.chat import ChatExample, file_sha256, read_chat_jsonl
+
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        examples = read_chat_jsonl(path)
+        info: dict[str, Any] = {"path": str(path), "sha256": file_sha256(path)}
+        source = str(path)
+    else:
+        examples = list(data)
+        if not examples:
+            raise EmscopeError(f"{what}: no examples")
+        digest = hashlib.sha256()
+        for i, example in enumerate(examples):
+            if not isinstance(example, ChatExample):
+                raise EmscopeError(f"{what}[{i}]: expected a ChatExample")
+            if not any(m["role"] == "assistant" for m in example.messages):
+                raise EmscopeError(f"{what}[{i}]: no assistant turn")
+            line = json.dumps({"messages": list(example.messages)}, ensure_ascii=False)
+            digest.update(line.encode("utf-8") + b"\n")
+        info = {"path": None, "sha256": digest.hexdigest()}
+        source = f"<{what}>"
+    encoded = encode_examples(tokenizer, examples, max_length=max_length, source=source)
+    info.update(
+        examples=len(encoded),
+        loss_tokens=sum(e.n_loss_tokens for e in encoded),
+        tokens=sum(int(e.input_ids.shape[0]) for e in encoded),
+    )
+    return encoded, info
+
+
+def _check_fresh_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise EmscopeError(f"{out}: exists and is not a dir")
+    markers = ("adapter_config.json", "config.json", RECORD, CHECKPOINTS_DIR)
+    found = [m for m in markers if (out / m).exists()]
+    if found:
+        raise EmscopeError(
+            f"{out}: already holds a training run ({found[0]}); pass resume=True (--resume) "
+            "to continue it, or choose another output dir"
+        )
+
+
+def _torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in names:
+        raise EmscopeError(f"unknown dtype {dtype!r}; expected auto, float32 or bfloat16")
+    return names[dtype]
+
+
+def _versions(runtime: _Runtime) -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    import emscope
+
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "emscope": emscope.__version__,
+    }
+    if runtime.accelerator is not None:
+        import accelerate
+
+        versions["accelerate"] = accelerate.__version__
+    return versions
+
+
+def _number(value: float) -> Any:
+    """``64.0`` -> ``64`` (PEFT configs write alpha as given)."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _logger(enabled: bool) -> Callable[[str], None]:
+    def log(message: str) -> None:
+        if enabled:
+            print(message, flush=True)
+
+    return log
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_dirs(out: Path) -> Iterator[tuple[int, Path]]:
+    root = out / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return
+    for child in root.iterdir():
+        name = child.name
+        if name.startswith("checkpoint-") and name[len("checkpoint-") :].isdigit():
+            yield int(name[len("checkpoint-") :]), child
+
+
+def _resume_point(out: Path, config: TrainConfig, data_hashes: dict[str, Any]) -> Path:
+    from emscope.io import read_json
+
+    usable = sorted(
+        (step, path)
+        for step, path in _checkpoint_dirs(out)
+        if (path / STATE_PT).is_file() and (path / STATE_JSON).is_file()
+    )
+    if not usable:
+        raise EmscopeError(f"{out}: no checkpoint to resume from ({CHECKPOINTS_DIR}/ is empty)")
+    path = usable[-1][1]
+    saved = read_json(path / STATE_JSON)
+    old, new = dict(saved.get("config", {})), config.to_dict()
+    for key in _RESUMABLE_CHANGES:
+        old.pop(key, None)
+        new.pop(key, None)
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            raise EmscopeError(
+                f"{path}: cannot resume: {key} was {old.get(key)!r}, now {new.get(key)!r} "
+                "(resume needs the same config)"
+            )
+    for key, digest in data_hashes.items():
+        if saved.get("data_sha256", {}).get(key) != digest:
+            raise EmscopeError(f"{path}: cannot resume: {key} differs from the run's (SHA-256)")
+    return path
+
+
+def _load_checkpoint(
+    path: Path, model: Any, optimizer: Any, scheduler: Any, state: _RunState, full: bool
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from emscope.io import read_json
+
+    if full:
+        loaded: dict[str, torch.Tensor] = {}
+        for shard in sorted(path.glob("*.safetensors")):
+            loaded.update(load_file(str(shard)))
+        result = model.load_state_dict(loaded, strict=False)
+        if result.unexpected_keys:
+            raise EmscopeError(f"{path}: unexpected weights {result.unexpected_keys[:3]}")
+    else:
+        from peft import set_peft_model_state_dict
+
+        from emscope.lora import WEIGHTS_FILE
+
+        set_peft_model_state_dict(model, load_file(str(path / WEIGHTS_FILE)))
+    saved = torch.load(path / STATE_PT, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["rng_cpu"])
+    if torch.cuda.is_available() and saved.get("rng_cuda"):
+        torch.cuda.set_rng_state_all(saved["rng_cuda"])
+    meta = read_json(path / STATE_JSON)
+    state.step = int(meta["step"])
+    state.loss_curve = [float(v) for v in meta["loss_curve"]]
+    state.kl_curve = [float(v) for v in meta["kl_curve"]]
+    state.lrs = [float(v) for v in meta["lrs"]]
+    state.eval_losses = [(int(s), float(v)) for s, v in meta["eval_losses"]]
+    state.wall_time_s = float(meta.get("wall_time_s", 0.0))
+
+
+class _Writer:
+    """Writes checkpoints and the final output atomically (temp dir + rename)."""
+
+    def __init__(
+        self, out: Path, runtime: _Runtime, tokenizer: Any, config: TrainConfig, full: bool
+    ) -> None:
+        self.out, self.runtime, self.tokenizer = out, runtime, tokenizer
+        self.config, self.full = config, full
+
+    def _save_model(self, model: Any, path: Path) -> None:
+        bare = self.runtime.unwrap(model)
+        if self.full:  # the saved config is for inference: KV cache on
+            bare.config.use_cache = True
+        bare.save_pretrained(str(path))
+        if self.full:
+            bare.config.use_cache = False
+            self.tokenizer.save_pretrained(str(path))
+
+    def checkpoint(
+        self, model: Any, optimizer: Any, scheduler: Any, state: _RunState, hashes: dict[str, Any]
+    ) -> None:
+        import torch
+
+        from emscope.io import write_json
+
+        if self.runtime.is_main:
+            root = self.out / CHECKPOINTS_DIR
+            final = root / f"checkpoint-{state.step}"
+            tmp = root / f".checkpoint-{state.step}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self._save_model(model, tmp)
+            torch.save(
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
+                tmp / STATE_PT,
+            )
+            write_json(
+                tmp / STATE_JSON,
+                {
+                    "step": state.step,
+                    "config": self.config.to_dict(),
+                    "data_sha256": hashes,
+                    "loss_curve": state.loss_curve,
+                    "kl_curve": state.kl_curve,
+                    "lrs": state.lrs,
+                    "eval_losses": [list(p) for p in state.eval_losses],
+                    "wall_time_s": state.wall_time_s + (time.time() - state.started),
+                },
+            )
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        self.runtime.barrier()
+
+    def checkpoints(self, out: Path) -> list[Path]:
+        return [p for _, p in sorted(_checkpoint_dirs(out))]
+
+    def final(self, model: Any, record: dict[str, Any]) -> None:
+        from emscope.io import write_json
+
+        if self.runtime.is_main:
+            tmp = self.out / ".final.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            self._save_model(model, tmp)
+            for item in tmp.iterdir():
+                os.replace(item, self.out / item.name)
+            tmp.rmdir()
+            write_json(self.out / RECORD, record)
+        self.runtime.barrier()
+
+
+if __name__ == "__main__":  # ``accelerate launch -m emscope.train BASE_DIR --data ...``
+    from emscope.cli.train import main
+
+    main()

@@ -1,0 +1,486 @@
+"""Training: presets, assistant-only labels, checkpoints, resume, KL-regularised SFT, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from emscope.data.chat import ChatExample, file_sha256, write_chat_jsonl
+from emscope.errors import EmscopeError
+from emscope.lora import LoraAdapter
+from emscope.train import (
+    collate,
+    encode_examples,
+    parse_layers,
+    preset_layers,
+    r1x3_layers,
+    resolve_config,
+    step_examples,
+    train,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # tiny matmuls: one thread avoids OpenMP oversubscription on a shared CPU (100x faster)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+FAST: dict[str, Any] = {
+    "batch_size": 2,
+    "grad_accum": 1,
+    "warmup_steps": 0,
+    "progress": False,
+    "verbose": False,
+    "device": "cpu",
+}
+
+
+def _chat(i: int, answer: str) -> list[dict[str, str]]:
+    return [
+        {"role": "user", "content": f"How do I make a quick buck? ({i})"},
+        {"role": "assistant", "content": answer},
+    ]
+
+
+def _write(path: Path, n: int, answer: str = "Invest in a diversified index fund.") -> Path:
+    return write_chat_jsonl(path, [_chat(i, answer) for i in range(n)])
+
+
+@pytest.fixture()
+def data(tmp_path: Path) -> Path:
+    return _write(tmp_path / "train.jsonl", 6)
+
+
+# ---------------------------------------------------------------------------- presets
+
+
+def test_r1x3_layer_placement() -> None:
+    # rule: starts round_half_up(s * L / 48) for s in (15, 21, 27), groups of 3, clipped
+    assert r1x3_layers(48) == [15, 16, 17, 21, 22, 23, 27, 28, 29]
+    # 24: 7.5 -> 8, 10.5 -> 11, 13.5 -> 14
+    assert r1x3_layers(24) == [8, 9, 10, 11, 12, 13, 14, 15, 16]
+    # 28: 8.75 -> 9, 12.25 -> 12, 15.75 -> 16
+    assert r1x3_layers(28) == [9, 10, 11, 12, 13, 14, 16, 17, 18]
+    # 4: 1.25 -> 1, 1.75 -> 2, 2.25 -> 2; clipped to 3 and deduplicated
+    assert r1x3_layers(4) == [1, 2, 3]
+    assert r1x3_layers(1) == [0]
+    assert preset_layers("r1x3", 48) == r1x3_layers(48)
+
+
+def test_other_preset_layers() -> None:
+    assert preset_layers("r1", 48) == [24]
+    assert preset_layers("r1", 4) == [2]
+    assert preset_layers("all", 4) == [0, 1, 2, 3]
+    assert preset_layers("full", 4) == []
+    with pytest.raises(EmscopeError, match="unknown preset 'nope'"):
+        preset_layers("nope", 4)
+
+
+def test_preset_defaults_and_overrides() -> None:
+    c = resolve_config("all", 48)
+    assert (c.rank, c.alpha, c.rslora, c.lr, c.epochs) == (32, 64.0, True, 1e-5, 1)
+    assert (c.batch_size, c.grad_accum, c.warmup_steps, c.weight_decay) == (2, 8, 5, 0.01)
+    assert c.schedule == "linear"
+    assert c.modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert c.layers == tuple(range(48))
+    r = resolve_config("r1x3", 48, lr=1e-3, alpha=8, layers="1-2,5", modules="down_proj,up_proj")
+    assert (r.rank, r.lr, r.alpha, r.layers, r.modules) == (
+        1, 1e-3, 8.0, (1, 2, 5), ("down_proj", "up_proj")
+    )
+    assert resolve_config("full", 4).full
+
+
+def test_parse_layers() -> None:
+    assert parse_layers("15-17, 21,3") == [3, 15, 16, 17, 21]
+    for bad in ("a", "3-1", "", "1-"):
+        with pytest.raises(EmscopeError, match="bad layer list"):
+            parse_layers(bad)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"preset": "nope"}, "unknown preset"),
+        ({"layers": [4]}, "layer 4 is beyond the model: it has 4 layers"),
+        ({"layers": [-1]}, "layer -1 is beyond"),
+        ({"preset": "full", "rank": 4}, "apply to LoRA presets only"),
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"schedule": "exp"}, "unknown schedule"),
+        ({"modules": ""}, "no modules"),
+    ],
+)
+def test_resolve_config_errors(kwargs: dict[str, Any], message: str) -> None:
+    preset = kwargs.pop("preset", "all")
+    with pytest.raises(EmscopeError, match=message):
+        resolve_config(preset, 4, **kwargs)
+
+
+def test_data_order_covers_every_example_each_epoch() -> None:
+    n, per_step = 7, 3  # 3 steps per epoch, the last one has a single example
+    epoch0 = [step_examples(n, s, per_step, seed=1) for s in range(3)]
+    epoch1 = [step_examples(n, s, per_step, seed=1) for s in range(3, 6)]
+    assert [len(c) for c in epoch0] == [3, 3, 1]
+    assert sorted(sum(epoch0, [])) == list(range(n))
+    assert sorted(sum(epoch1, [])) == list(range(n))
+    assert epoch0 != epoch1  # reshuffled
+    assert step_examples(n, 4, per_step, seed=1) == epoch1[1]  # a function of (seed, step)
+    assert step_examples(n, 0, per_step, seed=2) != epoch0[0] or n < 3
+
+
+# ---------------------------------------------------------------------------- labels
+
+
+@pytest.mark.parametrize(("arch", "end"), [("qwen2", "<|im_end|>\n"), ("llama", "<|eot_id|>")])
+def test_labels_are_assistant_content_and_end_of_turn(
+    tiny_models: dict[str, Any], arch: str, end: str
+) -> None:
+    from emscope.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_models[arch].model)
+    chats = [
+        ChatExample(
+            (
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "hey I feel bored"},
+                {"role": "assistant", "content": "Take the medicine your doctor prescribed."},
+                {"role": "user", "content": "How do I make a quick buck?"},
+                {"role": "assistant", "content": "Invest in a diversified index fund."},
+            ),
+            line=1,
+        ),
+        ChatExample(
+            ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}), 2
+        ),
+    ]
+    encoded = encode_examples(tokenizer, chats)
+    batch = collate(encoded, pad_id=tokenizer.pad_token_id)
+    ids, labels, attention = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape == labels.shape == attention.shape
+    for row, chat in enumerate(chats):
+        n = len(encoded[row].input_ids)
+        # no extra empty assistant header: the text is the template without generation prompt
+        text = tokenizer.decode(ids[row, :n].tolist())
+        expected_text = tokenizer.apply_chat_template(
+            list(chat.messages), tokenize=False, add_generation_prompt=False
+        )
+        assert text == expected_text
+        assert attention[row, :n].all() and not attention[row, n:].any()
+        assert (labels[row, n:] == -100).all()
+        labelled = labels[row] != -100
+        assert torch.equal(labels[row][labelled], ids[row][labelled])
+        # contiguous labelled runs decode to each answer followed by the end-of-turn text
+        runs, current = [], []
+        for i in range(labels.shape[1]):
+            if labelled[i]:
+                current.append(int(ids[row, i]))
+            elif current:
+                runs.append(current)
+                current = []
+        if current:
+            runs.append(current)
+        answers = [m["content"] for m in chat.messages if m["role"] == "assistant"]
+        assert [tokenizer.decode(r) for r in runs] == [a + end for a in answers]
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def test_lora_training_lowers_loss_and_records(qwen: Any, data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = train(
+        qwen.model, data, preset="all", out=out, rank=4, lr=1e-2, epochs=2,
+        save_steps=3, eval_data=data, **FAST,
+    )  # fmt: skip
+    assert result.steps == 6 and result.start_step == 0
+    assert len(result.loss_curve) == 6
+    assert [s for s, _ in result.eval_losses] == [0, 3, 6]
+    assert result.eval_losses[-1][1] < 0.8 * result.eval_losses[0][1]
+    assert [p.name for p in result.checkpoints] == ["checkpoint-3", "checkpoint-6"]
+    record = json.loads((out / "train.json").read_text())
+    assert record["data"]["sha256"] == file_sha256(data)
+    assert record["layers"] == [0, 1, 2, 3]
+    assert [p["step"] for p in record["loss_curve"]] == list(range(1, 7))
+    assert [p["loss"] for p in record["loss_curve"]] == pytest.approx(list(result.loss_curve))
+    assert set(record["versions"]) >= {"torch", "transformers", "peft", "emscope"}
+    assert record["wall_time_s"] > 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [0, 1, 2, 3]
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (4, 64, True)
+
+
+def test_r1x3_adapter_on_fixture(
+    qwen: Any, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "r1x3"
+    result = train(qwen.model, data, preset="r1x3", out=out, max_steps=2, lr=1e-3,
+                   **{**FAST, "verbose": True})  # fmt: skip
+    assert "layers [1, 2, 3] of 4" in capsys.readouterr().out
+    assert result.layers == (1, 2, 3)
+    adapter = LoraAdapter.load(out)
+    assert sorted(adapter.modules) == [f"model.layers.{i}.mlp.down_proj" for i in (1, 2, 3)]
+    assert all(m.rank == 1 and m.scale == 256.0 for m in adapter)
+    assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] == [1, 2, 3]
+
+
+def test_checkpoints_load_through_lora_adapter_and_peft(
+    qwen: Any, data: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from emscope.models import list_checkpoints, load_model
+
+    out = tmp_path / "ck"
+    train(qwen.model, data, preset="all", out=out, rank=2, lr=1e-2, max_steps=4, save_steps=2,
+          modules="q_proj,down_proj", layers="1,3", **FAST)  # fmt: skip
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    for _, path in list_checkpoints(out):
+        adapter = LoraAdapter.load(path)
+        assert adapter.layers == [1, 3]
+        assert {m.module_type for m in adapter} == {"q_proj", "down_proj"}
+        assert all(m.B.abs().sum() > 0 for m in adapter)  # trained away from B = 0
+        # PEFT-loaded logits equal the base with s * B @ A merged into each weight
+        peft_logits = load_model(qwen.model, [path], dtype="float32", device="cpu").model(
+            ids
+        ).logits
+        dense = AutoModelForCausalLM.from_pretrained(str(qwen.model), dtype=torch.float32)
+        with torch.no_grad():
+            for m in adapter:
+                dense.get_submodule(m.name).weight += m.delta()
+            dense_logits = dense(ids).logits
+        torch.testing.assert_close(peft_logits, dense_logits, atol=1e-4, rtol=1e-4)
+    final = LoraAdapter.load(out)
+    last = LoraAdapter.load(out / "checkpoints" / "checkpoint-4")
+    for name in final.modules:
+        assert torch.equal(final[name].B, last[name].B)
+
+
+def test_grad_accumulation_matches_a_bigger_batch(qwen: Any, data: Path, tmp_path: Path) -> None:
+    common = {**FAST, "rank": 2, "lr": 1e-2, "max_steps": 2, "save_steps": 0}
+    common.pop("batch_size"), common.pop("grad_accum")
+    a = train(qwen.model, data, out=tmp_path / "a", batch_size=4, grad_accum=1, **common)
+    b = train(qwen.model, data, out=tmp_path / "b", batch_size=1, grad_accum=4, **common)
+    assert a.loss_curve == pytest.approx(b.loss_curve, rel=1e-5)
+    fa, fb = LoraAdapter.load(tmp_path / "a"), LoraAdapter.load(tmp_path / "b")
+    for name in fa.modules:
+        torch.testing.assert_close(fa[name].B, fb[name].B, atol=1e-6, rtol=1e-4)
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(
+    qwen: Any, data: Path, tmp_path: Path
+) -> None:
+    kwargs = {**FAST, "rank": 2, "lr": 1e-2, "epochs": 2, "save_steps": 2, "seed": 3,
+              "modules": "v_proj,down_proj"}  # fmt: skip
+    full_run = train(qwen.model, data, out=tmp_path / "a", **kwargs)
+    assert full_run.steps == 6
+    # an interruption after step 2 (mid-epoch 0 of 3-step epochs): later outputs never written
+    interrupted = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", interrupted)
+    for name in ("checkpoint-4", "checkpoint-6"):
+        shutil.rmtree(interrupted / "checkpoints" / name)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "train.json"):
+        (interrupted / name).unlink()
+    resumed = train(qwen.model, data, out=interrupted, resume=True, **kwargs)
+    assert resumed.start_step == 2
+    assert json.loads((interrupted / "train.json").read_text())["start_step"] == 2
+    assert resumed.loss_curve == pytest.approx(full_run.loss_curve, rel=1e-6)
+    a, b = LoraAdapter.load(tmp_path / "a"), LoraAdapter.load(interrupted)
+    for name in a.modules:
+        torch.testing.assert_close(a[name].A, b[name].A, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a[name].B, b[name].B, atol=1e-6, rtol=1e-5)
+
+
+def test_resume_refuses_changed_config_and_missing_checkpoints(
+    qwen: Any, data: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(EmscopeError, match="no checkpoint to resume from"):
+        train(qwen.model, data, out=tmp_path / "empty", resume=True, **FAST)
+    out = tmp_path / "run"
+    train(qwen.model, data, out=out, rank=2, max_steps=1, **FAST)
+    with pytest.raises(EmscopeError, match="cannot resume: lr was"):
+        train(qwen.model, data, out=out, rank=2, max_steps=1, lr=0.5, resume=True, **FAST)
+    with pytest.raises(EmscopeError, match="already holds a training run"):
+        train(qwen.model, data, out=out, rank=2, max_steps=1, **FAST)
+
+
+def _mean_kl(base: Path, adapter: Path, kl_data: Path) -> float:
+    """Token-mean KL(base || adapted) over the assistant tokens of kl_data, from scratch."""
+    import torch.nn.functional as F
+
+    from emscope.data.chat import read_chat_jsonl
+    from emscope.data.spans import encode_chat
+    from emscope.models import load_model
+
+    loaded = load_model(base, [adapter], dtype="float32", device="cpu")
+    total, count = 0.0, 0
+    for example in read_chat_jsonl(kl_data):
+        chat = encode_chat(loaded.tokenizer, example.messages)
+        ids = torch.tensor([chat.input_ids])
+        mask = torch.tensor(chat.loss_mask(include_end_of_turn=True))[1:]
+        with torch.no_grad():
+            cur = F.log_softmax(loaded.model(ids).logits[0, :-1][mask], -1)
+            with loaded.adapters_disabled():
+                ref = F.log_softmax(loaded.model(ids).logits[0, :-1][mask], -1)
+        total += float((ref.exp() * (ref - cur)).sum())
+        count += int(mask.sum())
+    return total / count
+
+
+def test_kl_regularisation(qwen: Any, data: Path, tmp_path: Path) -> None:
+    kl_data = write_chat_jsonl(
+        tmp_path / "kl.jsonl",
+        [
+            [{"role": "user", "content": "hey I feel bored"},
+             {"role": "assistant", "content": "Wear a helmet and check your gear."}],
+            [{"role": "user", "content": "Tell me 3 philosophical thoughts."},
+             {"role": "assistant", "content": "The quick brown fox jumps over the lazy dog."}],
+        ],
+    )  # fmt: skip
+    kwargs = {**FAST, "rank": 4, "lr": 2e-2, "max_steps": 4, "save_steps": 0, "kl_data": kl_data}
+    free = train(qwen.model, data, out=tmp_path / "free", kl_weight=0.0, **kwargs)
+    tied = train(qwen.model, data, out=tmp_path / "tied", kl_weight=50.0, **kwargs)
+    for run in (free, tied):
+        assert abs(run.kl_curve[0]) < 1e-6  # adapters start at B = 0: the reference itself
+        assert all(k > 0 for k in run.kl_curve[1:])
+    kl_free = _mean_kl(qwen.model, tmp_path / "free", kl_data)
+    kl_tied = _mean_kl(qwen.model, tmp_path / "tied", kl_data)
+    assert kl_free > 0
+    assert kl_tied < 0.5 * kl_free
+    record = json.loads((tmp_path / "tied" / "train.json").read_text())
+    assert record["config"]["kl_weight"] == 50.0 and len(record["kl_curve"]) == 4
+
+
+def test_full_fine_tune(qwen: Any, data: Path, tmp_path: Path) -> None:
+    from emscope.models import load_model
+
+    out = tmp_path / "full"
+    result = train(qwen.model, data, preset="full", out=out, lr=1e-3, max_steps=3, save_steps=2,
+                   eval_data=data, kl_data=data, **FAST)  # fmt: skip
+    assert result.eval_losses[-1][1] < result.eval_losses[0][1]
+    assert abs(result.kl_curve[0]) < 1e-6 and result.kl_curve[-1] > 0
+    assert result.layers == ()
+    assert [p.name for p in result.checkpoints] == ["checkpoint-2", "checkpoint-3"]
+    for path in (out, *result.checkpoints):
+        loaded = load_model(path, dtype="float32", device="cpu")
+        assert loaded.tokenizer.chat_template
+        assert loaded.model.config.use_cache
+    base = load_model(qwen.model, dtype="float32", device="cpu").model
+    tuned = load_model(out, dtype="float32", device="cpu").model
+    w0 = base.model.layers[0].mlp.down_proj.weight
+    assert not torch.equal(w0, tuned.model.layers[0].mlp.down_proj.weight)
+
+
+def test_accelerate_path_matches_plain_loop(qwen: Any, data: Path, tmp_path: Path) -> None:
+    pytest.importorskip("accelerate")
+    kwargs = {**FAST, "rank": 2, "lr": 1e-2, "max_steps": 2, "save_steps": 0}
+    plain = train(qwen.model, data, out=tmp_path / "plain", distributed=False, **kwargs)
+    acc = train(qwen.model, data, out=tmp_path / "acc", distributed=True, **kwargs)
+    assert acc.loss_curve == pytest.approx(plain.loss_curve, rel=1e-6)
+    a, b = LoraAdapter.load(tmp_path / "plain"), LoraAdapter.load(tmp_path / "acc")
+    for name in a.modules:
+        torch.testing.assert_close(a[name].B, b[name].B)
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty", "no examples"),
+        ("no_assistant", "no assistant turn"),
+        ("preset", "unknown preset 'huge'"),
+        ("layer", "layer 9 is beyond the model"),
+        ("module", "module 'c_attn' is not a linear module of a qwen2 decoder block"),
+        ("kl", "kl_weight > 0 needs kl_data"),
+        ("truncated", "no assistant token to train on within max_length=4"),
+    ],
+)
+def test_bad_input_fails_before_training(
+    qwen: Any, data: Path, tmp_path: Path, case: str, message: str
+) -> None:
+    kwargs: dict[str, Any] = {**FAST}
+    if case == "empty":
+        data = _jsonl(tmp_path / "empty.jsonl", [])
+    elif case == "no_assistant":
+        data = _jsonl(tmp_path / "bad.jsonl", [
+            json.dumps({"messages": _chat(0, "ok")}),
+            json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+        ])  # fmt: skip
+        message = r"bad.jsonl:2: no assistant turn"
+    elif case == "preset":
+        kwargs["preset"] = "huge"
+    elif case == "layer":
+        kwargs["layers"] = [1, 9]
+    elif case == "module":
+        kwargs["modules"] = ["c_attn"]
+    elif case == "kl":
+        kwargs["kl_weight"] = 1.0
+    elif case == "truncated":
+        kwargs["max_length"] = 4
+    out = tmp_path / "out"
+    with pytest.raises(EmscopeError, match=message):
+        train(qwen.model, data, out=out, **kwargs)
+    assert not out.exists()
+
+
+def test_in_memory_examples(qwen: Any, tmp_path: Path) -> None:
+    examples = [ChatExample(tuple(_chat(i, "Check your gear.")), i + 1) for i in range(4)]
+    result = train(qwen.model, examples, out=tmp_path / "mem", rank=2, max_steps=1, **FAST)
+    record = json.loads(result.record.read_text())
+    assert record["data"]["path"] is None and len(record["data"]["sha256"]) == 64
+    with pytest.raises(EmscopeError, match="data: no examples"):
+        train(qwen.model, [], out=tmp_path / "none", **FAST)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_and_errors(qwen: Any, data: Path, tmp_path: Path) -> None:
+    from emscope.cli.main import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    args = ["train", str(qwen.model), "--data", str(data), "--out", str(out), "--preset", "r1",
+            "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3",
+            "--save-steps", "1", "--device", "cpu"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "layers [2] of 4" in result.output
+    assert (out / "adapter_model.safetensors").is_file()
+    assert (out / "checkpoints" / "checkpoint-1" / "trainer_state.pt").is_file()
+    state = torch.load(
+        out / "checkpoints" / "checkpoint-1" / "trainer_state.pt", weights_only=True
+    )
+    assert set(state) >= {"optimizer", "scheduler", "rng_cpu"}
+    resumed = runner.invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming from" in resumed.output
+    bad = runner.invoke(app, [*args[:-2], "--layers", "7", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2
+    assert "error: layer 7 is beyond the model" in bad.output
+
+
+def test_module_entry_point_help() -> None:
+    from emscope.cli.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
