@@ -186,9 +186,9 @@ def test_non_retryable_400_and_fatal_401() -> None:
     with LoopbackServer(lambda b: (400, {}, {"error": {"message": "bad"}})) as server:
         assert quick_judge(server).score(rows_of("a"), "aligned")[0].unscored_reason == "error"
         assert server.requests == 1
-    with LoopbackServer(lambda b: (401, {}, {"error": {"message": "key"}})) as server:
-        with pytest.raises(EmscopeError, match="401") as info:
-            quick_judge(server).score(rows_of("a", "b"), "aligned")
+    fatal = LoopbackServer(lambda b: (401, {}, {"error": {"message": "key"}}))
+    with fatal as server, pytest.raises(EmscopeError, match="401") as info:
+        quick_judge(server).score(rows_of("a", "b"), "aligned")
     assert KEY not in str(info.value)
 
 
