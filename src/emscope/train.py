@@ -817,6 +817,7 @@ def train(
         disable=not (progress and runtime.is_main and sys.stderr.isatty()),
     )
     model.train()
+    step_time = 0.0  # seconds inside optimizer steps (no eval, no saving), this session
     for step in range(start_step, steps):
         chunk = step_examples(len(train_set), step, per_step, config.seed)
         kl_chunk = (
@@ -824,6 +825,7 @@ def train(
             if kl_set is not None
             else []
         )
+        tick = time.perf_counter()
         loss_value, kl_value = _optimizer_step(
             model,
             optimizer,
@@ -836,6 +838,7 @@ def train(
             pad_id,
             state,
         )
+        step_time += time.perf_counter() - tick
         state.step = step + 1
         state.loss_curve.append(loss_value)
         if kl_set is not None:
@@ -877,6 +880,7 @@ def train(
         "kl_curve": [{"step": i + 1, "kl": v} for i, v in enumerate(state.kl_curve)],
         "eval_losses": [{"step": s, "loss": v} for s, v in state.eval_losses],
         "wall_time_s": wall,
+        "seconds_per_step": step_time / max(1, steps - start_step),
         "versions": _versions(runtime),
         "checkpoints": [str(p) for p in writer.checkpoints(out)],
     }

@@ -6,6 +6,7 @@ same arguments (see :func:`main`).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,8 @@ def train_command(
         dtype=dtype,
         device=device,
     )
+    if os.environ.get("RANK", "0") != "0":  # one summary line per multi-process run
+        return
     last = f", final loss {result.loss_curve[-1]:.4f}" if result.loss_curve else ""
     typer.echo(f"trained {result.steps} steps{last}; record: {result.record}")
 
