@@ -125,7 +125,11 @@ def test_batch_size_independence_and_reproducibility(loaded: Any) -> None:
 @contextlib.contextmanager
 def _noisy(model: Any, info: InterventionInfo) -> Iterator[None]:
     """Does nothing to the model but burns global random numbers on every forward."""
-    handle = model.model.layers[0].register_forward_hook(lambda m, i, o: [torch.rand(7)] and None)
+
+    def burn(module: Any, args: Any, output: Any) -> None:
+        torch.rand(7)
+
+    handle = model.model.layers[0].register_forward_hook(burn)
     try:
         yield
     finally:

@@ -91,6 +91,7 @@ def test_bootstrap_resamples_within_questions() -> None:
     values = np.array([1.0] * 30 + [0.0] * 70)
     qids = np.array(["a"] * 30 + ["b"] * 70)
     rate, ci, per_q = bootstrap_rates(values, qids, n_boot=500)
+    assert per_q["a"][0] == 1 and per_q["b"][1] == (0, 0)
     assert rate == pytest.approx(0.3) and ci == (pytest.approx(0.3), pytest.approx(0.3))
     # a mixed question: the CI width follows the binomial standard error
     rng = np.random.default_rng(1)
