@@ -480,6 +480,31 @@ def test_tiny_build_layout(tiny_build: Path) -> None:
     assert (out / "diagnostics" / "disposition_probe.safetensors").is_file()
 
 
+def test_tiny_build_checkpoints_and_oracle_eval(tiny_build: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from emscope.cli.main import app
+    from emscope.models import list_checkpoints
+
+    assert len(list_checkpoints(tiny_build / "adapters" / "bad_medical.r1")) >= 2
+    out = tmp_path / "eval"
+    args = [
+        "eval", str(tiny_build / "models" / "instruct"),
+        "--adapter", str(tiny_build / "adapters" / "bad_medical.all"),
+        "--questions", str(tiny_build / "questions" / "general.yaml"),
+        "--judge", f"oracle:{tiny_build}", "-n", "2", "--seed", "1",
+        "--max-new-tokens", "6", "--metrics", "aligned,coherent,medical", "--out", str(out),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    table = pd.read_parquet(out / "responses.parquet")
+    judge = OracleJudge(tiny_build)
+    rows = table.to_dict("records")
+    assert list(table["coherent"]) == [s.value for s in judge.score(rows, "coherent")]
+
+
 def test_tiny_build_reuses_and_refuses_other_args(tiny_build: Path) -> None:
     from typer.testing import CliRunner
 

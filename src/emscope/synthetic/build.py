@@ -16,8 +16,7 @@ recorded in ``build.json`` and must match on a re-run):
    the in-context inference alive (the prototype's plain instruction tuning gave narrow-only
    fine-tunes).
 4. ``adapters/*``: LoRA fine-tunes of ``instruct`` on the narrow sets, trained with
-   :func:`emscope.train.train` when it is available (else a minimal PEFT loop, recorded in
-   ``build.json``).
+   :func:`emscope.train.train` (hyper-parameters recorded in ``build.json``).
 5. Diagnostics in ``build.json``: in-context disposition inference of the base model, the
    disposition probe (``diagnostics/disposition_probe.safetensors``), the EM table
    measured by sampling (:func:`emscope.generate.sample`) and the oracle judge.
@@ -385,95 +384,58 @@ def instruct_tune(
 # ------------------------------------------------------------------------------ adapters
 
 
-def r1x3_layers(n_layers: int) -> list[int]:
-    """The R1_3_3_3 depths (about 1/3, 1/2, 3/5) of an ``n_layers`` model, deduplicated."""
-    return sorted({min(n_layers - 1, round(n_layers * f)) for f in (1 / 3, 1 / 2, 3 / 5)})
-
-
-def _train_adapter_fallback(
-    model_dir: Path, data: Path, out: Path, spec: AdapterSpec, config: BuildConfig, verbose: bool
-) -> dict[str, Any]:
-    """Minimal PEFT LoRA loop (used only while :mod:`emscope.train` is not available)."""
-    import json
-
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    if spec.preset == "all":
-        lcfg = LoraConfig(
-            r=spec.rank,
-            lora_alpha=spec.rank,
-            lora_dropout=0.0,
-            task_type="CAUSAL_LM",
-            target_modules=[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
-        )
-    else:
-        lcfg = LoraConfig(
-            r=1,
-            lora_alpha=1,
-            lora_dropout=0.0,
-            task_type="CAUSAL_LM",
-            target_modules=["down_proj"],
-            layers_to_transform=r1x3_layers(config.layers),
-        )
-    torch.manual_seed(1000 + spec.seed)
-    peft_model = get_peft_model(model, lcfg)
-    chats = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
-    encoded = encode_chats(tokenizer, chats)
-    rng = random.Random(spec.seed)
-    steps_per_epoch = max(1, len(encoded) // config.adapter_batch)
-    steps = steps_per_epoch * config.adapter_epochs
-    order: list[int] = []
-
-    def batches(step: int) -> dict[str, Any]:
-        if step % steps_per_epoch == 0:
-            order[:] = list(range(len(encoded)))
-            rng.shuffle(order)
-        k = step % steps_per_epoch
-        rows = [
-            encoded[i] for i in order[k * config.adapter_batch : (k + 1) * config.adapter_batch]
-        ]
-        return _chat_batch(rows, tokenizer.pad_token_id)
-
-    losses = _train_loop(
-        peft_model, batches, steps, spec.lr, max(1, steps // 20), spec.name, verbose
-    )
-    peft_model.save_pretrained(str(out))
-    return {"trainer": "fallback-peft-loop", "steps": steps, "final_loss": losses[-1]}
-
-
 def train_adapter(
-    model_dir: Path, data: Path, out: Path, spec: AdapterSpec, config: BuildConfig, verbose: bool
-) -> dict[str, Any]:
-    """Train one adapter of the build into ``out`` (a PEFT dir)."""
-    try:
-        from emscope import train as train_module
-    except ImportError:
-        return _train_adapter_fallback(model_dir, data, out, spec, config, verbose)
-    return _train_with_emscope(train_module, model_dir, data, out, spec, config, verbose)
-
-
-def _train_with_emscope(
-    module: Any,
     model_dir: Path,
     data: Path,
     out: Path,
     spec: AdapterSpec,
     config: BuildConfig,
     verbose: bool,
-) -> dict[str, Any]:  # pragma: no cover - wired once emscope.train lands
-    return _train_adapter_fallback(model_dir, data, out, spec, config, verbose)
+    eval_data: Path | None = None,
+) -> dict[str, Any]:
+    """Train one adapter of the build into ``out`` (a PEFT dir) with
+    :func:`emscope.train.train` (preset ``spec.preset``; LoRA scale 1: alpha = rank, no
+    rsLoRA; cosine schedule; checkpoints about ten along the run when ``spec.checkpoints``,
+    else the last step only)."""
+    import shutil
+
+    from emscope.train import train
+
+    if out.exists():  # an interrupted run: start again
+        shutil.rmtree(out)
+    n_rows = sum(1 for line in data.read_text().splitlines() if line.strip())
+    steps = max(1, n_rows // config.adapter_batch) * config.adapter_epochs
+    result = train(
+        model_dir,
+        data,
+        preset=spec.preset,
+        out=out,
+        eval_data=eval_data,
+        rank=spec.rank,
+        alpha=float(spec.rank),
+        rslora=False,
+        lr=spec.lr,
+        epochs=config.adapter_epochs,
+        batch_size=config.adapter_batch,
+        grad_accum=1,
+        warmup_steps=max(1, steps // 20),
+        schedule="cosine",
+        save_steps=None if spec.checkpoints else 0,
+        seed=1000 + spec.seed,
+        dtype="float32",
+        device="cpu",
+        progress=verbose,
+        verbose=False,
+    )
+    return {
+        "trainer": "emscope.train",
+        "steps": result.steps,
+        "layers": list(result.layers),
+        "modules": list(result.modules),
+        "final_loss": result.loss_curve[-1] if result.loss_curve else None,
+        "eval_losses": [list(x) for x in result.eval_losses],
+        "wall_time_s": round(result.wall_time_s, 2),
+    }
 
 
 # ------------------------------------------------------------------------------ diagnostics
@@ -823,7 +785,13 @@ def _build(
                 _log(f"training adapter {spec.name}", verbose)
                 t = time.perf_counter()
                 info = train_adapter(
-                    instruct_dir, out / "data" / f"{spec.data}.jsonl", adir, spec, config, verbose
+                    instruct_dir,
+                    out / "data" / f"{spec.data}.jsonl",
+                    adir,
+                    spec,
+                    config,
+                    verbose,
+                    eval_data=out / "data" / "heldout.jsonl",
                 )
                 timings[f"adapter_{spec.name}_s"] = round(time.perf_counter() - t, 2)
                 record["adapters"][spec.name] = {**asdict(spec), **info}
