@@ -261,3 +261,33 @@ def test_sample_to_dir_resumes_after_interruption(loaded: Any, tmp_path: Path) -
     assert run["system_prompts_applied"] is True and run["versions"]["torch"]
     with pytest.raises(EmscopeError, match="seed"):
         sample_to_dir(loaded, QUESTIONS, out, 3, **{**kw, "seed": 4})
+
+
+# ---------------------------------------------------------------------------- vLLM backend
+
+
+def test_vllm_lora_requests_and_refusals(tiny_models: Any, tmp_path: Path) -> None:
+    import importlib.util
+    import shutil
+
+    from emscope.vllm_backend import lora_requests, max_lora_rank, round_rank, sample_vllm
+
+    adapters = tiny_models["qwen2"].adapters
+    copy = shutil.copytree(adapters["r4"], tmp_path / "r4")
+    specs = lora_requests([adapters["r4"], adapters["r1"], adapters["r4"], copy])
+    assert [s.int_id for s in specs] == [1, 2, 3]  # the same dir twice is one request
+    assert specs[0].name.startswith("r4-") and specs[2].name.startswith("r4-")
+    assert specs[0].content_hash == specs[2].content_hash
+    assert specs[0].name != specs[2].name  # same content, another path: its own request
+    assert [s.rank for s in specs] == [4, 1, 4]
+    assert max_lora_rank([adapters["pattern"], adapters["r1"]]) == 8
+    assert [round_rank(r) for r in (1, 8, 9, 300, 512)] == [8, 8, 16, 320, 512]
+    with pytest.raises(EmscopeError, match="exceeds"):
+        round_rank(1024)
+    with pytest.raises(EmscopeError, match="not a PEFT adapter"):
+        lora_requests([tmp_path])
+    with pytest.raises(EmscopeError, match="interventions"):
+        sample_vllm(tiny_models["qwen2"].model, QUESTIONS, 1, interventions=[_noisy])
+    if importlib.util.find_spec("vllm") is None:
+        with pytest.raises(EmscopeError, match="emscope\\[vllm\\]"):
+            sample_vllm(tiny_models["qwen2"].model, QUESTIONS, 1)

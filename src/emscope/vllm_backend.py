@@ -3,7 +3,7 @@
 Fast, unsteered sampling of a base model with LoRA adapters served per request: the base
 model is loaded once, and each adapter dir becomes one ``LoRARequest`` with a unique name
 and integer id (see :func:`lora_requests`: the name joins the dir's basename and a hash of
-its contents, so two different adapters never share a name and the same adapter always gets
+its path and contents, so two different adapters never share a name and the same adapter always gets
 the same one). ``max_lora_rank`` is the largest rank in the adapters' ``adapter_config.json``
 (``r`` and ``rank_pattern``), rounded up to a rank vLLM accepts (:data:`VLLM_RANKS`).
 
@@ -91,8 +91,9 @@ def round_rank(rank: int) -> int:
 
 
 def lora_requests(adapters: Sequence[str | Path]) -> list[LoraSpec]:
-    """Name, id and rank of each adapter dir: ``name = <basename>-<content hash>``; ids are
-    1, 2, ... in order, one per distinct (path, content); the same dir twice is one entry."""
+    """Name, id and rank of each adapter dir: ``name = <basename>-<hash of (path, content)>``;
+    ids are 1, 2, ... in order, one per distinct (path, content); the same dir twice is one
+    entry."""
     specs: list[LoraSpec] = []
     seen: dict[tuple[str, str], LoraSpec] = {}
     for raw in adapters:
@@ -101,12 +102,13 @@ def lora_requests(adapters: Sequence[str | Path]) -> list[LoraSpec]:
         key = (str(path), content)
         if key in seen:
             continue
-        spec = LoraSpec(f"{path.name}-{content}", len(seen) + 1, path, adapter_rank(path), content)
+        tag = hashlib.sha256(f"{path}\x00{content}".encode()).hexdigest()[:12]
+        spec = LoraSpec(f"{path.name}-{tag}", len(seen) + 1, path, adapter_rank(path), content)
         seen[key] = spec
         specs.append(spec)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise EmscopeError(f"two adapter dirs with the same name and contents: {names}")
+        raise EmscopeError(f"adapter request names collide: {names}")
     return specs
 
 

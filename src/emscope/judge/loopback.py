@@ -99,6 +99,7 @@ class LoopbackServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # no 40 ms delayed-ACK stalls on keep-alive
 
             def log_message(self, format: str, *args: Any) -> None:  # silence
                 return
@@ -117,10 +118,12 @@ class LoopbackServer:
                         owner.times.append(time.monotonic())
                     if owner.delay:
                         time.sleep(owner.delay)
+                    answer: Reply
                     if over or not self.path.rstrip("/").endswith("/chat/completions"):
-                        status, headers, reply = 503 if over else 404, {}, {"error": "no"}
+                        answer = (503 if over else 404, {}, {"error": "no"})
                     else:
-                        status, headers, reply = owner.responder(body)
+                        answer = owner.responder(body)
+                    status, headers, reply = answer
                 finally:
                     with owner._lock:
                         owner.in_flight -= 1
