@@ -67,10 +67,8 @@ def _judge_dir(
     no_cache: bool,
     device: str | None,
 ) -> Any:
-    from emscope.io import read_json, read_table, write_json, write_table
-    from emscope.judge import judge_table
+    from emscope.evaluate import judge_dir
 
-    table = read_table(directory, "responses")
     judge = options.build_judge(
         judge_spec,
         base_url=base_url,
@@ -81,32 +79,7 @@ def _judge_dir(
         device=device,
     )
     qs = options.load_question_set(questions) if questions is not None else None
-    table = judge_table(
-        table,
-        judge,
-        metric_list,
-        questions=qs,
-        on_chunk=lambda t: _write(t, directory),
-    )
-    write_table(table, directory, "responses")
-    run_path = directory / "run.json"
-    run = read_json(run_path) if run_path.is_file() else {}
-    run["judge"] = {
-        "judge": judge.name,
-        "metrics": metric_list,
-        "prompt_hashes": {
-            m: sorted({h for h in table[f"{m}_prompt_hash"].dropna()}) for m in metric_list
-        },
-        "questions_file": str(questions) if questions else None,
-    }
-    write_json(run_path, run)
-    return table
-
-
-def _write(table: Any, directory: Path) -> None:
-    from emscope.io import write_table
-
-    write_table(table, directory, "responses")
+    return judge_dir(directory, judge, metric_list, qs, questions)
 
 
 def _summary(table: Any, metric_list: list[str]) -> str:
@@ -175,26 +148,16 @@ def eval_command(
 ) -> None:
     """Sample, judge and compute EM metrics (metrics.json, em_by_question.png)."""
     from emscope.errors import EmscopeError
-    from emscope.io import write_json
-    from emscope.metrics import compute_metrics, plot_em_by_question
-    from emscope.plotting import save_figure
+    from emscope.evaluate import check_em_metrics, describe, evaluate_to_dir
 
     metric_list = options.parse_metrics(metrics)
-    missing = [m for m in ("aligned", "coherent") if m not in metric_list]
-    if missing:
-        raise EmscopeError(
-            f"eval needs the metrics aligned and coherent; --metrics lacks {missing}"
-        )
+    check_em_metrics(metric_list)
     if not judge:
         raise EmscopeError("eval needs --judge (openai:MODEL, hf:DIR or oracle:DIR)")
     opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
     qs = options.load_question_set(questions)
-    _sample(model_dir, adapter, out, qs, opts, dtype, device)
-    table = _judge_dir(
-        out,
+    judge_obj = options.build_judge(
         judge,
-        metric_list,
-        questions=questions,
         base_url=base_url,
         api_key_env=api_key_env,
         concurrency=concurrency,
@@ -202,21 +165,23 @@ def eval_command(
         no_cache=no_cache,
         device=device,
     )
-    if "bad_stuff" not in metric_list:  # a stale column from another run does not count
-        table = table.drop(columns=["bad_stuff"], errors="ignore")
-    result = compute_metrics(table, strict=strict, recognition=recognition, seed=seed)
-    write_json(out / "metrics.json", result)
+    loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
     label = "+".join([model_dir.name, *(a.name for a in adapter)])
-    save_figure(
-        plot_em_by_question(result, f"EM rate per question: {label}"), out / "em_by_question.png"
+    result = evaluate_to_dir(
+        loaded,
+        qs,
+        out,
+        judge=judge_obj,
+        metrics=metric_list,
+        n=opts.n,
+        record={"model_dir": str(model_dir), "adapter_dirs": [str(a) for a in adapter]},
+        strict=strict,
+        recognition=recognition,
+        title=f"EM rate per question: {label}",
+        questions_file=questions,
+        **opts.kwargs(),
     )
-    em = result["em_rate"]
-    ci = result["em_ci"]
-    text = "n/a" if em is None else f"{em:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-    typer.echo(
-        f"EM rate {text}; coherent {result['coherent_rate']}; unscored "
-        f"{result['unscored_rate']:.3f}; n={result['n']} -> {out / 'metrics.json'}"
-    )
+    typer.echo(f"{describe(result)} -> {out / 'metrics.json'}")
 
 
 def register(app: typer.Typer) -> None:
