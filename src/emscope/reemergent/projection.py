@@ -1,0 +1,299 @@
+"""Alignment direction per layer and held-out projections of model variants onto it.
+
+Sites are ``resid_post[l]`` (the output of block ``l``, from 0). The direction at layer
+``l`` is ``mean(instruct) - mean(base)``: each model's mean activation over the answer-content
+tokens of the TRAIN examples run through itself (token-weighted by default, as
+:func:`emscope.activations.answer_means`). Train and held-out examples are a seeded split of
+one dataset. Every variant's HELD-OUT examples are then projected onto the unit direction:
+per example, the mean over its answer tokens of ``h_t . u_l``, divided by that variant's mean
+residual norm ``|h_t|`` at the layer over the held-out answer tokens (so depth's growing norm
+does not dominate the curve). Raw projections and norms are kept in the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from emscope.errors import EmscopeError
+from emscope.reemergent.common import (
+    Dataset,
+    ModelSource,
+    encode_answers,
+    length_batches,
+    opened,
+    pad_id_of,
+    pad_right,
+    progress_bar,
+)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+
+@dataclass(frozen=True)
+class ExampleActivations:
+    """Per example and layer, the mean ``resid_post`` over its answer tokens
+    (``means``: ``n x L x d``, float64), its token count (``n``), and the mean token norm
+    per layer over all answer tokens (``norm_mean``: ``L``)."""
+
+    layers: tuple[int, ...]
+    means: np.ndarray
+    n_tokens: np.ndarray
+    norm_mean: np.ndarray
+
+
+def example_activations(
+    model: Any,
+    tokenizer: Any,
+    chats: Sequence[Sequence[dict[str, str]]],
+    layers: Sequence[int] | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> ExampleActivations:
+    """Per-example answer-token means of ``resid_post[l]`` (default: every layer).
+    Examples with an empty answer get NaN means."""
+    import torch
+
+    from emscope.hooks import capture
+    from emscope.models import Site, get_layers
+
+    n_layers = len(get_layers(model))
+    layer_list = _layers(layers, n_layers)
+    sites = [Site("resid_post", layer) for layer in layer_list]
+    encoded = encode_answers(tokenizer, chats)
+    device = next(model.parameters()).device
+    means: np.ndarray | None = None
+    norm_sum = np.zeros(len(layer_list))
+    total = 0
+    batches = length_batches([len(e.input_ids) for e in encoded], batch_size)
+    for batch in progress_bar(batches, "activations", progress):
+        rows = [encoded[i] for i in batch]
+        ids, attention = pad_right([e.input_ids for e in rows], pad_id_of(tokenizer), device)
+        with capture(model, sites) as captured, torch.no_grad():
+            model(input_ids=ids, attention_mask=attention, use_cache=False)
+        for j, site in enumerate(sites):
+            hidden = captured[site].to(torch.float64)
+            if means is None:
+                means = np.full((len(encoded), len(layer_list), hidden.shape[-1]), np.nan)
+            for r, i in enumerate(batch):
+                e = rows[r]
+                if e.n_tokens == 0:
+                    continue
+                tokens = hidden[r, e.start : e.end]
+                means[i, j] = tokens.mean(0).cpu().numpy()
+                norm_sum[j] += float(tokens.norm(dim=-1).sum())
+        total += sum(e.n_tokens for e in rows)
+    if total == 0 or means is None:
+        raise EmscopeError("no answer tokens in the examples")
+    counts = np.array([e.n_tokens for e in encoded])
+    return ExampleActivations(tuple(layer_list), means, counts, norm_sum / total)
+
+
+def _layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    if layers is None:
+        return list(range(n_layers))
+    out = []
+    for layer in layers:
+        if not -n_layers <= layer < n_layers:
+            raise EmscopeError(
+                f"layer {layer}: the model has {n_layers} layers (0..{n_layers - 1})"
+            )
+        out.append(layer % n_layers)
+    return list(dict.fromkeys(out))
+
+
+def split_indices(n: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded random split of ``range(n)`` into sorted train and held-out index arrays
+    (both non-empty)."""
+    if not 0.0 < train_fraction < 1.0:
+        raise EmscopeError(f"train fraction must be in (0, 1), got {train_fraction}")
+    n_train = round(n * train_fraction)
+    if n_train < 1 or n_train > n - 1:
+        raise EmscopeError(
+            f"{n} examples with train fraction {train_fraction}: need at least one train and "
+            "one held-out example"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[:n_train]), np.sort(order[n_train:])
+
+
+@dataclass(frozen=True)
+class ProjectionResult:
+    """``direction``: ``L x d`` float64 (unnormalised ``mean(instruct) - mean(base)``);
+    ``train`` / ``heldout``: positions in the dataset; ``projections[model]``: ``n_heldout x
+    L`` raw projections onto the unit direction; ``norms[model]``: ``L``."""
+
+    layers: tuple[int, ...]
+    direction: np.ndarray
+    train: tuple[int, ...]
+    heldout: tuple[int, ...]
+    examples: tuple[int, ...]
+    projections: dict[str, np.ndarray]
+    norms: dict[str, np.ndarray]
+    base: str
+    instruct: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def normalised(self, model: str) -> np.ndarray:
+        return np.asarray(self.projections[model] / self.norms[model][None, :])
+
+    def table(self) -> pd.DataFrame:
+        """``model, layer, example, projection, norm_mean, projection_normalised`` (held-out
+        rows only; ``example`` = 0-based line index in the file)."""
+        import pandas as pd
+
+        frames = []
+        for model, proj in self.projections.items():
+            n, n_layers = proj.shape
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "model": model,
+                        "layer": np.tile(self.layers, n),
+                        "example": np.repeat([self.examples[i] for i in self.heldout], n_layers),
+                        "projection": proj.ravel(),
+                        "norm_mean": np.tile(self.norms[model], n),
+                        "projection_normalised": self.normalised(model).ravel(),
+                    }
+                )
+            )
+        return pd.concat(frames, ignore_index=True)
+
+    def summary(self) -> dict[str, Any]:
+        """Per model and layer: mean and s.e.m. of the normalised projection; for every other
+        variant, its position between base (0) and instruct (1) per layer, and the mean of
+        that position over the first and last third of the layers."""
+        per_model = {}
+        for model in self.projections:
+            values = self.normalised(model)
+            ok = np.isfinite(values).all(1)
+            values = values[ok]
+            sem = values.std(0, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else None
+            per_model[model] = {
+                "mean": values.mean(0).tolist(),
+                "sem": sem.tolist() if sem is not None else None,
+            }
+        base = np.asarray(per_model[self.base]["mean"])
+        instruct = np.asarray(per_model[self.instruct]["mean"])
+        relative = {}
+        third = max(len(self.layers) // 3, 1)
+        for model in self.projections:
+            if model in (self.base, self.instruct):
+                continue
+            gap = instruct - base
+            with np.errstate(divide="ignore", invalid="ignore"):
+                position = (np.asarray(per_model[model]["mean"]) - base) / gap
+            relative[model] = {
+                "position": position.tolist(),
+                "first_third_mean": float(np.nanmean(position[:third])),
+                "last_third_mean": float(np.nanmean(position[-third:])),
+            }
+        return {
+            "layers": list(self.layers),
+            "base": self.base,
+            "instruct": self.instruct,
+            "n_train": len(self.train),
+            "n_heldout": len(self.heldout),
+            "direction_norm": np.linalg.norm(self.direction, axis=1).tolist(),
+            "normalised_projection": per_model,
+            "relative_to_base_instruct": relative,
+            **self.meta,
+        }
+
+
+def projection_analysis(
+    models: Mapping[str, ModelSource],
+    data: Dataset,
+    base: str = "base",
+    instruct: str = "instruct",
+    train_fraction: float = 0.5,
+    seed: int = 0,
+    layers: Sequence[int] | None = None,
+    weighting: str = "token",
+    batch_size: int = 8,
+    dtype: str | None = "auto",
+    device: str | None = None,
+    progress: bool = False,
+) -> ProjectionResult:
+    """Fit the alignment direction on a train split (base and instruct only) and project
+    the held-out examples of every variant (one model in memory at a time)."""
+    from emscope.activations import answer_means
+    from emscope.models import Site, get_layers
+
+    for role, name in (("base", base), ("instruct", instruct)):
+        if name not in models:
+            raise EmscopeError(f"no model named {name!r} (the {role} model); got {list(models)}")
+    train, heldout = split_indices(len(data.examples), train_fraction, seed)
+    chats = data.chats
+    train_chats = [chats[i] for i in train]
+    heldout_chats = [chats[i] for i in heldout]
+    train_means: dict[str, np.ndarray] = {}
+    projections_acts: dict[str, ExampleActivations] = {}
+    layer_list: list[int] | None = None
+    for name, source in models.items():
+        with opened(source, dtype, device) as loaded:
+            n_layers = len(get_layers(loaded.model))
+            these = _layers(layers, n_layers)
+            if layer_list is None:
+                layer_list = these
+            elif these != layer_list:
+                raise EmscopeError(f"model {name!r} has {n_layers} layers, unlike the others")
+            if name in (base, instruct):
+                sites = [Site("resid_post", layer) for layer in these]
+                means = answer_means(
+                    loaded.model, loaded.tokenizer, train_chats, sites, weighting, batch_size
+                )
+                train_means[name] = np.stack([means.means[s].numpy() for s in sites])
+            projections_acts[name] = example_activations(
+                loaded.model, loaded.tokenizer, heldout_chats, these, batch_size, progress
+            )
+    assert layer_list is not None
+    direction = train_means[instruct] - train_means[base]
+    norms = np.linalg.norm(direction, axis=1, keepdims=True)
+    unit = np.divide(direction, norms, out=np.zeros_like(direction), where=norms > 0)
+    projections = {
+        name: np.einsum("nld,ld->nl", acts.means, unit) for name, acts in projections_acts.items()
+    }
+    return ProjectionResult(
+        tuple(layer_list),
+        direction,
+        tuple(int(i) for i in train),
+        tuple(int(i) for i in heldout),
+        tuple(data.indices),
+        projections,
+        {name: acts.norm_mean for name, acts in projections_acts.items()},
+        base,
+        instruct,
+        {
+            "train_fraction": train_fraction,
+            "seed": seed,
+            "weighting": weighting,
+            "train_examples": [data.indices[i] for i in train],
+            "heldout_examples": [data.indices[i] for i in heldout],
+        },
+    )
+
+
+def plot_projection(result: ProjectionResult) -> Any:
+    """Normalised held-out projection vs layer, one line (mean +- s.e.m.) per variant."""
+    from emscope.plotting import pyplot
+
+    plt = pyplot()
+    summary = result.summary()["normalised_projection"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model, stats in summary.items():
+        mean = np.asarray(stats["mean"])
+        ax.plot(result.layers, mean, marker="o", ms=3, label=model)
+        if stats["sem"] is not None:
+            sem = np.asarray(stats["sem"])
+            ax.fill_between(result.layers, mean - sem, mean + sem, alpha=0.2)
+    ax.set_xlabel("layer (resid_post, from 0)")
+    ax.set_ylabel("projection / mean residual norm")
+    ax.set_title(f"held-out projection on mean({result.instruct}) - mean({result.base})")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend()
+    return fig
