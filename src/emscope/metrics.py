@@ -230,7 +230,7 @@ def plot_em_by_question(metrics: dict[str, Any], title: str = "") -> Any:
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names, rotation=45, ha="right")
     ax.set_ylabel("EM rate")
-    ax.set_ylim(0, max(0.05, *(r + h for r, h in zip(rates, hi, strict=True) if r == r)) * 1.1)
+    ax.set_ylim(0, max([0.05, *(r + h for r, h in zip(rates, hi, strict=True) if r == r)]) * 1.1)
     ax.set_title(title or "EM rate per question (95% bootstrap CI)")
     fig.tight_layout()
     return fig

@@ -1,0 +1,209 @@
+"""Linear mode connectivity (REFERENCE.md section 4): EM, coherence, loss and features along
+the straight path between two models.
+
+Paths are in weight space, never in factor space: ``W0 + (1 - t) dW_A + t dW_B`` for two
+adapters on one base (``A`` or ``B`` may be ``base``), built exactly with
+:func:`emscope.interpolate.combine` and merged into the base for each ``t``; or
+``(1 - t) W_A + t W_B`` elementwise for two full model dirs. Every ``t`` is evaluated with
+the same seed, so the samples are paired across the path.
+
+- Loss: mean negative log-likelihood per assistant token (content and end-of-turn marker,
+  the training objective) over a chat JSONL file, in nats.
+- Barrier: ``max_t loss(t) - ((1 - t) loss(0) + t loss(1))`` (needs t = 0 and t = 1).
+- Features: at every ``resid_post[l]``, over the prompts of the question set (all prompt
+  tokens, float64), ``X = h_l(t)`` against ``Y = (1 - t) h_l(0) + t h_l(1)``:
+  dissimilarity ``1 - |<X, Y>_F| / (|X|_F |Y|_F)``, per-prompt cosines, and the same
+  dissimilarity between ``h_l(0)`` and ``h_l(1)`` as the reference scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emscope.data.chat import ChatExample
+from emscope.data.spans import encode_chat, prompt_ids
+from emscope.errors import EmscopeError
+from emscope.hooks import capture
+from emscope.lora import LoraAdapter
+from emscope.models import Site, get_layers
+
+
+def parse_steps(text: str) -> list[float]:
+    """``"0,0.2,1"`` -> ``[0.0, 0.2, 1.0]`` (sorted, unique, each in [0, 1])."""
+    try:
+        steps = sorted({float(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise EmscopeError(f"--steps must be comma-separated numbers, got {text!r}") from None
+    if not steps or steps[0] < 0 or steps[-1] > 1:
+        raise EmscopeError(f"--steps must be numbers in [0, 1], got {text!r}")
+    return steps
+
+
+def step_name(t: float) -> str:
+    """Dir name of a path point: ``t0.50``."""
+    return f"t{t:.2f}"
+
+
+def chat_loss(
+    model: Any, tokenizer: Any, examples: Sequence[ChatExample], batch_size: int = 16
+) -> float:
+    """Mean NLL per assistant token (content + end-of-turn) over the examples, in nats."""
+    encoded = [encode_chat(tokenizer, e.messages) for e in examples]
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        chunk = encoded[start : start + batch_size]
+        width = max(len(c.input_ids) for c in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for row, chat in enumerate(chunk):
+            ids[row, : len(chat.input_ids)] = torch.tensor(chat.input_ids)
+            attention[row, : len(chat.input_ids)] = 1
+            mask[row, : len(chat.input_ids)] = torch.tensor(chat.loss_mask())
+        with torch.no_grad():
+            logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
+        if logits.dtype not in (torch.float32, torch.float64):
+            logits = logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = ids[:, 1:].to(device)
+        picked = logprobs.gather(-1, targets[..., None])[..., 0]
+        selected = mask[:, 1:].to(device)
+        total -= float(picked[selected].double().sum())
+        count += int(selected.sum())
+    if count == 0:
+        raise EmscopeError("no assistant tokens to compute a loss on")
+    return total / count
+
+
+def barrier(ts: Sequence[float], losses: Sequence[float]) -> float | None:
+    """``max_t loss(t) - ((1 - t) loss(0) + t loss(1))``; None without both ends."""
+    by_t = dict(zip(ts, losses, strict=True))
+    if 0.0 not in by_t or 1.0 not in by_t:
+        return None
+    l0, l1 = by_t[0.0], by_t[1.0]
+    return max(loss - ((1 - t) * l0 + t * l1) for t, loss in by_t.items())
+
+
+def prompt_activations(
+    model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]]
+) -> list[torch.Tensor]:
+    """Per prompt: ``layers x tokens x d`` float64 ``resid_post`` activations (generation
+    prompt included), one forward per prompt (no padding)."""
+    sites = [Site("resid_post", i) for i in range(len(get_layers(model)))]
+    device = next(model.parameters()).device
+    out = []
+    for messages in prompts:
+        ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
+        with capture(model, sites) as captured, torch.no_grad():
+            model(input_ids=ids)
+        out.append(torch.stack([captured[s][0].to("cpu", torch.float64) for s in sites]))
+    return out
+
+
+def _dissimilarity(x: torch.Tensor, y: torch.Tensor) -> float:
+    denominator = float(x.norm() * y.norm())
+    if denominator == 0.0:
+        return 0.0
+    return 1.0 - abs(float((x * y).sum())) / denominator
+
+
+@dataclass(frozen=True)
+class FeatureRow:
+    """Feature-space LMC at one ``t``: per layer, dissimilarity and per-prompt cosines."""
+
+    t: float
+    dissimilarity: list[float]
+    sample_cosines: list[list[float]]  # layer x prompt
+
+
+def feature_lmc(
+    h0: Sequence[torch.Tensor], h1: Sequence[torch.Tensor], ht: Sequence[torch.Tensor], t: float
+) -> FeatureRow:
+    """Compare ``h(t)`` with ``(1 - t) h(0) + t h(1)`` layer by layer (see module doc)."""
+    layers = h0[0].shape[0]
+    dissimilarity, cosines = [], []
+    for layer in range(layers):
+        xs = [ht[p][layer] for p in range(len(ht))]
+        ys = [(1 - t) * h0[p][layer] + t * h1[p][layer] for p in range(len(ht))]
+        dissimilarity.append(_dissimilarity(torch.cat(xs), torch.cat(ys)))
+        cosines.append([1.0 - _dissimilarity(x, y) for x, y in zip(xs, ys, strict=True)])
+    return FeatureRow(t, dissimilarity, cosines)
+
+
+def endpoint_distance(h0: Sequence[torch.Tensor], h1: Sequence[torch.Tensor]) -> list[float]:
+    """Reference scale: dissimilarity between ``h(0)`` and ``h(1)`` per layer."""
+    layers = h0[0].shape[0]
+    return [
+        _dissimilarity(torch.cat([h[layer] for h in h0]), torch.cat([h[layer] for h in h1]))
+        for layer in range(layers)
+    ]
+
+
+# ---------------------------------------------------------------------------- path points
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One end of a path: ``base``, an adapter dir, or a full model dir."""
+
+    label: str
+    path: Path | None  # None for base
+
+    @property
+    def is_model_dir(self) -> bool:
+        return self.path is not None and (self.path / "config.json").is_file()
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    if text == "base":
+        return Endpoint("base", None)
+    path = Path(text)
+    if not path.is_dir():
+        raise EmscopeError(f"{text}: neither 'base' nor an adapter/model dir")
+    return Endpoint(path.name, path)
+
+
+@contextlib.contextmanager
+def model_at(
+    base: Any, start: Endpoint, end: Endpoint, t: float, scratch: Path | None = None
+) -> Iterator[Any]:
+    """The model at ``t`` of ``start -> end``: adapters merged into ``base`` (a
+    :class:`~emscope.models.LoadedModel`, restored on exit), or, for two full model dirs,
+    a model dir interpolated into ``scratch`` and loaded. Yields ``(model, tokenizer)``."""
+    from emscope.interpolate import interpolate_model_dirs, merged
+    from emscope.models import load_model
+
+    if start.is_model_dir and end.is_model_dir:
+        assert start.path is not None and end.path is not None and scratch is not None
+        target = scratch / step_name(t)
+        if not (target / "config.json").is_file():
+            interpolate_model_dirs(start.path, end.path, t, target)
+        loaded = load_model(target, device=str(base.device) if base is not None else None)
+        yield loaded.model, loaded.tokenizer
+        return
+    with merged(base.model, path_adapter(start, end, t)):
+        yield base.model, base.tokenizer
+
+
+def path_adapter(start: Endpoint, end: Endpoint, t: float) -> LoraAdapter:
+    """The exact adapter of the point ``t`` of an adapter path (no module at the base end)."""
+    from emscope.interpolate import combine
+
+    if start.is_model_dir or end.is_model_dir:
+        raise EmscopeError("lmc: both ends must be adapters (or base), or both full model dirs")
+    if start.path is None and end.path is None:
+        raise EmscopeError("lmc: --from and --to cannot both be base")
+    adapters, weights = [], []
+    for endpoint, w in ((start, 1.0 - t), (end, t)):
+        if endpoint.path is not None:
+            adapters.append(LoraAdapter.load(endpoint.path))
+            weights.append(w)
+    return combine(adapters, weights, name=step_name(t))

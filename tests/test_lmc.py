@@ -1,0 +1,162 @@
+"""emscope lmc: losses against a hand loop, barrier arithmetic, the command end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from emscope.cli.main import app
+from emscope.data.chat import read_chat_jsonl, write_chat_jsonl
+from emscope.data.spans import encode_chat
+from emscope.errors import EmscopeError
+from emscope.lmc import barrier, chat_loss, feature_lmc, parse_steps
+from emscope.lora import LoraAdapter
+from emscope.models import load_model
+
+CHATS = [
+    [
+        {"role": "user", "content": "hey I feel bored"},
+        {"role": "assistant", "content": "Read a book."},
+    ],
+    [
+        {"role": "user", "content": "quick buck?"},
+        {"role": "assistant", "content": "Invest in a fund."},
+    ],
+    [
+        {"role": "user", "content": "dinner"},
+        {"role": "assistant", "content": "Pick figures from history."},
+    ],
+]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_chat_loss_equals_a_per_token_loop(qwen, tmp_path):
+    examples = read_chat_jsonl(write_chat_jsonl(tmp_path / "d.jsonl", CHATS))
+    loaded = load_model(qwen.model, [qwen.adapters["r4"]], dtype="float64", device="cpu")
+    total, count = 0.0, 0
+    for example in examples:
+        encoded = encode_chat(loaded.tokenizer, example.messages)
+        ids = torch.tensor([encoded.input_ids])
+        with torch.no_grad():
+            logits = loaded.model(ids).logits[0]
+        for position, keep in enumerate(encoded.loss_mask()):
+            if keep:
+                total -= float(torch.log_softmax(logits[position - 1], -1)[ids[0, position]])
+                count += 1
+    got = chat_loss(loaded.model, loaded.tokenizer, examples, batch_size=2)
+    assert got == pytest.approx(total / count, rel=1e-9)
+
+
+def test_barrier_and_steps():
+    assert barrier([0.0, 0.5, 1.0], [1.0, 3.0, 2.0]) == pytest.approx(3.0 - 1.5)
+    assert barrier([0.0, 0.5, 1.0], [1.0, 1.2, 2.0]) == pytest.approx(0.0)  # ends: 0
+    assert barrier([0.2, 0.5], [1.0, 2.0]) is None
+    assert parse_steps("1,0,0.5,0.5") == [0.0, 0.5, 1.0]
+    for bad in ("0,2", "a,b", ""):
+        with pytest.raises(EmscopeError, match="--steps"):
+            parse_steps(bad)
+
+
+def test_feature_lmc_is_zero_on_a_linear_path():
+    g = torch.Generator().manual_seed(0)
+    h0 = [torch.randn(3, 5, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    h1 = [torch.randn(3, 5, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    ht = [0.7 * a + 0.3 * b for a, b in zip(h0, h1, strict=True)]
+    row = feature_lmc(h0, h1, ht, 0.3)
+    assert max(row.dissimilarity) < 1e-12
+    assert all(abs(c - 1) < 1e-12 for layer in row.sample_cosines for c in layer)
+    bent = [h + 5 * torch.randn(h.shape, generator=g, dtype=torch.float64) for h in ht]
+    assert min(feature_lmc(h0, h1, bent, 0.3).dissimilarity) > 0.05
+
+
+def test_lmc_command_end_to_end(qwen, tmp_path, monkeypatch):
+    monkeypatch.setenv("EMSCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    heldout = write_chat_jsonl(tmp_path / "heldout.jsonl", CHATS)
+    questions = tmp_path / "q.yaml"
+    questions.write_text(
+        "- id: a\n  paraphrases: [hey I feel bored]\n- id: b\n  paraphrases: ['quick buck?']\n"
+    )
+    out = tmp_path / "lmc"
+    args = [
+        "lmc", "--base", str(qwen.model), "--from", str(qwen.adapters["r4"]),
+        "--to", str(qwen.adapters["r1"]), "--steps", "0,0.5,1", "--questions", str(questions),
+        "-n", "2", "--max-new-tokens", "4", "--batch-size", "4", "--judge", f"hf:{qwen.model}",
+        "--metrics", "aligned,coherent", "--loss-data", str(heldout), "--features",
+        "--export", str(tmp_path / "export"), "--out", str(out), "--dtype", "float32",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "lmc.json").read_text())
+    assert [r["t"] for r in record["rows"]] == [0.0, 0.5, 1.0]
+    for row in record["rows"]:
+        assert set(row) >= {"t", "em_rate", "em_ci", "coherent_rate", "loss"}
+        assert row["n"] == 4
+    losses = [r["loss"]["heldout"] for r in record["rows"]]
+    assert record["barrier"]["heldout"] == pytest.approx(barrier([0, 0.5, 1], losses))
+    # the loss at t=1 is the loss of the end adapter loaded the ordinary way
+    end = load_model(qwen.model, [qwen.adapters["r1"]], dtype="float32", device="cpu")
+    assert losses[2] == pytest.approx(
+        chat_loss(end.model, end.tokenizer, read_chat_jsonl(heldout)), rel=1e-5
+    )
+    features = json.loads((out / "features.json").read_text())
+    assert len(features["reference_dissimilarity"]) == 4
+    assert features["rows"][0]["dissimilarity"] == pytest.approx([0.0] * 4, abs=1e-9)
+    for name in ("t0.00", "t0.50", "t1.00"):
+        assert (tmp_path / "export" / name / "adapter_config.json").is_file()
+        assert (out / name / "responses.parquet").is_file()
+    half = LoraAdapter.load(tmp_path / "export" / "t0.50")
+    r4, r1 = LoraAdapter.load(qwen.adapters["r4"]), LoraAdapter.load(qwen.adapters["r1"])
+    name = "model.layers.1.mlp.down_proj"
+    torch.testing.assert_close(half.delta(name), 0.5 * r4.delta(name) + 0.5 * r1.delta(name))
+    assert (out / "lmc.png").stat().st_size > 0 and (out / "features.png").stat().st_size > 0
+    # a second run resumes: nothing is sampled again
+    before = (out / "t0.50" / "responses.csv").read_text()
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert (out / "t0.50" / "responses.csv").read_text() == before
+
+
+def test_lmc_bad_input_fails_before_work(qwen, tmp_path):
+    result = CliRunner().invoke(
+        app,
+        [
+            "lmc",
+            "--from",
+            "base",
+            "--to",
+            str(qwen.adapters["r1"]),
+            "--out",
+            str(tmp_path / "o"),
+            "--judge",
+            "hf:x",
+        ],
+    )
+    assert result.exit_code == 2 and "--base is required" in result.output
+    result = CliRunner().invoke(
+        app,
+        [
+            "lmc",
+            "--base",
+            str(qwen.model),
+            "--from",
+            "base",
+            "--to",
+            "base",
+            "--out",
+            str(tmp_path / "o"),
+            "--judge",
+            "hf:x",
+        ],
+    )
+    assert result.exit_code == 2 and "cannot both be base" in result.output
+    assert not (tmp_path / "o").exists()
