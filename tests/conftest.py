@@ -16,7 +16,12 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    import torch
     from transformers.utils import logging
+
+    # The fixtures are tiny: one thread avoids thread start-up and oversubscription costs that
+    # dominate such small matmuls (10-100x slower with 2 threads on a busy 2-core machine).
+    torch.set_num_threads(1)
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
