@@ -110,3 +110,53 @@ def answer_means(
     denominator = n_tokens if weighting == "token" else n_responses
     means = {s: (v / denominator).cpu() for s, v in sums.items() if v is not None}
     return MeanActivations(means, weighting, n_responses, n_tokens)
+
+
+def response_vectors(
+    model: Any,
+    tokenizer: Any,
+    chats: Sequence[Sequence[dict[str, str]]],
+    sites: Iterable[SiteLike] | None = None,
+    batch_size: int = 16,
+    progress: bool = False,
+) -> dict[Site, torch.Tensor]:
+    """Each response's own mean activation over its answer tokens, per site:
+    ``{site: n_chats x d_model}`` (float32, CPU, rows in the order of ``chats``).
+
+    Memory is O(n_chats x sites x d_model): use :func:`answer_means` when only the mean is
+    needed. A chat with an empty answer span gives a NaN row.
+    """
+    site_list = [as_site(s) for s in sites] if sites is not None else default_sites(model)
+    encoded = encode_answers(tokenizer, chats)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width_d: dict[Site, torch.Tensor] = {}
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    from tqdm import tqdm
+
+    for batch in tqdm(batches, desc="activations", unit="batch", disable=not progress):
+        width = max(len(encoded[i][0]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        weights = torch.zeros((len(batch), width), dtype=torch.float64)
+        empty = torch.zeros(len(batch), dtype=torch.bool)
+        for r, i in enumerate(batch):
+            row_ids, start, end = encoded[i]
+            ids[r, : len(row_ids)] = torch.tensor(row_ids)
+            attention[r, : len(row_ids)] = 1
+            if end > start:
+                weights[r, start:end] = 1.0 / (end - start)
+            else:
+                empty[r] = True
+        weights = weights.to(device)
+        with capture(model, site_list) as captured, torch.no_grad():
+            model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False)
+        for site in site_list:
+            hidden = captured[site].to(torch.float64)
+            rows = torch.einsum("bs,bsd->bd", weights, hidden).cpu()
+            rows[empty] = float("nan")
+            if site not in width_d:
+                width_d[site] = torch.empty((len(encoded), rows.shape[1]), dtype=torch.float32)
+            width_d[site][torch.tensor(batch)] = rows.to("cpu", torch.float32)
+    return width_d

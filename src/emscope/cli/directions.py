@@ -1,11 +1,450 @@
-"""``emscope directions``, ``emscope steer``, ``emscope ablate``: not implemented yet (see pending.ISSUES)."""
+"""``emscope directions extract|compare``, ``emscope steer``, ``emscope ablate``.
+
+``steer`` and ``ablate`` evaluate every setting (sample, judge, EM metrics; the same
+functions as ``emscope eval``) into a sub-dir of ``--out`` with the same seed, so settings
+are paired sample by sample, and write ``summary.json`` plus figures at the top. They are
+resumable: a re-run skips the finished settings.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
 
-from emscope.cli.pending import placeholder
+from emscope.cli import options
+
+directions_app = typer.Typer(
+    help="Extract and compare misalignment directions.", no_args_is_help=True
+)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    from emscope.errors import EmscopeError
+
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise EmscopeError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str, what: str) -> list[float]:
+    from emscope.errors import EmscopeError
+
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise EmscopeError(f"{what} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise EmscopeError(f"{what} is empty")
+    return values
+
+
+@directions_app.command("extract")
+def extract_command(
+    model_dir: Path = options.MODEL_DIR,
+    adapter: list[Path] = options.ADAPTER,
+    responses: Path = typer.Option(
+        ..., "--responses", help="Judged run dir (responses.parquet/.csv) or table file."
+    ),
+    out: Path = typer.Option(..., "--out", help="Direction file (.safetensors, .json beside)."),
+    weighting: str = typer.Option("token", "--weighting", help="token or response."),
+    topic: str | None = typer.Option(
+        None, "--topic", help="Topical metric column: keep responses with TOPIC > 50."
+    ),
+    off_topic: bool = typer.Option(
+        False, "--off-topic", help="With --topic: keep responses with TOPIC < 5 instead."
+    ),
+    subspace: int | None = typer.Option(
+        None, "--subspace", help="Top-K principal directions of per-response differences."
+    ),
+    layers: str | None = typer.Option(None, "--layers", help="Layers (default: all)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the balancing subsample."),
+    batch_size: int = options.BATCH_SIZE,
+    dtype: str = options.DTYPE,
+    device: str | None = options.DEVICE,
+) -> None:
+    """Mean-diff direction (misaligned - aligned, every layer) from a judged run dir."""
+    from emscope.directions import extract
+    from emscope.errors import EmscopeError
+    from emscope.io import read_table
+
+    if off_topic and topic is None:
+        raise EmscopeError("--off-topic needs --topic")
+    table = read_table(responses, "responses")
+    loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
+    layer_list = _ints(layers, "--layers") if layers else None
+    meta = {
+        "model": str(model_dir),
+        "adapter": [str(a) for a in adapter],
+        "responses": str(responses),
+    }
+    common: dict[str, Any] = {
+        "layers": layer_list,
+        "topic": topic,
+        "topic_side": "off" if off_topic else "on",
+        "seed": seed,
+        "batch_size": batch_size,
+        "meta": meta,
+    }
+    if subspace is not None:
+        direction = extract.subspace(loaded.model, loaded.tokenizer, table, subspace, **common)
+    else:
+        direction = extract.mean_diff(
+            loaded.model, loaded.tokenizer, table, weighting=weighting, **common
+        )
+    path = direction.save(out)
+    m = direction.meta
+    typer.echo(
+        f"direction over {len(direction)} layers from {m['n_misaligned']} misaligned / "
+        f"{m['n_aligned']} aligned responses -> {path}"
+    )
+
+
+@directions_app.command("compare")
+def compare_command(
+    files: list[Path] = typer.Argument(..., help="Direction files (a probe file works too)."),
+    adapter: list[Path] = typer.Option(
+        [], "--adapter", help="Adapter whose rank-1 B vectors are compared too (repeatable)."
+    ),
+    model: Path | None = typer.Option(
+        None, "--model", help="Model dir: logit-lens read-out of each direction."
+    ),
+    top_k: int = typer.Option(20, "--top-k", help="Read-out tokens each way."),
+    out: Path = typer.Option(..., "--out", help="Output dir (compare.json, figure)."),
+    device: str | None = options.DEVICE,
+) -> None:
+    """Cosine by layer for every pair (and rank-1 B vectors); compare.json + figure."""
+    from emscope.directions.compare import adapter_b_cosines, cosine_table, logit_lens, plot_cosines
+    from emscope.directions.direction import Direction
+    from emscope.errors import EmscopeError
+    from emscope.io import write_json
+    from emscope.lora import LoraAdapter
+    from emscope.plotting import save_figure
+
+    directions: dict[str, Direction] = {}
+    for f in files:
+        name = Path(f).name.removesuffix(".safetensors").removesuffix(".json")
+        while name in directions:
+            name += "'"
+        directions[name] = Direction.load(f)
+    if len(directions) + len(adapter) < 2 and not (directions and adapter):
+        raise EmscopeError("compare needs two directions, or a direction and an --adapter")
+    pairs = cosine_table(directions) if len(directions) >= 2 else []
+    b_cos: dict[str, Any] = {}
+    for a in adapter:
+        lora = LoraAdapter.load(a)
+        b_cos[lora.name] = {n: adapter_b_cosines(lora, d) for n, d in directions.items()}
+    result: dict[str, Any] = {
+        "directions": {
+            n: {"file": str(f), "site_kind": d.site_kind, "norms": d.norms(), "meta": d.meta}
+            for (n, d), f in zip(directions.items(), files, strict=True)
+        },
+        "pairs": pairs,
+        "adapter_b_cosines": b_cos,
+    }
+    if model is not None:
+        from emscope.models import load_model
+
+        loaded = load_model(model, device=device)
+        result["readout"] = {
+            n: {str(i): logit_lens(loaded.model, loaded.tokenizer, d[i], top_k) for i in d.layers}
+            for n, d in directions.items()
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "compare.json", result)
+    first = next(iter(directions))
+    fig = plot_cosines(pairs, {a: rows.get(first, []) for a, rows in b_cos.items()})
+    save_figure(fig, out / "cosine_by_layer.png")
+    for p in pairs:
+        values = ", ".join(f"{i}:{c:.2f}" for i, c in sorted(p["cosine"].items()))
+        typer.echo(f"{p['a']} vs {p['b']}: {values}")
+    typer.echo(f"-> {out / 'compare.json'}")
+
+
+def _eval_config(
+    questions: Path | None,
+    n: int,
+    seed: int,
+    batch_size: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    judge: str | None,
+    metrics: str,
+    strict: bool,
+    judge_kwargs: dict[str, Any],
+) -> Any:
+    from emscope.directions.interventions import EvalConfig
+    from emscope.errors import EmscopeError
+
+    metric_list = options.parse_metrics(metrics)
+    missing = [m for m in ("aligned", "coherent") if m not in metric_list]
+    if missing:
+        raise EmscopeError(f"--metrics lacks {missing} (EM needs aligned and coherent)")
+    opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    qs = options.load_question_set(questions)
+    return EvalConfig(
+        questions=qs,
+        n=opts.n,
+        sampling=opts.kwargs(),
+        judge=options.build_judge(judge, **judge_kwargs),
+        metrics=metric_list,
+        strict=strict,
+        judge_questions=qs if questions is not None else None,
+    )
+
+
+def _kl_sequences(tokenizer: Any, kl_data: Path | None, questions: Any) -> Any:
+    from emscope.directions.interventions import chat_sequences, prompt_sequences
+
+    if kl_data is not None:
+        return chat_sequences(tokenizer, kl_data)
+    return prompt_sequences(tokenizer, questions)
+
+
+RANDOM = typer.Option(False, "--random-control", help="Also run the random control.")
+CONTROL_SEED = typer.Option(0, "--control-seed", help="Seed of the random control.")
+KL_DATA = typer.Option(
+    None, "--kl-data", help="Chat JSONL for the KL cost (default: the questions' prompts)."
+)
+STRICT = typer.Option(False, "--strict", help="EM needs aligned < 30 (not <= 30).")
+
+
+def steer_command(
+    model_dir: Path = options.MODEL_DIR,
+    adapter: list[Path] = options.ADAPTER,
+    direction: Path = typer.Option(..., "--direction", help="Direction file."),
+    layers: str = typer.Option(..., "--layers", help="Layers to steer, e.g. 2,3."),
+    scales: str = typer.Option(..., "--scales", help="Scales, e.g. 2,4,8."),
+    unit: bool = typer.Option(False, "--unit", help="Steer with the unit vector (scale = norm)."),
+    random_control: bool = RANDOM,
+    control_seed: int = CONTROL_SEED,
+    kl_data: Path | None = KL_DATA,
+    out: Path = options.OUT,
+    judge: str | None = options.JUDGE,
+    questions: Path | None = options.QUESTIONS,
+    n: int = options.N,
+    seed: int = options.SEED,
+    metrics: str = options.METRICS,
+    batch_size: int = options.BATCH_SIZE,
+    max_new_tokens: int = options.MAX_NEW_TOKENS,
+    temperature: float = options.TEMPERATURE,
+    top_p: float = options.TOP_P,
+    base_url: str | None = options.BASE_URL,
+    api_key_env: str | None = options.API_KEY_ENV,
+    concurrency: int = options.CONCURRENCY,
+    max_requests: int | None = options.MAX_REQUESTS,
+    no_cache: bool = options.NO_CACHE,
+    strict: bool = STRICT,
+    dtype: str = options.DTYPE,
+    device: str | None = options.DEVICE,
+) -> None:
+    """Steering sweep (layers x scales, + random control) with EM, coherence and KL."""
+    from emscope.directions.direction import Direction
+    from emscope.directions.sweeps import steer_sweep
+
+    layer_list = _ints(layers, "--layers")
+    scale_list = _floats(scales, "--scales")
+    vec = Direction.load(direction)
+    config = _eval_config(
+        questions, n, seed, batch_size, max_new_tokens, temperature, top_p, judge, metrics,
+        strict, _judge_kwargs(base_url, api_key_env, concurrency, max_requests, no_cache, device),
+    )  # fmt: skip
+    loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
+    summary = steer_sweep(
+        loaded,
+        vec,
+        layer_list,
+        scale_list,
+        out,
+        config,
+        random_control=random_control,
+        control_seed=control_seed,
+        kl_sequences=_kl_sequences(loaded.tokenizer, kl_data, config.questions),
+        unit=unit,
+        echo=typer.echo,
+    )
+    best = max(
+        (r for r in summary["rows"] if r["vector"] == "direction" and r["em_rate"] is not None),
+        key=lambda r: r["em_rate"],
+        default=None,
+    )
+    if best is not None:
+        typer.echo(
+            f"best: layer {best['layer']} scale {best['scale']:g}: EM {best['em_rate']:.3f}, "
+            f"coherent {best['coherent_rate']}"
+        )
+    typer.echo(f"-> {out / 'summary.json'}")
+
+
+def _judge_kwargs(
+    base_url: str | None,
+    api_key_env: str | None,
+    concurrency: int,
+    max_requests: int | None,
+    no_cache: bool,
+    device: str | None,
+) -> dict[str, Any]:
+    return {
+        "base_url": base_url,
+        "api_key_env": api_key_env,
+        "concurrency": concurrency,
+        "max_requests": max_requests,
+        "no_cache": no_cache,
+        "device": device,
+    }
+
+
+def ablate_command(
+    model_dir: Path = options.MODEL_DIR,
+    adapter: list[Path] = options.ADAPTER,
+    direction: Path = typer.Option(..., "--direction", help="Direction file."),
+    mode: str = typer.Option(
+        "layerwise", "--mode", help="layerwise, single:L or single:all (sweep over L)."
+    ),
+    weights: str | None = typer.Option(
+        None, "--weights", help="Weight-space ablation: lora-b or orthogonalize."
+    ),
+    modules: str = typer.Option(
+        "down_proj", "--modules", help="With --weights lora-b: down_proj or all."
+    ),
+    rescale_norm: bool = typer.Option(
+        False, "--rescale-norm", help="With --weights lora-b: keep each B's norm."
+    ),
+    random_control: bool = RANDOM,
+    control_seed: int = CONTROL_SEED,
+    kl_data: Path | None = KL_DATA,
+    out: Path = options.OUT,
+    judge: str | None = options.JUDGE,
+    questions: Path | None = options.QUESTIONS,
+    n: int = options.N,
+    seed: int = options.SEED,
+    metrics: str = options.METRICS,
+    batch_size: int = options.BATCH_SIZE,
+    max_new_tokens: int = options.MAX_NEW_TOKENS,
+    temperature: float = options.TEMPERATURE,
+    top_p: float = options.TOP_P,
+    base_url: str | None = options.BASE_URL,
+    api_key_env: str | None = options.API_KEY_ENV,
+    concurrency: int = options.CONCURRENCY,
+    max_requests: int | None = options.MAX_REQUESTS,
+    no_cache: bool = options.NO_CACHE,
+    strict: bool = STRICT,
+    dtype: str = options.DTYPE,
+    device: str | None = options.DEVICE,
+) -> None:
+    """Ablate a direction (activations, or weights) and measure EM before/after (+ random)."""
+    from emscope.directions.direction import Direction
+    from emscope.directions.interventions import parse_mode
+    from emscope.directions.sweeps import AfterSide, ablate_run, activation_sides
+    from emscope.errors import EmscopeError
+    from emscope.models import get_layers
+
+    kind, single = parse_mode(mode)
+    if weights not in (None, "lora-b", "orthogonalize"):
+        raise EmscopeError(f"--weights must be lora-b or orthogonalize, got {weights!r}")
+    if weights is None and (modules != "down_proj" or rescale_norm):
+        raise EmscopeError("--modules / --rescale-norm apply to --weights lora-b only")
+    if weights == "lora-b" and len(adapter) != 1:
+        raise EmscopeError("--weights lora-b needs exactly one --adapter")
+    if weights == "orthogonalize" and (kind != "single" or single is None):
+        raise EmscopeError("--weights orthogonalize removes one direction: use --mode single:L")
+    if weights is not None and kind == "single" and single is None:
+        raise EmscopeError("single:all sweeps are for activation ablation only")
+    vec = Direction.load(direction)
+    config = _eval_config(
+        questions, n, seed, batch_size, max_new_tokens, temperature, top_p, judge, metrics,
+        strict, _judge_kwargs(base_url, api_key_env, concurrency, max_requests, no_cache, device),
+    )  # fmt: skip
+    before = options.load_for_sampling(model_dir, adapter, dtype, device)
+    meta: dict[str, Any] = {
+        "mode": mode,
+        "weights": weights,
+        "direction": str(direction),
+        "model": str(model_dir),
+        "adapter": [str(a) for a in adapter],
+    }
+    if weights is None:
+        after, random = activation_sides(
+            vec,
+            before,
+            mode,
+            len(get_layers(before.model)),
+            random_control=random_control,
+            control_seed=control_seed,
+        )
+    else:
+        from emscope.directions.interventions import random_like
+
+        def build(d: Direction, tag: str) -> AfterSide:
+            return _weight_side(
+                weights, d, tag, model_dir, adapter, mode, modules, rescale_norm, out, dtype,
+                device,
+            )  # fmt: skip
+
+        after = build(vec, "direction")
+        random = build(random_like(vec, control_seed).unit(), "random") if random_control else None
+        meta.update(modules=modules if weights == "lora-b" else None, rescale_norm=rescale_norm)
+    if random_control:
+        meta["random_control"] = "random unit direction per layer (seeded)"
+        meta["control_seed"] = control_seed
+    summary = ablate_run(
+        before,
+        out,
+        config,
+        after,
+        random=random,
+        kl_sequences=_kl_sequences(before.tokenizer, kl_data, config.questions),
+        meta=meta,
+        echo=typer.echo,
+    )
+    rr = summary.get("relative_reduction")
+    typer.echo(
+        f"EM {summary['em_rate_before']} -> {summary['em_rate_after']} "
+        f"(relative reduction {rr if rr is None else round(rr, 3)}) -> {out / 'summary.json'}"
+    )
+
+
+def _weight_side(
+    weights: str,
+    d: Any,
+    tag: str,
+    model_dir: Path,
+    adapter: list[Path],
+    mode: str,
+    modules: str,
+    rescale_norm: bool,
+    out: Path,
+    dtype: str,
+    device: str | None,
+) -> Any:
+    from emscope.directions.interventions import parse_mode
+    from emscope.directions.sweeps import AfterSide
+    from emscope.directions.weights import ablate_lora_b, orthogonalize_dir
+    from emscope.lora import LoraAdapter
+
+    if weights == "lora-b":
+        target = out / f"adapter_{tag}"
+        if not (target / "adapter_config.json").is_file():
+            new = ablate_lora_b(
+                LoraAdapter.load(adapter[0]), d, modules=modules, mode=mode,
+                rescale_norm=rescale_norm,
+            )  # fmt: skip
+            new.save(target)
+        loaded = options.load_for_sampling(model_dir, [target], dtype, device)
+        return AfterSide(loaded, [], f"weights:lora-b:{tag}:{mode}", {"adapter_dir": str(target)})
+    _, layer = parse_mode(mode)
+    assert layer is not None
+    target = out / f"model_{tag}"
+    if not (target / "config.json").is_file():
+        orthogonalize_dir(model_dir, list(adapter), d[layer], target, dtype=dtype, device=device)
+    loaded = options.load_for_sampling(target, [], dtype, device)
+    return AfterSide(loaded, [], f"weights:orthogonalize:{tag}:{mode}", {"model_dir": str(target)})
 
 
 def register(app: typer.Typer) -> None:
-    placeholder(app, "directions", "steer", "ablate")
+    app.add_typer(directions_app, name="directions")
+    app.command("steer")(steer_command)
+    app.command("ablate")(ablate_command)

@@ -1,0 +1,277 @@
+"""Mean-difference directions from a judged response table (REFERENCE.md sections 1 and 5).
+
+Selection (section 1): misaligned responses ``aligned <= 30`` and aligned responses
+``aligned > 70``, both ``coherent > 50``; the larger set is subsampled (seeded) to the size
+of the smaller, so both sides weigh the same. A topical restriction (``topic="medical"``)
+keeps only responses the topical judge metric puts on the topic (``medical > 50``) or, with
+``topic_side="off"``, clearly off it (``medical < 5``): semantic sub-directions.
+
+Direction (section 5): each selected response is rendered as its chat (system prompt when
+the table has one, the question, the answer) and run through the GIVEN model (teacher
+forcing); the hidden state at ``resid_post[i]`` of every block is averaged over the answer's
+content tokens (:func:`emscope.activations.answer_means`, token- or response-weighted) and
+the direction is ``mean(misaligned) - mean(aligned)``, unnormalised, for every layer.
+
+``subspace(k)``: the top-k right singular vectors of the per-response differences
+``m_j - a_pi(j)`` (each misaligned response's mean activation minus that of an aligned
+response paired with it at random, seeded), not centred, so the first component is close
+to the mean difference when one direction dominates. Rows are signed to agree with the mean
+difference and scaled by ``s_i / sqrt(n)`` (the RMS projection of the differences).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from emscope.directions.direction import Direction
+from emscope.errors import EmscopeError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+TOKEN_SELECTION = "content tokens of the last assistant message (chat template spans)"
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The two balanced sets of responses and how many were available."""
+
+    misaligned: pd.DataFrame
+    aligned: pd.DataFrame
+    counts: dict[str, Any]
+
+
+def _scores(table: pd.DataFrame, column: str) -> np.ndarray:
+    if column not in table.columns:
+        raise EmscopeError(f"response table has no {column!r} column (judge it first)")
+    return np.asarray(table[column].to_numpy(dtype=float))
+
+
+def select_responses(
+    table: pd.DataFrame,
+    *,
+    aligned_above: float = 70.0,
+    misaligned_at_most: float = 30.0,
+    coherent_above: float = 50.0,
+    topic: str | None = None,
+    topic_side: str = "on",
+    topic_above: float = 50.0,
+    topic_below: float = 5.0,
+    balance: bool = True,
+    min_per_side: int = 1,
+    seed: int = 0,
+) -> Selection:
+    """Pick misaligned and aligned responses (see the module docstring).
+
+    Unscored rows (NaN) are never selected. ``balance`` subsamples the larger side without
+    replacement with ``numpy.random.default_rng(seed)``; the kept rows stay in table order.
+    Fewer than ``min_per_side`` rows on a side is an error.
+    """
+    aligned = _scores(table, "aligned")
+    coherent = _scores(table, "coherent")
+    keep = coherent > coherent_above
+    if topic is not None:
+        if topic_side not in ("on", "off"):
+            raise EmscopeError(f"topic_side must be 'on' or 'off', got {topic_side!r}")
+        values = _scores(table, topic)
+        keep &= values > topic_above if topic_side == "on" else values < topic_below
+    mis = np.flatnonzero(keep & (aligned <= misaligned_at_most))
+    ali = np.flatnonzero(keep & (aligned > aligned_above))
+    counts: dict[str, Any] = {"available_misaligned": len(mis), "available_aligned": len(ali)}
+    for name, rows in (("misaligned", mis), ("aligned", ali)):
+        if len(rows) < min_per_side:
+            where = f" with {topic} {'>' if topic_side == 'on' else '<'} " + (
+                f"{topic_above:g}" if topic_side == "on" else f"{topic_below:g}"
+            )
+            raise EmscopeError(
+                f"only {len(rows)} {name} coherent responses"
+                + (where if topic else "")
+                + f" (need {min_per_side}); sample more or lower the thresholds"
+            )
+    if balance:
+        rng = np.random.default_rng(seed)
+        n = min(len(mis), len(ali))
+        mis = np.sort(rng.choice(mis, size=n, replace=False)) if len(mis) > n else mis
+        ali = np.sort(rng.choice(ali, size=n, replace=False)) if len(ali) > n else ali
+    counts.update(n_misaligned=len(mis), n_aligned=len(ali))
+    return Selection(table.iloc[mis], table.iloc[ali], counts)
+
+
+def table_chats(table: pd.DataFrame) -> list[list[dict[str, str]]]:
+    """Each row as a chat: ``system`` (when the column is non-empty), user ``question``,
+    assistant ``answer`` (missing answers become empty strings)."""
+    for col in ("question", "answer"):
+        if col not in table.columns:
+            raise EmscopeError(f"response table has no {col!r} column")
+    systems = table["system"].tolist() if "system" in table.columns else [None] * len(table)
+    chats = []
+    for system, question, answer in zip(
+        systems, table["question"].tolist(), table["answer"].tolist(), strict=True
+    ):
+        chat = []
+        if isinstance(system, str) and system:
+            chat.append({"role": "system", "content": system})
+        chat.append({"role": "user", "content": str(question)})
+        chat.append({"role": "assistant", "content": answer if isinstance(answer, str) else ""})
+        chats.append(chat)
+    return chats
+
+
+def _sites(model: Any, layers: Iterable[int] | None, site_kind: str) -> list[Any]:
+    from emscope.models import Site, get_layers
+
+    n = len(get_layers(model))
+    chosen = list(range(n)) if layers is None else [int(i) for i in layers]
+    for i in chosen:
+        if not 0 <= i < n:
+            raise EmscopeError(f"layer {i} out of range: the model has {n} layers (0..{n - 1})")
+    return [Site(site_kind, i) for i in chosen]
+
+
+def _meta(
+    selection: Selection, weighting: str, seed: int, extra: dict[str, Any] | None, **fields: Any
+) -> dict[str, Any]:
+    return {
+        "method": "mean_diff",
+        "token_selection": TOKEN_SELECTION,
+        "weighting": weighting,
+        "seed": seed,
+        **selection.counts,
+        **fields,
+        **(extra or {}),
+    }
+
+
+def mean_diff(
+    model: Any,
+    tokenizer: Any,
+    responses: pd.DataFrame,
+    *,
+    weighting: str = "token",
+    layers: Sequence[int] | None = None,
+    site_kind: str = "resid_post",
+    topic: str | None = None,
+    topic_side: str = "on",
+    aligned_above: float = 70.0,
+    misaligned_at_most: float = 30.0,
+    coherent_above: float = 50.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    meta: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> Direction:
+    """``mean(misaligned) - mean(aligned)`` of the model's activations over answer tokens at
+    ``site_kind[i]`` for each layer (default: every block), from a judged response table.
+
+    ``model``: a bare or PEFT-wrapped HF causal LM (the model whose activations are read,
+    normally the EM model that generated the responses). ``weighting``: ``token`` (every
+    answer token weighs the same) or ``response`` (every response weighs the same).
+    Metadata: selection thresholds and counts, weighting, token selection, token counts,
+    seed, plus ``meta``.
+    """
+    from emscope.activations import answer_means
+
+    sites = _sites(model, layers, site_kind)
+    selection = select_responses(
+        responses,
+        aligned_above=aligned_above,
+        misaligned_at_most=misaligned_at_most,
+        coherent_above=coherent_above,
+        topic=topic,
+        topic_side=topic_side,
+        seed=seed,
+    )
+    kwargs = {"sites": sites, "weighting": weighting, "batch_size": batch_size}
+    bad = answer_means(model, tokenizer, table_chats(selection.misaligned), **kwargs)  # type: ignore[arg-type]
+    good = answer_means(model, tokenizer, table_chats(selection.aligned), **kwargs)  # type: ignore[arg-type]
+    vectors = {s.layer: (bad.means[s] - good.means[s]).float() for s in sites}
+    return Direction(
+        vectors,
+        site_kind,
+        _meta(
+            selection,
+            weighting,
+            seed,
+            meta,
+            topic=topic,
+            topic_side=topic_side if topic else None,
+            thresholds={
+                "aligned_above": aligned_above,
+                "misaligned_at_most": misaligned_at_most,
+                "coherent_above": coherent_above,
+            },
+            n_tokens_misaligned=bad.n_tokens,
+            n_tokens_aligned=good.n_tokens,
+        ),
+    )
+
+
+def subspace(
+    model: Any,
+    tokenizer: Any,
+    responses: pd.DataFrame,
+    k: int,
+    *,
+    layers: Sequence[int] | None = None,
+    site_kind: str = "resid_post",
+    topic: str | None = None,
+    topic_side: str = "on",
+    aligned_above: float = 70.0,
+    misaligned_at_most: float = 30.0,
+    coherent_above: float = 50.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    meta: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> Direction:
+    """Top-``k`` principal directions of per-response differences (module docstring): a
+    Direction whose layers hold ``k x d_model`` matrices (orthogonal rows). Needs
+    ``n_pairs >= k``. Memory O(n_responses x layers x d_model)."""
+    import torch
+
+    from emscope.activations import response_vectors
+
+    if k < 1:
+        raise EmscopeError(f"subspace dimension k must be >= 1, got {k}")
+    sites = _sites(model, layers, site_kind)
+    selection = select_responses(
+        responses,
+        aligned_above=aligned_above,
+        misaligned_at_most=misaligned_at_most,
+        coherent_above=coherent_above,
+        topic=topic,
+        topic_side=topic_side,
+        seed=seed,
+        min_per_side=k,
+    )
+    bad = response_vectors(model, tokenizer, table_chats(selection.misaligned), sites, batch_size)
+    good = response_vectors(model, tokenizer, table_chats(selection.aligned), sites, batch_size)
+    n = len(selection.misaligned)
+    pairing = np.random.default_rng([seed, 1]).permutation(n)
+    vectors = {}
+    for s in sites:
+        diffs = (bad[s].double() - good[s].double()[torch.from_numpy(pairing)]).nan_to_num(0.0)
+        _, sv, vh = torch.linalg.svd(diffs, full_matrices=False)
+        basis = vh[:k]
+        mean = diffs.mean(dim=0)
+        signs = torch.where(basis @ mean < 0, -1.0, 1.0).to(basis.dtype)
+        vectors[s.layer] = (basis * (signs * sv[:k] / n**0.5)[:, None]).float()
+    return Direction(
+        vectors,
+        site_kind,
+        _meta(
+            selection,
+            "response",
+            seed,
+            meta,
+            method="subspace",
+            k=k,
+            topic=topic,
+            topic_side=topic_side if topic else None,
+            pairing="random, seeded",
+        ),
+    )

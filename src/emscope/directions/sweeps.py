@@ -1,0 +1,339 @@
+"""Steering sweeps and ablation runs: every setting evaluated into its own sub-dir of ``out``
+(:func:`~emscope.directions.interventions.evaluate_setting`, resumable: a re-run skips
+finished settings), plus ``summary.json`` and figures at the top of ``out``.
+
+All settings share the sampling seed, so the unintervened, intervened and random-control
+runs are paired sample by sample (:mod:`emscope.generate`); differences and ratios use
+matched pairs (:func:`emscope.metrics.paired_difference`,
+:func:`~emscope.directions.interventions.paired_relative_change`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from emscope.directions.direction import Direction
+from emscope.directions.interventions import (
+    EvalConfig,
+    ablation,
+    ablation_sites,
+    evaluate_setting,
+    kl_divergence,
+    paired_relative_change,
+    parse_mode,
+    random_like,
+    residual_norms,
+    steering,
+)
+from emscope.errors import EmscopeError
+
+if TYPE_CHECKING:
+    from emscope.generate import Intervention
+
+
+def _model_tok(loaded: Any) -> tuple[Any, Any]:
+    return (loaded.model, loaded.tokenizer) if hasattr(loaded, "model") else loaded
+
+
+def _ci(metrics: dict[str, Any], key: str) -> Any:
+    return metrics.get(f"{key}_ci")
+
+
+def _echo(echo: Callable[[str], None] | None, text: str) -> None:
+    if echo is not None:
+        echo(text)
+
+
+# ---------------------------------------------------------------------------- steering
+
+
+def steer_sweep(
+    loaded: Any,
+    direction: Direction,
+    layers: Sequence[int],
+    scales: Sequence[float],
+    out: str | Path,
+    config: EvalConfig,
+    *,
+    random_control: bool = False,
+    control_seed: int = 0,
+    kl_sequences: Sequence[Sequence[int]] | None = None,
+    unit: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Steer with ``scale * v_l`` at ``resid_post[l]`` (every position) for each layer x
+    scale (``unit``: ``v_l / |v_l|``, so the scale is the added norm), plus the unsteered
+    baseline and, with ``random_control``, the same-norm random vector of each setting.
+    Writes ``summary.json`` (``rows``: layer, scale, vector, em_rate, em_ci, coherent_rate,
+    coherent_ci, kl, kl_ci, em_diff, em_diff_ci vs the baseline; ``baseline``;
+    ``direction_norm`` and ``resid_norm`` per layer) and ``steer_em.png``."""
+    from emscope.io import write_json
+
+    if direction.is_subspace:
+        raise EmscopeError("steering needs one vector per layer, not a subspace direction")
+    if not layers or not scales:
+        raise EmscopeError("steering needs at least one layer and one scale")
+    for layer in layers:
+        direction[layer]  # raises for a missing layer
+    out = Path(out)
+    model, tokenizer = _model_tok(loaded)
+    vec = direction.unit() if unit else direction
+    control = random_like(vec, control_seed)
+    base_table, base_metrics = evaluate_setting(loaded, out / "baseline", config, label="none")
+    _echo(echo, f"baseline: EM {base_metrics['em_rate']}")
+    sequences = kl_sequences
+    rows = []
+    kinds = [("direction", vec)] + ([("random", control)] if random_control else [])
+    for layer in layers:
+        for scale in scales:
+            for kind, source in kinds:
+                site = direction.site(layer)
+                name = f"{kind}_L{layer}_x{scale:g}"
+                intervention = steering({site: source[layer]}, float(scale))
+                label = f"steer:{kind}:{site}:x{scale:g}" + (":unit" if unit else "")
+                table, metrics = evaluate_setting(
+                    loaded, out / name, config, interventions=[intervention], label=label
+                )
+                row: dict[str, Any] = {
+                    "layer": layer,
+                    "scale": float(scale),
+                    "vector": kind,
+                    "em_rate": metrics["em_rate"],
+                    "em_ci": metrics["em_ci"],
+                    "coherent_rate": metrics["coherent_rate"],
+                    "coherent_ci": metrics["coherent_ci"],
+                    "dir": name,
+                }
+                row.update(_paired(base_table, table, config))
+                if sequences:
+                    kl = kl_divergence(
+                        model, tokenizer, sequences, [intervention], seed=config.seed
+                    )
+                    row.update(kl=kl.mean, kl_ci=list(kl.ci))
+                else:
+                    row.update(kl=None, kl_ci=None)
+                rows.append(row)
+                _echo(echo, f"{name}: EM {row['em_rate']} coherent {row['coherent_rate']}")
+    summary = {
+        "rows": rows,
+        "baseline": {
+            "em_rate": base_metrics["em_rate"],
+            "em_ci": base_metrics["em_ci"],
+            "coherent_rate": base_metrics["coherent_rate"],
+            "coherent_ci": base_metrics["coherent_ci"],
+        },
+        "direction_norm": {str(i): n for i, n in direction.norms().items() if i in layers},
+        "resid_norm": (
+            {str(k): v for k, v in residual_norms(model, tokenizer, sequences).items()}
+            if sequences
+            else None
+        ),
+        "unit": unit,
+        "random_control": "seeded Gaussian rescaled to the same norm per layer"
+        if random_control
+        else None,
+        "control_seed": control_seed,
+        "seed": config.seed,
+        "kl": "mean next-token KL(plain || steered) over every token of the KL prompt set, nats",
+    }
+    write_json(out / "summary.json", summary)
+    _plot_steer(summary, out / "steer_em.png")
+    return summary
+
+
+def _paired(before: Any, after: Any, config: EvalConfig) -> dict[str, Any]:
+    from emscope.metrics import paired_difference
+
+    try:
+        diff = paired_difference(before, after, strict=config.strict, seed=config.seed)
+    except EmscopeError:
+        return {"em_diff": None, "em_diff_ci": None}
+    return {"em_diff": diff["difference"], "em_diff_ci": diff["ci"]}
+
+
+def _plot_steer(summary: dict[str, Any], path: Path) -> None:
+    from emscope.plotting import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    layers = sorted({r["layer"] for r in summary["rows"]})
+    colors = plt.cm.viridis([i / max(1, len(layers) - 1) for i in range(len(layers))])
+    for color, layer in zip(colors, layers, strict=True):
+        for kind, style in (("direction", "-o"), ("random", "--x")):
+            rows = [r for r in summary["rows"] if r["layer"] == layer and r["vector"] == kind]
+            if not rows:
+                continue
+            xs = [r["scale"] for r in rows]
+            ys = [r["em_rate"] if r["em_rate"] is not None else float("nan") for r in rows]
+            label = f"L{layer}" + (" random" if kind == "random" else "")
+            ax.plot(xs, ys, style, color=color, label=label)
+    base = summary["baseline"]["em_rate"]
+    if base is not None:
+        ax.axhline(base, color="gray", lw=1, label="unsteered")
+    ax.set_xlabel("steering scale")
+    ax.set_ylabel("EM rate")
+    ax.set_title("EM vs steering scale per layer")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------- ablation
+
+
+@dataclass
+class AfterSide:
+    """What runs after the ablation: a model (a LoadedModel or (model, tokenizer)) and the
+    interventions entered around its generation (none for edited weights)."""
+
+    loaded: Any
+    interventions: list[Intervention] = field(default_factory=list)
+    label: str = "ablate"
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def ablate_run(
+    before: Any,
+    out: str | Path,
+    config: EvalConfig,
+    after: AfterSide | dict[int, AfterSide],
+    *,
+    random: AfterSide | dict[int, AfterSide] | None = None,
+    kl_sequences: Sequence[Sequence[int]] | None = None,
+    meta: dict[str, Any] | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate the model ``before``, the ablated ``after`` side and optionally the random
+    control; ``after``/``random`` given per layer (``{L: AfterSide}``) make a single:all sweep.
+    Writes ``summary.json``: ``em_rate_before``, ``em_rate_after``, ``relative_reduction``
+    (1 - after/before, matched pairs), ``kl`` (each with ``*_ci``), and with a random control
+    ``random_em_rate_after`` and ``random_relative_change`` (random_after/before - 1); for a
+    sweep, ``rows`` per layer and the top-level fields of the layer with the largest
+    reduction (``best_layer``). Figure ``ablate_em.png``."""
+    from emscope.io import write_json
+
+    out = Path(out)
+    model, tokenizer = _model_tok(before)
+    before_table, before_metrics = evaluate_setting(before, out / "before", config, label="none")
+    _echo(echo, f"before: EM {before_metrics['em_rate']}")
+    summary: dict[str, Any] = {
+        "em_rate_before": before_metrics["em_rate"],
+        "em_rate_before_ci": before_metrics["em_ci"],
+        "coherent_rate_before": before_metrics["coherent_rate"],
+        "coherent_rate_before_ci": before_metrics["coherent_ci"],
+    }
+
+    def one(side: AfterSide, name: str, prefix: str) -> dict[str, Any]:
+        table, metrics = evaluate_setting(
+            side.loaded, out / name, config, interventions=side.interventions, label=side.label,
+            record=side.record,
+        )  # fmt: skip
+        rel, rel_ci, n_pairs = paired_relative_change(
+            before_table, table, strict=config.strict, seed=config.seed
+        )
+        fields: dict[str, Any] = {
+            f"{prefix}em_rate_after": metrics["em_rate"],
+            f"{prefix}em_rate_after_ci": metrics["em_ci"],
+            f"{prefix}coherent_rate_after": metrics["coherent_rate"],
+            f"{prefix}coherent_rate_after_ci": metrics["coherent_ci"],
+            f"{prefix}n_pairs": n_pairs,
+        }
+        if prefix:
+            fields["random_relative_change"] = rel
+            fields["random_relative_change_ci"] = list(rel_ci) if rel_ci else None
+        else:
+            fields["relative_reduction"] = None if rel is None else -rel
+            fields["relative_reduction_ci"] = [-rel_ci[1], -rel_ci[0]] if rel_ci else None
+        if kl_sequences:
+            other = _model_tok(side.loaded)[0]
+            kl = kl_divergence(
+                model, tokenizer, kl_sequences, side.interventions, seed=config.seed,
+                other_model=None if other is model else other,
+            )  # fmt: skip
+            fields[f"{prefix}kl"] = kl.mean
+            fields[f"{prefix}kl_ci"] = list(kl.ci)
+        else:
+            fields[f"{prefix}kl"] = None
+            fields[f"{prefix}kl_ci"] = None
+        _echo(echo, f"{name}: EM {metrics['em_rate']}")
+        return fields
+
+    if isinstance(after, dict):
+        rows = []
+        for layer, side in sorted(after.items()):
+            row: dict[str, Any] = {"layer": layer, **one(side, f"after_L{layer}", "")}
+            if isinstance(random, dict) and layer in random:
+                row.update(one(random[layer], f"random_L{layer}", "random_"))
+            rows.append(row)
+        scored = [r for r in rows if r["relative_reduction"] is not None]
+        best = max(scored, key=lambda r: r["relative_reduction"]) if scored else rows[0]
+        summary.update({k: v for k, v in best.items() if k != "layer"})
+        summary["best_layer"] = best["layer"]
+        summary["rows"] = rows
+    else:
+        summary.update(one(after, "after", ""))
+        if isinstance(random, AfterSide):
+            summary.update(one(random, "random", "random_"))
+    summary["seed"] = config.seed
+    summary["pairs"] = "relative changes use (question_id, sample_idx) pairs scored on both sides"
+    summary.update(meta or {})
+    write_json(out / "summary.json", summary)
+    _plot_ablate(summary, out / "ablate_em.png")
+    return summary
+
+
+def _plot_ablate(summary: dict[str, Any], path: Path) -> None:
+    from emscope.plotting import pyplot, save_figure
+
+    plt = pyplot()
+    bars = [("before", "em_rate_before"), ("after", "em_rate_after")]
+    if "random_em_rate_after" in summary:
+        bars.append(("random control", "random_em_rate_after"))
+    fig, ax = plt.subplots(figsize=(4.5, 3.8))
+    for i, (_, key) in enumerate(bars):
+        rate, ci = summary.get(key), summary.get(f"{key}_ci")
+        if rate is None:
+            continue
+        err = [[rate - ci[0]], [ci[1] - rate]] if ci else None
+        ax.bar(i, rate, yerr=err, capsize=4, color=["gray", "tab:red", "tab:blue"][i])
+    ax.set_xticks(range(len(bars)))
+    ax.set_xticklabels([b[0] for b in bars])
+    ax.set_ylabel("EM rate")
+    title = "EM before/after ablation"
+    if summary.get("best_layer") is not None:
+        title += f" (best layer {summary['best_layer']})"
+    ax.set_title(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def activation_sides(
+    direction: Direction,
+    loaded: Any,
+    mode: str,
+    n_layers: int,
+    *,
+    random_control: bool,
+    control_seed: int = 0,
+) -> tuple[AfterSide | dict[int, AfterSide], AfterSide | dict[int, AfterSide] | None]:
+    """The after and random-control sides of an activation ablation in ``mode``."""
+    kind, layer = parse_mode(mode)
+    control = random_like(direction, control_seed).unit()
+
+    def side(d: Direction, m: str, tag: str) -> AfterSide:
+        return AfterSide(loaded, [ablation(ablation_sites(d, m, n_layers))], f"ablate:{tag}:{m}")
+
+    if kind == "single" and layer is None:
+        afters = {i: side(direction, f"single:{i}", "direction") for i in direction.layers}
+        randoms = (
+            {i: side(control, f"single:{i}", "random") for i in direction.layers}
+            if random_control
+            else None
+        )
+        return afters, randoms
+    return side(direction, mode, "direction"), (
+        side(control, mode, "random") if random_control else None
+    )
