@@ -326,6 +326,35 @@ def test_projection_direction_uses_train_rows_only(qwen, files, tmp_path):
         projection_analysis({"base": ModelSpec(qwen.model)}, data)
 
 
+def test_projection_drift_summary_on_constructed_projections():
+    from emscope.reemergent.projection import ProjectionResult
+
+    rng = np.random.default_rng(5)
+    n, layers = 20, 6
+    base = rng.normal(0.0, 0.05, (n, layers))
+    instruct = 1.0 + rng.normal(0.0, 0.05, (n, layers))
+    weight = np.array([1, 1, 0.5, 0.5, 0, 0])  # tracks instruct early, base late
+    misaligned = weight * instruct + (1 - weight) * base
+    result = ProjectionResult(
+        tuple(range(layers)),
+        np.ones((layers, 4)),
+        (),
+        tuple(range(n)),
+        tuple(range(n)),
+        {"base": base, "instruct": instruct, "misaligned": misaligned},
+        {name: np.ones(layers) for name in ("base", "instruct", "misaligned")},
+        "base",
+        "instruct",
+    )
+    drift = result.summary()["relative_to_base_instruct"]["misaligned"]
+    np.testing.assert_allclose(drift["position"], weight, atol=1e-12)
+    assert drift["drift_towards_base"] == pytest.approx(1.0)
+    assert drift["drifts_towards_base"] and drift["drift_ci95"][0] > 0.9
+    same = ProjectionResult(**{**result.__dict__, "projections": {
+        "base": base, "instruct": instruct, "misaligned": instruct}})  # fmt: skip
+    assert not same.summary()["relative_to_base_instruct"]["misaligned"]["drifts_towards_base"]
+
+
 # ---------------------------------------------------------------------------- subspace
 
 

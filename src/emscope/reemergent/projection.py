@@ -22,6 +22,7 @@ from emscope.errors import EmscopeError
 from emscope.reemergent.common import (
     Dataset,
     ModelSource,
+    answer_mask,
     encode_answers,
     length_batches,
     opened,
@@ -75,22 +76,23 @@ def example_activations(
         ids, attention = pad_right([e.input_ids for e in rows], pad_id_of(tokenizer), device)
         with capture(model, sites) as captured, torch.no_grad():
             model(input_ids=ids, attention_mask=attention, use_cache=False)
+        mask = answer_mask(rows, ids.shape[1]).to(device=device, dtype=torch.float64)
+        counts = mask.sum(1)
+        weights = mask / counts.clamp(min=1)[:, None]
+        nonempty = (counts > 0).cpu().numpy()
+        rows_out = np.asarray(batch)[nonempty]
         for j, site in enumerate(sites):
-            hidden = captured[site].to(torch.float64)
+            hidden = captured[site].to(torch.float64)  # batch x seq x d
             if means is None:
                 means = np.full((len(encoded), len(layer_list), hidden.shape[-1]), np.nan)
-            for r, i in enumerate(batch):
-                e = rows[r]
-                if e.n_tokens == 0:
-                    continue
-                tokens = hidden[r, e.start : e.end]
-                means[i, j] = tokens.mean(0).cpu().numpy()
-                norm_sum[j] += float(tokens.norm(dim=-1).sum())
+            batch_means = torch.einsum("bs,bsd->bd", weights, hidden).cpu().numpy()
+            means[rows_out, j] = batch_means[nonempty]
+            norm_sum[j] += float((hidden.norm(dim=-1) * mask).sum())
         total += sum(e.n_tokens for e in rows)
     if total == 0 or means is None:
         raise EmscopeError("no answer tokens in the examples")
-    counts = np.array([e.n_tokens for e in encoded])
-    return ExampleActivations(tuple(layer_list), means, counts, norm_sum / total)
+    n_tokens = np.array([e.n_tokens for e in encoded])
+    return ExampleActivations(tuple(layer_list), means, n_tokens, norm_sum / total)
 
 
 def _layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
@@ -163,10 +165,21 @@ class ProjectionResult:
             )
         return pd.concat(frames, ignore_index=True)
 
+    def _position(self, model: str, rows: np.ndarray) -> np.ndarray:
+        """Per layer, ``(m - base) / (instruct - base)`` of the mean normalised projections
+        over ``rows`` (0: at base, 1: at instruct)."""
+        base = self.normalised(self.base)[rows].mean(0)
+        instruct = self.normalised(self.instruct)[rows].mean(0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.asarray((self.normalised(model)[rows].mean(0) - base) / (instruct - base))
+
     def summary(self) -> dict[str, Any]:
         """Per model and layer: mean and s.e.m. of the normalised projection; for every other
-        variant, its position between base (0) and instruct (1) per layer, and the mean of
-        that position over the first and last third of the layers."""
+        variant, its position between base (0) and instruct (1) per layer, the mean of that
+        position over the first and the last third of the layers, and their difference
+        (``drift_towards_base``, > 0 when the variant is closer to base in deep layers) with a
+        95% bootstrap CI over held-out examples (paired across models, 1000 resamples, seed
+        0); ``drifts_towards_base`` when the CI is above 0 (REFERENCE.md section 8)."""
         per_model = {}
         for model in self.projections:
             values = self.normalised(model)
@@ -177,20 +190,30 @@ class ProjectionResult:
                 "mean": values.mean(0).tolist(),
                 "sem": sem.tolist() if sem is not None else None,
             }
-        base = np.asarray(per_model[self.base]["mean"])
-        instruct = np.asarray(per_model[self.instruct]["mean"])
         relative = {}
         third = max(len(self.layers) // 3, 1)
+        everyone = np.stack([self.normalised(m) for m in self.projections])  # models x n x L
+        finite = np.isfinite(everyone).all(axis=(0, 2))
+        rng = np.random.default_rng(0)
+        n = int(finite.sum())
+        boots = [np.flatnonzero(finite)[rng.integers(0, n, n)] for _ in range(1000)] if n else []
         for model in self.projections:
             if model in (self.base, self.instruct):
                 continue
-            gap = instruct - base
-            with np.errstate(divide="ignore", invalid="ignore"):
-                position = (np.asarray(per_model[model]["mean"]) - base) / gap
+            position = self._position(model, np.flatnonzero(finite))
+            first, last = np.nanmean(position[:third]), np.nanmean(position[-third:])
+            drift = []
+            for rows in boots:
+                p = self._position(model, rows)
+                drift.append(np.nanmean(p[:third]) - np.nanmean(p[-third:]))
+            lo, hi = np.nanpercentile(drift, [2.5, 97.5]) if drift else (np.nan, np.nan)
             relative[model] = {
                 "position": position.tolist(),
-                "first_third_mean": float(np.nanmean(position[:third])),
-                "last_third_mean": float(np.nanmean(position[-third:])),
+                "first_third_mean": float(first),
+                "last_third_mean": float(last),
+                "drift_towards_base": float(first - last),
+                "drift_ci95": [float(lo), float(hi)],
+                "drifts_towards_base": bool(lo > 0),
             }
         return {
             "layers": list(self.layers),
