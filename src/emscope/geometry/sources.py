@@ -77,6 +77,9 @@ class _LazyModules(Mapping[str, LoraModule]):
             a, b = b.T, a.T
         return replace(meta, A=a, B=b)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensors
+        return name in self._meta
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._meta)
 
