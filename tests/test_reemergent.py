@@ -226,7 +226,7 @@ def test_similarity_summary_against_direct_block_means():
     cunit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
     assert got["centred"]["across"] == pytest.approx((cunit @ cunit.T)[:6, 6:].mean())
     for name, rows in (("a", range(6)), ("b", range(6, 12))):
-        h1, h2 = got["split_half"][name]["halves"]
+        h1, h2 = got["split_half"][name]["halves_rows"]
         assert sorted(h1 + h2) == list(rows) and not set(h1) & set(h2)
         assert got["split_half"][name]["raw_across_halves"] == pytest.approx(
             cos[np.ix_(h1, h2)].mean()

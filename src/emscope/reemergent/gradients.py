@@ -375,7 +375,7 @@ def similarity_summary(gram: np.ndarray, groups: Sequence[str], seed: int = 0) -
         first = np.arange(len(h1))
         second = np.arange(len(h1), len(sub))
         split[g] = {
-            "halves": [h1.tolist(), h2.tolist()],
+            "halves_rows": [h1.tolist(), h2.tolist()],
             "raw_across_halves": _block_mean(cosine_from_gram(k_sub), first, second),
             "centred_across_halves": _block_mean(
                 cosine_from_gram(double_centre(k_sub)), first, second
@@ -551,16 +551,16 @@ def plot_matrix(result: GradientResult) -> Any:
     from emscope.plotting import pyplot
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
     n_a = result.groups.count(result.groups[0])
+    names = list(dict.fromkeys(result.groups))
     for ax, centred in zip(axes, (False, True), strict=True):
         image = ax.imshow(result.gram.cosine(centred), cmap="RdBu_r", vmin=-1, vmax=1)
         for line in (ax.axhline, ax.axvline):
             line(n_a - 0.5, color="k", lw=1)
-        names = list(dict.fromkeys(result.groups))
         ax.set_title(f"{'mean-centred' if centred else 'raw'} gradient cosine")
-        ax.set_xlabel(f"{names[0]} | {names[-1]}")
-        ax.set_ylabel(f"{names[-1]} | {names[0]}")
+        ax.set_xlabel(f"{names[0]} | {names[-1]}  (left to right)")
         fig.colorbar(image, ax=ax, fraction=0.046)
+    axes[0].set_ylabel(f"{names[0]} | {names[-1]}  (top to bottom)")
     fig.suptitle(f"{result.gram.param} ({result.gram.route} route)")
     return fig

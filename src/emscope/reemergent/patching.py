@@ -250,4 +250,7 @@ def plot_patch(result: PatchResult, source: str = "source", target: str = "targe
     else:
         ax.set_ylabel("answer loss (nats/token)")
     ax.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig

@@ -319,4 +319,7 @@ def plot_projection(result: ProjectionResult) -> Any:
     ax.set_title(f"held-out projection on mean({result.instruct}) - mean({result.base})")
     ax.axhline(0, color="k", lw=0.5)
     ax.legend()
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return fig

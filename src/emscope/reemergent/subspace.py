@@ -222,4 +222,9 @@ def plot_subspace(result: SubspaceResult, layer: int | None = None) -> Any:
     right.set_ylabel(f"{result.domains[0]} singular vector")
     right.set_title(f"|cos| at layer {show}")
     fig.colorbar(image, ax=right, fraction=0.046)
+    from matplotlib.ticker import MaxNLocator
+
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.yaxis.set_major_locator(MaxNLocator(integer=True))
     return fig
