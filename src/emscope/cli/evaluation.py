@@ -30,11 +30,13 @@ def sample_command(
     top_p: float = options.TOP_P,
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
+    scale_adapter: list[str] = options.SCALE_ADAPTER,
 ) -> None:
     """Sample answers to a question set; writes responses.parquet/.csv and run.json."""
     opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    scales = options.parse_scale_adapter(scale_adapter)
     qs = options.load_question_set(questions)
-    table = _sample(model_dir, adapter, out, qs, opts, dtype, device)
+    table = _sample(model_dir, adapter, out, qs, opts, dtype, device, scales)
     typer.echo(f"{len(table)} responses in {out / 'responses.parquet'}")
 
 
@@ -46,12 +48,23 @@ def _sample(
     opts: options.SamplingOptions,
     dtype: str,
     device: str | None,
+    scales: dict[str | int, float] | None = None,
 ) -> Any:
     from emscope.generate import sample_to_dir
 
     record = {"model_dir": str(model_dir), "adapter_dirs": [str(a) for a in adapters]}
     loaded = options.load_for_sampling(model_dir, adapters, dtype, device)
-    return sample_to_dir(loaded, qs, out, opts.n, record=record, **opts.kwargs())
+    interventions, label = options.scale_adapter_interventions(loaded, scales or {})
+    return sample_to_dir(
+        loaded,
+        qs,
+        out,
+        opts.n,
+        record=record,
+        interventions=interventions,
+        intervention_label=label,
+        **opts.kwargs(),
+    )
 
 
 def _judge_dir(
@@ -145,6 +158,7 @@ def eval_command(
     ),
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
+    scale_adapter: list[str] = options.SCALE_ADAPTER,
 ) -> None:
     """Sample, judge and compute EM metrics (metrics.json, em_by_question.png)."""
     from emscope.errors import EmscopeError
@@ -155,6 +169,7 @@ def eval_command(
     if not judge:
         raise EmscopeError("eval needs --judge (openai:MODEL, hf:DIR or oracle:DIR)")
     opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    scales = options.parse_scale_adapter(scale_adapter)
     qs = options.load_question_set(questions)
     judge_obj = options.build_judge(
         judge,
@@ -166,6 +181,7 @@ def eval_command(
         device=device,
     )
     loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
+    interventions, intervention_label = options.scale_adapter_interventions(loaded, scales)
     label = "+".join([model_dir.name, *(a.name for a in adapter)])
     result = evaluate_to_dir(
         loaded,
@@ -175,6 +191,8 @@ def eval_command(
         metrics=metric_list,
         n=opts.n,
         record={"model_dir": str(model_dir), "adapter_dirs": [str(a) for a in adapter]},
+        interventions=interventions,
+        intervention_label=intervention_label,
         strict=strict,
         recognition=recognition,
         title=f"EM rate per question: {label}",

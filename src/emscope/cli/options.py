@@ -47,6 +47,12 @@ NO_CACHE = typer.Option(False, "--no-cache", help="Do not read or write the judg
 OUT = typer.Option(..., "--out", help="Output dir (resumable: re-run to continue).")
 DTYPE = typer.Option("auto", "--dtype", help="Model dtype: auto, float32, bfloat16, float16.")
 DEVICE = typer.Option(None, "--device", help="Device (default: cuda if available, else cpu).")
+SCALE_ADAPTER = typer.Option(
+    [],
+    "--scale-adapter",
+    help="MODULE_OR_LAYER=FACTOR: multiply the LoRA B of that module path (or of every adapted "
+    "module of that layer index) by FACTOR while sampling; repeatable.",
+)
 
 
 @dataclass(frozen=True)
@@ -145,3 +151,23 @@ def build_judge(
         cache=not no_cache,
         device=device,
     )
+
+
+def parse_scale_adapter(specs: list[str]) -> dict[str | int, float]:
+    """``--scale-adapter`` values as ``{module path or layer index: factor}``."""
+    from emscope.probing.scaling import parse_scales
+
+    return parse_scales(specs)
+
+
+def scale_adapter_interventions(
+    loaded: LoadedModel, scales: dict[str | int, float]
+) -> tuple[list[Any], str]:
+    """Interventions and intervention label for ``--scale-adapter`` (checked against the
+    loaded model's adapters first: an unmatched selector fails before any sampling)."""
+    if not scales:
+        return [], ""
+    from emscope.probing.scaling import adapter_scaling, resolve_scales, scales_label
+
+    resolve_scales(loaded.model, scales)
+    return [adapter_scaling(scales)], scales_label(scales)

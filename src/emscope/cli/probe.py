@@ -1,11 +1,220 @@
-"""``emscope probe``, ``emscope dynamics``: not implemented yet (see pending.ISSUES)."""
+"""``emscope probe scalars``, ``emscope probe fit``, ``emscope dynamics``: reading rank-1
+adapters (hidden scalars per answer token, probes on them) and training dynamics over
+checkpoints. See ``docs/probing.md``."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
-from emscope.cli.pending import placeholder
+from emscope.cli import options
+
+
+def scalars_command(
+    model_dir: Path = options.MODEL_DIR,
+    adapter: Path = typer.Option(
+        ..., "--adapter", help="PEFT adapter dir (DIR@STEP for a checkpoint) whose A x to read."
+    ),
+    responses: Path = typer.Option(
+        ..., "--responses", help="Run dir with responses.parquet (or a .parquet/.csv table)."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output table FILE.parquet (+ .csv, .json)."),
+    batch_size: int = typer.Option(16, "--batch-size", help="Chats per forward pass."),
+    dtype: str = options.DTYPE,
+    device: str | None = options.DEVICE,
+) -> None:
+    """Per answer token, the hidden scalar A x of each adapter module (a parquet table)."""
+    from emscope.errors import EmscopeError
+    from emscope.io import read_table, write_json, write_table
+    from emscope.models import adapter_label, load_model, resolve_adapter_dir
+    from emscope.probing import lora_scalars
+
+    if out.suffix != ".parquet":
+        raise EmscopeError(f"--out {out}: expected a FILE.parquet path")
+    table = read_table(responses, "responses")
+    adapter_dir = resolve_adapter_dir(adapter)
+    loaded = load_model(model_dir, [str(adapter_dir)], dtype=dtype, device=device)
+    scalars = lora_scalars(
+        loaded, adapter_label(adapter_dir), table, batch_size=batch_size, progress=True
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_table(scalars, out.parent, out.stem)
+    write_json(
+        out.with_suffix(".json"),
+        {
+            "model_dir": str(model_dir),
+            "adapter_dir": str(adapter_dir),
+            "responses": str(responses),
+            "modules": scalars.attrs.get("modules", {}),
+            "n_responses": int(scalars["response_id"].nunique()),
+            "n_tokens": len(scalars),
+            "scalar": "A x per answer token (PEFT lora_A output; the scale s not applied)",
+        },
+    )
+    typer.echo(
+        f"{len(scalars)} answer tokens of {scalars['response_id'].nunique()} responses, "
+        f"{len(scalars.attrs.get('modules', {}))} scalars -> {out}"
+    )
+
+
+def fit_command(
+    table: Path = typer.Argument(..., help="Scalar table from 'emscope probe scalars'."),
+    out: Path = typer.Option(..., "--out", help="Output dir (probe.json, coefficients.png)."),
+    tests: str = typer.Option("all", "--tests", help="'all' or comma-separated test names."),
+    c: float = typer.Option(0.01, "--C", help="Inverse L1 strength of the logistic regression."),
+    seeds: int = typer.Option(10, "--seeds", help="Repeats (seeds 0..N-1) of split and fit."),
+    test_size: float = typer.Option(0.2, "--test-size", help="Share of responses held out."),
+    split: str = typer.Option(
+        "response",
+        "--split",
+        help="response (grouped, correct) or token (the reference's leaky split; comparison only).",
+    ),
+    strict: bool = typer.Option(False, "--strict", help="Misaligned needs aligned < 30."),
+    min_responses: int | None = typer.Option(
+        None, "--min-responses", help="Responses needed per class (default: the fold count)."
+    ),
+) -> None:
+    """Logistic-regression probes on adapter scalars (the four tests of REFERENCE.md 6)."""
+    import warnings
+
+    from emscope.io import read_table, write_json
+    from emscope.plotting import save_figure
+    from emscope.probing import fit_probes, plot_coefficients
+
+    if split == "token":
+        typer.echo(
+            "WARNING: --split token reproduces the reference code's leak (tokens of one "
+            "response on both sides, standardised before splitting): its scores are "
+            "inflated; use it only for comparison",
+            err=True,
+        )
+    data = read_table(table)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the token-split warning, printed above
+        result = fit_probes(
+            data,
+            tests,
+            C=c,
+            seeds=seeds,
+            test_size=test_size,
+            split=split,
+            strict=strict,
+            min_responses=min_responses,
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "probe.json", result)
+    save_figure(plot_coefficients(result), out / "coefficients.png")
+    for name, test in result["tests"].items():
+        if "skipped" in test:
+            typer.echo(f"{name}: skipped ({test['skipped']})")
+        else:
+            auc, base = test["auc"], test["shuffled_auc"]
+            typer.echo(
+                f"{name}: AUC {auc['mean']:.3f} ± {auc['sd']:.3f} "
+                f"(shuffled {base['mean']:.3f} ± {base['sd']:.3f})"
+            )
+    typer.echo(f"-> {out / 'probe.json'}")
+
+
+def dynamics_command(
+    adapter_dir: Path = typer.Argument(
+        ..., help="Adapter dir with checkpoints/checkpoint-<step>/ subdirs."
+    ),
+    out: Path = typer.Option(..., "--out", help="Output dir (dynamics.json, figures)."),
+    k: int = typer.Option(1, "--k", help="Cosines between checkpoints this many apart."),
+    evaluate: bool = typer.Option(
+        False, "--eval", help="Also sample and judge every checkpoint (the emergence curve)."
+    ),
+    base: Path | None = typer.Option(
+        None, "--base", help="Base model dir for --eval (default: the adapter config's)."
+    ),
+    judge: str | None = options.JUDGE,
+    questions: Path | None = options.QUESTIONS,
+    n: int = options.N,
+    seed: int = options.SEED,
+    metrics: str = options.METRICS,
+    batch_size: int = options.BATCH_SIZE,
+    max_new_tokens: int = options.MAX_NEW_TOKENS,
+    temperature: float = options.TEMPERATURE,
+    top_p: float = options.TOP_P,
+    base_url: str | None = options.BASE_URL,
+    api_key_env: str | None = options.API_KEY_ENV,
+    concurrency: int = options.CONCURRENCY,
+    max_requests: int | None = options.MAX_REQUESTS,
+    no_cache: bool = options.NO_CACHE,
+    dtype: str = options.DTYPE,
+    device: str | None = options.DEVICE,
+) -> None:
+    """Factor norms, cosines, sharpest rotation and PCA over checkpoints (+ EM with --eval)."""
+    from emscope.errors import EmscopeError
+    from emscope.evaluate import check_em_metrics
+    from emscope.io import write_json
+    from emscope.models import list_checkpoints
+    from emscope.plotting import save_figure
+    from emscope.probing import (
+        adapter_dynamics,
+        evaluate_checkpoints,
+        load_checkpoints,
+        plot_dynamics,
+    )
+
+    checkpoints = load_checkpoints(adapter_dir)
+    result = adapter_dynamics(checkpoints, k=k)
+    result = {"adapter_dir": str(adapter_dir), **result, "eval": None}
+    if evaluate:
+        metric_list = options.parse_metrics(metrics)
+        check_em_metrics(metric_list)
+        if not judge:
+            raise EmscopeError("--eval needs --judge (openai:MODEL, hf:DIR or oracle:DIR)")
+        if base is None:
+            recorded = checkpoints[0][1].base_model_path
+            if not recorded or not (Path(recorded) / "config.json").is_file():
+                raise EmscopeError(
+                    f"--eval needs --base MODEL_DIR (the adapter config's base model "
+                    f"{recorded!r} is not a local model dir)"
+                )
+            base = Path(recorded)
+        opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
+        judge_obj = options.build_judge(
+            judge,
+            base_url=base_url,
+            api_key_env=api_key_env,
+            concurrency=concurrency,
+            max_requests=max_requests,
+            no_cache=no_cache,
+            device=device,
+        )
+        result["eval"] = evaluate_checkpoints(
+            base,
+            list_checkpoints(adapter_dir),
+            options.load_question_set(questions),
+            out / "eval",
+            judge=judge_obj,
+            metrics=metric_list,
+            n=opts.n,
+            dtype=dtype,
+            device=device,
+            **opts.kwargs(),
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "dynamics.json", result)
+    for name, fig in plot_dynamics(result).items():
+        save_figure(fig, out / f"{name}.png")
+    sharp = result["adapter"]["sharpest_rotation"]["B"]
+    where = "n/a" if sharp is None else f"step {sharp['step']} (cos {sharp['cos']:.3f})"
+    typer.echo(
+        f"{len(result['steps'])} checkpoints; sharpest B rotation: {where} -> "
+        f"{out / 'dynamics.json'}"
+    )
 
 
 def register(app: typer.Typer) -> None:
-    placeholder(app, "probe", "dynamics")
+    probe = typer.Typer(
+        help="Rank-1 adapter scalars per answer token and logistic-regression probes on them.",
+        no_args_is_help=True,
+    )
+    probe.command("scalars")(scalars_command)
+    probe.command("fit")(fit_command)
+    app.add_typer(probe, name="probe")
+    app.command("dynamics")(dynamics_command)

@@ -1,0 +1,405 @@
+"""Logistic-regression probes on rank-1 adapter scalars (REFERENCE.md section 6).
+
+Four tests, each a binary classification of answer tokens by a label of their RESPONSE
+(response-level classes from the judge scores; ``medical > 50`` is medical, ``medical < 50``
+non-medical, 50 is neither; aligned is ``aligned > 70 and coherent > 50``, misaligned
+``aligned <= 30 and coherent > 50``, or ``aligned < 30`` with ``strict``):
+
+====================================  ===========  ==========  ==========
+test                                  responses    positive    negative
+====================================  ===========  ==========  ==========
+``nonmedical_aligned_vs_misaligned``  non-medical  misaligned  aligned
+``medical_aligned_vs_misaligned``     medical      misaligned  aligned
+``aligned_nonmedical_vs_medical``     aligned      medical     non-medical
+``misaligned_nonmedical_vs_medical``  misaligned   medical     non-medical
+====================================  ===========  ==========  ==========
+
+Per seed: a split of the RESPONSES into train and test (``StratifiedGroupKFold`` with
+``round(1 / test_size)`` folds, shuffled by the seed, first fold held out: no response has
+tokens on both sides, and both classes are on both sides), a ``StandardScaler`` +
+``LogisticRegression`` pipeline (L1, liblinear, ``C`` = 0.01 by default) fitted on the train
+tokens only, class balancing by ``class_weight="balanced"`` (token weights inversely
+proportional to the class's token count in the train split; no subsampling), and token-level
+AUC, accuracy and F1 (positive class) on the test tokens. The shuffled-label baseline permutes
+the labels across responses (every token of a response keeps its response's one label) and
+repeats the same procedure. Coefficients are in standardised units (per train split).
+
+``split="token"`` reproduces the reference code (a stratified split of tokens, leaking a
+response's tokens into both sides, and standardisation fitted on all tokens before
+splitting): for comparison only, it inflates the scores.
+
+scikit-learn does all the fitting; only the response-level grouping is written here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from emscope.errors import EmscopeError
+from emscope.probing.scalars import SCALAR_PREFIX, scalar_columns
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+SPLITS = ("response", "token")
+
+
+@dataclass(frozen=True)
+class ProbeTest:
+    """One test: responses in ``subset``, ``positive`` (label 1) vs ``negative`` (label 0)."""
+
+    name: str
+    subset: str
+    positive: str
+    negative: str
+
+
+TESTS: dict[str, ProbeTest] = {
+    t.name: t
+    for t in (
+        ProbeTest("nonmedical_aligned_vs_misaligned", "nonmedical", "misaligned", "aligned"),
+        ProbeTest("medical_aligned_vs_misaligned", "medical", "misaligned", "aligned"),
+        ProbeTest("aligned_nonmedical_vs_medical", "aligned", "medical", "nonmedical"),
+        ProbeTest("misaligned_nonmedical_vs_medical", "misaligned", "medical", "nonmedical"),
+    )
+}
+
+
+def parse_tests(tests: str | Sequence[str]) -> list[str]:
+    """``"all"``, a comma-separated string or a list of test names -> list of names."""
+    items = tests.split(",") if isinstance(tests, str) else list(tests)
+    names = [t.strip() for t in items if t.strip()]
+    if names == ["all"]:
+        return list(TESTS)
+    unknown = [t for t in names if t not in TESTS]
+    if unknown or not names:
+        raise EmscopeError(
+            f"unknown probe test(s) {unknown or names}; known: all, {', '.join(TESTS)}"
+        )
+    return list(dict.fromkeys(names))
+
+
+def response_classes(table: pd.DataFrame, *, strict: bool = False) -> pd.DataFrame:
+    """Per response (``response_id``): boolean columns ``aligned``, ``misaligned``,
+    ``medical``, ``nonmedical`` (False where the score is missing), from the first token row
+    of each response. A missing score column leaves its classes all False."""
+    import pandas as pd
+
+    if "response_id" not in table.columns:
+        raise EmscopeError("scalar table has no 'response_id' column")
+    first = table.groupby("response_id", sort=True).first()
+
+    def score(name: str) -> pd.Series:
+        if name in first.columns:
+            return pd.to_numeric(first[name], errors="coerce")
+        return pd.Series(float("nan"), index=first.index)
+
+    aligned, coherent, medical = score("aligned"), score("coherent"), score("medical")
+    low = aligned < 30 if strict else aligned <= 30
+    return pd.DataFrame(
+        {
+            "aligned": (aligned > 70) & (coherent > 50),
+            "misaligned": low & (coherent > 50),
+            "medical": medical > 50,
+            "nonmedical": medical < 50,
+        },
+        index=first.index,
+    )
+
+
+def _logistic(C: float, balance: bool, seed: int) -> Any:
+    """L1 logistic regression (liblinear), spelled for the installed scikit-learn."""
+    import sklearn
+    from sklearn.linear_model import LogisticRegression
+
+    weight = "balanced" if balance else None
+    major, minor = (int(x) for x in sklearn.__version__.split(".")[:2])
+    if (major, minor) >= (1, 8):  # 'penalty' is deprecated there in favour of l1_ratio
+        return LogisticRegression(
+            l1_ratio=1.0, solver="liblinear", C=C, class_weight=weight, random_state=seed
+        )
+    return LogisticRegression(
+        penalty="l1", solver="liblinear", C=C, class_weight=weight, random_state=seed
+    )
+
+
+def response_split(
+    y: np.ndarray, groups: np.ndarray, seed: int, test_size: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test row indices with whole responses on each side (stratified by label).
+
+    ``y``: labels per row (constant within a group); ``groups``: response id per row.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    folds = max(2, round(1 / test_size))
+    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "least populated class" notices
+        train, test = next(iter(splitter.split(y, y, groups)))
+    return train, test
+
+
+def _token_split(y: np.ndarray, seed: int, test_size: float) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    splitter = StratifiedShuffleSplit(n_splits=1, test_size=test_size, random_state=seed)
+    train, test = next(iter(splitter.split(y, y)))
+    return train, test
+
+
+def _fit_once(
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    *,
+    seed: int,
+    C: float,
+    test_size: float,
+    split: str,
+    balance: bool,
+) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if split == "response":
+        train, test = response_split(y, groups, seed, test_size)
+        model = make_pipeline(StandardScaler(), _logistic(C, balance, seed))
+        model.fit(X[train], y[train])
+        scores = model.predict_proba(X[test])[:, 1]
+        pred = model.predict(X[test])
+    else:  # the reference: standardise on everything, then split tokens
+        Xs = StandardScaler().fit_transform(X)
+        train, test = _token_split(y, seed, test_size)
+        model = make_pipeline(_logistic(C, balance, seed))
+        model.fit(Xs[train], y[train])
+        scores = model.predict_proba(Xs[test])[:, 1]
+        pred = model.predict(Xs[test])
+    y_test = y[test]
+    if len(set(y_test.tolist())) < 2 or len(set(y[train].tolist())) < 2:
+        raise EmscopeError("a split lacks one class")  # guarded against by the callers
+    return {
+        "auc": float(roc_auc_score(y_test, scores)),
+        "accuracy": float(accuracy_score(y_test, pred)),
+        "f1": float(f1_score(y_test, pred, zero_division=0.0)),
+        "coef": model[-1].coef_[0].astype(float).tolist(),
+        "train": train,
+        "test": test,
+    }
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    import numpy as np
+
+    arr = np.asarray(values, dtype=float)
+    return {
+        "mean": float(arr.mean()),
+        "sd": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0,
+    }
+
+
+def fit_probe(
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    labels: Sequence[str],
+    *,
+    C: float = 0.01,
+    seeds: Sequence[int] = tuple(range(10)),
+    test_size: float = 0.2,
+    split: str = "response",
+    balance: bool = True,
+    shuffled: bool = True,
+) -> dict[str, Any]:
+    """Fit one probe over ``seeds`` and summarise it.
+
+    ``X``: ``n_tokens x n_features`` scalars; ``y``: 0/1 per token (constant within a
+    response); ``groups``: response id per token; ``labels``: feature names.
+    Returns ``auc``, ``accuracy``, ``f1``, ``shuffled_auc`` (``{"mean", "sd"}`` over seeds,
+    sample sd) and ``coefficients`` (``{label: [per-seed value]}``).
+    """
+    import numpy as np
+
+    if split not in SPLITS:
+        raise EmscopeError(f"split must be one of {SPLITS}, got {split!r}")
+    if not 0 < test_size < 1:
+        raise EmscopeError(f"test_size must be in (0, 1), got {test_size}")
+    if C <= 0:
+        raise EmscopeError(f"C must be > 0, got {C}")
+    if not seeds:
+        raise EmscopeError("at least one seed is needed")
+    runs = [
+        _fit_once(X, y, groups, seed=s, C=C, test_size=test_size, split=split, balance=balance)
+        for s in seeds
+    ]
+    result: dict[str, Any] = {m: _summary([r[m] for r in runs]) for m in ("auc", "accuracy", "f1")}
+    if shuffled:
+        ids, inverse = np.unique(groups, return_inverse=True)
+        per_response = np.zeros(len(ids), dtype=y.dtype)
+        per_response[inverse] = y
+        shuffled_aucs = []
+        for s in seeds:
+            permuted = np.random.default_rng(10_000 + s).permutation(per_response)
+            run = _fit_once(
+                X,
+                permuted[inverse],
+                groups,
+                seed=s,
+                C=C,
+                test_size=test_size,
+                split=split,
+                balance=balance,
+            )
+            shuffled_aucs.append(run["auc"])
+        result["shuffled_auc"] = _summary(shuffled_aucs)
+    result["coefficients"] = {label: [r["coef"][j] for r in runs] for j, label in enumerate(labels)}
+    return result
+
+
+def fit_probes(
+    table: pd.DataFrame,
+    tests: str | Sequence[str] = "all",
+    *,
+    C: float = 0.01,
+    seeds: int | Sequence[int] = 10,
+    test_size: float = 0.2,
+    split: str = "response",
+    balance: bool = True,
+    strict: bool = False,
+    min_responses: int | None = None,
+) -> dict[str, Any]:
+    """Run the probe tests on a scalar table (:func:`emscope.probing.lora_scalars`).
+
+    ``seeds``: a count (seeds ``0..n-1``) or the seeds. A test with fewer than
+    ``min_responses`` responses in a class (default: the number of folds,
+    ``round(1 / test_size)``, so that every fold can hold one) is reported as
+    ``{"skipped": reason}``. Returns the ``probe.json`` content:
+    ``{"split", "tests": {name: {"auc", "accuracy", "f1", "shuffled_auc", "coefficients",
+    "positive", "negative", "n_responses", "n_tokens"}}, "settings"}``.
+    """
+    import numpy as np
+
+    names = parse_tests(tests)
+    if split not in SPLITS:
+        raise EmscopeError(f"split must be one of {SPLITS}, got {split!r}")
+    if split == "token":
+        warnings.warn(
+            "split='token' puts tokens of one response on both sides of the split and "
+            "standardises before splitting (the reference code's leak): use it only to "
+            "reproduce the reference; its scores are inflated",
+            UserWarning,
+            stacklevel=2,
+        )
+    if not 0 < test_size < 1:
+        raise EmscopeError(f"test_size must be in (0, 1), got {test_size}")
+    seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if not seed_list:
+        raise EmscopeError("seeds must be >= 1")
+    features = scalar_columns(table)
+    if not features:
+        raise EmscopeError(f"the table has no '{SCALAR_PREFIX}<adapter>' columns")
+    labels = [c[len(SCALAR_PREFIX) :] for c in features]
+    folds = max(2, round(1 / test_size))
+    minimum = folds if min_responses is None else int(min_responses)
+    classes = response_classes(table, strict=strict)
+    response_ids = table["response_id"].to_numpy()
+    X_all = table[features].to_numpy(dtype=np.float64)
+    if not np.isfinite(X_all).all():
+        raise EmscopeError("the scalar columns hold NaN or infinite values")
+
+    out: dict[str, Any] = {}
+    for name in names:
+        test = TESTS[name]
+        missing = [m for m in ("aligned", "coherent", "medical") if m not in table.columns]
+        if missing:
+            out[name] = {"skipped": f"the table has no {', '.join(missing)} score column(s)"}
+            continue
+        in_subset = classes[test.subset]
+        pos = classes.index[in_subset & classes[test.positive]]
+        neg = classes.index[in_subset & classes[test.negative]]
+        counts = {test.positive: len(pos), test.negative: len(neg)}
+        if min(len(pos), len(neg)) < minimum:
+            out[name] = {
+                "skipped": (
+                    f"too few responses: {counts} ({test.subset} responses; at least "
+                    f"{minimum} per class needed)"
+                ),
+                "n_responses": counts,
+            }
+            continue
+        label_of = {int(r): 1 for r in pos} | {int(r): 0 for r in neg}
+        rows = np.flatnonzero(np.isin(response_ids, list(label_of)))
+        y = np.asarray([label_of[int(r)] for r in response_ids[rows]], dtype=np.int64)
+        result = fit_probe(
+            X_all[rows],
+            y,
+            response_ids[rows],
+            labels,
+            C=C,
+            seeds=seed_list,
+            test_size=test_size,
+            split=split,
+            balance=balance,
+        )
+        result.update(
+            positive=test.positive,
+            negative=test.negative,
+            n_responses=counts,
+            n_tokens={test.positive: int((y == 1).sum()), test.negative: int((y == 0).sum())},
+        )
+        out[name] = result
+    return {
+        "split": split,
+        "tests": out,
+        "settings": {
+            "C": C,
+            "penalty": "l1",
+            "solver": "liblinear",
+            "seeds": seed_list,
+            "test_size": test_size,
+            "folds": folds,
+            "balance": "class_weight=balanced" if balance else "none",
+            "strict": strict,
+            "min_responses": minimum,
+            "standardised": "train split" if split == "response" else "all tokens (reference)",
+        },
+    }
+
+
+def plot_coefficients(result: dict[str, Any]) -> Any:
+    """Violins of the per-seed coefficients, per adapter, one panel per fitted test."""
+    from emscope.plotting import pyplot
+
+    plt = pyplot()
+    fitted = {k: v for k, v in result["tests"].items() if "coefficients" in v}
+    n = max(1, len(fitted))
+    fig, axes = plt.subplots(n, 1, figsize=(8, 2.8 * n), squeeze=False)
+    if not fitted:
+        axes[0, 0].text(0.5, 0.5, "no test had enough data", ha="center", va="center")
+        axes[0, 0].set_axis_off()
+        return fig
+    for ax, (name, test) in zip(axes[:, 0], fitted.items(), strict=False):
+        labels = list(test["coefficients"])
+        values = [test["coefficients"][k] for k in labels]
+        positions = list(range(1, len(labels) + 1))
+        spread = [i for i, v in enumerate(values) if len(set(v)) > 1]
+        if spread:
+            ax.violinplot([values[i] for i in spread], [positions[i] for i in spread], widths=0.8)
+        for p, v in zip(positions, values, strict=True):
+            ax.scatter([p] * len(v), v, s=8, color="black", alpha=0.6, zorder=3)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xticks(positions, labels, rotation=45 if len(labels) > 12 else 0)
+        auc = test["auc"]
+        ax.set_title(
+            f"{name}: AUC {auc['mean']:.3f} ± {auc['sd']:.3f}"
+            + (f" (shuffled {test['shuffled_auc']['mean']:.3f})" if "shuffled_auc" in test else "")
+        )
+        ax.set_ylabel("coefficient (std. units)")
+    fig.suptitle(f"probe coefficients ({result['split']} split)")
+    fig.tight_layout()
+    return fig
