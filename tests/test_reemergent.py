@@ -515,7 +515,13 @@ def test_cli_project_subspace_patch(qwen, files, tmp_path):
     assert set(table["example"]) == set(doc["heldout_examples"])
     assert set(table["model"]) == {"base", "instruct", "misaligned"}
     assert (out / "projection.png").stat().st_size > 0
-    assert (out / "alignment_direction.safetensors").is_file()
+    from emscope.directions import Direction
+
+    direction = Direction.load(out / "alignment_direction")
+    assert direction.layers == [0, 1, 2, 3] and direction.site_kind == "resid_post"
+    np.testing.assert_allclose(
+        [float(direction.vectors[i].norm()) for i in range(4)], doc["direction_norm"], rtol=1e-5
+    )
 
     out = tmp_path / "sub"
     result = _invoke("subspace", *_model_args(qwen)[:4], "--data", f"a={files['plain']}",

@@ -209,9 +209,9 @@ def project(
 ) -> None:
     """Alignment direction mean(instruct) - mean(base) per layer; held-out projections."""
     import torch
-    from safetensors.torch import save
 
-    from emscope.io import atomic_write_bytes, write_json, write_table
+    from emscope.directions import Direction
+    from emscope.io import write_json, write_table
     from emscope.plotting import save_figure
     from emscope.reemergent.projection import plot_projection, projection_analysis
 
@@ -237,14 +237,19 @@ def project(
         out / "projection.json",
         {**summary, "models": _sources(models), "data": str(dataset.path), "site": "resid_post"},
     )
-    vectors = {
-        f"resid_post[{layer}]": torch.from_numpy(result.direction[j].copy())
-        for j, layer in enumerate(result.layers)
-    }
-    atomic_write_bytes(
-        out / "alignment_direction.safetensors",
-        save(vectors, metadata={"base": base, "instruct": instruct, "seed": str(seed)}),
-    )
+    Direction(
+        {layer: torch.from_numpy(result.direction[j]) for j, layer in enumerate(result.layers)},
+        "resid_post",
+        meta={
+            "kind": "alignment",
+            "definition": f"mean({instruct}) - mean({base}) over answer-content tokens",
+            "weighting": weighting,
+            "models": _sources(models),
+            "data": str(dataset.path),
+            "train_examples": summary["train_examples"],
+            "seed": seed,
+        },
+    ).save(out / "alignment_direction")
     save_figure(plot_projection(result), out / "projection.png")
     typer.echo(f"wrote {out / 'projection.json'} ({len(result.heldout)} held-out examples)")
 
