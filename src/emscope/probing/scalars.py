@@ -22,6 +22,7 @@ and ``<label>:<k>`` for component ``k`` of a rank ``r > 1`` adapter.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -212,7 +213,9 @@ def lora_scalars(
     token_ids: list[np.ndarray] = []
     values: dict[str, list[np.ndarray]] = {n: [] for n in targets}
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="scalars", unit="batch", disable=not progress):
+    for batch in tqdm(
+        batches, desc="scalars", unit="batch", disable=not (progress and sys.stderr.isatty())
+    ):
         width = max(len(ids) for _, ids, _, _ in batch)
         ids = torch.full((len(batch), width), int(pad), dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
