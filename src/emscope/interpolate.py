@@ -28,7 +28,7 @@ import torch
 
 from emscope.errors import EmscopeError
 from emscope.lora import LoraAdapter, LoraModule
-from emscope.models import _unwrap_peft
+from emscope.models import _unwrap_peft, safetensors_files
 
 
 def combine(
@@ -131,23 +131,6 @@ def merged(model: Any, adapter: LoraAdapter) -> Iterator[Any]:
 _SKIP = {"model.safetensors", "model.safetensors.index.json"}
 
 
-def _tensor_files(model_dir: Path) -> dict[str, Path]:
-    """tensor name -> safetensors file of a model dir (single file or sharded index)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {k: model_dir / v for k, v in weight_map.items()}
-    single = model_dir / "model.safetensors"
-    if not single.is_file():
-        raise EmscopeError(
-            f"{model_dir}: no model.safetensors (or index); emscope reads safetensors only"
-        )
-    from safetensors import safe_open
-
-    with safe_open(str(single), framework="pt") as handle:
-        return {k: single for k in handle.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-
-
 def interpolate_model_dirs(
     first: str | Path, second: str | Path, t: float, out: str | Path
 ) -> Path:
@@ -161,7 +144,7 @@ def interpolate_model_dirs(
     from safetensors.torch import save_file
 
     first, second, out = Path(first), Path(second), Path(out)
-    files_1, files_2 = _tensor_files(first), _tensor_files(second)
+    files_1, files_2 = safetensors_files(first), safetensors_files(second)
     if set(files_1) != set(files_2):
         only = sorted(set(files_1) ^ set(files_2))[:5]
         raise EmscopeError(f"{first} and {second} have different tensors (e.g. {only})")

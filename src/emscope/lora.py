@@ -157,24 +157,7 @@ class LoraAdapter:
         from safetensors.torch import load_file
 
         path = Path(path)
-        config_path = path / CONFIG_FILE
-        weights_path = path / WEIGHTS_FILE
-        if not path.is_dir():
-            raise EmscopeError(f"{path}: adapter dir not found")
-        if not config_path.is_file():
-            raise EmscopeError(f"{path}: missing {CONFIG_FILE} (not a PEFT adapter dir)")
-        if not weights_path.is_file():
-            if (path / "adapter_model.bin").is_file():
-                raise EmscopeError(
-                    f"{path}: only adapter_model.bin found; emscope reads safetensors only "
-                    "(pickle files can run code). Convert it with safetensors first."
-                )
-            raise EmscopeError(f"{path}: missing {WEIGHTS_FILE}")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise EmscopeError(f"{config_path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-        _check_supported(config, config_path)
+        config, weights_path = read_adapter_dir(path)
         try:
             tensors = load_file(str(weights_path))
         except (SafetensorError, OSError) as exc:
@@ -217,6 +200,33 @@ class LoraAdapter:
     ) -> LoraAdapter:
         """A copy with other modules (config kept; it is rewritten from the modules on save)."""
         return replace(self, modules=dict(modules), name=name or self.name, path=None)
+
+
+def read_adapter_dir(path: Path) -> tuple[dict[str, Any], Path]:
+    """Check a PEFT LoRA dir and read its config: ``(config, path of the safetensors)``.
+
+    Refuses missing files, pickle-only weights, invalid JSON and adapter kinds whose update
+    is not ``s * B @ A``; reads no tensor.
+    """
+    config_path = path / CONFIG_FILE
+    weights_path = path / WEIGHTS_FILE
+    if not path.is_dir():
+        raise EmscopeError(f"{path}: adapter dir not found")
+    if not config_path.is_file():
+        raise EmscopeError(f"{path}: missing {CONFIG_FILE} (not a PEFT adapter dir)")
+    if not weights_path.is_file():
+        if (path / "adapter_model.bin").is_file():
+            raise EmscopeError(
+                f"{path}: only adapter_model.bin found; emscope reads safetensors only "
+                "(pickle files can run code). Convert it with safetensors first."
+            )
+        raise EmscopeError(f"{path}: missing {WEIGHTS_FILE}")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise EmscopeError(f"{config_path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    _check_supported(config, config_path)
+    return config, weights_path
 
 
 def _check_supported(config: Mapping[str, Any], where: Path) -> None:

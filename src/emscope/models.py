@@ -169,6 +169,35 @@ def _get_path(obj: Any, path: str) -> Any:
     return obj
 
 
+def safetensors_files(model_dir: str | Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a model dir (``model.safetensors``, or shards listed
+    in ``model.safetensors.index.json``), without reading any tensor. Pickle checkpoints are
+    refused (they can run code)."""
+    from safetensors import SafetensorError, safe_open
+
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if not model_dir.is_dir():
+        raise EmscopeError(f"{model_dir}: model dir not found")
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise EmscopeError(f"{index}: not a safetensors index ({exc})") from None
+        return {key: model_dir / file for key, file in weight_map.items()}
+    if single.is_file():
+        try:
+            with safe_open(str(single), framework="pt") as handle:
+                return {key: single for key in handle.keys()}  # noqa: SIM118 - not a mapping
+        except (SafetensorError, OSError) as exc:
+            raise EmscopeError(f"{single}: cannot read safetensors file: {exc}") from None
+    raise EmscopeError(
+        f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+        "(emscope reads weights from safetensors only)"
+    )
+
+
 # ---------------------------------------------------------------------------- model specs
 
 

@@ -13,7 +13,6 @@ without instantiating the model.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -23,14 +22,13 @@ import torch
 
 from emscope.errors import EmscopeError
 from emscope.lora import (
-    CONFIG_FILE,
     PEFT_PREFIX,
-    WEIGHTS_FILE,
     LoraAdapter,
     LoraModule,
-    _check_supported,
     _modules_from_tensors,
+    read_adapter_dir,
 )
+from emscope.models import safetensors_files
 
 _DTYPES = {
     "F16": torch.float16,
@@ -100,23 +98,7 @@ def open_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
     from the header only. Each ``adapter.modules[name]`` reads that module's two tensors.
     """
     path = Path(path)
-    config_path, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-    if not path.is_dir():
-        raise EmscopeError(f"{path}: adapter dir not found")
-    if not config_path.is_file():
-        raise EmscopeError(f"{path}: missing {CONFIG_FILE} (not a PEFT adapter dir)")
-    if not weights.is_file():
-        if (path / "adapter_model.bin").is_file():
-            raise EmscopeError(
-                f"{path}: only adapter_model.bin found; emscope reads safetensors only "
-                "(pickle files can run code). Convert it with safetensors first."
-            )
-        raise EmscopeError(f"{path}: missing {WEIGHTS_FILE}")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EmscopeError(f"{config_path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-    _check_supported(config, config_path)
+    config, weights = read_adapter_dir(path)
     header = _read_header(weights)
     metas = {
         key: torch.empty(
@@ -161,25 +143,9 @@ class BaseWeights:
 
     def __init__(self, model_dir: str | Path):
         self.path = Path(model_dir)
-        index = self.path / "model.safetensors.index.json"
-        single = self.path / "model.safetensors"
         if not self.path.is_dir():
             raise EmscopeError(f"{self.path}: base model dir not found")
-        self._files: dict[str, Path] = {}
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise EmscopeError(f"{index}: not a safetensors index ({exc})") from None
-            self._files = {key: self.path / file for key, file in weight_map.items()}
-        elif single.is_file():
-            for key in _read_header(single):
-                self._files[key] = single
-        else:
-            raise EmscopeError(
-                f"{self.path}: no model.safetensors or model.safetensors.index.json "
-                "(emscope reads base weights from safetensors only)"
-            )
+        self._files: dict[str, Path] = safetensors_files(self.path)
 
     def key(self, module: str) -> str:
         for candidate in (f"{module}.weight", f"{PEFT_PREFIX}{module}.weight"):
