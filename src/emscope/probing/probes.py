@@ -20,8 +20,9 @@ tokens on both sides, and both classes are on both sides), a ``StandardScaler`` 
 ``LogisticRegression`` pipeline (L1, liblinear, ``C`` = 0.01 by default) fitted on the train
 tokens only, class balancing by ``class_weight="balanced"`` (token weights inversely
 proportional to the class's token count in the train split; no subsampling), and token-level
-AUC, accuracy and F1 (positive class) on the test tokens. The shuffled-label baseline permutes
-the labels across responses (every token of a response keeps its response's one label) and
+AUC, accuracy and F1 (positive class) on the test tokens (and a response-level AUC, each
+held-out response scored by the mean probability of its tokens). The shuffled-label baseline
+permutes the labels across responses (every token of a response keeps its response's one label) and
 repeats the same procedure. Coefficients are in standardised units (per train split).
 
 ``split="token"`` reproduces the reference code (a stratified split of tokens, leaking a
@@ -163,6 +164,7 @@ def _fit_once(
     split: str,
     balance: bool,
 ) -> dict[str, Any]:
+    import numpy as np
     from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -183,8 +185,14 @@ def _fit_once(
     y_test = y[test]
     if len(set(y_test.tolist())) < 2 or len(set(y[train].tolist())) < 2:
         raise EmscopeError("a split lacks one class")  # guarded against by the callers
+    # response level: the mean predicted probability over each held-out response's tokens
+    ids, inverse = np.unique(groups[test], return_inverse=True)
+    mean_score = np.bincount(inverse, weights=scores) / np.bincount(inverse)
+    response_y = np.zeros(len(ids), dtype=np.int64)
+    response_y[inverse] = y_test
     return {
         "auc": float(roc_auc_score(y_test, scores)),
+        "response_auc": float(roc_auc_score(response_y, mean_score)),
         "accuracy": float(accuracy_score(y_test, pred)),
         "f1": float(f1_score(y_test, pred, zero_division=0.0)),
         "coef": model[-1].coef_[0].astype(float).tolist(),
@@ -220,8 +228,10 @@ def fit_probe(
 
     ``X``: ``n_tokens x n_features`` scalars; ``y``: 0/1 per token (constant within a
     response); ``groups``: response id per token; ``labels``: feature names.
-    Returns ``auc``, ``accuracy``, ``f1``, ``shuffled_auc`` (``{"mean", "sd"}`` over seeds,
-    sample sd) and ``coefficients`` (``{label: [per-seed value]}``).
+    Returns ``auc``, ``accuracy``, ``f1`` (over test tokens), ``response_auc`` (over test
+    responses, scored by the mean probability of their tokens), ``shuffled_auc`` and
+    ``shuffled_response_auc`` (the same with shuffled labels), all ``{"mean", "sd"}`` over
+    seeds (sample sd), and ``coefficients`` (``{label: [per-seed value]}``).
     """
     import numpy as np
 
@@ -237,12 +247,13 @@ def fit_probe(
         _fit_once(X, y, groups, seed=s, C=C, test_size=test_size, split=split, balance=balance)
         for s in seeds
     ]
-    result: dict[str, Any] = {m: _summary([r[m] for r in runs]) for m in ("auc", "accuracy", "f1")}
+    metrics = ("auc", "accuracy", "f1", "response_auc")
+    result: dict[str, Any] = {m: _summary([r[m] for r in runs]) for m in metrics}
     if shuffled:
         ids, inverse = np.unique(groups, return_inverse=True)
         per_response = np.zeros(len(ids), dtype=y.dtype)
         per_response[inverse] = y
-        shuffled_aucs = []
+        shuffled_aucs, shuffled_response_aucs = [], []
         for s in seeds:
             permuted = np.random.default_rng(10_000 + s).permutation(per_response)
             run = _fit_once(
@@ -256,7 +267,9 @@ def fit_probe(
                 balance=balance,
             )
             shuffled_aucs.append(run["auc"])
+            shuffled_response_aucs.append(run["response_auc"])
         result["shuffled_auc"] = _summary(shuffled_aucs)
+        result["shuffled_response_auc"] = _summary(shuffled_response_aucs)
     result["coefficients"] = {label: [r["coef"][j] for r in runs] for j, label in enumerate(labels)}
     return result
 
