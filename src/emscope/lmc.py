@@ -19,7 +19,7 @@ the same seed, so the samples are paired across the path.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,3 +207,148 @@ def path_adapter(start: Endpoint, end: Endpoint, t: float) -> LoraAdapter:
             adapters.append(LoraAdapter.load(endpoint.path))
             weights.append(w)
     return combine(adapters, weights, name=step_name(t))
+
+
+# ---------------------------------------------------------------------------- the whole run
+
+
+def run_lmc(
+    loaded: Any,
+    start: Endpoint,
+    end: Endpoint,
+    ts: Sequence[float],
+    questions: Sequence[Any],
+    out: str | Path,
+    *,
+    judge: Any,
+    metrics: Sequence[str] = ("aligned", "coherent", "bad_stuff"),
+    n: int,
+    loss_data: Mapping[str, Sequence[ChatExample]] | None = None,
+    features: bool = False,
+    export: str | Path | None = None,
+    record: dict[str, Any] | None = None,
+    questions_file: str | Path | None = None,
+    echo: Any = None,
+    **sampling: Any,
+) -> dict[str, Any]:
+    """Evaluate every point ``t`` of ``start -> end`` into ``out/t0.40/`` etc. and write
+    ``out/lmc.json`` (``{"rows": [{"t", "em_rate", "em_ci", "coherent_rate", "coherent_ci",
+    "n", "loss"}], "barrier"}``), ``out/lmc.png`` and, with ``features``, ``features.json``
+    and ``features.png``. The body of ``emscope lmc``; returns the ``lmc.json`` content.
+
+    ``loaded``: the base :class:`~emscope.models.LoadedModel` (None for two full model
+    dirs). ``loss_data``: ``{name: chats}`` whose mean assistant-token NLL is computed at each
+    ``t`` (cached in ``t*/loss.json``). ``sampling``: ``seed``, ``batch_size``,
+    ``max_new_tokens``, ``temperature``, ``top_p`` of :func:`emscope.generate.sample`.
+    Resumable: finished points are read back by :func:`emscope.evaluate.evaluate_to_dir`.
+    """
+    from emscope.evaluate import describe, evaluate_to_dir
+    from emscope.io import read_json, write_json
+
+    out = Path(out)
+    losses_data = dict(loss_data or {})
+    batch_size = int(sampling.get("batch_size", 32))
+    rows, activations = [], {}
+    prompts = [q.messages(0) for q in questions]
+    for t in ts:
+        step_dir = out / step_name(t)
+        with model_at(loaded, start, end, t, scratch=out / "models") as (model, tokenizer):
+            result = evaluate_to_dir(
+                (model, tokenizer),
+                questions,
+                step_dir,
+                judge=judge,
+                metrics=metrics,
+                n=n,
+                record={**(record or {}), "t": t},
+                title=f"EM rate per question at t={t:.2f}",
+                questions_file=questions_file,
+                **sampling,
+            )
+            loss_file = step_dir / "loss.json"
+            loss = read_json(loss_file) if loss_file.is_file() else {}
+            for name, examples in losses_data.items():
+                if name not in loss:
+                    loss[name] = chat_loss(model, tokenizer, examples, batch_size)
+            write_json(loss_file, loss)
+            if features:
+                activations[t] = prompt_activations(model, tokenizer, prompts)
+        if export is not None:
+            adapter = path_adapter(start, end, t)
+            if len(adapter):
+                adapter.save(Path(export) / step_name(t))
+        rows.append(
+            {
+                "t": t,
+                "em_rate": result["em_rate"],
+                "em_ci": result["em_ci"],
+                "coherent_rate": result["coherent_rate"],
+                "coherent_ci": result.get("coherent_ci"),
+                "n": result["n"],
+                "loss": {k: loss[k] for k in losses_data} if losses_data else None,
+            }
+        )
+        if echo is not None:
+            echo(f"t={t:.2f}: {describe(result)}")
+    barriers = (
+        {k: barrier(ts, [r["loss"][k] for r in rows]) for k in losses_data} if losses_data else None
+    )
+    doc = {"rows": rows, "barrier": barriers, "from": start.label, "to": end.label}
+    write_json(out / "lmc.json", doc)
+    plot_lmc(rows, out / "lmc.png", f"{start.label} -> {end.label}")
+    if features:
+        h0, h1 = activations[0.0], activations[1.0]
+        feature_rows = [feature_lmc(h0, h1, activations[t], t) for t in ts]
+        write_json(
+            out / "features.json",
+            {
+                "layers": list(range(len(feature_rows[0].dissimilarity))),
+                "reference_dissimilarity": endpoint_distance(h0, h1),
+                "rows": [
+                    {"t": r.t, "dissimilarity": r.dissimilarity, "sample_cosines": r.sample_cosines}
+                    for r in feature_rows
+                ],
+            },
+        )
+        plot_features(feature_rows, endpoint_distance(h0, h1), out / "features.png")
+    return doc
+
+
+def plot_lmc(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """EM and coherent rates with CI bands along the path (and the losses, if any)."""
+    from emscope.plotting import pyplot, save_figure
+
+    plt = pyplot()
+    with_loss = rows[0]["loss"] is not None
+    fig, axes = plt.subplots(1, 2 if with_loss else 1, figsize=(10 if with_loss else 5.5, 4))
+    ax = axes[0] if with_loss else axes
+    ts = [r["t"] for r in rows]
+    for key, label in (("em", "EM rate"), ("coherent", "coherent rate")):
+        values = [r[f"{key}_rate"] if r[f"{key}_rate"] is not None else float("nan") for r in rows]
+        ax.plot(ts, values, marker="o", label=label)
+        bands = [r[f"{key}_ci"] for r in rows if r.get(f"{key}_ci") is not None]
+        if len(bands) == len(rows):
+            ax.fill_between(ts, [b[0] for b in bands], [b[1] for b in bands], alpha=0.2)
+    ax.set(xlabel="t", ylabel="rate", ylim=(0, 1), title=title)
+    ax.legend()
+    if with_loss:
+        for name in rows[0]["loss"]:
+            axes[1].plot(ts, [r["loss"][name] for r in rows], marker="o", label=name)
+        axes[1].set(xlabel="t", ylabel="loss (nats / assistant token)", title="loss along the path")
+        axes[1].legend()
+    save_figure(fig, path)
+
+
+def plot_features(rows: Sequence[FeatureRow], reference: Sequence[float], path: Path) -> None:
+    """Feature-space dissimilarity per layer at each ``t``, with the endpoint reference."""
+    from emscope.plotting import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    layers = list(range(len(reference)))
+    for row in rows:
+        ax.plot(layers, row.dissimilarity, marker="o", label=f"t={row.t:.2f}")
+    ax.plot(layers, reference, "k--", label="h(0) vs h(1)")
+    ax.set(xlabel="layer (resid_post)", ylabel="1 - |cos|", title="feature-space LMC")
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
