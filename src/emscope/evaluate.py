@@ -29,6 +29,7 @@ def judge_dir(
     metrics: Sequence[str],
     questions: Sequence[Question] | None = None,
     questions_file: str | Path | None = None,
+    progress: bool = True,
 ) -> pd.DataFrame:
     """Score ``directory/responses.*`` in place (resumable) and record the judge in run.json."""
     from emscope.io import read_json, read_table, write_json, write_table
@@ -40,7 +41,12 @@ def judge_dir(
         write_table(partial, directory, "responses")
 
     table = judge_table(
-        read_table(directory, "responses"), judge, list(metrics), questions=questions, on_chunk=save
+        read_table(directory, "responses"),
+        judge,
+        list(metrics),
+        questions=questions,
+        on_chunk=save,
+        progress=progress,
     )
     write_table(table, directory, "responses")
     run_path = directory / "run.json"
@@ -80,6 +86,7 @@ def evaluate_to_dir(
     recognition: bool = False,
     title: str | None = None,
     questions_file: str | Path | None = None,
+    progress: bool = True,
     **sampling: Any,
 ) -> dict[str, Any]:
     """Sample ``n`` answers per question under ``interventions``, judge them, write
@@ -88,7 +95,7 @@ def evaluate_to_dir(
     ``model`` is a :class:`~emscope.models.LoadedModel` or a ``(model, tokenizer)`` pair;
     ``sampling`` goes to :func:`emscope.generate.sample` (``batch_size``,
     ``max_new_tokens``, ``temperature``, ``top_p``). Resumable: finished samples and scores
-    in ``out`` are kept.
+    in ``out`` are kept. The metrics also record the intervention label and the judge's name.
     """
     from emscope.generate import sample_to_dir
     from emscope.io import write_json
@@ -106,12 +113,15 @@ def evaluate_to_dir(
         seed=seed,
         interventions=interventions,
         intervention_label=intervention_label,
+        progress=progress,
         **sampling,
     )
-    table = judge_dir(out, judge, metrics, questions, questions_file)
+    table = judge_dir(out, judge, metrics, questions, questions_file, progress)
     if "bad_stuff" not in metrics:  # a stale column from another run does not count
         table = table.drop(columns=["bad_stuff"], errors="ignore")
     result = compute_metrics(table, strict=strict, recognition=recognition, seed=seed)
+    result["intervention"] = intervention_label
+    result["judge"] = judge.name
     write_json(out / "metrics.json", result)
     save_figure(
         plot_em_by_question(result, title or "EM rate per question"), out / "em_by_question.png"

@@ -192,7 +192,6 @@ def _eval_config(
         judge=options.build_judge(judge, **judge_kwargs),
         metrics=metric_list,
         strict=strict,
-        judge_questions=qs if questions is not None else None,
     )
 
 

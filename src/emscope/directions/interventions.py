@@ -248,7 +248,6 @@ class EvalConfig:
     metrics: Sequence[str]
     strict: bool = False
     recognition: bool = False
-    judge_questions: Sequence[Question] | None = None
 
     @property
     def seed(self) -> int:
@@ -269,49 +268,29 @@ def evaluate_setting(
     (``responses.parquet``/``.csv``, ``run.json``, ``metrics.json``), resumably: a dir with
     ``metrics.json`` is read back, not redone. ``loaded``: a LoadedModel or (model,
     tokenizer) pair. Returns ``(table, metrics)``."""
-    from emscope.generate import sample_to_dir
-    from emscope.io import read_json, read_table, write_json, write_table
-    from emscope.judge import judge_table
-    from emscope.metrics import compute_metrics
+    from emscope.evaluate import evaluate_to_dir
+    from emscope.io import read_json, read_table
 
     out = Path(out_dir)
     if (out / "metrics.json").is_file() and (out / "responses.parquet").is_file():
         return read_table(out, "responses"), read_json(out / "metrics.json")
-    table = sample_to_dir(
+    metrics = evaluate_to_dir(
         loaded,
         config.questions,
         out,
-        config.n,
-        record=record,
+        judge=config.judge,
+        metrics=config.metrics,
+        n=config.n,
         interventions=interventions,
         intervention_label=label,
+        record=record,
+        strict=config.strict,
+        recognition=config.recognition,
+        title=f"EM rate per question: {label}" if label else None,
         progress=False,
         **dict(config.sampling),
     )
-    table = judge_table(
-        table,
-        config.judge,
-        list(config.metrics),
-        questions=config.judge_questions,
-        on_chunk=lambda t: _write(t, out),
-        progress=False,
-    )
-    write_table(table, out, "responses")
-    if "bad_stuff" not in config.metrics:
-        table = table.drop(columns=["bad_stuff"], errors="ignore")
-    metrics = compute_metrics(
-        table, strict=config.strict, recognition=config.recognition, seed=config.seed
-    )
-    metrics["intervention"] = label
-    metrics["judge"] = config.judge.name
-    write_json(out / "metrics.json", metrics)
-    return table, metrics
-
-
-def _write(table: pd.DataFrame, out: Path) -> None:
-    from emscope.io import write_table
-
-    write_table(table, out, "responses")
+    return read_table(out, "responses"), metrics
 
 
 def paired_relative_change(
