@@ -1,0 +1,11 @@
+"""``emscope run``: one experiment YAML -> every stage of the study -> one run dir.
+
+- :mod:`.config`: the pydantic config (:func:`load_config`), validated before any work;
+- :mod:`.stages`: one function per stage, wiring the analysis libraries;
+- :mod:`.runner`: dependency order, resume (``done.json``), manifest (:func:`run_study`);
+- :mod:`.claims`: the REFERENCE.md section 8 table from a run dir (:func:`claims_table`).
+"""
+
+from emscope.pipeline.config import STAGE_ORDER, StudyConfig, load_config, parse_config
+
+__all__ = ["STAGE_ORDER", "StudyConfig", "load_config", "parse_config"]

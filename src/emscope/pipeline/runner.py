@@ -1,0 +1,265 @@
+"""Run the stages of a study in dependency order, resumably, with a manifest.
+
+``RUN/<stage>/done.json`` (written last, atomically) marks a finished stage; it records the
+fingerprint of the settings the stage depends on (the stage's own section plus the global
+models, adapters, judge, questions, sampling, seed, dtype). A re-run skips finished stages
+with the same fingerprint and refuses one whose settings changed (delete ``RUN/<stage>/``
+to redo it). An unfinished stage is re-entered and its units of work resume (see
+:mod:`emscope.pipeline.stages`).
+
+``RUN/manifest.json``: config file and fingerprint, versions, seeds, hashes of the inputs,
+and per stage its status and wall time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from emscope.errors import EmscopeError
+from emscope.pipeline.config import StudyConfig, check_paths, input_paths, load_config
+
+#: Files up to this size are hashed by content; larger ones by name, size and mtime.
+HASH_LIMIT = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    stage: str
+    action: str  # "run" | "skip (done)" | "resume"
+    what: str
+
+
+def fingerprint(config: StudyConfig, stage: str) -> str:
+    """Hash of the settings ``stage`` depends on (its section + the global ones)."""
+    doc = config.model_dump(mode="json", exclude={"stages", "name"})
+    section = config.stage(stage)
+    doc["stage"] = section.model_dump(mode="json", exclude={"enabled"}) if section else None
+    doc["stage_name"] = stage
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _hash_file(path: Path) -> str:
+    size = path.stat().st_size
+    if size > HASH_LIMIT:
+        return f"size={size},mtime={int(path.stat().st_mtime)}"
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def hash_input(path: Path) -> str | None:
+    """Content hash of a file, or of a dir (relative names + file hashes, sorted; files over
+    :data:`HASH_LIMIT` by size and mtime, checkpoints excluded); None if missing."""
+    path = Path(path)
+    if path.is_file():
+        return _hash_file(path)
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for child in sorted(path.rglob("*")):
+        rel = child.relative_to(path)
+        if not child.is_file() or rel.parts[0] == "checkpoints":
+            continue
+        h.update(f"{rel}:{_hash_file(child)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    import emscope
+
+    out = {"emscope": emscope.__version__, "python": platform.python_version()}
+    for dist in ("torch", "transformers", "peft", "numpy", "pandas", "scikit-learn", "pydantic"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[dist] = md.version(dist)
+    return out
+
+
+def stage_status(config: StudyConfig, run_dir: Path, stage: str) -> str:
+    """``done``, ``partial`` (its dir exists) or ``new``; refuses a stale ``done``."""
+    from emscope.io import read_json
+
+    done = run_dir / stage / "done.json"
+    if done.is_file():
+        record = read_json(done)
+        if record.get("fingerprint") != fingerprint(config, stage):
+            raise EmscopeError(
+                f"{done}: this stage was run with other settings; use another --out or "
+                f"delete {run_dir / stage} to redo it"
+            )
+        return "done"
+    return "partial" if (run_dir / stage).is_dir() else "new"
+
+
+def plan(config: StudyConfig, run_dir: Path) -> list[PlanItem]:
+    """Every enabled stage in order, with what the run will do about it."""
+    from emscope.pipeline.stages import describe_stage
+
+    items = []
+    for stage in config.enabled():
+        status = stage_status(config, run_dir, stage)
+        action = {"done": "skip (done)", "partial": "resume", "new": "run"}[status]
+        items.append(PlanItem(stage, action, describe_stage(config, stage)))
+    return items
+
+
+def format_plan(config: StudyConfig, run_dir: Path, notes: list[str] | None = None) -> str:
+    lines = [f"study {config.name!r} -> {run_dir}"]
+    for i, item in enumerate(plan(config, run_dir), 1):
+        lines.append(f"{i:2d}. {item.stage:<11} {item.action:<12} {item.what}")
+    skipped = [s for s in config.stages.model_fields if s not in config.enabled()]
+    if skipped:
+        lines.append(f"    not run: {', '.join(skipped)}")
+    for note in notes or []:
+        lines.append(f"    note: {note}")
+    return "\n".join(lines)
+
+
+def run_study(
+    config_path: str | Path,
+    out: str | Path,
+    *,
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Validate ``config_path``, then run every enabled stage into ``out`` (or, with
+    ``dry_run``, print the plan and touch nothing). Returns the manifest."""
+    from emscope.io import read_json, write_json
+    from emscope.pipeline.stages import StageContext
+
+    config = load_config(config_path)
+    run_dir = Path(out)
+    if dry_run:
+        echo(format_plan(config, run_dir, _dry_notes(config)))
+        return {}
+    notes = check_paths(config, str(config_path))
+    plan(config, run_dir)  # refuses stale stages before any work
+    if progress is None:
+        progress = sys.stderr.isatty()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest_path = run_dir / "manifest.json"
+    manifest: dict[str, Any] = read_json(manifest_path) if manifest_path.is_file() else {}
+    manifest.update(
+        {
+            "format": "emscope-run/1",
+            "name": config.name,
+            "config_file": str(config_path),
+            "config": config.model_dump(mode="json"),
+            "versions": versions(),
+            "seeds": {
+                "study": config.seed,
+                "sampling": config.sampling.seed,
+                "organism": config.organism.seed if config.organism else None,
+            },
+            "command": " ".join(sys.argv),
+        }
+    )
+    manifest.setdefault("stages", {})
+    write_json(run_dir / "config.json", config.model_dump(mode="json"))
+    ctx = StageContext(config, run_dir, echo=echo, progress=progress)
+    for note in notes:
+        echo(f"note: {note}")
+    import torch
+
+    previous_threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        total = _run_stages(config, run_dir, ctx, manifest, echo, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+        ctx.release()
+    _hash_inputs(config, manifest)
+    write_json(manifest_path, manifest)
+    echo(f"study done: {len(config.enabled())} stages, {total:.1f} s this run -> {run_dir}")
+    return manifest
+
+
+def _run_stages(
+    config: StudyConfig,
+    run_dir: Path,
+    ctx: Any,
+    manifest: dict[str, Any],
+    echo: Callable[[str], None],
+    progress: bool,
+) -> float:
+    from tqdm.auto import tqdm
+
+    from emscope.io import read_json, write_json
+    from emscope.pipeline.stages import STAGES
+
+    manifest_path = run_dir / "manifest.json"
+    total = 0.0
+    bar = tqdm(config.enabled(), desc="study", unit="stage", disable=not progress)
+    for stage in bar:
+        bar.set_postfix_str(stage)
+        status = stage_status(config, run_dir, stage)
+        done_path = run_dir / stage / "done.json"
+        if status == "done":
+            wall = read_json(done_path).get("wall_s", 0.0)
+            echo(f"[{stage}] done already ({wall:.1f} s when run): skipped")
+            manifest["stages"][stage] = {**manifest["stages"].get(stage, {}), "status": "done"}
+            continue
+        echo(f"[{stage}] {'resuming' if status == 'partial' else 'running'}")
+        start = time.perf_counter()
+        manifest["stages"][stage] = {"status": "running", "started": _now()}
+        write_json(manifest_path, manifest)
+        try:
+            summary = STAGES[stage](ctx)
+        except BaseException:
+            manifest["stages"][stage]["status"] = "interrupted"
+            write_json(manifest_path, manifest)
+            raise
+        wall = time.perf_counter() - start
+        total += wall
+        write_json(run_dir / stage / "stage.json", summary)
+        write_json(
+            done_path,
+            {"stage": stage, "fingerprint": fingerprint(config, stage), "wall_s": wall},
+        )
+        manifest["stages"][stage] = {
+            "status": "done",
+            "wall_s": round(wall, 2),
+            "finished": _now(),
+        }
+        write_json(manifest_path, manifest)
+        echo(f"[{stage}] {wall:.1f} s")
+    return total
+
+
+def _hash_inputs(config: StudyConfig, manifest: dict[str, Any]) -> None:
+    manifest["inputs"] = {
+        field: {"path": str(p), "hash": hash_input(p)} for field, p in input_paths(config).items()
+    }
+
+
+def _dry_notes(config: StudyConfig) -> list[str]:
+    missing = []
+    for field, path in input_paths(config).items():
+        if not Path(path).exists():
+            missing.append(f"{field}: {path} does not exist (yet)")
+    return missing
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def load_run_config(run_dir: str | Path) -> StudyConfig:
+    """The validated config a run dir was made with (``RUN/config.json``)."""
+    from emscope.io import read_json
+    from emscope.pipeline.config import parse_config
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise EmscopeError(f"{run_dir}: not a run dir (no config.json); run `emscope run` first")
+    return parse_config(read_json(path), str(path))
