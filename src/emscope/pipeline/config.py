@@ -69,6 +69,9 @@ class OrganismConfig(_Model):
     dir: Path
     size: Literal["tiny", "default"] = "default"
     seed: int = 0
+    claims_organism: str | None = Field(
+        default=None, description="the EM organism of the claims table (default: first em)"
+    )
     threads: int | None = Field(default=1, ge=1, description="torch threads of the build")
 
 
@@ -273,6 +276,9 @@ class StudyConfig(_Model):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     dtype: str = "auto"
     device: str | None = None
+    claims_organism: str | None = Field(
+        default=None, description="the EM organism of the claims table (default: first em)"
+    )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (null: torch's)")
     stages: Stages
 
@@ -332,6 +338,8 @@ def check_names(config: StudyConfig) -> None:
         raise ValueError(f"adapter names clash with model names: {sorted(clash)}")
     qsets = set(config.questions)
     s = config.stages
+    if config.claims_organism is not None and config.claims_organism not in config.adapters:
+        raise ValueError(f"claims_organism: unknown adapter {config.claims_organism!r}")
 
     def need(field: str, name: str, known: set[str], what: str) -> None:
         if name not in known:

@@ -1,0 +1,420 @@
+"""The report's content, independent of its format: sections of tables and figures read
+from a run dir (``emscope run``). :mod:`.html` and :mod:`.markdown` render the same list.
+
+A section whose stage did not run says so; missing figures are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Table:
+    headers: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class Figure:
+    path: Path
+    caption: str
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    paper: str = ""
+    text: str = ""
+    tables: list[Table] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _done(run: Path, stage: str) -> bool:
+    return (run / stage / "done.json").is_file()
+
+
+def _f(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _ci(value: Any, ci: Any, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:.{digits}f}"
+    if ci:
+        text += f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+    return text
+
+
+def _figures(directory: Path, names: list[tuple[str, str]]) -> list[Figure]:
+    return [Figure(directory / n, c) for n, c in names if (directory / n).is_file()]
+
+
+def _not_run(section: Section, stage: str) -> Section:
+    section.text = f"Stage `{stage}` not run."
+    return section
+
+
+def run_summary(run: Path) -> Section:
+    manifest = _read(run / "manifest.json") or {}
+    section = Section(
+        "run", "Run", text=f"Run dir `{run}`; config `{manifest.get('config_file')}`."
+    )
+    rows = []
+    for stage, info in manifest.get("stages", {}).items():
+        done = _read(run / stage / "done.json") or {}
+        wall = done.get("wall_s")
+        rows.append((stage, info.get("status", ""), f"{wall:.1f}" if wall is not None else "n/a"))
+    section.tables.append(Table(("stage", "status", "wall time (s)"), tuple(rows)))
+    versions = manifest.get("versions", {})
+    if versions:
+        section.tables.append(
+            Table(("package", "version"), tuple((k, str(v)) for k, v in versions.items()))
+        )
+    return section
+
+
+def claims_section(run: Path) -> Section:
+    from emscope.pipeline.claims import claims_table
+
+    rows = claims_table(run)
+    section = Section(
+        "claims",
+        "Headline claims (REFERENCE.md section 8)",
+        text="'Holds' is the qualitative test of each row (last column); rates compared with "
+        "'above' need non-overlapping 95% CIs.",
+    )
+    section.tables.append(
+        Table(
+            ("claim", "paper's value", "measured here", "holds?", "test"),
+            tuple((r.claim, r.paper, r.measured, r.holds, r.test) for r in rows),
+        )
+    )
+    return section
+
+
+def eval_section(run: Path) -> Section:
+    section = Section("eval", "EM rates per organism", "Betley et al.; Turner/Soligo et al.")
+    if not _done(run, "eval"):
+        return _not_run(section, "eval")
+    summary = _read(run / "eval" / "summary.json")
+    rows = []
+    for name, m in summary["organisms"].items():
+        rows.append(
+            (
+                name,
+                _ci(m["em_rate"], m["em_ci"]),
+                _ci(m["coherent_rate"], m.get("coherent_ci")),
+                _f(m.get("unscored_rate")),
+                _f(m.get("n")),
+            )
+        )
+    section.text = f"Question set `{summary['questions']}`; 95% bootstrap CIs."
+    section.tables.append(
+        Table(("organism", "EM rate", "coherent rate", "unscored", "n"), tuple(rows))
+    )
+    section.figures = _figures(run / "eval", [("em_rates.png", "EM and coherent rates")])
+    return section
+
+
+def geometry_section(run: Path) -> Section:
+    section = Section(
+        "geometry", "Weight-space geometry of EM updates", "Shared parameter subspaces (seed 000)"
+    )
+    if not _done(run, "geometry"):
+        return _not_run(section, "geometry")
+    summary = _read(run / "geometry" / "summary.json")
+    rows = []
+    for p in summary["pairs"].values():
+        rows.append(
+            (
+                f"{p['a']} | {p['b']}",
+                "-".join(p["roles"]),
+                _f(p["cosine"]),
+                _f(p["overlap"]),
+                _f(p["mean_angle_deg"], 1),
+                _f(p["random_angle_p5"], 1),
+            )
+        )
+    section.tables.append(
+        Table(
+            ("pair", "roles", "cosine", "overlap", "mean angle (deg)", "random p5 (deg)"),
+            tuple(rows),
+        )
+    )
+    if summary.get("base_cosine"):
+        section.tables.append(
+            Table(
+                ("adapter", "cos(W0, dW)"),
+                tuple((n, f"{c:.2e}") for n, c in summary["base_cosine"].items()),
+            )
+        )
+    section.figures = _figures(
+        run / "geometry",
+        [
+            ("geometry_cosine.png", "aggregate cosine between updates"),
+            ("geometry_angle_spectra.png", "principal-angle spectra vs random baselines"),
+            ("geometry_layer_cosine.png", "cosine per layer"),
+        ],
+    )
+    return section
+
+
+def lmc_section(run: Path) -> Section:
+    section = Section("lmc", "Linear mode connectivity", "Shared parameter subspaces (seed 000)")
+    if not _done(run, "lmc"):
+        return _not_run(section, "lmc")
+    summary = _read(run / "lmc" / "summary.json")
+    for name, p in summary["paths"].items():
+        rows = tuple(
+            (
+                f"{r['t']:.2f}",
+                _ci(r["em_rate"], r["em_ci"]),
+                _ci(r["coherent_rate"], r.get("coherent_ci")),
+                ", ".join(f"{k} {v:.3f}" for k, v in (r.get("loss") or {}).items()) or "-",
+            )
+            for r in p["rows"]
+        )
+        barrier = p.get("barrier")
+        caption = f"{p['from']} -> {p['to']}" + (
+            "; barrier " + ", ".join(f"{k} {_f(v)}" for k, v in barrier.items()) if barrier else ""
+        )
+        section.tables.append(Table(("t", "EM rate", "coherent rate", "loss"), rows, caption))
+        section.figures += _figures(
+            run / "lmc" / name,
+            [("lmc.png", f"{p['from']} -> {p['to']}"), ("features.png", "feature-space LMC")],
+        )
+    return section
+
+
+def directions_section(run: Path) -> Section:
+    section = Section(
+        "directions", "Direction convergence by layer", "Convergent linear representations (001)"
+    )
+    if not _done(run, "directions"):
+        return _not_run(section, "directions")
+    summary = _read(run / "directions" / "summary.json")
+    rows = []
+    for p in summary["pairs"]:
+        cos = [f"{c:.2f}" for _, c in sorted(p["cosine"].items(), key=lambda kv: int(kv[0]))]
+        rows.append((f"{p['a']} vs {p['b']}", ", ".join(cos)))
+    for key, entries in summary["adapter_b_cosines"].items():
+        rows.append((f"B of {key}", ", ".join(f"L{e['layer']} {e['cosine']:.2f}" for e in entries)))
+    section.tables.append(Table(("pair", "cosine by layer"), tuple(rows)))
+    section.figures = _figures(run / "directions", [("cosine_by_layer.png", "cosine by layer")])
+    return section
+
+
+def steering_section(run: Path) -> Section:
+    section = Section("steering", "Steering sweep", "Convergent linear representations (001)")
+    if not _done(run, "steering"):
+        return _not_run(section, "steering")
+    summary = _read(run / "steering" / "summary.json")
+    base = summary.get("baseline", {})
+    section.text = f"Unsteered EM {_ci(base.get('em_rate'), base.get('em_ci'))}."
+    rows = tuple(
+        (
+            str(r["layer"]),
+            f"{r['scale']:g}",
+            r["vector"],
+            _ci(r["em_rate"], r["em_ci"]),
+            _ci(r["coherent_rate"], r.get("coherent_ci")),
+            _f(r.get("kl"), 4),
+        )
+        for r in summary["rows"]
+    )
+    section.tables.append(
+        Table(("layer", "scale", "vector", "EM rate", "coherent rate", "KL (nats)"), rows)
+    )
+    section.figures = _figures(run / "steering", [("steer_em.png", "EM vs steering scale")])
+    return section
+
+
+def _ablation_row(name: str, s: dict[str, Any]) -> tuple[str, ...]:
+    return (
+        name,
+        _ci(s.get("em_rate_before"), s.get("em_rate_before_ci")),
+        _ci(s.get("em_rate_after"), s.get("em_rate_after_ci")),
+        _ci(s.get("relative_reduction"), s.get("relative_reduction_ci")),
+        _ci(s.get("random_em_rate_after"), s.get("random_em_rate_after_ci")),
+        _ci(s.get("random_relative_change"), s.get("random_relative_change_ci")),
+    )
+
+
+ABLATION_HEADERS = (
+    "target",
+    "EM before",
+    "EM after",
+    "relative reduction",
+    "EM after random",
+    "random relative change",
+)
+
+
+def ablation_section(run: Path) -> Section:
+    section = Section(
+        "ablation", "Ablation and transfer (with the random control)", "Convergent linear "
+        "representations (001)",
+    )  # fmt: skip
+    rows = []
+    if _done(run, "ablation"):
+        s = _read(run / "ablation" / "summary.json")
+        rows.append(_ablation_row(f"{s['target']} (own direction)", s))
+        section.figures += _figures(run / "ablation", [("ablate_em.png", "own-direction ablation")])
+    if _done(run, "transfer"):
+        t = _read(run / "transfer" / "stage.json")
+        for target, s in t["targets"].items():
+            rows.append(_ablation_row(f"{target} ({t['direction']}'s direction)", s))
+            section.figures += _figures(
+                run / "transfer" / target, [("ablate_em.png", f"transfer ablation in {target}")]
+            )
+    if not rows:
+        return _not_run(section, "ablation/transfer")
+    section.tables.append(Table(ABLATION_HEADERS, tuple(rows)))
+    return section
+
+
+def probes_section(run: Path) -> Section:
+    section = Section("probes", "Probes on rank-1 adapter scalars", "Model organisms (003)")
+    if not _done(run, "probes"):
+        return _not_run(section, "probes")
+    result = _read(run / "probes" / "probe.json")
+    rows = []
+    for name, t in result["tests"].items():
+        if "skipped" in t:
+            rows.append((name, "skipped", t["skipped"], "", ""))
+            continue
+        rows.append(
+            (
+                name,
+                f"{t['auc']['mean']:.3f} +- {t['auc']['sd']:.3f}",
+                f"{t['shuffled_auc']['mean']:.3f}",
+                f"{t['f1']['mean']:.3f}",
+                ", ".join(f"{k} {v}" for k, v in t["n_responses"].items()),
+            )
+        )
+    section.tables.append(Table(("test", "AUC", "shuffled AUC", "F1", "responses"), tuple(rows)))
+    section.figures = _figures(run / "probes", [("coefficients.png", "probe coefficients")])
+    return section
+
+
+def dynamics_section(run: Path) -> Section:
+    section = Section("dynamics", "Training dynamics", "Model organisms (003)")
+    if not _done(run, "dynamics"):
+        return _not_run(section, "dynamics")
+    d = _read(run / "dynamics" / "stage.json")
+    sharp = d.get("sharpest_rotation") or {}
+    b = sharp.get("B") or {}
+    section.text = (
+        f"Adapter `{d['adapter']}`, checkpoints {d['steps']}; sharpest rotation of B between "
+        f"steps {b.get('from')} and {b.get('step')} (cos {_f(b.get('cos'))})."
+    )
+    if d.get("eval"):
+        section.tables.append(
+            Table(
+                ("step", "EM rate", "coherent rate"),
+                tuple(
+                    (str(e["step"]), _ci(e["em_rate"], e["em_ci"]), _f(e["coherent_rate"]))
+                    for e in d["eval"]
+                ),
+            )
+        )
+    section.figures = _figures(
+        run / "dynamics",
+        [
+            ("norms.png", "factor norms"),
+            ("cosines.png", "cosines between checkpoints"),
+            ("pca.png", "PCA trajectories"),
+            ("emergence.png", "EM per checkpoint"),
+        ],
+    )
+    return section
+
+
+def reemergent_section(run: Path) -> Section:
+    section = Section("reemergent", "Re-emergent misalignment", "Re-emergent misalignment (004)")
+    if not _done(run, "reemergent"):
+        return _not_run(section, "reemergent")
+    proj = _read(run / "reemergent" / "projection.json")
+    rows = []
+    for name, r in proj.get("relative_to_base_instruct", {}).items():
+        rows.append(
+            (
+                name,
+                f"{r['first_third_mean']:.2f}",
+                f"{r['last_third_mean']:.2f}",
+                _ci(r["drift_towards_base"], r["drift_ci95"], 2),
+            )
+        )
+    section.tables.append(
+        Table(
+            ("model", "position, first third", "position, last third", "drift towards base"),
+            tuple(rows),
+            "position between base (0) and instruct (1) on the alignment direction",
+        )
+    )
+    grads = _read(run / "reemergent" / "gradients.json")
+    if grads:
+        sim = grads["similarity"]
+        a, b = sim["groups"]
+        grad_rows = tuple(
+            (
+                kind,
+                _f(sim[kind].get(f"within_{a}")),
+                _f(sim[kind].get(f"within_{b}")),
+                _f(sim[kind].get("across")),
+                ", ".join(
+                    f"{g} {_f(h.get(f'{kind}_across_halves'))}"
+                    for g, h in sim.get("split_half", {}).items()
+                ),
+            )
+            for kind in ("raw", "centred")
+        )
+        section.tables.append(
+            Table(
+                ("gradient cosine", f"within {a}", f"within {b}", "across", "split-half control"),
+                grad_rows,
+                f"mean per-example gradient cosines of {grads.get('param', '')}",
+            )
+        )
+    section.figures = _figures(
+        run / "reemergent",
+        [
+            ("projection.png", "projection on the alignment direction"),
+            ("logprob_heatmap.png", "answer log-probabilities"),
+            ("gradient_cosine.png", "per-example gradient cosines"),
+        ],
+    )
+    return section
+
+
+def build_sections(run_dir: str | Path) -> list[Section]:
+    """Every section of the report, in order."""
+    run = Path(run_dir)
+    return [
+        claims_section(run),
+        eval_section(run),
+        geometry_section(run),
+        lmc_section(run),
+        directions_section(run),
+        steering_section(run),
+        ablation_section(run),
+        probes_section(run),
+        dynamics_section(run),
+        reemergent_section(run),
+        run_summary(run),
+    ]
