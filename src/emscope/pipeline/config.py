@@ -30,7 +30,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from emscope.errors import EmscopeError
 
@@ -159,12 +166,17 @@ class LmcStage(_Stage):
     features: bool = False
     questions: str | None = None
 
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, steps: list[float]) -> list[float]:
+        if not steps or any(not 0 <= t <= 1 for t in steps):
+            raise ValueError(f"every t must be in [0, 1], got {steps}")
+        if sorted(set(steps)) != steps:
+            raise ValueError(f"t must be increasing and distinct, got {steps}")
+        return steps
+
     @model_validator(mode="after")
-    def _steps(self) -> LmcStage:
-        if not self.steps or any(not 0 <= t <= 1 for t in self.steps):
-            raise ValueError(f"steps must be in [0, 1], got {self.steps}")
-        if sorted(set(self.steps)) != self.steps:
-            raise ValueError(f"steps must be increasing and distinct, got {self.steps}")
+    def _ends(self) -> LmcStage:
         if (self.features or self.loss_data) and not {0.0, 1.0} <= set(self.steps):
             raise ValueError("features / loss barrier need t = 0 and t = 1 in steps")
         return self

@@ -1,0 +1,339 @@
+"""``emscope run``: config validation (before any work, naming the field), the plan, the
+whole study end to end on the tiny synthetic build with the oracle judge, and resume after
+an interruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from emscope.cli.main import app
+from emscope.errors import EmscopeError
+from emscope.pipeline import STAGE_ORDER, load_config, parse_config
+from emscope.pipeline import stages as stages_module
+from emscope.pipeline.runner import fingerprint, run_study
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture(scope="module")
+def tiny_organism(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from emscope.synthetic.build import build
+
+    out = tmp_path_factory.mktemp("pipeline") / "toy"
+    build(out, size="tiny", seed=0, threads=1)
+    return out
+
+
+def tiny_config(organism: Path, stages: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every stage on the tiny build with tiny sample counts."""
+    every = {
+        "organisms": {},
+        "eval": {"organisms": ["instruct", "bad_medical.all", "bad_sport.all", "good_medical.all"]},
+        "geometry": {
+            "adapters": ["bad_medical.all", "bad_sport.all", "good_medical.all"],
+            "random_draws": 4,
+        },
+        "lmc": {"paths": [["bad_medical.all", "bad_sport.all"]], "steps": [0.0, 0.5, 1.0]},
+        "directions": {
+            "sources": ["bad_medical.all", "bad_sport.all"],
+            "rank1": ["bad_medical.r1"],
+        },
+        "steering": {"direction": "bad_medical.all", "layers": [1], "scales": [2.0]},
+        "ablation": {"direction": "bad_medical.all"},
+        "transfer": {"direction": "bad_medical.all", "targets": ["bad_sport.all"]},
+        "probes": {"adapter": "bad_medical.r1", "seeds": 1},
+        "dynamics": {"adapter": "bad_medical.r1"},
+        "reemergent": {
+            "base": "base",
+            "instruct": "instruct",
+            "misaligned": ["bad_medical.all"],
+            "data": "{organism}/data/heldout.jsonl",
+            "gradient_data": [
+                "{organism}/data/bad_medical.jsonl",
+                "{organism}/data/bad_medical_educational.jsonl",
+            ],
+            "gradient_examples": 4,
+        },
+    }
+    adapters = ["bad_medical.all", "bad_sport.all", "bad_medical.r1", "good_medical.all"]
+    return {
+        "name": "tiny",
+        "threads": 1,
+        "organism": {"dir": str(organism), "size": "tiny", "seed": 0},
+        "models": {"base": "{organism}/models/base", "instruct": "{organism}/models/instruct"},
+        "chat_model": "instruct",
+        "adapters": {
+            a: {
+                "path": f"{{organism}}/adapters/{a}",
+                "role": "control" if a.startswith("good") else "em",
+            }
+            for a in adapters
+        },
+        "judge": {"spec": "oracle:{organism}", "metrics": ["aligned", "coherent", "medical"]},
+        "questions": {
+            "general": "{organism}/questions/general.yaml",
+            "medical": "{organism}/questions/medical.yaml",
+        },
+        "sampling": {"n": 4, "max_new_tokens": 8, "batch_size": 64},
+        "stages": every if stages is None else {k: every[k] for k in stages},
+    }
+
+
+def write(tmp_path: Path, data: dict[str, Any], name: str = "study.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def invoke(*args: str) -> Any:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda c: c["stages"]["lmc"].update(stepz=[0, 1]), "stages.lmc.stepz: unknown field"),
+        (lambda c: c["stages"]["lmc"].update(steps=[0, 2]), "stages.lmc.steps"),
+        (lambda c: c["stages"]["lmc"].update(steps=[0.5, 0.2]), "stages.lmc.steps"),
+        (lambda c: c["sampling"].update(n=0), "sampling.n"),
+        (lambda c: c["sampling"].update(top_p="lots"), "sampling.top_p"),
+        (lambda c: c.update(chat_modle="instruct"), "chat_modle: unknown field"),
+        (lambda c: c["judge"].update(spec="gpt4"), "bad judge spec"),
+        (lambda c: c["judge"].update(metrics=["aligned"]), "coherent"),
+        (lambda c: c["stages"]["eval"].update(organisms=["nope"]), "stages.eval.organisms"),
+        (lambda c: c["stages"]["transfer"].update(targets=["nope"]), "stages.transfer.targets"),
+        (lambda c: c["stages"]["steering"].update(direction="bad_sport"), "stages.steering"),
+        (lambda c: c["stages"].pop("directions"), "stages.steering"),
+        (lambda c: c["stages"]["probes"].update(questions=["x"]), "stages.probes.questions"),
+        (lambda c: c["stages"]["reemergent"].update(base="nope"), "stages.reemergent.base"),
+        (lambda c: c["stages"].update(lmk={}), "stages.lmk: unknown field"),
+        (lambda c: c.update(claims_organism="nope"), "claims_organism"),
+        (lambda c: c["adapters"]["bad_sport.all"].update(role="evil"), "adapters.bad_sport.all"),
+    ],
+)
+def test_bad_config_fails_naming_the_field(tmp_path: Path, edit: Any, expected: str) -> None:
+    data = tiny_config(tmp_path / "toy")
+    edit(data)
+    path = write(tmp_path, data)
+    out = tmp_path / "run"
+    result = invoke("run", path, "--out", out)
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith(f"error: {path}: ")
+    assert expected in line
+    assert not out.exists()  # nothing was done
+
+
+def test_config_errors_from_python(tmp_path: Path) -> None:
+    with pytest.raises(EmscopeError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [\n", encoding="utf-8")
+    with pytest.raises(EmscopeError, match=r"bad.yaml:\d+: not valid YAML"):
+        load_config(bad)
+    with pytest.raises(EmscopeError, match="must be a mapping"):
+        parse_config(["a"])
+    data = tiny_config(tmp_path)
+    del data["organism"]
+    with pytest.raises(EmscopeError, match="no organism.dir"):
+        parse_config(data)
+
+
+def test_missing_input_fails_before_work(tmp_path: Path) -> None:
+    """Without an organisms stage to build them, missing inputs fail the run up front."""
+    data = tiny_config(tmp_path / "toy", stages=["eval"])
+    path = write(tmp_path, data)
+    out = tmp_path / "run"
+    with pytest.raises(EmscopeError, match=r"models.base: .* does not exist"):
+        run_study(path, out)
+    assert not out.exists()
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path: Path) -> None:
+    data = tiny_config(tmp_path / "toy")
+    path = write(tmp_path, data)
+    out = tmp_path / "run"
+    result = invoke("run", path, "--out", out, "--dry-run")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    order = [line.split()[1] for line in lines if line[:3].strip().rstrip(".").isdigit()]
+    assert order == list(STAGE_ORDER)
+    assert "does not exist (yet)" in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["synthetic.yaml", "qwen2.5-7b.example.yaml", "qwen2.5-14b-r1_3_3_3.example.yaml"]
+)
+def test_shipped_configs_validate_in_dry_run(tmp_path: Path, name: str) -> None:
+    """Dry-run never requires the paths to exist (the example configs name placeholders)."""
+    result = invoke("run", CONFIGS / name, "--out", tmp_path / "run", "--dry-run")
+    assert result.exit_code == 0, result.output
+    config = load_config(CONFIGS / name)
+    for stage in config.enabled():
+        assert f" {stage} " in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_synthetic_config_runs_every_stage() -> None:
+    config = load_config(CONFIGS / "synthetic.yaml")
+    assert config.enabled() == list(STAGE_ORDER)
+    assert config.organism is not None and config.organism.size == "default"
+
+
+def test_fingerprint_depends_on_the_stage_and_globals(tmp_path: Path) -> None:
+    data = tiny_config(tmp_path)
+    a = parse_config(data)
+    data["stages"]["lmc"]["steps"] = [0.0, 1.0]
+    b = parse_config(data)
+    assert fingerprint(a, "eval") == fingerprint(b, "eval")
+    assert fingerprint(a, "lmc") != fingerprint(b, "lmc")
+    data["sampling"]["n"] = 4
+    c = parse_config(data)
+    assert fingerprint(b, "eval") != fingerprint(c, "eval")
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+class HashJudge:
+    """Deterministic scores from a hash of (answer, metric): the tiny build's answers are
+    incoherent for the oracle, so this judge supplies aligned AND misaligned coherent
+    answers for the stages that select on them (directions, probes). The oracle itself
+    is exercised by the resume test."""
+
+    name = "test-hash-judge"
+
+    def score(self, rows: Any, metric: str) -> list[Any]:
+        import hashlib
+
+        from emscope.judge import Score, as_rows
+
+        out = []
+        for row in as_rows(rows):
+            h = hashlib.sha256(f"{metric}:{row.question_id}:{row.answer}".encode()).digest()[0]
+            value = {"aligned": 10.0 if h % 2 else 90.0, "coherent": 80.0}.get(metric, h / 2.55)
+            out.append(Score(value, None, "hash-v1"))
+        return out
+
+
+def test_whole_study_end_to_end(
+    tiny_organism: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from emscope.report import write_report
+
+    monkeypatch.setattr(stages_module.StageContext, "judge", property(lambda self: HashJudge()))
+    path = write(tmp_path, tiny_config(tiny_organism))
+    out = tmp_path / "run"
+    lines: list[str] = []
+    manifest = run_study(path, out, echo=lines.append)
+    for stage in STAGE_ORDER:
+        done = json.loads((out / stage / "done.json").read_text())
+        assert done["wall_s"] >= 0
+        assert manifest["stages"][stage]["status"] == "done"
+        assert any(line.startswith(f"[{stage}] ") and line.endswith(" s") for line in lines)
+    assert manifest["seeds"]["sampling"] == 0
+    assert manifest["inputs"]["adapters.bad_medical.all.path"]["hash"]
+    assert manifest["versions"]["torch"]
+    evals = json.loads((out / "eval" / "summary.json").read_text())["organisms"]
+    assert set(evals) == {"instruct", "bad_medical.all", "bad_sport.all", "good_medical.all"}
+    assert (out / "eval" / "bad_medical.all" / "responses.parquet").is_file()
+    assert (out / "directions" / "bad_medical.all.safetensors").is_file()
+    assert (out / "lmc" / "bad_medical.all__bad_sport.all" / "lmc.json").is_file()
+    assert (out / "steering" / "summary.json").is_file()
+    assert (out / "transfer" / "bad_sport.all" / "summary.json").is_file()
+    assert (out / "probes" / "probe.json").is_file()
+    assert (out / "dynamics" / "dynamics.json").is_file()
+    assert (out / "reemergent" / "projection.json").is_file()
+    assert (out / "reemergent" / "gradients.json").is_file()
+
+    html_path, md_path = write_report(out)
+    claims = json.loads((out / "claims.json").read_text())
+    assert len(claims) == 12
+    # Every stage ran, so no row may read "stage not run".
+    assert all("stage not run" not in row["holds"] for row in claims)
+    assert "| claim | paper's value | measured here | holds? | test |" in md_path.read_text()
+    from test_report import assert_self_contained
+
+    assert_self_contained(html_path.read_text())
+
+    # A second run redoes nothing.
+    lines.clear()
+    run_study(path, out, echo=lines.append)
+    assert sum("done already" in line for line in lines) == len(STAGE_ORDER)
+
+
+def test_resume_after_interruption(
+    tiny_organism: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kill the eval stage after its first organism; the re-run repeats nothing finished."""
+    path = write(tmp_path, tiny_config(tiny_organism, ["organisms", "eval", "geometry"]))
+    out = tmp_path / "run"
+    real = stages_module.evaluate_organism
+    calls: list[str] = []
+
+    def failing(ctx: Any, organism: str, *args: Any, **kwargs: Any) -> Any:
+        if calls:
+            raise KeyboardInterrupt("killed mid-stage")
+        calls.append(organism)
+        return real(ctx, organism, *args, **kwargs)
+
+    monkeypatch.setattr(stages_module, "evaluate_organism", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(path, out, echo=lambda _: None)
+    first = calls[0]
+    assert (out / "organisms" / "done.json").is_file()
+    assert not (out / "eval" / "done.json").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["eval"]["status"] == "interrupted"
+    first_table = out / "eval" / first / "responses.parquet"
+    before = first_table.stat().st_mtime_ns
+    organisms_done = (out / "organisms" / "done.json").stat().st_mtime_ns
+
+    # Re-run: count the build and the sampling; the finished organism is not sampled again.
+    import emscope.evaluate
+    import emscope.synthetic.build
+
+    builds: list[Any] = []
+    sampled: list[str] = []
+    real_build = emscope.synthetic.build.build
+    real_eval = emscope.evaluate.evaluate_to_dir
+    monkeypatch.setattr(stages_module, "evaluate_organism", real)
+    monkeypatch.setattr(
+        emscope.synthetic.build, "build", lambda *a, **k: builds.append(a) or real_build(*a, **k)
+    )
+
+    def counting_eval(model: Any, questions: Any, out_dir: Any, **kwargs: Any) -> Any:
+        sampled.append(Path(out_dir).name)
+        return real_eval(model, questions, out_dir, **kwargs)
+
+    monkeypatch.setattr(emscope.evaluate, "evaluate_to_dir", counting_eval)
+    run_study(path, out, echo=lambda _: None)
+    assert builds == []  # organisms stage finished: skipped
+    assert (out / "organisms" / "done.json").stat().st_mtime_ns == organisms_done
+    assert first not in sampled and len(sampled) == 3
+    assert first_table.stat().st_mtime_ns == before  # nothing lost, nothing redone
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert len(summary["organisms"]) == 4
+    assert (out / "geometry" / "done.json").is_file()
+
+
+def test_changed_settings_refuse_a_done_stage(tiny_organism: Path, tmp_path: Path) -> None:
+    data = tiny_config(tiny_organism, ["organisms", "geometry"])
+    path = write(tmp_path, data)
+    out = tmp_path / "run"
+    run_study(path, out, echo=lambda _: None)
+    data["stages"]["geometry"]["random_draws"] = 2
+    write(tmp_path, data)
+    with pytest.raises(EmscopeError, match=r"geometry/done.json: this stage was run with other"):
+        run_study(path, out, echo=lambda _: None)
