@@ -28,7 +28,8 @@ bench: .venv
 	$(BIN)/python -m benchmarks
 
 demo: .venv
-	$(BIN)/emscope demo --out runs/demo
+	$(BIN)/emscope run configs/synthetic.yaml --out runs/demo
+	$(BIN)/emscope report runs/demo
 
 clean-venv:
 	rm -rf $(VENV)

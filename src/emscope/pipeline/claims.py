@@ -298,7 +298,7 @@ def _transfer(run: _Run) -> tuple[str, str]:
         if red is None:
             raise _NA(f"n/a (no reduction for {name})")
         reductions.append(red)
-        part = f"{name}: -{100 * red:.0f}%"
+        part = f"{name}: reduction {100 * red:.0f}%"
         if ci:
             part += f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
         change = s.get("random_relative_change")
