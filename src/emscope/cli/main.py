@@ -74,6 +74,10 @@ _register()
 
 def main() -> None:
     """Console-script entry point."""
+    import warnings
+
+    # raised inside transformers when PEFT wraps a model; nothing a user can act on
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
     app()
 
 
