@@ -273,3 +273,43 @@ def test_ablate_weights(qwen: Any, tiny_models: Any, setup: Any, tmp_path: Path)
         bad = run("ablate", qwen.model, "--adapter", qwen.adapters["r4"], "--direction",
                   direction, "--out", tmp_path / "bad", *args)  # fmt: skip
         assert bad.exit_code == 2 and message in bad.output, bad.output
+
+
+def test_extract_followup_tokens_and_steer_positions(
+    qwen: Any, judged_run: Path, tmp_path: Path
+) -> None:
+    result = _extract(qwen, judged_run, tmp_path / "fu", "--tokens", "followup")
+    assert result.exit_code == 0, result.output
+    direction = Direction.load(tmp_path / "fu.safetensors")
+    loaded = load_model(qwen.model, [qwen.adapters["r4"]], dtype="float64", device="cpu")
+    table = pd.read_parquet(judged_run / "responses.parquet")
+    expected = mean_diff(loaded.model, loaded.tokenizer, table, tokens="followup")
+    for i in expected.layers:
+        torch.testing.assert_close(direction[i], expected[i])
+    assert direction.meta["tokens"] == "followup"
+    bad = _extract(qwen, judged_run, tmp_path / "x", "--tokens", "prompt")
+    assert bad.exit_code == 2 and "--tokens must be" in bad.output
+    sub = _extract(qwen, judged_run, tmp_path / "x", "--tokens", "followup", "--subspace", "2")
+    assert sub.exit_code == 2 and "--subspace" in sub.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+    questions = tmp_path / "q.yaml"
+    questions.write_text(YAML)
+    out = tmp_path / "steer"
+    with LoopbackServer(by_length) as server:
+        args = ["steer", qwen.model, "--direction", tmp_path / "fu.safetensors", "--layers", "1",
+                "--scales", "8", "--positions", "prompt", "--out", out,
+                *_common(questions, server)]  # fmt: skip
+        result = run(*args)
+        assert result.exit_code == 0, result.output
+        wrong = run(*["middle" if a == "prompt" else a for a in args])
+        assert wrong.exit_code == 2 and "--positions must be" in wrong.output
+    summary = read_json(out / "summary.json")
+    assert summary["positions"] == "prompt"
+    (row,) = summary["rows"]
+    base = pd.read_parquet(out / "baseline" / "responses.parquet")
+    steered = pd.read_parquet(out / row["dir"] / "responses.parquet")
+    # only the prompt is steered: the prompt's KL is positive, answers are paired by seed
+    assert row["kl"] > 0 and len(steered) == len(base)
+    meta = read_json(out / row["dir"] / "metrics.json")
+    assert "prompt" in str(meta)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from emscope.data.spans import encode_chat
+from emscope.data.spans import encode_chat, prompt_ids
 from emscope.directions import Direction, mean_diff, select_responses, subspace, table_chats
 from emscope.directions.compare import (
     adapter_b_cosines,
@@ -225,6 +225,47 @@ def test_mean_diff_equals_hand_computation(qwen64, weighting):
     torch.testing.assert_close(topical[2].double(), bad[2] - good[2], rtol=1e-5, atol=1e-6)
     with pytest.raises(EmscopeError, match="out of range"):
         mean_diff(model, tok, table, layers=[7])
+
+
+def test_followup_mean_diff_equals_hand_computation(qwen64):
+    """tokens="followup": the hidden state at the last token of the chat followed by its
+    question asked again, one chat at a time with plain forward hooks (no padding)."""
+    model, tok = qwen64.model, qwen64.tokenizer
+    layers = get_layers(model)
+    store: dict[int, torch.Tensor] = {}
+    handles = [
+        block.register_forward_hook(
+            lambda m, a, o, i=i: store.__setitem__(i, o[0] if isinstance(o, tuple) else o)
+        )
+        for i, block in enumerate(layers)
+    ]
+
+    def hand(chats):
+        rows = []
+        for chat in chats:
+            ids = prompt_ids(tok, [*chat, {"role": "user", "content": chat[-2]["content"]}])
+            with torch.no_grad():
+                model(torch.tensor([ids]))
+            rows.append(torch.stack([store[i][0, -1].double() for i in range(len(layers))]))
+        return torch.stack(rows).mean(0)
+
+    table = _table()
+    chats = table_chats(table)
+    try:
+        expected = hand([chats[i] for i in (0, 2, 4)]) - hand([chats[i] for i in (1, 3, 5)])
+    finally:
+        for h in handles:
+            h.remove()
+    # batch_size 2 pads rows of different lengths on the left
+    d = mean_diff(model, tok, table, tokens="followup", batch_size=2)
+    for i in d.layers:
+        torch.testing.assert_close(d[i].double(), expected[i], rtol=1e-5, atol=1e-6)
+    assert d.meta["tokens"] == "followup" and "follow-up" in d.meta["token_selection"]
+    answer = mean_diff(model, tok, table)
+    assert answer.meta["tokens"] == "answer"
+    assert not torch.allclose(answer[1], d[1])
+    with pytest.raises(EmscopeError, match="tokens must be one of"):
+        mean_diff(model, tok, table, tokens="prompt")
 
 
 def test_subspace_principal_directions(qwen64):

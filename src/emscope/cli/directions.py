@@ -50,6 +50,11 @@ def extract_command(
     ),
     out: Path = typer.Option(..., "--out", help="Direction file (.safetensors, .json beside)."),
     weighting: str = typer.Option("token", "--weighting", help="token or response."),
+    tokens: str = typer.Option(
+        "answer",
+        "--tokens",
+        help="answer (answer content tokens) or followup (last token of the question asked again).",
+    ),
     topic: str | None = typer.Option(
         None, "--topic", help="Topical metric column: keep responses with TOPIC > 50."
     ),
@@ -72,6 +77,10 @@ def extract_command(
 
     if off_topic and topic is None:
         raise EmscopeError("--off-topic needs --topic")
+    if tokens not in extract.TOKEN_SELECTIONS:
+        raise EmscopeError(f"--tokens must be answer or followup, got {tokens!r}")
+    if subspace is not None and tokens != "answer":
+        raise EmscopeError("--subspace reads answer tokens only (drop --tokens)")
     table = read_table(responses, "responses")
     loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
     layer_list = _ints(layers, "--layers") if layers else None
@@ -92,7 +101,7 @@ def extract_command(
         direction = extract.subspace(loaded.model, loaded.tokenizer, table, subspace, **common)
     else:
         direction = extract.mean_diff(
-            loaded.model, loaded.tokenizer, table, weighting=weighting, **common
+            loaded.model, loaded.tokenizer, table, weighting=weighting, tokens=tokens, **common
         )
     path = direction.save(out)
     m = direction.meta
@@ -218,6 +227,9 @@ def steer_command(
     layers: str = typer.Option(..., "--layers", help="Layers to steer, e.g. 2,3."),
     scales: str = typer.Option(..., "--scales", help="Scales, e.g. 2,4,8."),
     unit: bool = typer.Option(False, "--unit", help="Steer with the unit vector (scale = norm)."),
+    positions: str = typer.Option(
+        "all", "--positions", help="Where to add: all, prompt or response tokens."
+    ),
     random_control: bool = RANDOM,
     control_seed: int = CONTROL_SEED,
     kl_data: Path | None = KL_DATA,
@@ -243,7 +255,11 @@ def steer_command(
     """Steering sweep (layers x scales, + random control) with EM, coherence and KL."""
     from emscope.directions.direction import Direction
     from emscope.directions.sweeps import steer_sweep
+    from emscope.errors import EmscopeError
+    from emscope.hooks import POSITIONS
 
+    if positions not in POSITIONS:
+        raise EmscopeError(f"--positions must be all, prompt or response, got {positions!r}")
     layer_list = _ints(layers, "--layers")
     scale_list = _floats(scales, "--scales")
     vec = Direction.load(direction)
@@ -263,6 +279,7 @@ def steer_command(
         control_seed=control_seed,
         kl_sequences=_kl_sequences(loaded.tokenizer, kl_data, config.questions),
         unit=unit,
+        positions=positions,
         echo=typer.echo,
     )
     best = max(

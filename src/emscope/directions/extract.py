@@ -12,6 +12,17 @@ forcing); the hidden state at ``resid_post[i]`` of every block is averaged over 
 content tokens (:func:`emscope.activations.answer_means`, token- or response-weighted) and
 the direction is ``mean(misaligned) - mean(aligned)``, unnormalised, for every layer.
 
+``tokens="followup"`` reads the same contrast somewhere else: each selected chat is followed
+by its question asked again as a new user turn (generation prompt on), and the hidden state
+at the LAST token of that follow-up prompt is taken, one vector per response. The answer is
+then only context: what the model infers about the character from it (the persona), not
+the answer's words, is what differs between the two sides. On the synthetic organism the
+answer-token direction is dominated by answer content (cosine 0.2-0.36 with the
+ground-truth disposition probe), while the follow-up direction read by the instruct model
+is 0.91-0.97 aligned with it (``docs/directions.md``, research log). The last token of the
+ORIGINAL prompt is no use for this contrast: both sides share it (the same questions), so
+the difference only reflects which questions were more often answered badly.
+
 ``subspace(k)``: the top-k right singular vectors of the per-response differences
 ``m_j - a_pi(j)`` (each misaligned response's mean activation minus that of an aligned
 response paired with it at random, seeded), not centred, so the first component is close
@@ -34,6 +45,11 @@ if TYPE_CHECKING:
     import pandas as pd
 
 TOKEN_SELECTION = "content tokens of the last assistant message (chat template spans)"
+FOLLOWUP_SELECTION = (
+    "last token of a follow-up prompt: the chat, then the same question asked again as a new"
+    " user turn, generation prompt on"
+)
+TOKEN_SELECTIONS = ("answer", "followup")
 
 
 @dataclass(frozen=True)
@@ -146,6 +162,54 @@ def _meta(
     }
 
 
+def followup_means(
+    model: Any,
+    tokenizer: Any,
+    chats: Sequence[Sequence[dict[str, str]]],
+    sites: Sequence[Any],
+    batch_size: int = 16,
+) -> dict[Any, Any]:
+    """Mean over chats of the hidden state at each site at the last token of
+    ``prompt_ids(chat + [user: the chat's last user message])`` (the same question asked
+    again, generation prompt on): one vector per chat, so token and response weighting
+    coincide. Batched with left padding and explicit position ids (each row's positions
+    start at 0, as unpadded). Returns ``{site: float64 tensor (d_model,)}``."""
+    import torch
+
+    from emscope.data.spans import prompt_ids
+    from emscope.hooks import capture
+
+    if not chats:
+        raise EmscopeError("no chats to read follow-up activations from")
+    seqs = []
+    for chat in chats:
+        users = [m["content"] for m in chat if m["role"] == "user"]
+        if not users:
+            raise EmscopeError("a chat has no user message to ask again")
+        seqs.append(prompt_ids(tokenizer, [*chat, {"role": "user", "content": users[-1]}]))
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total: dict[Any, Any] = {s: 0.0 for s in sites}
+    for start in range(0, len(seqs), batch_size):
+        batch = seqs[start : start + batch_size]
+        width = max(len(q) for q in batch)
+        ids = torch.full((len(batch), width), int(pad), dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, q in enumerate(batch):
+            ids[r, width - len(q) :] = torch.tensor(q)
+            mask[r, width - len(q) :] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        with capture(model, sites) as cap, torch.inference_mode():
+            model(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+            )
+        for s in sites:
+            total[s] = total[s] + cap[s][:, -1].double().sum(0).cpu()
+    return {s: total[s] / len(seqs) for s in sites}
+
+
 def mean_diff(
     model: Any,
     tokenizer: Any,
@@ -163,6 +227,7 @@ def mean_diff(
     batch_size: int = 16,
     meta: dict[str, Any] | None = None,
     progress: bool = False,
+    tokens: str = "answer",
 ) -> Direction:
     """``mean(misaligned) - mean(aligned)`` of the model's activations over answer tokens at
     ``site_kind[i]`` for each layer (default: every block), from a judged response table.
@@ -171,10 +236,14 @@ def mean_diff(
     normally the EM model that generated the responses). ``weighting``: ``token`` (every
     answer token weighs the same) or ``response`` (every response weighs the same).
     Metadata: selection thresholds and counts, weighting, token selection, token counts,
-    seed, plus ``meta``.
+    seed, plus ``meta``. ``tokens``: ``answer`` (the answer's content tokens) or
+    ``followup`` (the last token of a follow-up prompt asking the question again, see the
+    module docstring; ``weighting`` does not apply there: one vector per response).
     """
     from emscope.activations import answer_means
 
+    if tokens not in TOKEN_SELECTIONS:
+        raise EmscopeError(f"tokens must be one of {', '.join(TOKEN_SELECTIONS)}, got {tokens!r}")
     sites = _sites(model, layers, site_kind)
     selection = select_responses(
         responses,
@@ -185,6 +254,30 @@ def mean_diff(
         topic_side=topic_side,
         seed=seed,
     )
+    if tokens == "followup":
+        bad_f = followup_means(
+            model, tokenizer, table_chats(selection.misaligned), sites, batch_size
+        )
+        good_f = followup_means(model, tokenizer, table_chats(selection.aligned), sites, batch_size)
+        return Direction(
+            {s.layer: (bad_f[s] - good_f[s]).float() for s in sites},
+            site_kind,
+            _meta(
+                selection,
+                "response",
+                seed,
+                meta,
+                token_selection=FOLLOWUP_SELECTION,
+                tokens="followup",
+                topic=topic,
+                topic_side=topic_side if topic else None,
+                thresholds={
+                    "aligned_above": aligned_above,
+                    "misaligned_at_most": misaligned_at_most,
+                    "coherent_above": coherent_above,
+                },
+            ),
+        )
     kwargs = {"sites": sites, "weighting": weighting, "batch_size": batch_size}
     bad = answer_means(model, tokenizer, table_chats(selection.misaligned), **kwargs)  # type: ignore[arg-type]
     good = answer_means(model, tokenizer, table_chats(selection.aligned), **kwargs)  # type: ignore[arg-type]
@@ -197,6 +290,7 @@ def mean_diff(
             weighting,
             seed,
             meta,
+            tokens="answer",
             topic=topic,
             topic_side=topic_side if topic else None,
             thresholds={

@@ -62,9 +62,11 @@ def steer_sweep(
     control_seed: int = 0,
     kl_sequences: Sequence[Sequence[int]] | None = None,
     unit: bool = False,
+    positions: str = "all",
     echo: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Steer with ``scale * v_l`` at ``resid_post[l]`` (every position) for each layer x
+    """Steer with ``scale * v_l`` at ``resid_post[l]`` (at ``positions``: ``all`` by default,
+    or only the ``prompt`` / ``response`` tokens) for each layer x
     scale (``unit``: ``v_l / |v_l|``, so the scale is the added norm), plus the unsteered
     baseline and, with ``random_control``, the same-norm random vector of each setting.
     Writes ``summary.json`` (``rows``: layer, scale, vector, em_rate, em_ci, coherent_rate,
@@ -92,8 +94,9 @@ def steer_sweep(
             for kind, source in kinds:
                 site = direction.site(layer)
                 name = f"{kind}_L{layer}_x{scale:g}"
-                intervention = steering({site: source[layer]}, float(scale))
+                intervention = steering({site: source[layer]}, float(scale), positions)
                 label = f"steer:{kind}:{site}:x{scale:g}" + (":unit" if unit else "")
+                label += "" if positions == "all" else f":{positions}"
                 table, metrics = evaluate_setting(
                     loaded, out / name, config, interventions=[intervention], label=label
                 )
@@ -132,6 +135,7 @@ def steer_sweep(
             else None
         ),
         "unit": unit,
+        "positions": positions,
         "random_control": "seeded Gaussian rescaled to the same norm per layer"
         if random_control
         else None,
