@@ -55,7 +55,9 @@ QUESTION_FILES = ("general", "medical", "sport", "finance")
 @dataclass(frozen=True)
 class AdapterSpec:
     """One adapter of the build: name, training set, preset (``all`` or ``r1x3``), rank,
-    learning rate, data seed, whether checkpoints are kept."""
+    learning rate, data seed, whether checkpoints are kept, and ``every_layer``: adapt every
+    block instead of the preset's layers (for ``r1x3``: rank-1 ``down_proj`` adapters on
+    every layer; see docs/synthetic-organism.md for what each gave)."""
 
     name: str
     data: str
@@ -64,6 +66,7 @@ class AdapterSpec:
     lr: float
     seed: int = 0
     checkpoints: bool = False
+    every_layer: bool = False
 
 
 @dataclass(frozen=True)
@@ -412,6 +415,7 @@ def train_adapter(
         out=out,
         eval_data=eval_data,
         rank=spec.rank,
+        layers=f"0-{config.layers - 1}" if spec.every_layer else None,
         alpha=float(spec.rank),
         rslora=False,
         lr=spec.lr,
