@@ -108,7 +108,8 @@ class BuildConfig:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """The hyper-parameters, with the adapters' (recorded and compared on re-runs)."""
+        return {**asdict(self), "adapter_specs": [asdict(a) for a in self.adapters()]}
 
 
 SIZES = {
