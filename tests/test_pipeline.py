@@ -13,6 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from emscope.cli.main import app
+from emscope.directions import Direction
 from emscope.errors import EmscopeError
 from emscope.pipeline import STAGE_ORDER, load_config, parse_config
 from emscope.pipeline import stages as stages_module
@@ -44,10 +45,16 @@ def tiny_config(organism: Path, stages: dict[str, Any] | None = None) -> dict[st
         "directions": {
             "sources": ["bad_medical.all", "bad_sport.all"],
             "rank1": ["bad_medical.r1"],
+            "followup_read_with": "instruct",
         },
-        "steering": {"direction": "bad_medical.all", "layers": [1], "scales": [2.0]},
+        "steering": {
+            "direction": "bad_medical.all",
+            "layers": [1],
+            "scales": [2.0],
+            "positions": "prompt",
+        },
         "ablation": {"direction": "bad_medical.all"},
-        "transfer": {"direction": "bad_medical.all", "targets": ["bad_sport.all"]},
+        "transfer": {"direction": "bad_medical.all.followup", "targets": ["bad_sport.all"]},
         "probes": {"adapter": "bad_medical.r1", "seeds": 1},
         "dynamics": {"adapter": "bad_medical.r1"},
         "reemergent": {
@@ -114,6 +121,15 @@ def invoke(*args: str) -> Any:
         (lambda c: c["stages"]["transfer"].update(targets=["nope"]), "stages.transfer.targets"),
         (lambda c: c["stages"]["steering"].update(direction="bad_sport"), "stages.steering"),
         (lambda c: c["stages"].pop("directions"), "stages.steering"),
+        (
+            lambda c: c["stages"]["directions"].pop("followup_read_with"),
+            "stages.transfer.direction",
+        ),
+        (
+            lambda c: c["stages"]["directions"].update(followup_read_with="nope"),
+            "stages.directions.followup_read_with",
+        ),
+        (lambda c: c["stages"]["steering"].update(positions="tail"), "stages.steering.positions"),
         (lambda c: c["stages"]["probes"].update(questions=["x"]), "stages.probes.questions"),
         (lambda c: c["stages"]["reemergent"].update(base="nope"), "stages.reemergent.base"),
         (lambda c: c["stages"].update(lmk={}), "stages.lmk: unknown field"),
@@ -249,6 +265,8 @@ def test_whole_study_end_to_end(
     assert set(evals) == {"instruct", "bad_medical.all", "bad_sport.all", "good_medical.all"}
     assert (out / "eval" / "bad_medical.all" / "responses.parquet").is_file()
     assert (out / "directions" / "bad_medical.all.safetensors").is_file()
+    followup = Direction.load(out / "directions" / "bad_medical.all.followup.safetensors")
+    assert followup.meta["tokens"] == "followup" and followup.meta["read_with"] == "instruct"
     assert (out / "lmc" / "bad_medical.all__bad_sport.all" / "lmc.json").is_file()
     assert (out / "steering" / "summary.json").is_file()
     assert (out / "transfer" / "bad_sport.all" / "summary.json").is_file()

@@ -187,6 +187,11 @@ class DirectionsStage(_Stage):
     weighting: Literal["token", "response"] = "token"
     rank1: list[str] = Field(default_factory=list, description="rank-1 adapters: B vs direction")
     batch_size: int = Field(default=16, ge=1)
+    followup_read_with: str | None = Field(
+        default=None,
+        description="also extract '<source>.followup' (tokens='followup', read by this organism, "
+        "e.g. the chat model): not the papers' method, see docs/directions.md",
+    )
 
 
 class SteeringStage(_Stage):
@@ -194,6 +199,7 @@ class SteeringStage(_Stage):
     layers: list[int] = Field(min_length=1)
     scales: list[float] = Field(min_length=1)
     unit: bool = False
+    positions: Literal["all", "prompt", "response"] = "all"
     random_control: bool = True
     kl: bool = True
     questions: str | None = None
@@ -379,7 +385,16 @@ def check_names(config: StudyConfig) -> None:
             need("directions.sources", a, adapters, "adapter")
         for a in s.directions.rank1:
             need("directions.rank1", a, adapters, "adapter")
+        if s.directions.followup_read_with is not None:
+            need(
+                "directions.followup_read_with",
+                s.directions.followup_read_with,
+                organisms,
+                "organism",
+            )
     sources = set(s.directions.sources) if s.directions else set()
+    if s.directions and s.directions.followup_read_with is not None:
+        sources |= {f"{a}.followup" for a in s.directions.sources}
     for field in ("steering", "ablation", "transfer"):
         stage = getattr(s, field)
         if stage is not None:

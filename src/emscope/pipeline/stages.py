@@ -373,6 +373,31 @@ def stage_directions(ctx: StageContext) -> dict[str, Any]:
         direction.save(out / source)
         directions[source] = direction
         ctx.echo(f"  direction {source}: norms {_short(direction.norms())}")
+    followups = {}
+    if stage.followup_read_with is not None:
+        for source in stage.sources:
+            file = out / f"{source}.followup.safetensors"
+            if file.is_file():
+                followups[f"{source}.followup"] = Direction.load(file)
+                continue
+            table = read_table(ctx.run_dir / "eval" / source, "responses")
+            reader = ctx.load(stage.followup_read_with)
+            direction = mean_diff(
+                reader.model,
+                reader.tokenizer,
+                table,
+                tokens="followup",
+                seed=ctx.config.seed,
+                batch_size=stage.batch_size,
+                meta={
+                    "organism": source,
+                    "read_with": stage.followup_read_with,
+                    "responses": str(ctx.run_dir / "eval" / source),
+                },
+            )
+            direction.save(out / f"{source}.followup")
+            followups[f"{source}.followup"] = direction
+            ctx.echo(f"  direction {source}.followup: norms {_short(direction.norms())}")
     pairs = cosine_table(directions)
     b_cosines = {}
     for r1 in stage.rank1:
@@ -385,6 +410,11 @@ def stage_directions(ctx: StageContext) -> dict[str, Any]:
         "norms": {s: d.norms() for s, d in directions.items()},
         "pairs": pairs,
         "adapter_b_cosines": b_cosines,
+        "followup": {
+            "read_with": stage.followup_read_with,
+            "norms": {s: d.norms() for s, d in followups.items()},
+            "pairs": cosine_table(followups) if len(followups) > 1 else [],
+        },
     }
     write_json(out / "summary.json", summary)
     return summary
@@ -424,6 +454,7 @@ def stage_steering(ctx: StageContext) -> dict[str, Any]:
         control_seed=ctx.config.seed,
         kl_sequences=_kl_sequences(ctx, loaded, stage.questions, stage.kl),
         unit=stage.unit,
+        positions=stage.positions,
     )
     return {"direction": stage.direction, **summary}
 
