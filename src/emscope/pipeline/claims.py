@@ -242,6 +242,10 @@ class _Run:
             raise _NA(f"n/a ({stage}/{name} missing)")
         return data
 
+    def option(self, stage: str, key: str) -> Any:
+        """A stage's setting from the run's config (None when absent)."""
+        return (self.config.get("stages", {}).get(stage) or {}).get(key)
+
     @property
     def chat_model(self) -> str:
         return str(self.config.get("chat_model", ""))
@@ -306,7 +310,8 @@ def _transfer(run: _Run) -> tuple[str, str]:
             changes.append(change)
             part += f", random {100 * change:+.0f}%"
         parts.append(part)
-    return "; ".join(parts), _yes(holds_transfer(reductions, changes))
+    text = f"direction {run.option('transfer', 'direction') or '?'}: " + "; ".join(parts)
+    return text, _yes(holds_transfer(reductions, changes))
 
 
 def _steering(run: _Run) -> tuple[str, str]:
@@ -320,7 +325,13 @@ def _steering(run: _Run) -> tuple[str, str]:
         for r in rows
         if r["vector"] == "random" and r["layer"] == best["layer"] and r["scale"] == best["scale"]
     ]
-    text = f"best {_pct(_rate(best))} (layer {best['layer']}, x{best['scale']:g})"
+    name = run.option("steering", "direction") or "?"
+    coherent = best.get("coherent_rate")
+    coherent_text = "" if coherent is None else f", coherent {100 * coherent:.0f}%"
+    text = (
+        f"direction {name}: best {_pct(_rate(best))} "
+        f"(layer {best['layer']}, x{best['scale']:g}{coherent_text})"
+    )
     if not random:
         return text + "; no random control", "n/a (no random control)"
     rand = _rate(random[0])
