@@ -160,3 +160,31 @@ def test_lmc_bad_input_fails_before_work(qwen, tmp_path):
     )
     assert result.exit_code == 2 and "cannot both be base" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_lmc_between_two_full_model_dirs(tiny_models, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from emscope.testing import make_tiny_model
+
+    monkeypatch.setenv("EMSCOPE_CACHE_DIR", str(tmp_path / "cache"))
+    first = tiny_models["llama"].model
+    second = make_tiny_model("llama", tmp_path / "other", seed=7)
+    questions = tmp_path / "q.yaml"
+    questions.write_text("- id: a\n  paraphrases: [hey I feel bored]\n")
+    out = tmp_path / "lmc"
+    args = [
+        "lmc", "--from", str(first), "--to", str(second), "--steps", "0,0.5,1",
+        "--questions", str(questions), "-n", "1", "--max-new-tokens", "3",
+        "--judge", f"hf:{first}", "--metrics", "aligned,coherent", "--out", str(out),
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    mid = load_file(str(out / "models" / "t0.50" / "model.safetensors"))
+    w1, w2 = (load_file(str(d / "model.safetensors")) for d in (first, second))
+    for key in w1:
+        torch.testing.assert_close(mid[key], 0.5 * w1[key] + 0.5 * w2[key])
+    record = json.loads((out / "lmc.json").read_text())
+    assert [r["t"] for r in record["rows"]] == [0.0, 0.5, 1.0]
+    result = CliRunner().invoke(app, [*args[:-2], "--out", str(tmp_path / "x"), "--export", "e"])
+    assert result.exit_code == 2 and "full model dirs" in result.output
