@@ -4,7 +4,8 @@
    intervention at one layer, every position) vs the same generation without hooks: same
    model, prompts, random streams and batch; best of 3 each, interleaved. Target: <= 10%.
 2. Mean-diff extraction (:func:`emscope.directions.mean_diff`) over 2,000 judged responses:
-   - peak extra memory (max RSS during extraction minus RSS before it, in a fresh process)
+   - peak extra memory (max RSS during the first extraction minus RSS before it, in a fresh
+     process, measured before any other forward pass)
      at 500 and at 2,000 responses: the accumulators are O(layers x d), so the two must
      be about equal;
    - time vs a plain forward pass (no hooks, no accumulation) over exactly the same padded
@@ -124,15 +125,16 @@ def _extract_worker(model_dir: str, n: int) -> dict[str, float]:
                 with torch.no_grad():
                     model(input_ids=ids, attention_mask=mask, use_cache=False)
 
-    plain()  # warm-up
+    # memory first, before any other forward pass raises the process's high-water mark
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mean_diff(model, tok, table, batch_size=batch)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    plain()  # warm-up of the reference side
     extract_s, plain_s = [], []
     for _ in range(3):  # interleaved, best of 3 (the machine is shared)
         t0 = time.perf_counter()
         mean_diff(model, tok, table, batch_size=batch)
         extract_s.append(time.perf_counter() - t0)
-        if len(extract_s) == 1:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
         t0 = time.perf_counter()
         plain()
         plain_s.append(time.perf_counter() - t0)
