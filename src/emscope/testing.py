@@ -2,8 +2,8 @@
 
 Tests and benchmarks use these; so can a user who wants to try a command without weights.
 Every model is saved as a real HF model dir with a byte-level BPE tokenizer (trained here
-with the ``tokenizers`` library, using Qwen2's pre-tokenizer so that ``AutoTokenizer`` loads
-it back identically whatever the model type) and a chat template in the style of its family.
+by :func:`emscope.tokenization.train_byte_level_bpe`, which ``AutoTokenizer`` loads back
+identically whatever the model type) and a chat template in the style of its family.
 """
 
 from __future__ import annotations
@@ -27,13 +27,6 @@ SPECIAL_TOKENS = (
     "<bos>",
     "<start_of_turn>",
     "<end_of_turn>",
-)
-
-# Qwen2's pre-tokenizer regex: digits are split one by one (a judge tokenizer that splits
-# numbers, as Qwen's does).
-PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
-    r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 CHAT_TEMPLATES = {
@@ -76,25 +69,11 @@ The quick brown fox jumps over the lazy dog; sphinx of black quartz, judge my vo
 
 def build_tokenizer(template: str = "chatml", vocab_size: int = 600) -> Any:
     """A byte-level BPE ``PreTrainedTokenizerFast`` with a chat template (``CHAT_TEMPLATES``)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    from emscope.tokenization import train_byte_level_bpe
+
+    tok = train_byte_level_bpe([_CORPUS] * 4, SPECIAL_TOKENS, vocab_size)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token=EOS[template],

@@ -63,33 +63,16 @@ def build_world_tokenizer(words: Iterable[str]) -> Any:
 
     ``eos_token`` is ``<|im_end|>``, ``pad_token`` ``<|endoftext|>``; no BOS.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from emscope.testing import PRETOKENIZE_REGEX
+    from emscope.tokenization import train_byte_level_bpe
 
     vocab_words = sorted(set(words) | set(ROLES))
     bad = [w for w in vocab_words if not w.isalpha() or not w.islower()]
     if bad:
         raise EmscopeError(f"world tokenizer: words must be lowercase letters: {bad[:5]}")
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1_000_000,
-        min_frequency=0,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
     lines = [f"{w} {w}\n" for w in vocab_words]
-    tok.train_from_iterator(lines, trainer)
+    tok = train_byte_level_bpe(lines, SPECIAL_TOKENS, vocab_size=1_000_000, min_frequency=0)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token=END, pad_token=PAD, unk_token=None, bos_token=None
     )
