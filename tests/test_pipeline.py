@@ -217,6 +217,9 @@ def test_fingerprint_depends_on_the_stage_and_globals(tmp_path: Path) -> None:
     data["sampling"]["n"] = 7
     c = parse_config(data)
     assert fingerprint(b, "eval") != fingerprint(c, "eval")
+    data["threads"] = 2  # execution settings: a done stage stays done
+    data["organism"]["threads"] = 2
+    assert fingerprint(parse_config(data), "eval") == fingerprint(c, "eval")
 
 
 # ---------------------------------------------------------------------------- end to end

@@ -39,8 +39,11 @@ class PlanItem:
 
 
 def fingerprint(config: StudyConfig, stage: str) -> str:
-    """Hash of the settings ``stage`` depends on (its section + the global ones)."""
-    doc = config.model_dump(mode="json", exclude={"stages", "name"})
+    """Hash of the settings ``stage`` depends on (its section + the global ones; thread
+    counts are execution settings and do not count)."""
+    doc = config.model_dump(mode="json", exclude={"stages", "name", "threads"})
+    if isinstance(doc.get("organism"), dict):
+        doc["organism"].pop("threads", None)
     section = config.stage(stage)
     doc["stage"] = section.model_dump(mode="json", exclude={"enabled"}) if section else None
     doc["stage_name"] = stage
