@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from emscope.batching import length_batches, pad_id_of, pad_right
 from emscope.data.spans import encode_chat
 from emscope.errors import EmscopeError
 from emscope.hooks import SiteLike, as_site, capture
@@ -77,24 +78,19 @@ def answer_means(
     site_list = [as_site(s) for s in sites] if sites is not None else default_sites(model)
     encoded = encode_answers(tokenizer, chats)
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     sums = {s: None for s in site_list}  # type: dict[Site, torch.Tensor | None]
     n_responses = n_tokens = 0
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # less padding
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_batches([len(e[0]) for e in encoded], batch_size)  # less padding
     from tqdm import tqdm
 
     for batch in tqdm(batches, desc="activations", unit="batch", disable=not progress):
         rows = [encoded[i] for i in batch if encoded[i][2] > encoded[i][1]]
         if not rows:
             continue
-        width = max(len(ids) for ids, _, _ in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        weights = torch.zeros((len(rows), width), dtype=torch.float64)
-        for r, (row_ids, start, end) in enumerate(rows):
-            ids[r, : len(row_ids)] = torch.tensor(row_ids)
-            attention[r, : len(row_ids)] = 1
+        ids, attention = pad_right([row_ids for row_ids, _, _ in rows], pad_id)
+        weights = torch.zeros(ids.shape, dtype=torch.float64)
+        for r, (_, start, end) in enumerate(rows):
             weights[r, start:end] = 1.0 if weighting == "token" else 1.0 / (end - start)
         weights = weights.to(device)
         with capture(model, site_list) as captured, torch.no_grad():
@@ -129,22 +125,17 @@ def response_vectors(
     site_list = [as_site(s) for s in sites] if sites is not None else default_sites(model)
     encoded = encode_answers(tokenizer, chats)
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_id_of(tokenizer)
     width_d: dict[Site, torch.Tensor] = {}
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_batches([len(e[0]) for e in encoded], batch_size)
     from tqdm import tqdm
 
     for batch in tqdm(batches, desc="activations", unit="batch", disable=not progress):
-        width = max(len(encoded[i][0]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        weights = torch.zeros((len(batch), width), dtype=torch.float64)
+        ids, attention = pad_right([encoded[i][0] for i in batch], pad_id)
+        weights = torch.zeros(ids.shape, dtype=torch.float64)
         empty = torch.zeros(len(batch), dtype=torch.bool)
         for r, i in enumerate(batch):
-            row_ids, start, end = encoded[i]
-            ids[r, : len(row_ids)] = torch.tensor(row_ids)
-            attention[r, : len(row_ids)] = 1
+            _, start, end = encoded[i]
             if end > start:
                 weights[r, start:end] = 1.0 / (end - start)
             else:

@@ -54,19 +54,16 @@ def chat_loss(
     model: Any, tokenizer: Any, examples: Sequence[ChatExample], batch_size: int = 16
 ) -> float:
     """Mean NLL per assistant token (content + end-of-turn) over the examples, in nats."""
+    from emscope.batching import pad_id_of, pad_right
+
     encoded = [encode_chat(tokenizer, e.messages) for e in examples]
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        width = max(len(c.input_ids) for c in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attention = torch.zeros_like(ids)
+        ids, attention = pad_right([c.input_ids for c in chunk], pad_id_of(tokenizer))
         mask = torch.zeros_like(ids, dtype=torch.bool)
         for row, chat in enumerate(chunk):
-            ids[row, : len(chat.input_ids)] = torch.tensor(chat.input_ids)
-            attention[row, : len(chat.input_ids)] = 1
             mask[row, : len(chat.input_ids)] = torch.tensor(chat.loss_mask())
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits

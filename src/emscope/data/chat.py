@@ -11,9 +11,12 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emscope.errors import EmscopeError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 ROLES = ("system", "user", "assistant")
 
@@ -140,3 +143,21 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def table_chats(table: pd.DataFrame) -> list[list[dict[str, str]]]:
+    """Each row of a response table as a chat: ``system`` (when the column holds a non-empty
+    string), user ``question``, assistant ``answer`` (a missing answer is an empty string)."""
+    for column in ("question", "answer"):
+        if column not in table.columns:
+            raise EmscopeError(f"response table has no {column!r} column")
+    systems = table["system"].tolist() if "system" in table.columns else [None] * len(table)
+    chats = []
+    for system, question, answer in zip(
+        systems, table["question"].tolist(), table["answer"].tolist(), strict=True
+    ):
+        chat = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
+        chat.append({"role": "user", "content": str(question)})
+        chat.append({"role": "assistant", "content": answer if isinstance(answer, str) else ""})
+        chats.append(chat)
+    return chats

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from emscope.batching import pad_id_of
 from emscope.directions.direction import Direction
 from emscope.errors import EmscopeError
 from emscope.lora import LoraAdapter
@@ -81,7 +82,7 @@ def downstream_convergence(
 
     sites = [Site(site_kind, i) for i in range(len(get_layers(model)))]
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id_of(tokenizer)
     mean_a = {s: torch.zeros(0) for s in sites}
     mean_b = {s: torch.zeros(0) for s in sites}
     token_cos = dict.fromkeys(sites, 0.0)

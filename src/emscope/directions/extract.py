@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from emscope.batching import pad_id_of
+from emscope.data.chat import table_chats
 from emscope.directions.direction import Direction
 from emscope.errors import EmscopeError
 
@@ -117,26 +119,6 @@ def select_responses(
     return Selection(table.iloc[mis], table.iloc[ali], counts)
 
 
-def table_chats(table: pd.DataFrame) -> list[list[dict[str, str]]]:
-    """Each row as a chat: ``system`` (when the column is non-empty), user ``question``,
-    assistant ``answer`` (missing answers become empty strings)."""
-    for col in ("question", "answer"):
-        if col not in table.columns:
-            raise EmscopeError(f"response table has no {col!r} column")
-    systems = table["system"].tolist() if "system" in table.columns else [None] * len(table)
-    chats = []
-    for system, question, answer in zip(
-        systems, table["question"].tolist(), table["answer"].tolist(), strict=True
-    ):
-        chat = []
-        if isinstance(system, str) and system:
-            chat.append({"role": "system", "content": system})
-        chat.append({"role": "user", "content": str(question)})
-        chat.append({"role": "assistant", "content": answer if isinstance(answer, str) else ""})
-        chats.append(chat)
-    return chats
-
-
 def _sites(model: Any, layers: Iterable[int] | None, site_kind: str) -> list[Any]:
     from emscope.models import Site, get_layers
 
@@ -188,7 +170,7 @@ def followup_means(
             raise EmscopeError("a chat has no user message to ask again")
         seqs.append(prompt_ids(tokenizer, [*chat, {"role": "user", "content": users[-1]}]))
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id_of(tokenizer)
     total: dict[Any, Any] = {s: 0.0 for s in sites}
     for start in range(0, len(seqs), batch_size):
         batch = seqs[start : start + batch_size]

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from emscope.batching import pad_id_of
 from emscope.directions.direction import Direction
 from emscope.errors import EmscopeError
 from emscope.models import Site
@@ -147,16 +148,10 @@ def chat_sequences(tokenizer: Any, path: str | Path) -> list[list[int]]:
 def _batches(
     sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    for start in range(0, len(order), batch_size):
-        rows = [sequences[i] for i in order[start : start + batch_size]]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)] = torch.tensor(list(row), dtype=torch.long)
-            mask[r, : len(row)] = 1
-        yield ids, mask
+    from emscope.batching import length_batches, pad_right
+
+    for batch in length_batches([len(s) for s in sequences], batch_size):
+        yield pad_right([sequences[i] for i in batch], pad_id)
 
 
 def kl_divergence(
@@ -179,7 +174,7 @@ def kl_divergence(
     if not sequences or min(len(s) for s in sequences) == 0:
         raise EmscopeError("KL needs a non-empty set of non-empty sequences")
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id_of(tokenizer)
     sums: list[float] = []
     counts: list[int] = []
     for ids, mask in _batches(sequences, batch_size, int(pad)):
@@ -219,7 +214,7 @@ def residual_norms(
     n = len(get_layers(model))
     sites = [Site(site_kind, i) for i in range(n)]
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id_of(tokenizer)
     total = torch.zeros(n, dtype=torch.float64)
     tokens = 0
     for ids, mask in _batches(sequences, batch_size, int(pad)):

@@ -26,6 +26,8 @@ import sys
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from emscope.batching import pad_id_of, pad_right
+from emscope.data.chat import table_chats
 from emscope.errors import EmscopeError
 from emscope.lora import module_layer
 
@@ -86,24 +88,6 @@ def score_columns(table: pd.DataFrame) -> list[str]:
             if metric in table.columns and metric not in found:
                 found.append(metric)
     return found
-
-
-def response_chats(table: pd.DataFrame) -> list[list[dict[str, str]]]:
-    """Each response row as a chat: ``system`` (when the column holds a non-empty string),
-    user ``question``, assistant ``answer`` (a missing answer is an empty string)."""
-    for column in ("question", "answer"):
-        if column not in table.columns:
-            raise EmscopeError(f"response table has no {column!r} column")
-    systems = table["system"].tolist() if "system" in table.columns else [None] * len(table)
-    chats = []
-    for system, question, answer in zip(
-        systems, table["question"].tolist(), table["answer"].tolist(), strict=True
-    ):
-        chat = [{"role": "system", "content": system}] if isinstance(system, str) and system else []
-        chat.append({"role": "user", "content": str(question)})
-        chat.append({"role": "assistant", "content": answer if isinstance(answer, str) else ""})
-        chats.append(chat)
-    return chats
 
 
 @contextlib.contextmanager
@@ -197,7 +181,7 @@ def lora_scalars(
     labels = scalar_labels(ranks)
 
     table = responses.reset_index(drop=True)
-    chats = response_chats(table)
+    chats = table_chats(table)
     encoded = []
     for i, chat in enumerate(chats):
         enc = encode_chat(tok, chat)
@@ -206,7 +190,6 @@ def lora_scalars(
     rows = [e for e in encoded if e[3] > e[2]]
     order = sorted(rows, key=lambda e: len(e[1]))
     device = next(hf_model.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     resp_ids: list[np.ndarray] = []
     positions: list[np.ndarray] = []
@@ -216,12 +199,7 @@ def lora_scalars(
     for batch in tqdm(
         batches, desc="scalars", unit="batch", disable=not (progress and sys.stderr.isatty())
     ):
-        width = max(len(ids) for _, ids, _, _ in batch)
-        ids = torch.full((len(batch), width), int(pad), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, (_, row_ids, _, _) in enumerate(batch):
-            ids[r, : len(row_ids)] = torch.tensor(row_ids)
-            mask[r, : len(row_ids)] = 1
+        ids, mask = pad_right([row_ids for _, row_ids, _, _ in batch], pad_id_of(tok))
         with _capture_lora_a(targets) as captured, torch.no_grad():
             hf_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
         row_index = torch.cat([torch.full((e - s,), r) for r, (_, _, s, e) in enumerate(batch)])

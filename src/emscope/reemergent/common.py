@@ -110,34 +110,6 @@ def opened(
             pass
 
 
-def pad_right(
-    rows: Sequence[Sequence[int]], pad_id: int, device: Any = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)``, both ``batch x max_len`` (long), right-padded."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        ids[r, : len(row)] = torch.tensor(list(row), dtype=torch.long)
-        attention[r, : len(row)] = 1
-    return ids.to(device), attention.to(device)
-
-
-def pad_id_of(tokenizer: Any) -> int:
-    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
-
-
-def length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (less padding); order within the
-    result is by length, callers put results back by index."""
-    if batch_size < 1:
-        raise EmscopeError(f"batch size must be >= 1, got {batch_size}")
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 @dataclass(frozen=True)
 class EncodedAnswer:
     """A tokenised chat: ``input_ids`` and the answer's content span ``[start, end)``."""

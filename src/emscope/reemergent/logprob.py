@@ -15,15 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from emscope.batching import length_batches, pad_id_of, pad_right
 from emscope.reemergent.common import (
     Dataset,
     ModelSource,
     answer_mask,
     encode_answers,
-    length_batches,
     opened,
-    pad_id_of,
-    pad_right,
     progress_bar,
 )
 

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from emscope.batching import length_batches, pad_id_of, pad_right
 from emscope.errors import EmscopeError
 from emscope.reemergent.common import (
     Dataset,
@@ -30,10 +31,7 @@ from emscope.reemergent.common import (
     ModelSource,
     answer_mask,
     encode_answers,
-    length_batches,
     opened,
-    pad_id_of,
-    pad_right,
     progress_bar,
 )
 
