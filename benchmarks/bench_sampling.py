@@ -46,7 +46,6 @@ def main() -> None:
                         top_p=1.0,
                         num_return_sequences=n,
                         max_new_tokens=max_new,
-                        min_new_tokens=max_new,
                         eos_token_id=eos,
                         pad_token_id=tok.pad_token_id,
                     )
@@ -54,7 +53,8 @@ def main() -> None:
         def ours() -> None:
             sample(loaded, questions, n, max_new_tokens=max_new, batch_size=400, progress=False)
 
-        reference()  # warm-up
+        reference()  # warm-up, both sides
+        ours()
         timings = {}
         for name, fn in (("reference", reference), ("batched", ours)):
             start = time.perf_counter()

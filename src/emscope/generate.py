@@ -19,9 +19,14 @@ descending-probability order restricted to the top-p nucleus when ``top_p < 1``)
 Batches mix questions and samples. Prompts are LEFT padded with an attention mask and
 explicit ``position_ids`` (HF does not derive positions from the mask in a plain forward);
 decoding reuses the KV cache, and rows that hit an end-of-sequence token leave the batch
-(their cache rows are dropped). Floating-point results of a forward pass can differ in the
-last bits between batch shapes, so token equality across batch sizes is exact only up to
-such ties; the random stream itself is exactly independent of the batch.
+(their cache rows are dropped once finished rows are a quarter of the batch; until then
+their tokens are ignored). Rows with the same prompt (the samples of one question and
+paraphrase) share one prefill: the prompt forward runs once per distinct prompt and its KV
+cache rows are then copied to every sample (the reference way, ``generate`` with
+``num_return_sequences``, runs the prompt once per sample). Floating-point results of a
+forward pass can differ in the last bits between batch shapes, so token equality across
+batch sizes is exact only up to such ties; the random stream itself is exactly independent
+of the batch.
 
 Interventions are callables ``(model, info) -> ContextManager``; each is entered around the
 whole generation of a batch (prefill and every decoding step). ``info``
@@ -78,7 +83,9 @@ class InterventionInfo:
     ``prompt_length - 1`` is every row's last prompt token, and the token generated at
     decoding step ``t`` (from 0) sits at column ``prompt_length + t``.
     ``prompt_lengths``: each row's unpadded prompt length. ``batch_size``: rows at the start
-    (finished rows later leave the batch).
+    (finished rows later leave the batch). The prompt forward (prefill) runs once per
+    *distinct* prompt, so it may have fewer rows than ``batch_size``: a hook must not assume
+    one row per sample there.
     """
 
     prompt_length: int
@@ -134,18 +141,19 @@ def choose_tokens(
 
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    # probabilities in float32 (as precise as the logits), sums in float64 (a float32 running
+    # sum near 1 would drop every token below 6e-8)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
     u = uniforms.to(probs.device, torch.float64).unsqueeze(-1)
     if top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-        before = sorted_p.cumsum(dim=-1) - sorted_p
-        keep = before < top_p
-        sorted_p = sorted_p * keep
-        cum = sorted_p.cumsum(dim=-1)
+        cum = sorted_p.cumsum(dim=-1, dtype=torch.float64)
+        keep = cum - sorted_p < top_p
+        cum = (sorted_p * keep).cumsum(dim=-1, dtype=torch.float64)
         pos = torch.searchsorted(cum, u * cum[:, -1:], right=True)
         pos = torch.minimum(pos, keep.sum(dim=-1, keepdim=True) - 1)
         return order.gather(1, pos).squeeze(1)
-    cum = probs.cumsum(dim=-1)
+    cum = probs.cumsum(dim=-1, dtype=torch.float64)
     pos = torch.searchsorted(cum, u * cum[:, -1:], right=True)
     return pos.clamp(max=probs.shape[-1] - 1).squeeze(1)
 
@@ -186,10 +194,13 @@ def generate_batch(
     if min(lengths) == 0:
         raise EmscopeError("generate_batch: empty prompt")
     rows, width = len(prompts), max(lengths)
-    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    mask = torch.zeros((rows, width), dtype=torch.long)
-    for i, prompt in enumerate(prompts):
-        input_ids[i, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+    # one prefill row per distinct prompt; row i of the batch reads prefill row distinct_of[i]
+    distinct: dict[tuple[int, ...], int] = {}
+    distinct_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    input_ids = torch.full((len(distinct), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(distinct), width), dtype=torch.long)
+    for i, prompt in enumerate(distinct):
+        input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
         mask[i, width - len(prompt) :] = 1
     position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
     input_ids, mask, position_ids = input_ids.to(device), mask.to(device), position_ids.to(device)
@@ -211,22 +222,33 @@ def generate_batch(
         )
         cache = out.past_key_values
         logits = out.logits[:, -1, :]
-        active = torch.arange(rows, device=device)
+        if len(distinct) < rows:  # copy each prompt's cache rows to its samples
+            index = torch.tensor(distinct_of, dtype=torch.long, device=device)
+            cache.batch_select_indices(index)
+            logits, mask, position_ids = logits[index], mask[index], position_ids[index]
+        active = torch.arange(rows, device=device)  # batch row -> sample row
+        live = torch.ones(rows, dtype=torch.bool, device=device)  # not finished yet
         next_pos = position_ids[:, -1] + 1
         for step in range(max_new_tokens):
             active_rows = active.tolist()
             u = torch.from_numpy(step_uniforms(key_array[active_rows], step))
             tokens = choose_tokens(logits.float(), u, temperature, top_p)
-            done = torch.isin(tokens, eos)
-            for row, token, stop in zip(active_rows, tokens.tolist(), done.tolist(), strict=True):
+            done = torch.isin(tokens, eos) & live
+            for row, token, stop, alive in zip(
+                active_rows, tokens.tolist(), done.tolist(), live.tolist(), strict=True
+            ):
                 if stop:
                     finished[row] = True
-                else:
+                elif alive:
                     generated[row].append(token)
-            if step == max_new_tokens - 1 or bool(done.all()):
+            live &= ~done
+            n_live = int(live.sum())
+            if step == max_new_tokens - 1 or n_live == 0:
                 break
-            if bool(done.any()):
-                keep = (~done).nonzero().squeeze(-1)
+            # Finished rows ride along (their tokens are ignored) until they are a quarter of
+            # the batch: dropping them copies the whole cache, so it is done rarely.
+            if 4 * (len(live) - n_live) >= len(live):
+                keep = live.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
                 mask, tokens, next_pos, active = (
                     mask[keep],
@@ -234,6 +256,7 @@ def generate_batch(
                     next_pos[keep],
                     active[keep],
                 )
+                live = live[keep]
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
             out = model(
                 input_ids=tokens.unsqueeze(-1),
