@@ -195,6 +195,29 @@ def test_eos_stops_rows_and_others_continue(loaded: Any) -> None:
     assert cut[0].finished and len(cut[0].tokens) <= 3
 
 
+def test_shared_prompts_and_finished_rows_riding_along(loaded: Any) -> None:
+    """Eight samples of two prompts (one prefill row per prompt, cache rows copied) equal each
+    sample decoded alone; a row that stops while finished rows are under a quarter of the
+    batch stays in it with its later tokens ignored."""
+    from emscope.data.spans import prompt_ids
+
+    prompts = [prompt_ids(loaded.tokenizer, q.messages()) for q in QUESTIONS[:2] for _ in range(4)]
+    keys = [sample_key(3, "shared", i) for i in range(8)]
+    kw = {"pad_id": 0, "temperature": 1.0, "max_new_tokens": 10}
+    alone = [generate_batch(loaded.model, [p], [k], eos_ids={10**6}, **kw)[0]
+             for p, k in zip(prompts, keys, strict=True)]  # fmt: skip
+    together = generate_batch(loaded.model, prompts, keys, eos_ids={10**6}, **kw)
+    assert together == alone
+    stop = alone[5].tokens[2]
+    cut = generate_batch(loaded.model, prompts, keys, eos_ids={stop}, **kw)
+    for full, got in zip(alone, cut, strict=True):
+        if stop in full.tokens:
+            assert got.finished and got.tokens == full.tokens[: full.tokens.index(stop)]
+        else:
+            assert not got.finished and got.tokens == full.tokens
+    assert sum(g.finished for g in cut) < 8
+
+
 def test_sampling_errors(loaded: Any) -> None:
     for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"max_new_tokens": 0},
                 {"batch_size": 0}):  # fmt: skip
