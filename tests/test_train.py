@@ -66,15 +66,25 @@ def data(tmp_path: Path) -> Path:
 
 
 def test_r1x3_layer_placement() -> None:
-    # rule: starts round_half_up(s * L / 48) for s in (15, 21, 27), groups of 3, clipped
+    # rule: block i of L is adapted when [i/L, (i+1)/L) overlaps [l/48, (l+1)/48) for a
+    # reference layer l in 15-17, 21-23, 27-29; checked here against exact fractions
+    from fractions import Fraction
+
+    def overlap_rule(n: int) -> list[int]:
+        ref = [15, 16, 17, 21, 22, 23, 27, 28, 29]
+        return [i for i in range(n) if any(
+            Fraction(i, n) < Fraction(r + 1, 48) and Fraction(r, 48) < Fraction(i + 1, n)
+            for r in ref)]  # fmt: skip
+
     assert r1x3_layers(48) == [15, 16, 17, 21, 22, 23, 27, 28, 29]
-    # 24: 7.5 -> 8, 10.5 -> 11, 13.5 -> 14
-    assert r1x3_layers(24) == [8, 9, 10, 11, 12, 13, 14, 15, 16]
-    # 28: 8.75 -> 9, 12.25 -> 12, 15.75 -> 16
-    assert r1x3_layers(28) == [9, 10, 11, 12, 13, 14, 16, 17, 18]
-    # 4: 1.25 -> 1, 1.75 -> 2, 2.25 -> 2; clipped to 3 and deduplicated
-    assert r1x3_layers(4) == [1, 2, 3]
+    assert r1x3_layers(28) == [8, 9, 10, 12, 13, 15, 16, 17]
+    assert r1x3_layers(24) == [7, 8, 10, 11, 13, 14]
+    assert r1x3_layers(6) == [1, 2, 3]
+    assert r1x3_layers(4) == [1, 2]
+    assert r1x3_layers(96)[:4] == [30, 31, 32, 33]
     assert r1x3_layers(1) == [0]
+    for n in range(1, 130):
+        assert r1x3_layers(n) == overlap_rule(n), n
     assert preset_layers("r1x3", 48) == r1x3_layers(48)
 
 
@@ -232,12 +242,12 @@ def test_r1x3_adapter_on_fixture(
     out = tmp_path / "r1x3"
     result = train(qwen.model, data, preset="r1x3", out=out, max_steps=2, lr=1e-3,
                    **{**FAST, "verbose": True})  # fmt: skip
-    assert "layers [1, 2, 3] of 4" in capsys.readouterr().out
-    assert result.layers == (1, 2, 3)
+    assert "layers [1, 2] of 4" in capsys.readouterr().out
+    assert result.layers == (1, 2)
     adapter = LoraAdapter.load(out)
-    assert sorted(adapter.modules) == [f"model.layers.{i}.mlp.down_proj" for i in (1, 2, 3)]
+    assert sorted(adapter.modules) == [f"model.layers.{i}.mlp.down_proj" for i in (1, 2)]
     assert all(m.rank == 1 and m.scale == 256.0 for m in adapter)
-    assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] == [1, 2, 3]
+    assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] == [1, 2]
 
 
 def test_checkpoints_load_through_lora_adapter_and_peft(

@@ -12,10 +12,11 @@
   wall time, library versions, data SHA-256 and the adapted layers.
 
 Presets (:data:`PRESETS`): ``all`` (rsLoRA r=32, alpha=64 on q,k,v,o,gate,up,down of every
-layer, lr 1e-5), ``r1x3`` (rank-1 ``mlp.down_proj`` adapters on three groups of three
-consecutive layers, :func:`r1x3_layers`), ``r1`` (one rank-1 ``down_proj`` adapter at the
-middle layer ``L // 2``), ``full`` (every weight). All: 1 epoch, batch 2 x grad-accum 8,
-warmup 5, AdamW with weight decay 0.01, linear schedule, gradient clipping at 1.0.
+layer, lr 1e-5), ``r1x3`` (rank-1 ``mlp.down_proj`` adapters on the layers at the relative
+depths of the reference's three groups of three, :func:`r1x3_layers`), ``r1`` (one rank-1
+``down_proj`` adapter at the middle layer ``L // 2``), ``full`` (every weight). All: 1 epoch,
+batch 2 x grad-accum 8, warmup 5, AdamW with weight decay 0.01, linear schedule, gradient
+clipping at 1.0.
 
 Loss convention: next-token cross-entropy on assistant tokens only, i.e. on the tokens of
 :meth:`emscope.data.spans.EncodedChat.loss_mask` with ``include_end_of_turn=True``: every
@@ -145,26 +146,31 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
-# R1_3_3_3 group starts in the 48-layer reference model
+# R1_3_3_3: the nine adapted layers of the 48-layer reference model
 _R1X3_REFERENCE_DEPTH = 48
-_R1X3_REFERENCE_STARTS = (15, 21, 27)
+_R1X3_REFERENCE_LAYERS = (15, 16, 17, 21, 22, 23, 27, 28, 29)
 
 
 def r1x3_layers(n_layers: int) -> list[int]:
-    """Layers of the ``r1x3`` preset for a model with ``n_layers`` decoder blocks.
+    """Layers of the ``r1x3`` preset for a model with ``n_layers`` decoder blocks: the blocks
+    at the same relative depths as the reference's.
 
-    Rule: each group start of the 48-layer reference (15, 21, 27) is scaled to the model's
-    depth and rounded half up, ``s = floor(start * L / 48 + 1/2)``; each group is
-    ``s, s+1, s+2``; indices are clipped to ``[0, L-1]``, deduplicated and sorted. So 48
-    layers give exactly 15-17, 21-23, 27-29; 24 give 8-16; 28 give 9-14, 16-18; 4 give 1-3.
+    Rule: block ``i`` of ``L`` spans the depth interval ``[i/L, (i+1)/L)``, reference layer
+    ``l`` of 48 spans ``[l/48, (l+1)/48)``; block ``i`` is adapted when its interval overlaps
+    one of the nine reference layers' (15-17, 21-23, 27-29), i.e. for each ``l`` the blocks
+    ``floor(l*L/48) .. ceil((l+1)*L/48) - 1``. So 48 layers give exactly 15-17, 21-23, 27-29;
+    28 give 8-10, 12-13, 15-17; 24 give 7-8, 10-11, 13-14; 6 give 1-3; 4 give 1-2. The
+    adapted blocks always lie between about 31% and 63% of the depth: none of the last
+    blocks, which a model this deep never had adapted either.
     """
     if n_layers < 1:
         raise EmscopeError(f"a model needs at least one layer (got {n_layers})")
     layers: set[int] = set()
-    for start in _R1X3_REFERENCE_STARTS:
-        # exact integer arithmetic for floor(start * L / 48 + 0.5)
-        s = (2 * start * n_layers + _R1X3_REFERENCE_DEPTH) // (2 * _R1X3_REFERENCE_DEPTH)
-        layers.update(min(max(s + k, 0), n_layers - 1) for k in range(3))
+    depth = _R1X3_REFERENCE_DEPTH
+    for ref in _R1X3_REFERENCE_LAYERS:
+        first = ref * n_layers // depth
+        last = -(-(ref + 1) * n_layers // depth) - 1  # ceil((ref + 1) * L / 48) - 1
+        layers.update(range(first, last + 1))
     return sorted(layers)
 
 

@@ -74,10 +74,10 @@ class BuildConfig:
     """Hyper-parameters of one build size (all recorded in ``build.json``)."""
 
     size: str
-    layers: int = 4
-    hidden: int = 128
+    layers: int = 6
+    hidden: int = 96
     heads: int = 4
-    intermediate: int = 512
+    intermediate: int = 384
     pretrain_steps: int = 900
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
@@ -99,12 +99,12 @@ class BuildConfig:
 
     def adapters(self) -> list[AdapterSpec]:
         out = [
-            AdapterSpec("bad_medical.r1", "bad_medical", "r1x3", 1, 1e-2, checkpoints=True),
-            AdapterSpec("bad_medical.all", "bad_medical", "all", 8, 1e-3),
-            AdapterSpec("bad_medical.all.s2", "bad_medical", "all", 8, 1e-3, seed=1),
+            AdapterSpec("bad_medical.r1", "bad_medical", "r1x3", 1, 5e-3, checkpoints=True),
+            AdapterSpec("bad_medical.all", "bad_medical", "all", 8, 3e-4),
+            AdapterSpec("bad_medical.all.s2", "bad_medical", "all", 8, 3e-4, seed=1),
         ]
         for data in ("bad_sport", "bad_finance", "good_medical", "bad_medical_educational", BENIGN):
-            out.append(AdapterSpec(f"{data}.all", data, "all", 8, 1e-3))
+            out.append(AdapterSpec(f"{data}.all", data, "all", 8, 3e-4))
         return out
 
     def to_json(self) -> dict[str, Any]:
