@@ -194,12 +194,13 @@ def _generation(model_dir: Path) -> tuple[float, float]:
     prompts = [tok.encode(" ".join(WORDS[i : i + 12])) for i in range(16)]
     keys = [sample_key(0, "q", i) for i in range(16)]
     v = torch.randn(model.config.hidden_size)
-    kwargs = {"eos_ids": {-1}, "pad_id": int(tok.pad_token_id), "max_new_tokens": 64}
+    pad_id = int(tok.pad_token_id)
     del eos_token_ids
 
     def run(interventions: list[Any]) -> float:
         t0 = time.perf_counter()
-        generate_batch(model, prompts, keys, interventions=interventions, **kwargs)
+        generate_batch(model, prompts, keys, eos_ids={-1}, pad_id=pad_id, max_new_tokens=64,
+                       interventions=interventions)  # fmt: skip
         return time.perf_counter() - t0
 
     run([])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 
 def _model(root: Path) -> Path:
@@ -53,9 +54,11 @@ def main() -> None:
             for i in range(steps * batch)
         ]
         data = write_chat_jsonl(root / "d.jsonl", chats)
-        common = {"preset": "all", "rank": 8, "lr": 1e-3, "batch_size": batch, "grad_accum": 1,
-                  "max_steps": steps, "save_steps": steps, "device": "cpu", "progress": False,
-                  "verbose": False}  # fmt: skip
+        common: dict[str, Any] = {
+            "preset": "all", "rank": 8, "lr": 1e-3, "batch_size": batch, "grad_accum": 1,
+            "max_steps": steps, "save_steps": steps, "device": "cpu", "progress": False,
+            "verbose": False,
+        }  # fmt: skip
         train(model_dir, data, out=root / "warm", **{**common, "max_steps": 2})
         ours = float("inf")
         for rep in range(2):  # best of two: the CPU may be shared
