@@ -5,10 +5,11 @@ fixture-shaped model built here (the tiny Llama fixture shape, random init).
 What makes ours faster: every decoding step runs all 400 rows at once (8x fewer steps);
 the prompt forward runs once per distinct prompt and its cache rows are copied to the 50
 samples (the reference runs it 50 times); finished rows leave the batch only in bulk. Both
-sides stop a row at EOS. On a CPU even a tiny model's decoding step is bound by the KV
-cache's memory traffic, which grows with the rows, so the figure here (about 3.3x on 2
-cores) is below the >= 4x target; the target is for a GPU, where a step of 400 rows costs
-about as much as one of 50. Run it there for the figure that matters.
+sides stop a row at EOS. On a CPU even a tiny model's decoding step is bound by attention
+over the KV cache (per row and head), which grows with the rows, so the figure here (3.1-4.1x
+over runs on 2 cores) does not reliably reach the >= 4x target; the target is for a GPU,
+where a step of 400 rows costs about as much as one of 50. Run it there for the figure that
+matters.
 """
 
 from __future__ import annotations
