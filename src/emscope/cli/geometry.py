@@ -35,8 +35,7 @@ def geometry(
 
     from emscope.errors import EmscopeError
     from emscope.geometry import compare_adapters, open_adapter
-    from emscope.geometry.report import summary_text, write_figures
-    from emscope.io import write_json, write_table
+    from emscope.geometry.report import summary_text, write_outputs
 
     if fmt not in ("json", "table"):
         raise EmscopeError(f"--format must be json or table, got {fmt!r}")
@@ -54,7 +53,6 @@ def geometry(
     )
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
-    doc = result.to_json()
     if dense:
         table = result.module_table()
         if len(table):
@@ -65,17 +63,11 @@ def geometry(
                 err=True,
             )
     if out is not None:
-        write_json(out / "geometry.json", doc)
-        table = result.module_table()
-        if len(table):
-            write_table(table, out, "geometry_modules")
-        if result.base is not None:
-            write_table(result.base_table(), out, "geometry_base")
-        write_figures(result, out)
+        write_outputs(result, out)
     if fmt == "table":
         typer.echo(summary_text(result))
     elif out is None:
-        typer.echo(json.dumps(_clean(doc), indent=2))
+        typer.echo(json.dumps(_clean(result.to_json()), indent=2))
     else:
         typer.echo(str(out / "geometry.json"))
 

@@ -82,6 +82,25 @@ def summary_text(geometry: Geometry) -> str:
     return "\n".join(lines)
 
 
+def write_outputs(geometry: Geometry, out_dir: str | Path) -> dict[str, Any]:
+    """Everything a geometry run leaves in ``out_dir``: ``geometry.json``
+    (:meth:`Geometry.to_json`, also returned), the ``geometry_modules`` table, the
+    ``geometry_base`` table when a base model was compared, and the figures
+    (:func:`write_figures`)."""
+    from emscope.io import write_json, write_table
+
+    out_dir = Path(out_dir)
+    doc = geometry.to_json()
+    write_json(out_dir / "geometry.json", doc)
+    table = geometry.module_table()
+    if len(table):
+        write_table(table, out_dir, "geometry_modules")
+    if geometry.base is not None:
+        write_table(geometry.base_table(), out_dir, "geometry_base")
+    write_figures(geometry, out_dir)
+    return doc
+
+
 def write_figures(geometry: Geometry, out_dir: str | Path) -> list[Path]:
     """Cosine heatmap, principal-angle spectra per module type vs random, per-layer cosine."""
     from emscope.plotting import pyplot, save_figure

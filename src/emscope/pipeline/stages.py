@@ -233,8 +233,8 @@ def stage_geometry(ctx: StageContext) -> dict[str, Any]:
 
     from emscope.geometry import aggregate_fields, compare_adapters, open_adapter
     from emscope.geometry.analysis import signature
-    from emscope.geometry.report import write_figures
-    from emscope.io import write_json, write_table
+    from emscope.geometry.report import write_outputs
+    from emscope.io import write_json
 
     out = ctx.dir("geometry")
     stage = ctx.config.stages.geometry
@@ -249,14 +249,7 @@ def stage_geometry(ctx: StageContext) -> dict[str, Any]:
         seed=ctx.config.seed,
         progress=ctx.progress,
     )
-    doc = result.to_json()
-    write_json(out / "geometry.json", doc)
-    table = result.module_table()
-    if len(table):
-        write_table(table, out, "geometry_modules")
-    if result.base is not None:
-        write_table(result.base_table(), out, "geometry_base")
-    write_figures(result, out)
+    doc = write_outputs(result, out)
     # Per-draw aggregate mean angle of the random baseline, for the 5th-percentile test.
     pairs = {}
     for key, pair in result.pairs.items():
