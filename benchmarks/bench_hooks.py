@@ -4,9 +4,9 @@
    intervention at one layer, every position) vs the same generation without hooks: same
    model, prompts, random streams and batch; best of 3 each, interleaved. Target: <= 10%.
 2. Mean-diff extraction (:func:`emscope.directions.mean_diff`) over 2,000 judged responses:
-   - peak extra memory (the highest resident set size sampled every 2 ms during the first
-     extraction minus the resident set size right before it, in a fresh process; the
-     process's high-water mark is no use here: loading the model already sets it)
+   - peak extra memory (the resident-set high-water mark ``VmHWM`` after the first
+     extraction minus the resident set size before it, in a fresh process; the mark is
+     reset through ``/proc/self/clear_refs`` first, since loading the model already set it)
      at 500 and at 2,000 responses: the accumulators are O(layers x d), so the two must
      be about equal;
    - time vs a plain forward pass (no hooks, no accumulation) over exactly the same padded
@@ -93,36 +93,17 @@ def _table(n: int) -> Any:
     return pd.DataFrame(rows)
 
 
-def _rss_kib() -> float:
-    """Current resident set size of this process (KiB; Linux ``/proc``)."""
-    import os
+def _status_kib(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in KiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * os.sysconf("SC_PAGE_SIZE") / 1024
 
-
-class _PeakRss:
-    """``with _PeakRss() as r: ...``: ``r.extra_kib`` is the highest resident set size
-    sampled every 2 ms inside the block minus the size on entry."""
-
-    def __enter__(self) -> _PeakRss:
-        import threading
-
-        self.start = self.peak = _rss_kib()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _rss_kib())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_kib())
-        self.extra_kib = self.peak - self.start
+def _reset_peak_rss() -> None:
+    """Reset the process's resident-set high-water mark (``VmHWM``) to its current size."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def _extract_worker(model_dir: str, n: int) -> dict[str, float]:
@@ -157,9 +138,10 @@ def _extract_worker(model_dir: str, n: int) -> dict[str, float]:
                     model(input_ids=ids, attention_mask=mask, use_cache=False)
 
     # memory first, before any other forward pass has grown the allocator's pools
-    with _PeakRss() as rss:
-        mean_diff(model, tok, table, batch_size=batch)
-    peak = rss.extra_kib
+    _reset_peak_rss()
+    before = _status_kib("VmRSS")
+    mean_diff(model, tok, table, batch_size=batch)
+    peak = _status_kib("VmHWM") - before
     plain()  # warm-up of the reference side
     extract_s, plain_s = [], []
     for _ in range(3):  # interleaved, best of 3 (the machine is shared)
