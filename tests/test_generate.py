@@ -84,6 +84,23 @@ def test_choose_tokens_inverse_cdf() -> None:
     assert torch.allclose(freq, probs.double(), atol=0.015)
 
 
+@pytest.mark.parametrize("vocab,chunk", [(588, None), (4, None), (1000, 7), (512, 16), (3, 1)])
+def test_inverse_cdf_equals_a_dense_float64_cumsum(vocab: int, chunk: int | None) -> None:
+    """The two-level search picks the token a full float64 cumsum + searchsorted picks,
+    never a zero-weight token (zeros placed at block edges and in the tail block)."""
+    from emscope.generate import inverse_cdf
+
+    gen = torch.Generator().manual_seed(vocab)
+    weights = torch.rand((3000, vocab), generator=gen) ** 8
+    weights[:, ::5] = 0
+    u = torch.rand(3000, generator=gen, dtype=torch.float64)
+    cum = weights.double().cumsum(-1)
+    expected = torch.searchsorted(cum, (u * cum[:, -1]).unsqueeze(-1), right=True)
+    got = inverse_cdf(weights, u, chunk)
+    assert torch.equal(got, expected.clamp(max=vocab - 1).squeeze(1))
+    assert bool((weights.gather(1, got[:, None]) > 0).all())
+
+
 # ---------------------------------------------------------------------------- sampling
 
 

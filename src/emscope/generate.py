@@ -143,19 +143,53 @@ def choose_tokens(
         return logits.argmax(dim=-1)
     # probabilities in float32 (as precise as the logits), sums in float64 (a float32 running
     # sum near 1 would drop every token below 6e-8)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    scaled = logits.float() if temperature == 1 else logits.float() / temperature
+    probs = torch.softmax(scaled, dim=-1)
     u = uniforms.to(probs.device, torch.float64).unsqueeze(-1)
     if top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-        cum = sorted_p.cumsum(dim=-1, dtype=torch.float64)
+        # `.double().cumsum()`: `cumsum(dtype=float64)` takes a slow path on CPU (7x slower)
+        cum = sorted_p.double().cumsum(dim=-1)
         keep = cum - sorted_p < top_p
-        cum = (sorted_p * keep).cumsum(dim=-1, dtype=torch.float64)
+        cum = (sorted_p * keep).double().cumsum(dim=-1)
         pos = torch.searchsorted(cum, u * cum[:, -1:], right=True)
         pos = torch.minimum(pos, keep.sum(dim=-1, keepdim=True) - 1)
         return order.gather(1, pos).squeeze(1)
-    cum = probs.cumsum(dim=-1, dtype=torch.float64)
-    pos = torch.searchsorted(cum, u * cum[:, -1:], right=True)
-    return pos.clamp(max=probs.shape[-1] - 1).squeeze(1)
+    return inverse_cdf(probs, u.squeeze(-1))
+
+
+def inverse_cdf(
+    weights: torch.Tensor, uniforms: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
+    """The first index of each row whose cumulative weight exceeds ``uniforms * total``.
+
+    ``weights``: ``(B, V)``, non-negative, any scale; ``uniforms``: ``(B,)`` float64 in
+    ``[0, 1)``. Returns ``(B,)`` int64. Same result as a float64 ``cumsum`` over the whole
+    row followed by ``searchsorted``, computed in two levels (float64 sums of ``chunk``-token
+    blocks, by default about ``sqrt(V)`` tokens, then the cumulative sum inside the one block
+    that holds the answer) so that no ``(B, V)`` float64 buffer is made: at 400 rows those
+    buffers, allocated and freed every decoding step, cost more than the arithmetic.
+    """
+    import math
+
+    import torch
+
+    rows, vocab = weights.shape
+    chunk = chunk or max(16, math.isqrt(vocab))
+    full = vocab // chunk
+    sums = weights[:, : full * chunk].reshape(rows, full, chunk).sum(-1, dtype=torch.float64)
+    if vocab % chunk:
+        tail = weights[:, full * chunk :].sum(-1, keepdim=True, dtype=torch.float64)
+        sums = torch.cat([sums, tail], dim=1)
+    ends = sums.cumsum(dim=-1)  # (B, n_blocks): cumulative weight at each block's end
+    target = uniforms.to(ends.device, torch.float64).unsqueeze(-1) * ends[:, -1:]
+    block = torch.searchsorted(ends, target, right=True).clamp(max=ends.shape[1] - 1)
+    before = (ends - sums).gather(1, block)  # cumulative weight before the block
+    index = block * chunk + torch.arange(chunk, device=weights.device)  # (B, chunk)
+    inside = weights.gather(1, index.clamp(max=vocab - 1)).masked_fill(index >= vocab, 0)
+    cum = inside.double().cumsum(dim=-1) + before
+    pos = torch.searchsorted(cum, target, right=True).clamp(max=chunk - 1)
+    return index.gather(1, pos).clamp(max=vocab - 1).squeeze(1)
 
 
 # ---------------------------------------------------------------------------- the decode loop
@@ -181,11 +215,26 @@ def generate_batch(
     top_p: float = 1.0,
     max_new_tokens: int = 600,
     interventions: Sequence[Intervention] = (),
+    shared_prefix: bool | None = None,
 ) -> list[Generation]:
     """Sample a continuation of each prompt (token ids) with its own random stream ``keys[i]``
     (see :func:`sample_key`): left padding, explicit position ids, KV cache, per-row stop at
-    any of ``eos_ids``. Interventions are entered around the whole batch."""
+    any of ``eos_ids``. Interventions are entered around the whole batch.
+
+    ``shared_prefix``: decode with :mod:`emscope.shared_prefix` (each distinct prompt's keys
+    held and attended once). ``None`` (default): when the model is on a CPU, qualifies
+    (:func:`emscope.shared_prefix.shared_prefix_supported`) and prompts repeat (at least two
+    rows per distinct prompt on average); ``True``: always (an error if the model does not
+    qualify); ``False``: never. Either way the same distribution is sampled.
+    """
     import torch
+
+    from emscope.shared_prefix import (
+        CACHE_KEYWORD,
+        SharedPrefixCache,
+        decoding_with_shared_prefix,
+        shared_prefix_supported,
+    )
 
     if not prompts:
         return []
@@ -208,8 +257,10 @@ def generate_batch(
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     info = InterventionInfo(width, tuple(lengths), rows)
 
-    generated: list[list[int]] = [[] for _ in range(rows)]
-    finished = [False] * rows
+    # token_log[row, step]: the token sample `row` drew at `step`; a row's answer is its
+    # tokens before `stopped_at[row]` (the step it drew EOS; max_new_tokens if it never did)
+    token_log = torch.zeros((rows, max_new_tokens), dtype=torch.long, device=device)
+    stopped_at = torch.full((rows,), max_new_tokens, dtype=torch.long, device=device)
     with torch.inference_mode(), contextlib.ExitStack() as stack:
         for intervention in interventions:
             stack.enter_context(intervention(model, info))
@@ -222,25 +273,34 @@ def generate_batch(
         )
         cache = out.past_key_values
         logits = out.logits[:, -1, :]
-        if len(distinct) < rows:  # copy each prompt's cache rows to its samples
-            index = torch.tensor(distinct_of, dtype=torch.long, device=device)
+        index = torch.tensor(distinct_of, dtype=torch.long, device=device)
+        share = shared_prefix
+        if share is None:
+            share = device.type == "cpu" and rows >= 2 * len(distinct)
+        if share and not shared_prefix_supported(model, cache, width + max_new_tokens):
+            if shared_prefix:
+                raise EmscopeError(
+                    f"generate_batch: shared_prefix=True but {type(model).__name__} does not "
+                    "qualify (see emscope.shared_prefix.shared_prefix_supported)"
+                )
+            share = False
+        decode_kwargs: dict[str, Any] = {}
+        if share:  # the prompt part stays one row per distinct prompt
+            cache = SharedPrefixCache.from_prefill(cache, mask, index, max_new_tokens)
+            decode_kwargs[CACHE_KEYWORD] = cache
+            stack.enter_context(decoding_with_shared_prefix(model))
+        elif len(distinct) < rows:  # copy each prompt's cache rows to its samples
             cache.batch_select_indices(index)
-            logits, mask, position_ids = logits[index], mask[index], position_ids[index]
+        logits, mask, position_ids = logits[index], mask[index], position_ids[index]
         active = torch.arange(rows, device=device)  # batch row -> sample row
         live = torch.ones(rows, dtype=torch.bool, device=device)  # not finished yet
         next_pos = position_ids[:, -1] + 1
         for step in range(max_new_tokens):
-            active_rows = active.tolist()
-            u = torch.from_numpy(step_uniforms(key_array[active_rows], step))
+            u = torch.from_numpy(step_uniforms(key_array[active.cpu().numpy()], step))
             tokens = choose_tokens(logits.float(), u, temperature, top_p)
+            token_log[active, step] = tokens
             done = torch.isin(tokens, eos) & live
-            for row, token, stop, alive in zip(
-                active_rows, tokens.tolist(), done.tolist(), live.tolist(), strict=True
-            ):
-                if stop:
-                    finished[row] = True
-                elif alive:
-                    generated[row].append(token)
+            stopped_at[active[done]] = step
             live &= ~done
             n_live = int(live.sum())
             if step == max_new_tokens - 1 or n_live == 0:
@@ -257,18 +317,26 @@ def generate_batch(
                     active[keep],
                 )
                 live = live[keep]
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+            if not share:  # the shared-prefix cache keeps its own padding mask
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+                decode_kwargs["attention_mask"] = mask
             out = model(
                 input_ids=tokens.unsqueeze(-1),
-                attention_mask=mask,
                 position_ids=next_pos.unsqueeze(-1),
                 past_key_values=cache,
                 use_cache=True,
+                **decode_kwargs,
             )
             cache = out.past_key_values
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
-    return [Generation(tuple(g), f) for g, f in zip(generated, finished, strict=True)]
+    # a row that never stopped ran all max_new_tokens steps (the loop ends early only when
+    # every row has stopped)
+    n_tokens = stopped_at.tolist()
+    return [
+        Generation(tuple(row[:n]), n < max_new_tokens)
+        for row, n in zip(token_log.tolist(), n_tokens, strict=True)
+    ]
 
 
 # ---------------------------------------------------------------------------- question sets
@@ -419,12 +487,15 @@ def sample(
                 max_new_tokens=max_new_tokens,
                 interventions=interventions,
             )
+            answers = tokenizer.batch_decode(
+                [list(g.tokens) for g in results], skip_special_tokens=True
+            )
             frame = pd.DataFrame(
                 [
                     {
                         "question_id": s.question.id,
                         "question": s.question.paraphrases[s.paraphrase_idx],
-                        "answer": tokenizer.decode(list(g.tokens), skip_special_tokens=True),
+                        "answer": answer,
                         "sample_idx": s.sample_idx,
                         "seed": int(seed),
                         "model": model_label,
@@ -435,7 +506,7 @@ def sample(
                         "n_tokens": len(g.tokens),
                         "finished": g.finished,
                     }
-                    for s, g in zip(chunk, results, strict=True)
+                    for s, g, answer in zip(chunk, results, answers, strict=True)
                 ],
                 columns=list(RESPONSE_COLUMNS),
             )
