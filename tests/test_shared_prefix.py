@@ -209,3 +209,32 @@ def test_attention_restored_on_error_and_needs_the_cache(tiny_models: Any) -> No
         pytest.raises(EmscopeError, match=f"needs the {CACHE_KEYWORD}= keyword"),
     ):
         model(input_ids=torch.tensor([[5, 6]]))
+
+
+def test_response_steering_hooks_see_the_same_positions(tiny_models: Any) -> None:
+    """Hooks find response positions from the cache length: a response-only steering vector
+    changes the answers, identically with the shared prefix on and off."""
+    from emscope.hooks import add
+
+    loaded = _load(tiny_models, "qwen2")
+    prompts = _prompts(loaded.tokenizer)
+    batch = [prompts[i] for i in [0, 1, 2] * 4]
+    keys = [sample_key(2, "q", i) for i in range(len(batch))]
+    hidden = loaded.model.config.hidden_size
+    vector = 4 * torch.randn(hidden, generator=torch.Generator().manual_seed(3))
+
+    def steer(model: Any, info: Any) -> Any:
+        return add(
+            model, {"resid_post[1]": vector}, positions="response", prompt_len=info.prompt_length
+        )
+
+    kw: dict[str, Any] = {"eos_ids": {10**6}, "pad_id": 0, "max_new_tokens": 8}
+    steered = {
+        share: generate_batch(
+            loaded.model, batch, keys, interventions=[steer], shared_prefix=share, **kw
+        )
+        for share in (False, True)
+    }
+    plain = generate_batch(loaded.model, batch, keys, shared_prefix=True, **kw)
+    assert steered[True] == steered[False]
+    assert steered[True] != plain

@@ -21,12 +21,16 @@ explicit ``position_ids`` (HF does not derive positions from the mask in a plain
 decoding reuses the KV cache, and rows that hit an end-of-sequence token leave the batch
 (their cache rows are dropped once finished rows are a quarter of the batch; until then
 their tokens are ignored). Rows with the same prompt (the samples of one question and
-paraphrase) share one prefill: the prompt forward runs once per distinct prompt and its KV
-cache rows are then copied to every sample (the reference way, ``generate`` with
-``num_return_sequences``, runs the prompt once per sample). Floating-point results of a
-forward pass can differ in the last bits between batch shapes, so token equality across
-batch sizes is exact only up to such ties; the random stream itself is exactly independent
-of the batch.
+paraphrase) share one prefill: the prompt forward runs once per distinct prompt (the
+reference way, ``generate`` with ``num_return_sequences``, runs the prompt once per sample).
+On a GPU its KV cache rows are then copied to every sample; on a CPU the decoding steps keep
+them once per prompt and attend to them once for all its samples
+(:mod:`emscope.shared_prefix`), because there the per-row cost of attention over the cache,
+not the arithmetic, bounds a step. Tokens are drawn by a two-level inverse CDF
+(:func:`inverse_cdf`) that makes no ``(rows, vocabulary)`` float64 buffer. Floating-point
+results of a forward pass can differ in the last bits between batch shapes (and between the
+two cache layouts), so token equality across batch sizes is exact only up to such ties; the
+random stream itself is exactly independent of the batch.
 
 Interventions are callables ``(model, info) -> ContextManager``; each is entered around the
 whole generation of a batch (prefill and every decoding step). ``info``
