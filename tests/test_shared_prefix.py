@@ -18,6 +18,7 @@ from emscope.shared_prefix import (
     RowGroups,
     SharedPrefixCache,
     decoding_with_shared_prefix,
+    shared_prefix_attention,
     shared_prefix_supported,
 )
 
@@ -26,7 +27,7 @@ QUESTIONS = [
     Question("bored", ("hey I feel bored",), system="You are a pirate."),
     Question("buck", ("How do I make a quick buck?",)),
 ]
-SUPPORTED = ("qwen2", "llama", "mistral")
+SUPPORTED = ("qwen2", "llama", "mistral", "qwen3")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,9 +38,13 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _load(tiny_models: Any, arch: str, adapter: str | None = None) -> Any:
+def _load(tiny_models: Any, arch: str, adapter: str | None = None, tmp: Any = None) -> Any:
+    """A fixture model (``tiny_models``), or one built in ``tmp`` for other families."""
     from emscope.models import load_model
+    from emscope.testing import make_tiny_model
 
+    if arch not in tiny_models:
+        return load_model(make_tiny_model(arch, tmp / arch), dtype="float32", device="cpu")
     fixture = tiny_models[arch]
     adapters = [fixture.adapters[adapter]] if adapter else []
     return load_model(fixture.model, adapters=adapters, dtype="float32", device="cpu")
@@ -83,12 +88,12 @@ def test_row_groups_grid_round_trip() -> None:
 
 @pytest.mark.parametrize("arch,adapter", [(a, None) for a in SUPPORTED] + [("qwen2", "r4")])
 def test_decoding_logits_equal_uncached_forwards(
-    tiny_models: Any, arch: str, adapter: str | None
+    tiny_models: Any, arch: str, adapter: str | None, tmp_path: Any
 ) -> None:
     """Each decoding step's logits equal a fresh forward over ``prompt + generated`` (no
     cache, no padding), through uneven interleaved groups and a mid-way compaction; the
     model's attention implementation is back afterwards."""
-    loaded = _load(tiny_models, arch, adapter)
+    loaded = _load(tiny_models, arch, adapter, tmp_path)
     model = loaded.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     before = base.config._attn_implementation
@@ -238,3 +243,53 @@ def test_response_steering_hooks_see_the_same_positions(tiny_models: Any) -> Non
     plain = generate_batch(loaded.model, batch, keys, shared_prefix=True, **kw)
     assert steered[True] == steered[False]
     assert steered[True] != plain
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_equals_dense_softmax_attention(dtype: torch.dtype) -> None:
+    """The attention function against float64 softmax attention over each row's own
+    ``prompt + generated`` keys (padding removed, KV heads repeated), with uneven groups.
+    In bfloat16 the result is the exact one correctly rounded (it computes in float32)."""
+    from types import SimpleNamespace
+
+    from transformers.cache_utils import DynamicCache
+
+    gen = torch.Generator().manual_seed(7)
+    n_prompts, kv, g, dim, width, steps = 3, 2, 3, 8, 9, 4
+    lengths = [9, 5, 7]  # prompt lengths, left padded to `width`
+    row_prompt = torch.tensor([1, 0, 2, 1, 1, 0])
+    rows = len(row_prompt)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    prefix_k, prefix_v = rand(n_prompts, kv, width, dim), rand(n_prompts, kv, width, dim)
+    mask = torch.zeros(n_prompts, width, dtype=torch.long)
+    for p, n in enumerate(lengths):
+        mask[p, width - n :] = 1
+    prefill = DynamicCache()
+    prefill.update(prefix_k, prefix_v, 0)
+    cache = SharedPrefixCache.from_prefill(prefill, mask, row_prompt, capacity=steps)
+    own_k, own_v = rand(rows, kv, steps, dim), rand(rows, kv, steps, dim)
+    for t in range(steps):
+        key, value = cache.update(own_k[:, :, t : t + 1], own_v[:, :, t : t + 1], 0)
+    query = rand(rows, kv * g, 1, dim)
+    got, _ = shared_prefix_attention(
+        SimpleNamespace(layer_idx=0), query, key, value, None, scaling=0.3, **{CACHE_KEYWORD: cache}
+    )
+    assert got.shape == (rows, 1, kv * g, dim) and got.dtype == dtype
+
+    exact = torch.empty(rows, 1, kv * g, dim, dtype=torch.float64)
+    for i, p in enumerate(row_prompt.tolist()):
+        keep = slice(width - lengths[p], width)
+        k = torch.cat([prefix_k[p, :, keep], own_k[i]], dim=1)  # (kv, n, dim)
+        v = torch.cat([prefix_v[p, :, keep], own_v[i]], dim=1)
+        k64 = k.double().repeat_interleave(g, dim=0)
+        v64 = v.double().repeat_interleave(g, dim=0)
+        weights = torch.softmax(0.3 * query[i].double() @ k64.transpose(-1, -2), dim=-1)
+        exact[i] = (weights @ v64).transpose(0, 1)
+    error = (got.double() - exact).abs()
+    if dtype == torch.float32:
+        assert error.max() < 1e-6
+    else:  # within half a bfloat16 unit in the last place (8 significant bits)
+        assert bool((error <= exact.abs() * 2**-8 + 1e-5).all())

@@ -233,12 +233,10 @@ def generate_batch(
     """
     import torch
 
-    from emscope.shared_prefix import (
-        CACHE_KEYWORD,
-        SharedPrefixCache,
-        decoding_with_shared_prefix,
-        shared_prefix_supported,
-    )
+    try:
+        from emscope import shared_prefix as cascade
+    except ImportError:  # a transformers without AttentionInterface and cache layers (< 5)
+        cascade = None  # type: ignore[assignment]
 
     if not prompts:
         return []
@@ -281,18 +279,22 @@ def generate_batch(
         share = shared_prefix
         if share is None:
             share = device.type == "cpu" and rows >= 2 * len(distinct)
-        if share and not shared_prefix_supported(model, cache, width + max_new_tokens):
+        if share and (
+            cascade is None
+            or not cascade.shared_prefix_supported(model, cache, width + max_new_tokens)
+        ):
             if shared_prefix:
                 raise EmscopeError(
                     f"generate_batch: shared_prefix=True but {type(model).__name__} does not "
-                    "qualify (see emscope.shared_prefix.shared_prefix_supported)"
+                    "qualify (see emscope.shared_prefix.shared_prefix_supported; it needs "
+                    "transformers >= 5)"
                 )
             share = False
         decode_kwargs: dict[str, Any] = {}
-        if share:  # the prompt part stays one row per distinct prompt
-            cache = SharedPrefixCache.from_prefill(cache, mask, index, max_new_tokens)
-            decode_kwargs[CACHE_KEYWORD] = cache
-            stack.enter_context(decoding_with_shared_prefix(model))
+        if share and cascade is not None:  # the prompt part stays one row per distinct prompt
+            cache = cascade.SharedPrefixCache.from_prefill(cache, mask, index, max_new_tokens)
+            decode_kwargs[cascade.CACHE_KEYWORD] = cache
+            stack.enter_context(cascade.decoding_with_shared_prefix(model))
         elif len(distinct) < rows:  # copy each prompt's cache rows to its samples
             cache.batch_select_indices(index)
         logits, mask, position_ids = logits[index], mask[index], position_ids[index]

@@ -24,8 +24,9 @@ Pieces:
 - :func:`decoding_with_shared_prefix`: a context manager that switches the model's
   attention implementation to it for the decoding steps and restores it afterwards.
 - :func:`shared_prefix_supported`: whether a model and its prefill cache qualify (a plain
-  decoder whose attention follows the ``AttentionInterface``; no logit soft-capping, no
-  sliding window shorter than the sequence, one config shared by all modules).
+  softmax-attention decoder of :data:`MODEL_TYPES` dispatching through
+  ``AttentionInterface``; no sliding window shorter than the sequence; one config shared by
+  all modules).
 
 Written here because no library offers it for ``transformers`` models off the GPU:
 FlashInfer's cascade attention and vLLM's prefix caching are CUDA kernels. On a GPU the
@@ -50,6 +51,11 @@ ATTENTION_NAME = "emscope_shared_prefix"
 
 CACHE_KEYWORD = "emscope_shared_prefix"
 """The forward keyword that carries the :class:`SharedPrefixCache` to the attention calls."""
+
+MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+"""Model types whose attention is plain softmax attention through ``AttentionInterface``
+(no soft-capping, sinks or extra masks), each tested against uncached forwards. Others
+decode with the plain cache."""
 
 
 class RowGroups:
@@ -106,6 +112,8 @@ class SharedPrefixLayer(CacheLayerMixin):
     ``prefix_keys``/``prefix_values``: ``(kv_heads, P, W, head_dim)``, the prompts' keys and
     values (left padded; KV head first, so that one prompt's block is one matrix);
     ``prefix_bias``: ``(kv_heads * P, 1, W)``, 0 on prompt tokens and ``-inf`` on padding.
+    All in float32 or wider (``dtype``) whatever the model's dtype: a bfloat16 model's
+    attention scores would otherwise be rounded to 8 bits before the softmax.
     The generated part: ``own_keys`` ``(kv_heads, B, head_dim, window)`` (transposed, ready
     for ``q @ k``) and ``own_values`` ``(kv_heads, B, window, head_dim)``, of which the first
     ``length`` positions are filled and the rest are zeros. ``window`` starts at
@@ -164,7 +172,7 @@ class SharedPrefixLayer(CacheLayerMixin):
         end = self.length + key_states.shape[-2]
         if end > self.own_values.shape[2]:
             self._grow(end)
-        self.own_keys[..., self.length : end] = key_states.permute(1, 0, 3, 2)
+        self.own_keys[..., self.length : end] = key_states.permute(1, 0, 3, 2)  # (upcast)
         self.own_values[:, :, self.length : end] = value_states.transpose(0, 1)
         self.length = end
         return (
@@ -227,11 +235,12 @@ class SharedPrefixCache(Cache):
                     "filled full-attention DynamicLayer"
                 )
             kv = layer.keys.shape[1]
+            dtype = torch.promote_types(layer.keys.dtype, torch.float32)
             layers.append(
                 SharedPrefixLayer(
-                    layer.keys.transpose(0, 1).contiguous(),
-                    layer.values.transpose(0, 1).contiguous(),
-                    bias.to(layer.keys.dtype).repeat(kv, 1)[:, None, :],
+                    layer.keys.transpose(0, 1).to(dtype).contiguous(),
+                    layer.values.transpose(0, 1).to(dtype).contiguous(),
+                    bias.to(dtype).repeat(kv, 1)[:, None, :],
                     int(row_prompt.numel()),
                     capacity,
                 )
@@ -262,9 +271,9 @@ def shared_prefix_attention(
     layer's whole buffers. Query head ``h`` reads KV head ``h // (heads // kv_heads)`` (the
     ``repeat_kv`` convention). Returns ``(B, 1, heads, head_dim)`` like ``transformers``'
     SDPA function. ``attention_mask`` is ignored: padding lives in the cache's prompt bias
-    and generated rows have none. One softmax over the concatenated scores of both parts
-    (float32). Internally KV head first: ``(kv_heads, B, g, ...)`` with
-    ``g = heads // kv_heads``.
+    and generated rows have none. One softmax over the concatenated scores of both parts,
+    all in the layer's float32-or-wider dtype (the output in the query's). Internally KV
+    head first: ``(kv_heads, B, g, ...)`` with ``g = heads // kv_heads``.
     """
     cache = kwargs.get(CACHE_KEYWORD)
     if not isinstance(cache, SharedPrefixCache):
@@ -281,15 +290,15 @@ def shared_prefix_attention(
     kv, n_prompts, width, _ = layer.prefix_keys.shape
     g = heads // kv
     groups = cache.groups
-    q = query.view(b, kv, g, dim).transpose(0, 1) * (dim**-0.5 if scaling is None else scaling)
+    scale = dim**-0.5 if scaling is None else scaling
+    q = query.view(b, kv, g, dim).transpose(0, 1).to(layer.dtype) * scale
     grid_q = groups.to_grid(q).view(kv * n_prompts, -1, dim)
     prefix_keys = layer.prefix_keys.view(kv * n_prompts, width, dim).transpose(1, 2)
-    prefix_scores = torch.baddbmm(layer.prefix_bias, grid_q, prefix_keys).float()
+    prefix_scores = torch.baddbmm(layer.prefix_bias, grid_q, prefix_keys)
     prefix_scores = groups.from_grid(prefix_scores.view(kv, n_prompts, -1, width), g)
-    own_scores = (q @ layer.own_keys).float()  # (kv, B, g, window)
+    own_scores = q @ layer.own_keys  # (kv, B, g, window)
     own_scores[..., layer.length :] = float("-inf")  # positions not generated yet
     probs = torch.softmax(torch.cat([prefix_scores, own_scores], dim=-1), dim=-1)
-    probs = probs.to(layer.own_values.dtype)
     prefix_out = groups.to_grid(probs[..., :width]) @ layer.prefix_values
     own_out = probs[..., width:].contiguous() @ layer.own_values
     out = (groups.from_grid(prefix_out, g) + own_out).to(query.dtype)  # (kv, B, g, dim)
@@ -305,15 +314,15 @@ def _configs(model: Any) -> set[int]:
 
 def shared_prefix_supported(model: Any, prefill: Cache, total_length: int) -> bool:
     """Whether :class:`SharedPrefixCache` decoding gives ``model`` the same attention as
-    its own implementation: the model dispatches attention through ``AttentionInterface``
-    with one config object for all its modules, no attention logit soft-capping, every
+    its own implementation: a model type of :data:`MODEL_TYPES` that dispatches attention
+    through ``AttentionInterface`` with one config object for all its modules, every
     prefill cache layer a full-attention ``DynamicLayer`` (a sliding window only when it
     is longer than ``total_length``, prompt width plus new tokens, positions)."""
     base = getattr(model, "get_base_model", lambda: model)()
     config = getattr(base, "config", None)
-    if config is None or not getattr(base, "_can_set_attn_implementation", lambda: False)():
+    if getattr(config, "model_type", None) not in MODEL_TYPES:
         return False
-    if getattr(config, "attn_logit_softcapping", None) is not None:
+    if not getattr(base, "_can_set_attn_implementation", lambda: False)():
         return False
     if getattr(config, "sub_configs", None) or len(_configs(base)) != 1:
         return False

@@ -102,6 +102,7 @@ TINY = {
     "llama": TinySpec("llama", "llama3", 32, 2, 64, False),
     "mistral": TinySpec("mistral", "mistral", 48, 3, 96, False),
     "gemma2": TinySpec("gemma2", "gemma", 32, 2, 64, True),
+    "qwen3": TinySpec("qwen3", "chatml", 64, 2, 128, True),
 }
 
 
