@@ -7,7 +7,7 @@ prompt forward runs once per distinct prompt (the reference runs it 50 times); o
 decoding attention reads each prompt's keys once for its 50 samples
 (:mod:`emscope.shared_prefix`) instead of paying attention's per-row overhead over 400 copies;
 tokens are drawn without a ``(rows, vocabulary)`` float64 buffer; finished rows leave the
-batch only in bulk. Both sides stop a row at EOS and run on one thread. Measured 4.9-5.5x
+batch only in bulk. Both sides stop a row at EOS and run on one thread. Measured 5.1-5.7x
 over runs on the 2-core development machine; the spread comes from glibc returning freed
 memory to the kernel between steps (``MALLOC_TOP_PAD_=268435456`` steadies both sides).
 """
