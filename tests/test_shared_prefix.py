@@ -245,17 +245,23 @@ def test_response_steering_hooks_see_the_same_positions(tiny_models: Any) -> Non
     assert steered[True] != plain
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_attention_equals_dense_softmax_attention(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    "dtype,steps,capacity",
+    [(torch.float32, 4, 4), (torch.bfloat16, 4, 4), (torch.float32, 37, 80)],
+)
+def test_attention_equals_dense_softmax_attention(
+    dtype: torch.dtype, steps: int, capacity: int
+) -> None:
     """The attention function against float64 softmax attention over each row's own
     ``prompt + generated`` keys (padding removed, KV heads repeated), with uneven groups.
-    In bfloat16 the result is the exact one correctly rounded (it computes in float32)."""
+    In bfloat16 the result is the exact one correctly rounded (it computes in float32).
+    37 steps grow the generated-part buffers past their first 32 positions."""
     from types import SimpleNamespace
 
     from transformers.cache_utils import DynamicCache
 
     gen = torch.Generator().manual_seed(7)
-    n_prompts, kv, g, dim, width, steps = 3, 2, 3, 8, 9, 4
+    n_prompts, kv, g, dim, width = 3, 2, 3, 8, 9
     lengths = [9, 5, 7]  # prompt lengths, left padded to `width`
     row_prompt = torch.tensor([1, 0, 2, 1, 1, 0])
     rows = len(row_prompt)
@@ -269,11 +275,12 @@ def test_attention_equals_dense_softmax_attention(dtype: torch.dtype) -> None:
         mask[p, width - n :] = 1
     prefill = DynamicCache()
     prefill.update(prefix_k, prefix_v, 0)
-    cache = SharedPrefixCache.from_prefill(prefill, mask, row_prompt, capacity=steps)
+    cache = SharedPrefixCache.from_prefill(prefill, mask, row_prompt, capacity=capacity)
     own_k, own_v = rand(rows, kv, steps, dim), rand(rows, kv, steps, dim)
     for t in range(steps):
         key, value = cache.update(own_k[:, :, t : t + 1], own_v[:, :, t : t + 1], 0)
     query = rand(rows, kv * g, 1, dim)
+    assert cache.shared_layers[0].own_values.shape[2] == (64 if steps > 32 else capacity)
     got, _ = shared_prefix_attention(
         SimpleNamespace(layer_idx=0), query, key, value, None, scaling=0.3, **{CACHE_KEYWORD: cache}
     )
@@ -293,3 +300,6 @@ def test_attention_equals_dense_softmax_attention(dtype: torch.dtype) -> None:
         assert error.max() < 1e-6
     else:  # within half a bfloat16 unit in the last place (8 significant bits)
         assert bool((error <= exact.abs() * 2**-8 + 1e-5).all())
+    if steps == capacity:
+        with pytest.raises(EmscopeError, match="more decoding steps than its capacity"):
+            cache.update(own_k[:, :, :1], own_v[:, :, :1], 0)

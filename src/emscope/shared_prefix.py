@@ -14,9 +14,9 @@ Pieces:
 
 - :class:`SharedPrefixCache`: a ``transformers`` cache whose layers hold the prompt keys
   and values once per distinct prompt (``(kv_heads, P, W, head_dim)``, left padded to ``W``
-  with a ``-inf`` score bias on padding) and the generated keys and values per row in a
-  preallocated buffer (``(kv_heads, B, capacity, head_dim)``, written in place: no
-  per-step concatenation). Built from the prefill's ``DynamicCache``.
+  with a ``-inf`` score bias on padding) and the generated keys and values per row in
+  buffers written in place (no per-step concatenation) whose width doubles when full.
+  Built from the prefill's ``DynamicCache``.
 - :func:`shared_prefix_attention`: the attention function, registered with
   ``transformers``' ``AttentionInterface`` under :data:`ATTENTION_NAME`. It finds the cache
   through the ``emscope_shared_prefix`` keyword that the model's forward passes down to
@@ -118,8 +118,9 @@ class SharedPrefixLayer(CacheLayerMixin):
     for ``q @ k``) and ``own_values`` ``(kv_heads, B, window, head_dim)``, of which the first
     ``length`` positions are filled and the rest are zeros. ``window`` starts at
     ``min(32, capacity)`` positions and doubles when full (up to ``capacity``), so the
-    attention products run on whole contiguous buffers (CPU batched matmul is several times
-    slower on slices) at most twice as wide as needed.
+    attention products run on whole contiguous buffers at most twice as wide as needed (CPU
+    batched matmul over many small matrices is several times slower on slices, and on
+    matrices narrower than about 32).
     """
 
     is_sliding = False
