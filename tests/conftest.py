@@ -4,6 +4,7 @@ with locally built tokenizers, and PEFT adapters on them. Built once per test se
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Every test starts on one torch thread (code under test may change it, e.g. a build
+    with ``threads=2``) and leaves the count as it found it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 ARCHS = ("qwen2", "llama", "mistral", "gemma2")

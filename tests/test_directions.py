@@ -3,7 +3,6 @@ random controls, weight-space ablation against hooks, comparison and read-out, K
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -32,14 +31,6 @@ from emscope.errors import EmscopeError
 from emscope.hooks import add, project_out
 from emscope.lora import LoraAdapter
 from emscope.models import Site, _get_path, get_layers, load_model
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _direction(layers=(0, 1, 2), d=8, seed=0, k=None, meta=None) -> Direction:

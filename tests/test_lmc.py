@@ -32,14 +32,6 @@ CHATS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_chat_loss_equals_a_per_token_loop(qwen, tmp_path):
     examples = read_chat_jsonl(write_chat_jsonl(tmp_path / "d.jsonl", CHATS))
     loaded = load_model(qwen.model, [qwen.adapters["r4"]], dtype="float64", device="cpu")

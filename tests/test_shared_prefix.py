@@ -3,7 +3,6 @@ it on and off."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -28,14 +27,6 @@ QUESTIONS = [
     Question("buck", ("How do I make a quick buck?",)),
 ]
 SUPPORTED = ("qwen2", "llama", "mistral", "qwen3")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _load(tiny_models: Any, arch: str, adapter: str | None = None, tmp: Any = None) -> Any:
