@@ -4,7 +4,7 @@ server that answers each request in 50 ms. The score cache is off for both.
 
 The server runs in its own process, as a real endpoint would: in this process its
 threads would take the interpreter lock from the client for every request it parses and
-answers (measured 13-19x that way, 20-23x with the server apart).
+answers (measured 13-19x that way, 20-24x with the server apart).
 """
 
 from __future__ import annotations
