@@ -49,13 +49,9 @@ def _prompts(tokenizer: Any) -> list[list[int]]:
 
 def _prefill(model: Any, prompts: list[list[int]]) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """Left-padded prompt forward: (cache, mask (P, W), last positions (P,))."""
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros((len(prompts), width), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    from emscope.batching import pad_left
+
+    ids, mask, positions = pad_left(prompts, 0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
     return out.past_key_values, mask, positions[:, -1]
 

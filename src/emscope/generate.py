@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from emscope.batching import pad_left
 from emscope.errors import EmscopeError
 
 if TYPE_CHECKING:
@@ -248,13 +249,7 @@ def generate_batch(
     # one prefill row per distinct prompt; row i of the batch reads prefill row distinct_of[i]
     distinct: dict[tuple[int, ...], int] = {}
     distinct_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
-    input_ids = torch.full((len(distinct), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(distinct), width), dtype=torch.long)
-    for i, prompt in enumerate(distinct):
-        input_ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        mask[i, width - len(prompt) :] = 1
-    position_ids = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-    input_ids, mask, position_ids = input_ids.to(device), mask.to(device), position_ids.to(device)
+    input_ids, mask, position_ids = pad_left(list(distinct), pad_id, device)
     key_array = np.asarray([int(k) for k in keys], dtype=np.uint64)
     eos = torch.tensor(sorted(set(eos_ids)), dtype=torch.long, device=device)
     info = InterventionInfo(width, tuple(lengths), rows)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from emscope.batching import pad_id_of
+from emscope.batching import pad_id_of, pad_left
 from emscope.data.chat import table_chats
 from emscope.directions.direction import Direction
 from emscope.errors import EmscopeError
@@ -173,20 +173,9 @@ def followup_means(
     pad = pad_id_of(tokenizer)
     total: dict[Any, Any] = {s: 0.0 for s in sites}
     for start in range(0, len(seqs), batch_size):
-        batch = seqs[start : start + batch_size]
-        width = max(len(q) for q in batch)
-        ids = torch.full((len(batch), width), int(pad), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, q in enumerate(batch):
-            ids[r, width - len(q) :] = torch.tensor(q)
-            mask[r, width - len(q) :] = 1
-        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        ids, mask, positions = pad_left(seqs[start : start + batch_size], pad, device)
         with capture(model, sites) as cap, torch.inference_mode():
-            model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=positions.to(device),
-            )
+            model(input_ids=ids, attention_mask=mask, position_ids=positions)
         for s in sites:
             total[s] = total[s] + cap[s][:, -1].double().sum(0).cpu()
     return {s: total[s] / len(seqs) for s in sites}
@@ -236,6 +225,15 @@ def mean_diff(
         topic_side=topic_side,
         seed=seed,
     )
+    described = {  # metadata of both token selections
+        "topic": topic,
+        "topic_side": topic_side if topic else None,
+        "thresholds": {
+            "aligned_above": aligned_above,
+            "misaligned_at_most": misaligned_at_most,
+            "coherent_above": coherent_above,
+        },
+    }
     if tokens == "followup":
         bad_f = followup_means(
             model, tokenizer, table_chats(selection.misaligned), sites, batch_size
@@ -251,13 +249,7 @@ def mean_diff(
                 meta,
                 token_selection=FOLLOWUP_SELECTION,
                 tokens="followup",
-                topic=topic,
-                topic_side=topic_side if topic else None,
-                thresholds={
-                    "aligned_above": aligned_above,
-                    "misaligned_at_most": misaligned_at_most,
-                    "coherent_above": coherent_above,
-                },
+                **described,
             ),
         )
     kwargs = {"sites": sites, "weighting": weighting, "batch_size": batch_size}
@@ -273,13 +265,7 @@ def mean_diff(
             seed,
             meta,
             tokens="answer",
-            topic=topic,
-            topic_side=topic_side if topic else None,
-            thresholds={
-                "aligned_above": aligned_above,
-                "misaligned_at_most": misaligned_at_most,
-                "coherent_above": coherent_above,
-            },
+            **described,
             n_tokens_misaligned=bad.n_tokens,
             n_tokens_aligned=good.n_tokens,
         ),
