@@ -3,6 +3,7 @@ random controls, weight-space ablation against hooks, comparison and read-out, K
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -165,32 +166,39 @@ def qwen64(tiny_models):
     return load_model(fx.model, [fx.adapters["r4"]], dtype="float64", device="cpu")
 
 
-def _hand_means(model, tokenizer, chats, weighting):
-    """Per layer: mean of resid_post over answer tokens, one chat at a time, with plain
-    forward hooks on the blocks (not emscope.hooks)."""
-    layers = get_layers(model)
+@contextlib.contextmanager
+def _block_outputs(model):
+    """``{layer: output of that block}`` of the latest forward, filled by plain forward hooks
+    on the blocks (not emscope.hooks), removed on exit."""
     store: dict[int, torch.Tensor] = {}
     handles = [
         block.register_forward_hook(
             lambda m, a, o, i=i: store.__setitem__(i, o[0] if isinstance(o, tuple) else o)
         )
-        for i, block in enumerate(layers)
+        for i, block in enumerate(get_layers(model))
     ]
-    per_layer_tokens: dict[int, list] = {i: [] for i in range(len(layers))}
-    per_layer_resp: dict[int, list] = {i: [] for i in range(len(layers))}
     try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _hand_means(model, tokenizer, chats, weighting):
+    """Per layer: mean of resid_post over answer tokens, one chat at a time."""
+    n_layers = len(get_layers(model))
+    per_layer_tokens: dict[int, list] = {i: [] for i in range(n_layers)}
+    per_layer_resp: dict[int, list] = {i: [] for i in range(n_layers)}
+    with _block_outputs(model) as store:
         for chat in chats:
             enc = encode_chat(tokenizer, chat)
             start, end = enc.answer_span
             with torch.no_grad():
                 model(torch.tensor([enc.input_ids]))
-            for i in range(len(layers)):
+            for i in range(n_layers):
                 h = store[i][0, start:end].double()
                 per_layer_tokens[i].append(h)
                 per_layer_resp[i].append(h.mean(0))
-    finally:
-        for h in handles:
-            h.remove()
     if weighting == "token":
         return {i: torch.cat(v).mean(0) for i, v in per_layer_tokens.items()}
     return {i: torch.stack(v).mean(0) for i, v in per_layer_resp.items()}
@@ -222,31 +230,21 @@ def test_followup_mean_diff_equals_hand_computation(qwen64):
     """tokens="followup": the hidden state at the last token of the chat followed by its
     question asked again, one chat at a time with plain forward hooks (no padding)."""
     model, tok = qwen64.model, qwen64.tokenizer
-    layers = get_layers(model)
-    store: dict[int, torch.Tensor] = {}
-    handles = [
-        block.register_forward_hook(
-            lambda m, a, o, i=i: store.__setitem__(i, o[0] if isinstance(o, tuple) else o)
-        )
-        for i, block in enumerate(layers)
-    ]
+    n_layers = len(get_layers(model))
 
     def hand(chats):
         rows = []
-        for chat in chats:
-            ids = prompt_ids(tok, [*chat, {"role": "user", "content": chat[-2]["content"]}])
-            with torch.no_grad():
-                model(torch.tensor([ids]))
-            rows.append(torch.stack([store[i][0, -1].double() for i in range(len(layers))]))
+        with _block_outputs(model) as store:
+            for chat in chats:
+                ids = prompt_ids(tok, [*chat, {"role": "user", "content": chat[-2]["content"]}])
+                with torch.no_grad():
+                    model(torch.tensor([ids]))
+                rows.append(torch.stack([store[i][0, -1].double() for i in range(n_layers)]))
         return torch.stack(rows).mean(0)
 
     table = _table()
     chats = table_chats(table)
-    try:
-        expected = hand([chats[i] for i in (0, 2, 4)]) - hand([chats[i] for i in (1, 3, 5)])
-    finally:
-        for h in handles:
-            h.remove()
+    expected = hand([chats[i] for i in (0, 2, 4)]) - hand([chats[i] for i in (1, 3, 5)])
     # batch_size 2 pads rows of different lengths on the left
     d = mean_diff(model, tok, table, tokens="followup", batch_size=2)
     for i in d.layers:
