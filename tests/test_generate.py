@@ -185,6 +185,16 @@ def test_interventions_keep_the_random_stream(loaded: Any) -> None:
         assert row.answer.startswith(loaded.tokenizer.decode([first], skip_special_tokens=True))
 
 
+def _assert_cut_at(stop: int, free: list[Any], cut: list[Any]) -> None:
+    """``cut`` (run with ``stop`` as EOS) is ``free`` (run without) up to ``stop``: rows
+    that drew it end just before it, finished; the others are unchanged, unfinished."""
+    for full, got in zip(free, cut, strict=True):
+        if stop in full.tokens:
+            assert got.finished and got.tokens == full.tokens[: full.tokens.index(stop)]
+        else:
+            assert not got.finished and got.tokens == full.tokens
+
+
 def test_eos_stops_rows_and_others_continue(loaded: Any) -> None:
     from emscope.data.spans import prompt_ids
 
@@ -195,11 +205,7 @@ def test_eos_stops_rows_and_others_continue(loaded: Any) -> None:
     assert not any(g.finished for g in free)
     stop = free[0].tokens[3]  # make this token the end of sequence
     cut = generate_batch(loaded.model, prompts, keys, eos_ids={stop}, **kw)
-    for full, got in zip(free, cut, strict=True):
-        if stop in full.tokens:
-            assert got.finished and got.tokens == full.tokens[: full.tokens.index(stop)]
-        else:
-            assert not got.finished and got.tokens == full.tokens
+    _assert_cut_at(stop, free, cut)
     assert cut[0].finished and len(cut[0].tokens) <= 3
 
 
@@ -218,11 +224,7 @@ def test_shared_prompts_and_finished_rows_riding_along(loaded: Any) -> None:
     assert together == alone
     stop = alone[5].tokens[2]
     cut = generate_batch(loaded.model, prompts, keys, eos_ids={stop}, **kw)
-    for full, got in zip(alone, cut, strict=True):
-        if stop in full.tokens:
-            assert got.finished and got.tokens == full.tokens[: full.tokens.index(stop)]
-        else:
-            assert not got.finished and got.tokens == full.tokens
+    _assert_cut_at(stop, alone, cut)
     assert sum(g.finished for g in cut) < 8
 
 
