@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from emscope.errors import EmscopeError
-from emscope.hooks import add, capture, project_out
+from emscope.hooks import add, call_offset, capture, project_out
 from emscope.models import get_layers, load_model
 
 IDS = torch.tensor([[3, 17, 40, 41, 99, 7, 12, 5]])
@@ -98,13 +98,12 @@ def test_project_out_of_a_subspace(loaded):
 
 
 @pytest.mark.parametrize("positions", ["all", "prompt", "response"])
-def test_cached_generation_equals_uncached_steered_forward(qwen, positions):
-    loaded = load_model(qwen.model, [qwen.adapters["r4"]], dtype="float64", device="cpu")
+def test_cached_generation_equals_uncached_steered_forward(loaded, positions):
     model = loaded.model
     prompt = IDS
     prompt_len = prompt.shape[1]
     v = torch.randn(_d(model), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    vectors = {"resid_post[1]": v * 4.0, "resid_pre[2]": -v}
+    vectors = {"resid_post[0]": v * 4.0, "resid_pre[-1]": -v}
     kwargs = {"positions": positions, "prompt_len": prompt_len}
     with add(model, vectors, **kwargs), torch.no_grad():
         cached = model.generate(
@@ -133,6 +132,47 @@ def test_cached_generation_equals_uncached_steered_forward(qwen, positions):
         )
     if positions != "prompt":  # response steering changes what is generated (sanity of the test)
         assert not torch.equal(plain, cached)
+
+
+def _cache_with(model, n_tokens: int):
+    """A DynamicCache holding the first ``n_tokens`` of IDS."""
+    with torch.no_grad():
+        return model(IDS[:, :n_tokens], use_cache=True).past_key_values
+
+
+def test_call_offset_finds_the_cache_whatever_its_keyword(loaded):
+    model = loaded.model
+    cache = _cache_with(model, 5)
+    assert cache.get_seq_length() == 5
+    for name in ("past_key_values", "cache", "a_future_name"):
+        assert call_offset((), {name: cache, "use_cache": True}) == 5
+    assert call_offset((IDS, cache), {}) == 5
+    assert call_offset((), {"cache": cache, "emscope_shared_prefix": cache}) == 5
+    k = torch.zeros(1, 2, 7, 4)
+    assert call_offset((), {"past_key_values": ((k, k), (k, k))}) == 7  # legacy tuples
+    assert call_offset((), {"input_ids": IDS, "cache": None, "use_cache": True}) == 0
+    assert call_offset((), {"cache_position": torch.arange(3, 6)}) == 3
+    assert call_offset((), {"cache": cache, "cache_position": torch.arange(5, 6)}) == 5
+
+
+def test_unknown_cache_fails_loudly_naming_the_transformers_version(loaded):
+    import transformers
+
+    model = loaded.model
+    cache = _cache_with(model, 5)
+    version = transformers.__version__
+    with pytest.raises(EmscopeError, match=f"transformers {version}"):
+        call_offset((), {"past_key_values": object()})
+    with pytest.raises(EmscopeError, match="cache_position starts at 2"):
+        call_offset((), {"cache": cache, "cache_position": torch.arange(2, 3)})
+    v = torch.ones(_d(model), dtype=torch.float64)
+    for positions in ("prompt", "response"):
+        with (
+            add(model, {"resid_post[0]": v}, positions=positions, prompt_len=5),
+            pytest.raises(EmscopeError, match="cannot tell which token columns"),
+            torch.no_grad(),
+        ):
+            model.model(IDS[:, 5:], past_key_values=object())  # the decoder's own forward
 
 
 def test_positions_select_prompt_or_response_columns(qwen):

@@ -8,16 +8,22 @@ Block outputs may be tensors or tuples (older transformers); hooks return the sa
 
 Positions: ``"all"``, ``"prompt"`` or ``"response"``, relative to ``prompt_len`` (tokens).
 A position is a column of the input, counted from the first token the model saw since the
-start of the sequence: with a KV cache, the column of the token processed in a decoding step
-is the cache length before that step (read from ``past_key_values`` by a pre-hook on the
-decoder), so cached decoding and an uncached forward over the same tokens select the same
-positions. With left padding every row's prompt ends at column ``prompt_len``, so one number
-serves a whole batch. ``"prompt"`` is columns ``< prompt_len``; ``"response"`` is columns
-``>= prompt_len`` (the generated tokens; the activation at the last prompt column, which
-predicts the first response token, counts as prompt).
+start of the sequence: with a KV cache, the column of the first token of a forward call is the
+cache length before that call, so cached decoding and an uncached forward over the same tokens
+select the same positions. With left padding every row's prompt ends at column
+``prompt_len``, so one number serves a whole batch. ``"prompt"`` is columns ``< prompt_len``;
+``"response"`` is columns ``>= prompt_len`` (the generated tokens; the activation at the last
+prompt column, which predicts the first response token, counts as prompt).
 
-Raw hooks on HF modules are used instead of TransformerLens/nnsight (DESIGN.md): they are
-exact, cheap, and work on any HF model without conversion.
+How the cache length is found (:func:`call_offset`, a pre-hook on the decoder): the cache is
+recognised by its type (a ``transformers`` ``Cache``), whatever keyword carries it: the
+keyword is an internal that transformers renamed (``past_key_values`` became ``cache`` at the
+decoder in 5.24). A ``cache_position`` argument, where given, must agree with it. A call with
+no cache starts at column 0. Anything cache-like that cannot be read raises
+:class:`~emscope.errors.EmscopeError` naming the transformers version; it never reads as 0.
+
+Raw hooks on HF modules are used instead of TransformerLens/nnsight: they are exact, cheap,
+and work on any HF model without conversion (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -56,15 +62,58 @@ class _Columns:
     offset: int = 0
 
 
-def _past_length(past: Any) -> int:
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    try:  # legacy tuple cache: ((k, v), ...) with k: batch x heads x seq x head_dim
-        return int(past[0][0].shape[-2])
-    except (IndexError, TypeError, AttributeError):
-        return 0
+def _unreadable(what: str) -> EmscopeError:
+    import transformers
+
+    return EmscopeError(
+        f"hooks: cannot tell which token columns this forward call covers ({what}; "
+        f"transformers {transformers.__version__}): positions='prompt'/'response' need the "
+        "cache length; report this with the transformers version"
+    )
+
+
+def _cache_length(value: Any) -> int | None:
+    """Tokens held by ``value`` if it is a KV cache (a ``transformers`` ``Cache``, or the
+    legacy tuple ``((k, v), ...)`` with ``k``: batch x heads x seq x head_dim); else None."""
+    from transformers import Cache
+
+    if isinstance(value, Cache):
+        return int(value.get_seq_length())
+    if (
+        isinstance(value, tuple | list)
+        and value
+        and isinstance(value[0], tuple | list)
+        and len(value[0]) == 2
+        and all(isinstance(t, torch.Tensor) and t.ndim == 4 for t in value[0])
+    ):
+        return int(value[0][0].shape[-2])
+    return None
+
+
+def call_offset(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> int:
+    """The column of the first token of a decoder forward call: the length of the KV cache
+    passed to it (found by type under any keyword or position), checked against
+    ``cache_position`` where the model passes one; 0 for a call without a cache. Raises
+    EmscopeError when a cache is present but cannot be read, or two readings disagree."""
+    lengths: dict[int, int] = {}  # id(cache) -> length; one cache may come under two names
+    for name, value in [*enumerate(args), *kwargs.items()]:
+        if value is None or isinstance(value, torch.Tensor | bool | int | float | str):
+            continue
+        length = _cache_length(value)
+        if length is not None:
+            lengths[id(value)] = length
+        elif isinstance(name, str) and ("cache" in name or "past" in name):
+            raise _unreadable(f"argument {name!r} of type {type(value).__name__}")
+    if len(set(lengths.values())) > 1:
+        raise _unreadable(f"caches of different lengths {sorted(set(lengths.values()))}")
+    offset = next(iter(lengths.values()), 0)
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        first = int(cache_position.reshape(-1)[0])
+        if lengths and first != offset:
+            raise _unreadable(f"cache length {offset} but cache_position starts at {first}")
+        offset = first
+    return offset
 
 
 @contextlib.contextmanager
@@ -78,7 +127,7 @@ def _track_columns(model: nn.Module, layers_path: str | None) -> Iterator[_Colum
     columns = _Columns()
 
     def pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        columns.offset = _past_length(kwargs.get("past_key_values"))
+        columns.offset = call_offset(args, kwargs)
 
     handle = decoder.register_forward_pre_hook(pre_hook, with_kwargs=True)
     try:
