@@ -237,3 +237,13 @@ def test_bad_arguments(loaded):
     ):
         pass
         cap["resid_post[0]"]
+
+
+def test_block_called_without_its_hidden_states_fails_loudly(loaded):
+    model = loaded.model
+    block = get_layers(model)[0]
+    x = torch.zeros(1, 3, _d(model), dtype=torch.float64)
+    v = torch.ones(_d(model), dtype=torch.float64)
+    for context in (capture(model, ["resid_pre[0]"]), add(model, {"resid_pre[0]": v})):
+        with context, pytest.raises(EmscopeError, match="without its hidden states"):
+            block(residual=x)  # a keyword no transformers uses for the block input

@@ -55,6 +55,21 @@ def _replace_hidden(value: Any, hidden: torch.Tensor) -> Any:
     return (hidden, *value[1:]) if isinstance(value, tuple) else hidden
 
 
+def _block_input(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> torch.Tensor:
+    """The residual stream a decoder block is called with: its first positional argument,
+    or the ``hidden_states`` keyword (what every supported transformers passes)."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor):
+        import transformers
+
+        raise EmscopeError(
+            "hooks: a decoder block was called without its hidden states as first argument or "
+            f"hidden_states= (got keywords {sorted(kwargs)}; transformers "
+            f"{transformers.__version__})"
+        )
+    return hidden
+
+
 @dataclass
 class _Columns:
     """Column offset of the current forward call (the KV-cache length before it)."""
@@ -192,11 +207,10 @@ def _edit_sites(
                     kwargs: dict[str, Any],
                     edit: Edit = edit,
                 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+                    new = apply(edit, _block_input(args, kwargs))
                     if args:
-                        return (apply(edit, args[0]), *args[1:]), kwargs
-                    kwargs = dict(kwargs)
-                    kwargs["hidden_states"] = apply(edit, kwargs["hidden_states"])
-                    return args, kwargs
+                        return (new, *args[1:]), kwargs
+                    return args, {**kwargs, "hidden_states": new}
 
                 handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
             else:
@@ -328,7 +342,7 @@ def capture(
                     kwargs: dict[str, Any],
                     store: Callable[[torch.Tensor], None] = store,
                 ) -> None:
-                    store(args[0] if args else kwargs["hidden_states"])
+                    store(_block_input(args, kwargs))
 
                 handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
             else:

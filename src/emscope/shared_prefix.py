@@ -323,7 +323,11 @@ def shared_prefix_supported(model: Any, prefill: Cache, total_length: int) -> bo
     config = getattr(base, "config", None)
     if getattr(config, "model_type", None) not in MODEL_TYPES:
         return False
+    # private transformers names (5.x): without them emscope cannot switch the attention
+    # function for the decoding loop, so the plain cache is used
     if not getattr(base, "_can_set_attn_implementation", lambda: False)():
+        return False
+    if not hasattr(config, "_attn_implementation_internal"):
         return False
     if getattr(config, "sub_configs", None) or len(_configs(base)) != 1:
         return False
