@@ -173,7 +173,9 @@ class LoraAdapter:
         The config's ``r``/``lora_alpha``/``rank_pattern``/``alpha_pattern``/``target_modules``
         are rewritten from the modules, so the saved scales are exactly :attr:`LoraModule.scale`.
         """
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from emscope.io import atomic_write_bytes, atomic_write_text
 
         if not self.modules:
             raise EmscopeError(f"adapter {self.name!r} has no modules to save")
@@ -189,10 +191,8 @@ class LoraAdapter:
             else:
                 tensors[f"{key}.lora_A.weight"] = module.A.contiguous()
                 tensors[f"{key}.lora_B.weight"] = module.B.contiguous()
-        tmp = path / (WEIGHTS_FILE + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        tmp.replace(path / WEIGHTS_FILE)
-        (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        atomic_write_bytes(path / WEIGHTS_FILE, save(tensors, metadata={"format": "pt"}))
+        atomic_write_text(path / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
         return path
 
     def with_modules(

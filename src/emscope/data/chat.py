@@ -126,14 +126,10 @@ def check_chat_jsonl(path: str | Path) -> tuple[int, list[str]]:
 
 def write_chat_jsonl(path: str | Path, chats: list[list[dict[str, str]]]) -> Path:
     """Write chats (lists of messages) as chat JSONL, one object per line."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for messages in chats:
-            handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    from emscope.io import atomic_write_text
+
+    lines = (json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in chats)
+    return atomic_write_text(path, "".join(lines))
 
 
 def file_sha256(path: str | Path) -> str:

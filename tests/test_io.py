@@ -1,0 +1,37 @@
+"""Atomic file output (:mod:`emscope.io`): file modes, and errors as one line."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from emscope.data.chat import write_chat_jsonl
+from emscope.io import atomic_write_text, write_json
+from emscope.lora import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, LoraModule
+
+
+def _adapter() -> LoraAdapter:
+    module = LoraModule("model.layers.0.mlp.down_proj", torch.ones(1, 4), torch.ones(3, 1), 1, 1)
+    return LoraAdapter({module.name: module}, name="tiny")
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_atomic_files_respect_the_umask(tmp_path: Path, mask: int) -> None:
+    """mkstemp creates 0600 files; what is renamed into place must have the umask's mode."""
+    old = os.umask(mask)
+    try:
+        written = [
+            atomic_write_text(tmp_path / "a.txt", "x"),
+            write_json(tmp_path / "b.json", {}),
+            write_chat_jsonl(tmp_path / "c.jsonl", [[{"role": "user", "content": "hi"}]]),
+        ]
+        adapter_dir = _adapter().save(tmp_path / "adapter")
+        written += [adapter_dir / WEIGHTS_FILE, adapter_dir / CONFIG_FILE]
+    finally:
+        os.umask(old)
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
