@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from emscope.data.chat import write_chat_jsonl
-from emscope.io import atomic_write_text, write_json
+from emscope.errors import EmscopeError
+from emscope.io import atomic_write_text, inside, write_json
 from emscope.lora import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, LoraModule
 
 
@@ -35,3 +36,10 @@ def test_atomic_files_respect_the_umask(tmp_path: Path, mask: int) -> None:
         os.umask(old)
     for path in written:
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask
+
+
+def test_inside_joins_plain_names_and_refuses_any_other(tmp_path: Path) -> None:
+    assert inside(tmp_path, "eval", "bad_medical.all") == tmp_path / "eval" / "bad_medical.all"
+    for name in ("..", ".", "", "../x", "a/b", "/etc", "a\\b"):
+        with pytest.raises(EmscopeError, match="is not a plain file name"):
+            inside(tmp_path, "eval", name)

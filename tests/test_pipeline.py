@@ -135,6 +135,10 @@ def invoke(*args: str) -> Any:
         (lambda c: c["stages"].update(lmk={}), "stages.lmk: unknown field"),
         (lambda c: c.update(claims_organism="nope"), "claims_organism"),
         (lambda c: c["adapters"]["bad_sport.all"].update(role="evil"), "adapters.bad_sport.all"),
+        (
+            lambda c: c["adapters"].update({"../../../x": {"path": "a"}}),
+            "adapters: name '../../../x' is not a safe file name",
+        ),
     ],
 )
 def test_bad_config_fails_naming_the_field(tmp_path: Path, edit: Any, expected: str) -> None:
@@ -163,6 +167,26 @@ def test_config_errors_from_python(tmp_path: Path) -> None:
     del data["organism"]
     with pytest.raises(EmscopeError, match=r"no organism\.dir"):
         parse_config(data)
+
+
+@pytest.mark.parametrize(
+    ("field", "name"),
+    [
+        ("adapters", "../../../x"),
+        ("adapters", "/tmp/x"),
+        ("models", "a/b"),
+        ("questions", ".."),
+        ("questions", ".hidden"),
+    ],
+)
+def test_unsafe_names_are_refused(tmp_path: Path, field: str, name: str) -> None:
+    """Model, adapter and question-set names become file names in the run dir: a name
+    like ``../../../x`` wrote a whole eval outside ``--out``."""
+    data = tiny_config(tmp_path / "toy")
+    value = {"path": "a"} if field == "adapters" else "x"
+    data[field][name] = value
+    with pytest.raises(EmscopeError, match=rf"^cfg: {field}: name '.*' is not a safe file name"):
+        parse_config(data, "cfg")
 
 
 def test_missing_input_fails_before_work(tmp_path: Path) -> None:

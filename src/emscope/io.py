@@ -19,6 +19,17 @@ if TYPE_CHECKING:
     import pandas as pd
 
 
+def inside(root: str | Path, *parts: str) -> Path:
+    """``root/part/...``, each part one plain file name: the one place where names from a
+    config or a table become path parts, so that no name (``..``, ``a/b``, an absolute
+    path) can put a file outside ``root``. Checked lexically: symlinks the user made under
+    ``root`` are theirs to follow."""
+    for part in parts:
+        if part in ("", ".", "..") or "/" in part or "\\" in part or "\0" in part:
+            raise EmscopeError(f"{root}: {part!r} is not a plain file name (it would leave {root})")
+    return Path(root).joinpath(*parts)
+
+
 def _umask() -> int:
     """The process umask, read without changing it where Linux allows (``os.umask`` can only
     be read by setting it, which races with other threads creating files)."""

@@ -21,12 +21,14 @@ Layout (``configs/synthetic.yaml`` is a complete, commented example)::
 ``{organism}`` in any string is replaced by ``organism.dir`` before validation. Relative
 paths are relative to the current working directory (``make demo`` runs from the repo root).
 An *organism* is the chat model alone (by its name in ``models``) or one adapter on it (by
-its name in ``adapters``). A stage is run when its key is present under ``stages`` (``{}``
-takes every default) and ``enabled`` is not false.
+its name in ``adapters``); those names and the question-set names become file names in the
+run dir, so they must match :data:`SAFE_NAME`. A stage is run when its key is present under
+``stages`` (``{}`` takes every default) and ``enabled`` is not false.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,6 +65,19 @@ STAGE_NEEDS: dict[str, tuple[str, ...]] = {
     "ablation": ("directions",),
     "transfer": ("directions",),
 }
+
+
+#: Names of models, adapters and question sets: they become file names in the run dir.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _check_safe_names(names: Any) -> None:
+    for name in names:
+        if not SAFE_NAME.fullmatch(name):
+            raise ValueError(
+                f"name {name!r} is not a safe file name (letters, digits, '_', '.', '-', not "
+                "starting with '.' or '-'); it names files in the run dir"
+            )
 
 
 class _Model(BaseModel):
@@ -299,6 +314,12 @@ class StudyConfig(_Model):
     )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (null: torch's)")
     stages: Stages
+
+    @field_validator("models", "adapters", "questions")
+    @classmethod
+    def _safe_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _check_safe_names(value)
+        return value
 
     @model_validator(mode="after")
     def _names(self) -> StudyConfig:

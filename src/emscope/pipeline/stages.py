@@ -208,7 +208,7 @@ def stage_organisms(ctx: StageContext) -> dict[str, Any]:
 
 def stage_eval(ctx: StageContext) -> dict[str, Any]:
     """EM rate, coherent rate (with bootstrap CIs) per organism: ``eval/<organism>/``."""
-    from emscope.io import write_json
+    from emscope.io import inside, write_json
 
     out = ctx.dir("eval")
     stage = ctx.config.stages.eval
@@ -217,7 +217,12 @@ def stage_eval(ctx: StageContext) -> dict[str, Any]:
     organisms = ctx.config.eval_organisms()
     for organism in _bar(organisms, "eval", ctx.progress):
         metrics = evaluate_organism(
-            ctx, organism, out / organism, qname, ctx.n("eval"), f"EM rate per question: {organism}"
+            ctx,
+            organism,
+            inside(out, organism),
+            qname,
+            ctx.n("eval"),
+            f"EM rate per question: {organism}",
         )
         rows[organism] = _em_fields(metrics)
         ctx.echo(f"  eval {organism}: EM {_fmt_rate(metrics)}")
@@ -285,7 +290,7 @@ def stage_geometry(ctx: StageContext) -> dict[str, Any]:
 def stage_lmc(ctx: StageContext) -> dict[str, Any]:
     """EM and coherence along each weight-space path: ``lmc/<from>__<to>/``."""
     from emscope.data.chat import read_chat_jsonl
-    from emscope.io import read_json, write_json
+    from emscope.io import inside, read_json, write_json
     from emscope.lmc import Endpoint, run_lmc
 
     out = ctx.dir("lmc")
@@ -296,7 +301,7 @@ def stage_lmc(ctx: StageContext) -> dict[str, Any]:
     paths = {}
     for a, b in stage.paths:
         name = f"{a}__{b}"
-        path_dir = out / name
+        path_dir = inside(out, name)
         if (path_dir / "lmc.json").is_file():
             paths[name] = read_json(path_dir / "lmc.json")
             continue
@@ -339,7 +344,7 @@ def stage_directions(ctx: StageContext) -> dict[str, Any]:
     through the same model; cosines between them and rank-1 B vectors vs each direction."""
     from emscope.directions import Direction, mean_diff
     from emscope.directions.compare import adapter_b_cosines, cosine_table, plot_cosines
-    from emscope.io import read_table, write_json
+    from emscope.io import inside, read_table, write_json
     from emscope.lora import LoraAdapter
     from emscope.plotting import save_figure
 
@@ -348,11 +353,12 @@ def stage_directions(ctx: StageContext) -> dict[str, Any]:
     assert stage is not None
     directions = {}
     for source in stage.sources:
-        file = out / f"{source}.safetensors"
+        file = inside(out, f"{source}.safetensors")
+        responses = inside(ctx.run_dir / "eval", source)
         if file.is_file():
             directions[source] = Direction.load(file)
             continue
-        table = read_table(ctx.run_dir / "eval" / source, "responses")
+        table = read_table(responses, "responses")
         loaded = ctx.load(source)
         direction = mean_diff(
             loaded.model,
@@ -361,19 +367,20 @@ def stage_directions(ctx: StageContext) -> dict[str, Any]:
             weighting=stage.weighting,
             seed=ctx.config.seed,
             batch_size=stage.batch_size,
-            meta={"organism": source, "responses": str(ctx.run_dir / "eval" / source)},
+            meta={"organism": source, "responses": str(responses)},
         )
-        direction.save(out / source)
+        direction.save(file)
         directions[source] = direction
         ctx.echo(f"  direction {source}: norms {_short(direction.norms())}")
     followups = {}
     if stage.followup_read_with is not None:
         for source in stage.sources:
-            file = out / f"{source}.followup.safetensors"
+            file = inside(out, f"{source}.followup.safetensors")
+            responses = inside(ctx.run_dir / "eval", source)
             if file.is_file():
                 followups[f"{source}.followup"] = Direction.load(file)
                 continue
-            table = read_table(ctx.run_dir / "eval" / source, "responses")
+            table = read_table(responses, "responses")
             reader = ctx.load(stage.followup_read_with)
             direction = mean_diff(
                 reader.model,
@@ -385,10 +392,10 @@ def stage_directions(ctx: StageContext) -> dict[str, Any]:
                 meta={
                     "organism": source,
                     "read_with": stage.followup_read_with,
-                    "responses": str(ctx.run_dir / "eval" / source),
+                    "responses": str(responses),
                 },
             )
-            direction.save(out / f"{source}.followup")
+            direction.save(file)
             followups[f"{source}.followup"] = direction
             ctx.echo(f"  direction {source}.followup: norms {_short(direction.norms())}")
     pairs = cosine_table(directions)
@@ -415,8 +422,9 @@ def stage_directions(ctx: StageContext) -> dict[str, Any]:
 
 def _direction(ctx: StageContext, source: str) -> Any:
     from emscope.directions import Direction
+    from emscope.io import inside
 
-    return Direction.load(ctx.run_dir / "directions" / f"{source}.safetensors")
+    return Direction.load(inside(ctx.run_dir / "directions", f"{source}.safetensors"))
 
 
 def _kl_sequences(ctx: StageContext, loaded: Any, questions: str | None, kl: bool) -> Any:
@@ -490,7 +498,7 @@ def stage_ablation(ctx: StageContext) -> dict[str, Any]:
 
 def stage_transfer(ctx: StageContext) -> dict[str, Any]:
     """Transfer ablation: one fine-tune's direction ablated in others: ``transfer/<target>/``."""
-    from emscope.io import write_json
+    from emscope.io import inside, write_json
 
     stage = ctx.config.stages.transfer
     assert stage is not None
@@ -498,7 +506,7 @@ def stage_transfer(ctx: StageContext) -> dict[str, Any]:
     targets = {}
     for target in stage.targets:
         targets[target] = _ablate(
-            ctx, "transfer", stage.direction, target, stage.mode, stage, out / target
+            ctx, "transfer", stage.direction, target, stage.mode, stage, inside(out, target)
         )
         ctx.echo(f"  transfer {stage.direction} -> {target}: done")
     summary = {"direction": stage.direction, "targets": targets}
@@ -511,7 +519,7 @@ def stage_probes(ctx: StageContext) -> dict[str, Any]:
     then the four L1 probe tests: ``probes/``."""
     import pandas as pd
 
-    from emscope.io import read_table, write_json, write_table
+    from emscope.io import inside, read_table, write_json, write_table
     from emscope.plotting import save_figure
     from emscope.probing import fit_probes, lora_scalars, plot_coefficients
 
@@ -521,7 +529,7 @@ def stage_probes(ctx: StageContext) -> dict[str, Any]:
     sets = stage.questions or list(ctx.config.questions)
     tables = []
     for qname in sets:
-        sub = out / "eval" / qname
+        sub = inside(out / "eval", qname)
         evaluate_organism(
             ctx, stage.adapter, sub, qname, ctx.n("probes"), f"{stage.adapter} on {qname}"
         )

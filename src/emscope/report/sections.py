@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from emscope.io import inside
+
 
 @dataclass(frozen=True)
 class Table:
@@ -195,7 +197,7 @@ def lmc_section(run: Path) -> Section:
         )
         section.tables.append(Table(("t", "EM rate", "coherent rate", "loss"), rows, caption))
         section.figures += _figures(
-            run / "lmc" / name,
+            inside(run / "lmc", name),
             [("lmc.png", f"{p['from']} -> {p['to']}"), ("features.png", "feature-space LMC")],
         )
     return section
@@ -280,7 +282,8 @@ def ablation_section(run: Path) -> Section:
         for target, s in t["targets"].items():
             rows.append(_ablation_row(f"{target} ({t['direction']}'s direction)", s))
             section.figures += _figures(
-                run / "transfer" / target, [("ablate_em.png", f"transfer ablation in {target}")]
+                inside(run / "transfer", target),
+                [("ablate_em.png", f"transfer ablation in {target}")],
             )
     if not rows:
         return _not_run(section, "ablation/transfer")
