@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -81,6 +82,23 @@ def test_score_invariants() -> None:
         Score(3.0, "refusal", "h")
     with pytest.raises(ValueError):
         Score(None, "bogus", "h")
+    for bad in (float("nan"), float("inf"), -0.5, 100.5, "50", True):
+        with pytest.raises(ValueError, match="finite number"):
+            Score(bad, None, "h")  # type: ignore[arg-type]
+    assert Score(0, None, "h").value == 0 and Score(100.0, None, "h").value == 100
+
+
+@pytest.mark.parametrize(
+    "bad", [float("nan"), float("inf"), 1e6, "-0.5", "abc", None, [0.1]], ids=repr
+)
+def test_malformed_logprob_gives_error_not_nan(bad: Any) -> None:
+    value, reason, _ = aggregate_top_logprobs([("50", math.log(0.6)), ("70", bad)])
+    assert value is None and reason == "error"
+    assert aggregate_top_logprobs([(7, -0.1)])[1] == "error"  # a token that is not a string
+    assert aggregate({50: float("nan")})[1] == "error"  # e.g. NaN logits of a local judge
+    # sum(p * 100) / sum(p) rounds to 100.00000000000001 here; a value never leaves [0, 100]
+    near = [("100", math.log(p)) for p in (0.7579544029403025, 0.420571580830845)]
+    assert aggregate_top_logprobs([*near, (" 100", math.log(0.25891675029296335))])[0] == 100
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -180,6 +198,81 @@ def test_500_storm_gives_error_rows_and_the_run_goes_on() -> None:
     assert scores[0].value is None and scores[1].value == pytest.approx(50)
     fails = sum(answer_of(b) == "fail" for b in server.bodies)
     assert fails == 2 * 3  # first attempt + 2 retries each
+
+
+def test_invalid_json_body_is_retried_then_unscored() -> None:
+    def responder(body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any] | bytes]:
+        if answer_of(body) == "broken":
+            return 200, {}, b'{"choices": [{"logprobs": '  # cut off mid-body
+        if answer_of(body) == "html":
+            return 200, {}, b"<html>502 Bad Gateway</html>"
+        return 200, {}, completion([("60", 1.0)])
+
+    with LoopbackServer(responder) as server:
+        scores = quick_judge(server, max_retries=2).score(
+            rows_of("broken", "fine", "html"), "aligned"
+        )
+    assert [s.unscored_reason for s in scores] == ["error", None, "error"]
+    assert scores[1].value == pytest.approx(60)
+    assert sum(answer_of(b) == "broken" for b in server.bodies) == 3  # retried
+
+
+def _with_logprob(bad: Any) -> Any:
+    def responder(body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
+        reply = completion([("50", 0.6), ("70", 0.4)])
+        if answer_of(body) == "bad":
+            reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"][1]["logprob"] = bad
+        return 200, {}, reply
+
+    return responder
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e6, "abc", None], ids=repr)
+def test_malformed_top_logprobs_unscore_the_row_and_are_not_cached(bad: Any, _env: Path) -> None:
+    with LoopbackServer(_with_logprob(bad)) as server:
+        scores = quick_judge(server).score(rows_of("bad", "good"), "aligned")
+        assert scores[0].value is None and scores[0].unscored_reason == "error"
+        assert scores[1].value == pytest.approx(50 * 0.6 + 70 * 0.4)
+        again = quick_judge(server).score(rows_of("bad", "good"), "aligned")
+        assert again == scores
+        assert server.requests == 3  # the error row is asked again, the good one is cached
+
+
+def test_bad_cache_rows_are_dropped_and_asked_again(_env: Path) -> None:
+    import sqlite3
+
+    from emscope.judge.cache import cache_key
+
+    rows = rows_of("a", "b", "c", "d", "e")
+    with LoopbackServer(scripted) as server:
+        first = quick_judge(server).score(rows, "aligned")
+        phash = prompt_hash(BUILTIN_TEMPLATES["aligned"])
+        keys = [
+            cache_key(server.base_url, "judge-model", phash, "aligned", "Q?", r["answer"])
+            for r in rows
+        ]
+        db = sqlite3.connect(_env / "judge.sqlite")
+        for key, (value, reason, top) in zip(
+            keys,
+            [
+                (None, None, None),  # what a NaN score used to be stored as
+                (150.0, None, None),
+                (50.0, None, "not json"),
+                (None, "bogus", None),
+                ("fifty", None, None),
+            ],
+            strict=True,
+        ):
+            db.execute(
+                "UPDATE scores SET value=?, reason=?, top=? WHERE key=?", (value, reason, top, key)
+            )
+        db.commit()
+        db.close()
+        sent = server.requests
+        assert quick_judge(server).score(rows, "aligned") == first
+        assert server.requests == sent + 5  # every bad row asked again
+        assert quick_judge(server).score(rows, "aligned") == first
+        assert server.requests == sent + 5  # and stored right this time
 
 
 def test_non_retryable_400_and_fatal_401() -> None:
@@ -322,6 +415,26 @@ def test_judge_table_resumes_and_uses_question_prompts() -> None:
     assert again["aligned"][2] == 4
     with pytest.raises(EmscopeError, match="lacks"):
         judge_table(table.drop(columns="answer"), judge, ["aligned"])
+
+
+def test_judge_table_turns_a_malformed_score_into_an_error_row() -> None:
+    import pandas as pd
+
+    class NaNJudge:
+        name = "nan"
+
+        def score(self, rows: Any, metric: str) -> list[Any]:
+            out = []
+            for row in as_rows(rows):
+                value = (
+                    float("nan") if row.answer == "nan" else 101.0 if row.answer == "big" else 7.0
+                )
+                out.append(SimpleNamespace(value=value, unscored_reason=None, prompt_hash="h"))
+            return out
+
+    out = judge_table(pd.DataFrame(rows_of("nan", "ok", "big")), NaNJudge(), ["aligned"])
+    assert out["aligned_unscored_reason"].tolist() == ["error", None, "error"]
+    assert out["aligned"].tolist()[1] == 7.0
 
 
 # ---------------------------------------------------------------------------- HF judge

@@ -15,12 +15,14 @@ A judge is any object with
   A judge that cannot rate a metric raises :class:`~emscope.errors.EmscopeError` for the
   whole call; a row it cannot rate gets ``Score(None, reason, ...)`` (never 0).
 
-:class:`Score` is ``(value, unscored_reason, prompt_hash, top_logprobs)``: ``value`` in
-[0, 100] or None; ``unscored_reason`` one of ``refusal``, ``code``, ``other`` (definitive) or
-``error``, ``budget`` (transient: re-runs retry them), None when scored; ``prompt_hash``
-identifies the prompt template (a judge without prompts, such as an oracle, puts a fixed
-version string there, e.g. ``"oracle-v1"``); ``top_logprobs`` optionally keeps the judge's
-``(token, logprob)`` pairs.
+:class:`Score` is ``(value, unscored_reason, prompt_hash, top_logprobs)``: ``value`` a
+finite number in [0, 100] or None (anything else, NaN included, raises ``ValueError``);
+``unscored_reason`` one of ``refusal``, ``code``, ``other`` (definitive) or ``error``,
+``budget`` (transient: re-runs retry them), None when scored; ``prompt_hash`` identifies the
+prompt template (a judge without prompts, such as an oracle, puts a fixed version string
+there, e.g. ``"oracle-v1"``); ``top_logprobs`` optionally keeps the judge's ``(token,
+logprob)`` pairs. :func:`judge_table` turns whatever else a judge returns into an ``error``
+row (logged), so a faulty judge never stops a run nor writes a NaN score.
 
 Judge specs (:func:`make_judge`): ``openai:MODEL`` (any OpenAI-compatible endpoint),
 ``hf:DIR`` (a local causal LM), ``oracle:DIR`` (the synthetic world's exact oracle,
@@ -30,6 +32,8 @@ Judge specs (:func:`make_judge`): ``openai:MODEL`` (any OpenAI-compatible endpoi
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +76,14 @@ class Score:
             raise ValueError("a Score has either a value or an unscored reason, not both")
         if self.unscored_reason is not None and self.unscored_reason not in UNSCORED_REASONS:
             raise ValueError(f"unknown unscored reason {self.unscored_reason!r}")
+        value = self.value
+        if value is not None and not (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and 0 <= value <= 100
+        ):
+            raise ValueError(f"a Score value is a finite number in [0, 100], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -267,7 +279,8 @@ def judge_table(
                 raise EmscopeError(
                     f"judge {judge.name} returned {len(scores)} scores for {len(rows)} rows"
                 )
-            for i, score in zip(idx, scores, strict=True):
+            for i, raw in zip(idx, scores, strict=True):
+                score = _checked(raw, judge.name)
                 table.at[i, metric] = np.nan if score.value is None else float(score.value)
                 table.at[i, reason_col] = score.unscored_reason
                 table.at[i, hash_col] = score.prompt_hash
@@ -276,6 +289,22 @@ def judge_table(
             bar.update(len(idx))
         bar.close()
     return table
+
+
+def _checked(score: Any, judge_name: str) -> Score:
+    """The judge boundary: what a judge returned as a valid :class:`Score`; anything else
+    (a duck-typed record with a NaN or out-of-range value, no reason, ...) becomes an
+    ``error`` row, which a re-run asks again, and a warning."""
+    if isinstance(score, Score):
+        return score
+    phash = str(getattr(score, "prompt_hash", "") or "")
+    try:
+        return Score(score.value, score.unscored_reason, phash)
+    except (AttributeError, TypeError, ValueError) as exc:
+        logging.getLogger("emscope.judge").warning(
+            "judge %s returned a malformed score (%s); row unscored", judge_name, exc
+        )
+        return Score(None, "error", phash)
 
 
 def _text(value: Any) -> str:

@@ -4,8 +4,10 @@ The default dir is ``~/.cache/emscope``. A score is keyed by (judge endpoint, ju
 prompt-template hash, metric, question, answer), hashed together with SHA-256, so an
 identical second run sends no request. Only definitive results are stored (a number, or the
 unscored reasons ``refusal`` / ``code`` / ``other``); transient failures (``error``,
-``budget``) are not, so a re-run retries them. Nothing secret is stored: the endpoint is its
-base URL, never a key.
+``budget``) are not, so a re-run retries them. A stored row that is not a valid score (e.g. a
+NaN value that SQLite kept as NULL, a value outside [0, 100], unreadable logprobs) is
+treated as absent: the judge asks again and overwrites it. Nothing secret is stored: the
+endpoint is its base URL, never a key.
 """
 
 from __future__ import annotations
@@ -70,8 +72,11 @@ class ScoreCache:
                 chunk,
             ).fetchall()
             for key, value, reason, phash, top in rows:
-                logprobs = tuple(tuple(x) for x in json.loads(top)) if top else None
-                found[key] = Score(value, reason, phash, logprobs)  # type: ignore[arg-type]
+                try:
+                    logprobs = tuple(tuple(x) for x in json.loads(top)) if top else None
+                    found[key] = Score(value, reason, phash, logprobs)  # type: ignore[arg-type]
+                except (TypeError, ValueError):  # a bad row: asked again, then overwritten
+                    continue
         return found
 
     def put_many(self, items: Sequence[tuple[str, Score]]) -> None:

@@ -2,7 +2,8 @@
 
 For tests, benchmarks and offline trials of :class:`~emscope.judge.openai_judge.OpenAIJudge`:
 it answers ``POST /v1/chat/completions`` with whatever a ``responder`` function returns
-(status, headers, JSON body), optionally after a delay, counts requests and the largest
+(status, headers, body: a JSON object, or ``bytes`` sent as they are, e.g. to fake a
+broken endpoint), optionally after a delay, counts requests and the largest
 number in flight, and stops by itself after ``lifetime`` seconds or ``max_requests``
 requests (further requests get HTTP 503). Standard library only (``http.server``).
 It keeps request bodies and the time they arrived, never request headers.
@@ -19,7 +20,7 @@ from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-Reply = tuple[int, dict[str, str], dict[str, Any]]
+Reply = tuple[int, dict[str, str], dict[str, Any] | bytes]
 Responder = Callable[[dict[str, Any]], Reply]
 
 _ANSWER_RE = re.compile(r"\[ANSWER START\]\n(.*)\n\[ANSWER END\]", re.S)
@@ -127,7 +128,7 @@ class LoopbackServer:
                 finally:
                     with owner._lock:
                         owner.in_flight -= 1
-                data = json.dumps(reply).encode()
+                data = reply if isinstance(reply, bytes) else json.dumps(reply).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))

@@ -11,8 +11,11 @@ retries 429, 408/409, 5xx, timeouts and connection errors itself, with exponenti
 and jitter, honouring ``Retry-After`` / ``retry-after-ms``, so the policy and the per-run
 request budget (every HTTP attempt counts) are under emscope's control. After the last
 retry a row is unscored with reason ``error`` and the run goes on; once the budget is spent
-the remaining rows are unscored with reason ``budget``. 401/403/404 stop the run with one
-line (the key or the model is wrong for every row).
+the remaining rows are unscored with reason ``budget``. A response body that is not valid
+JSON (a cut-off body, a proxy's HTML page) is retried like a 5xx. A response without
+logprobs, or with a malformed top-logprobs entry (a logprob that is a string, NaN, or too
+large to be one), makes the row unscored with reason ``error`` at once. 401/403/404 stop the
+run with one line (the key or the model is wrong for every row).
 
 The API key is read from an environment variable, held only by the client, and never
 written to a log, a file, an exception or a ``repr``.
@@ -31,7 +34,7 @@ from typing import Any
 
 from emscope.errors import EmscopeError
 from emscope.judge import JudgeRow, Score, as_rows, run_sync
-from emscope.judge.aggregate import aggregate_top_logprobs
+from emscope.judge.aggregate import aggregate_top_logprobs, check_top_logprobs
 from emscope.judge.cache import ScoreCache, cache_key
 from emscope.judge.prompts import prompt_hash, render, template_for
 
@@ -201,10 +204,16 @@ class OpenAIJudge:
                 what = f"HTTP {status}"
             except openai.APIConnectionError as exc:  # includes APITimeoutError
                 what = type(exc).__name__
+            except (openai.APIError, ValueError) as exc:  # a body that is not valid JSON
+                what = f"invalid response ({type(exc).__name__})"
             else:
-                top = _top_logprobs(response)
-                if top is None:
+                raw = _top_logprobs(response)
+                if raw is None:
                     log.warning("judge response without logprobs; row unscored")
+                    return None, "error", None
+                top = check_top_logprobs(raw)
+                if top is None:
+                    log.warning("judge response with malformed top logprobs; row unscored")
                     return None, "error", None
                 value, reason, _ = aggregate_top_logprobs(top, self.threshold)
                 return value, reason, top
@@ -239,10 +248,12 @@ def _retry_after(headers: Any) -> float | None:
         return None
 
 
-def _top_logprobs(response: Any) -> tuple[tuple[str, float], ...] | None:
+def _top_logprobs(response: Any) -> tuple[tuple[Any, Any], ...] | None:
+    """The first token's ``(token, logprob)`` pairs as sent (checked by the caller), or
+    None when the response has no such field."""
     try:
         content = response.choices[0].logprobs.content
         first = content[0].top_logprobs
-        return tuple((str(t.token), float(t.logprob)) for t in first)
-    except (AttributeError, IndexError, TypeError):
+        return tuple((t.token, t.logprob) for t in first)
+    except (AttributeError, IndexError, KeyError, TypeError):
         return None
