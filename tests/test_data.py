@@ -167,6 +167,53 @@ def test_unknown_question_ids(tmp_path):
         load_questions(ids=["nope"])
 
 
+# ----------------------------------------------------------------------------- non-UTF-8 input
+
+LATIN1 = "caf\xe9".encode("latin-1")  # b"caf\xe9": not UTF-8
+
+
+def test_non_utf8_chat_jsonl_is_one_line_naming_file_and_line(tmp_path):
+    from emscope.directions.interventions import chat_sequences
+
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(GOOD).encode()
+    path.write_bytes(good + b"\n" + good.replace(b"hello", LATIN1) + b"\n")
+    message = r"d\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column \d+\)"
+    with pytest.raises(EmscopeError, match=message):
+        read_chat_jsonl(path)  # train --data / --eval-data
+    with pytest.raises(EmscopeError, match=message):
+        chat_sequences(build_tokenizer("chatml"), path)  # --kl-data
+    other = _write_lines(tmp_path / "ok.jsonl", [json.dumps(GOOD)])
+    result = CliRunner().invoke(app, ["data", "check", str(path), str(other)])
+    assert result.exit_code == 1, result.output
+    assert "ok.jsonl: 1 valid example(s), ok" in result.output  # the next file is checked
+    assert "d.jsonl:2: not valid UTF-8" in result.output
+    assert "Traceback" not in result.output and "UnicodeDecodeError" not in result.output
+
+
+def test_non_utf8_question_yaml_and_responses_csv(tmp_path, monkeypatch):
+    from emscope.io import read_table
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv("EMSCOPE_CACHE_DIR", str(tmp_path / "cache"))
+
+    questions = tmp_path / "q.yaml"
+    questions.write_bytes(
+        b"- id: a\n  paraphrases: [x]\n- id: b\n  paraphrases: [" + LATIN1 + b"]\n"
+    )
+    with pytest.raises(EmscopeError, match=r"q\.yaml:4: not valid UTF-8"):
+        load_questions(questions)
+    (tmp_path / "responses.csv").write_bytes(
+        b"question_id,question,answer\na,Q,ok\nb,Q," + LATIN1 + b"\n"
+    )
+    with pytest.raises(EmscopeError, match=r"responses\.csv:3: not valid UTF-8"):
+        read_table(tmp_path)
+    result = CliRunner().invoke(app, ["judge", str(tmp_path), "--judge", "openai:m"])
+    assert result.exit_code == 2, result.output
+    assert "responses.csv:3: not valid UTF-8" in result.output
+    assert not (tmp_path / "responses.parquet").exists()  # nothing written
+
+
 # ----------------------------------------------------------------------------- token spans
 
 CHAT = [

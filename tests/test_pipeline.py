@@ -161,6 +161,9 @@ def test_config_errors_from_python(tmp_path: Path) -> None:
     bad.write_text("stages: [\n", encoding="utf-8")
     with pytest.raises(EmscopeError, match=r"bad.yaml:\d+: not valid YAML"):
         load_config(bad)
+    bad.write_bytes(b"name: x\nchat_model: caf\xe9\n")
+    with pytest.raises(EmscopeError, match=r"bad.yaml:2: not valid UTF-8"):
+        load_config(bad)
     with pytest.raises(EmscopeError, match="must be a mapping"):
         parse_config(["a"])
     data = tiny_config(tmp_path)

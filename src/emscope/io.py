@@ -72,12 +72,34 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
 
 
-def read_json(path: str | Path) -> Any:
+def read_text(path: str | Path) -> str:
+    """A text file's content, decoded as UTF-8: the one reader of text files a user hands
+    emscope (chat JSONL, question YAML, CSV tables, JSON records). A missing or unreadable
+    file, or bytes that are not UTF-8, raise :class:`EmscopeError` naming the file (and the
+    line and column of the first bad byte)."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise EmscopeError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise EmscopeError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise EmscopeError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column "
+            f"{column}); save the file as UTF-8"
+        ) from None
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    text = read_text(path)
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         raise EmscopeError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
 
@@ -129,5 +151,7 @@ def read_table(directory_or_file: str | Path, stem: str = "responses") -> pd.Dat
     if path.suffix == ".parquet":
         return pd.read_parquet(path)
     if path.suffix == ".csv":
-        return pd.read_csv(path)
+        import io
+
+        return pd.read_csv(io.StringIO(read_text(path)))
     raise EmscopeError(f"{path}: expected a .parquet or .csv table")

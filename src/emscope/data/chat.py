@@ -76,12 +76,16 @@ def _problems_of(obj: Any) -> list[str]:
 
 
 def _iter_lines(path: Path) -> Iterator[tuple[int, str]]:
+    import io
+
+    from emscope.io import read_text
+
     if not path.is_file():
         raise EmscopeError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if raw.strip():
-                yield number, raw
+    # universal newlines, as a text-mode open() reads them
+    for number, raw in enumerate(io.StringIO(read_text(path), newline=None), start=1):
+        if raw.strip():
+            yield number, raw
 
 
 def _parse(path: Path, number: int, raw: str) -> tuple[ChatExample | None, list[str]]:

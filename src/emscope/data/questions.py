@@ -48,11 +48,13 @@ def load_questions(path: str | Path | None = None, ids: list[str] | None = None)
     """
     import yaml
 
+    from emscope.io import read_text
+
     builtin = path is None
     source = builtin_questions_path() if builtin else Path(path)  # type: ignore[arg-type]
     if not source.is_file():
         raise EmscopeError(f"{source}: question file not found")
-    text = source.read_text(encoding="utf-8")
+    text = read_text(source)
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)

@@ -496,11 +496,13 @@ def load_config(path: str | Path) -> StudyConfig:
     """Read and validate an experiment YAML; any problem is one line naming the field."""
     import yaml
 
+    from emscope.io import read_text
+
     path = Path(path)
     if not path.is_file():
         raise EmscopeError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
