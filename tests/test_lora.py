@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from emscope.errors import EmscopeError
-from emscope.lora import LoraAdapter, LoraModule, lora_scale
+from emscope.lora import LoraAdapter, LoraModule, config_targets, lora_scale
 from emscope.testing import make_adapter
 
 
@@ -213,3 +213,38 @@ def test_refuses_full_embedding_copies(qwen, tmp_path):
     save_file(tensors, str(bad / "adapter_model.safetensors"))
     with pytest.raises(EmscopeError, match="full weight copy"):
         LoraAdapter.load(bad)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"target_modules": ["down_proj"]},
+        {"target_modules": ["down_proj"], "layers_to_transform": [1]},
+        {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": 2},
+        {
+            "target_modules": ["down_proj"],
+            "layers_to_transform": [0, 2],
+            "layers_pattern": "layers",
+        },
+        {"target_modules": r".*\.1\..*proj"},
+        {"target_modules": ["model.layers.1.mlp.down_proj"], "layers_to_transform": [0]},
+        {"target_modules": ["down_proj", "embed_tokens"], "exclude_modules": ["down_proj"]},
+        {"target_modules": ["down_proj"], "exclude_modules": r".*\.2\..*"},
+        {"target_modules": ["w2"]},
+    ],
+)
+def test_config_targets_matches_peft(config):
+    """Which modules an adapter config targets, read as PEFT reads it."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    names = ["model.embed_tokens", "lm_head"] + [
+        f"model.layers.{i}.{m}"
+        for i in range(3)
+        for m in ("mlp.down_proj", "self_attn.q_proj", "mlp.experts.0.down_proj")
+    ]
+    peft_config = LoraConfig(**config)
+    for name in names:
+        found = check_target_module_exists(peft_config, name)
+        expected = bool(found) and type(found).__name__ != "_ExcludedModule"
+        assert config_targets(config, name) == expected, name

@@ -101,6 +101,23 @@ def test_adapter_module_missing_from_base(qwen, tmp_path):
         load_model(shallow, [qwen.adapters["r4"]], device="cpu")
 
 
+@pytest.mark.parametrize("targets", [["w2"], ["q_proj"]])
+def test_adapter_targets_that_miss_its_modules_fail_in_one_line(qwen, tmp_path, targets):
+    """target_modules naming no module of the model gave PEFT's NoMatchingPeftModuleError
+    traceback; naming other modules than the saved factors dropped those factors silently."""
+    adapter = tmp_path / "retargeted"
+    shutil.copytree(qwen.adapters["r1"], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["target_modules"] = targets
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        EmscopeError,
+        match=rf"adapter 'retargeted' .*target_modules \['{targets[0]}'\] \(layers_to_transform "
+        r"\[1\]\) do not select module 'model\.layers\.1\.mlp\.down_proj'",
+    ):
+        load_model(qwen.model, [adapter], device="cpu")
+
+
 def test_adapter_shape_mismatch_names_module_and_shapes(tiny_models):
     llama, qwen = tiny_models["llama"], tiny_models["qwen2"]
     with pytest.raises(

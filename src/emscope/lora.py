@@ -57,6 +57,46 @@ def _pattern_value(patterns: Mapping[str, Any], name: str) -> Any | None:
     return None
 
 
+def config_targets(config: Mapping[str, Any], name: str) -> bool:
+    """Whether PEFT, loading an adapter with this config, puts a LoRA layer on module
+    ``name`` (``target_modules``, ``layers_to_transform``/``layers_pattern`` and
+    ``exclude_modules`` read as PEFT reads them). A module it does not target gets no LoRA
+    layer, so its saved factors are silently dropped."""
+    exclude = config.get("exclude_modules")
+    if isinstance(exclude, str) and re.fullmatch(exclude, name):
+        return False
+    if isinstance(exclude, (list, tuple, set)) and any(
+        name == e or name.endswith(f".{e}") for e in exclude
+    ):
+        return False
+    targets = config.get("target_modules")
+    if targets is None:  # PEFT's default targets for the architecture
+        return True
+    if isinstance(targets, str):
+        return targets.lower() == "all-linear" or re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True
+    if not any(name.endswith(f".{t}") for t in targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = config.get("layers_pattern") or None
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if patterns is None:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = next(
+            (m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))),
+            None,
+        )
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
 def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
     """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
     return float(alpha) / (math.sqrt(rank) if use_rslora else rank)

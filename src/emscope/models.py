@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emscope.errors import EmscopeError
-from emscope.lora import CONFIG_FILE, LoraAdapter
+from emscope.lora import CONFIG_FILE, LoraAdapter, config_targets
 
 if TYPE_CHECKING:
     import torch
@@ -385,6 +385,8 @@ def load_model(
 
     named = _named_adapters(adapters)
     loaded_adapters = {name: LoraAdapter.load(p, name=name) for name, p in named.items()}
+    for adapter in loaded_adapters.values():
+        check_adapter_targets(adapter)
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -440,6 +442,21 @@ def _named_adapters(
             raise EmscopeError(f"two adapters named {name!r}; pass a {{name: dir}} mapping")
         named[name] = adapter_path
     return named
+
+
+def check_adapter_targets(adapter: LoraAdapter) -> None:
+    """Fail with one clear line if the adapter's config does not make PEFT adapt a module its
+    weights hold factors for (PEFT either raises ``NoMatchingPeftModuleError`` or silently
+    drops those factors)."""
+    for lora in adapter:
+        if not config_targets(adapter.config, lora.name):
+            layers = adapter.config.get("layers_to_transform")
+            scope = f" (layers_to_transform {layers})" if layers not in (None, []) else ""
+            raise EmscopeError(
+                f"adapter {adapter.name!r} ({adapter.path}): its target_modules "
+                f"{adapter.config.get('target_modules')!r}{scope} do not select module "
+                f"{lora.name!r}, which its weights adapt (fix target_modules in {CONFIG_FILE})"
+            )
 
 
 def check_adapter_fits(adapter: LoraAdapter, model: nn.Module) -> None:
