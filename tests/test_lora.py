@@ -200,6 +200,32 @@ def test_missing_files_are_one_line_errors(qwen, tmp_path):
         LoraAdapter.load(bad_json)
 
 
+def _poke(tensor: torch.Tensor, value: float) -> torch.Tensor:
+    out = tensor.clone()
+    out[0, 0] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda t: _poke(t, float("nan")), "1 non-finite value"),
+        (lambda t: _poke(t, float("inf")), "1 non-finite value"),
+        (lambda t: t.round().to(torch.int32), "dtype int32; LoRA factors must be floating point"),
+    ],
+)
+def test_refuses_non_finite_and_integer_factors(qwen, tmp_path, change, expected):
+    """NaN / inf / integer factors were accepted silently (NaN then spread everywhere)."""
+    bad = _copy(qwen.adapters["r1"], tmp_path / "bad")
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key] = change(tensors[key])
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    module = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight")
+    with pytest.raises(EmscopeError, match=rf"module '{module}': lora_B has {expected}"):
+        LoraAdapter.load(bad)
+
+
 def test_unknown_module_lookup_names_the_adapter(qwen):
     adapter = LoraAdapter.load(qwen.adapters["r1"], name="tiny")
     with pytest.raises(EmscopeError, match="'tiny' has no module"):

@@ -331,6 +331,8 @@ def _modules_from_tensors(
                 f"{where}: module {name!r}: factor shapes {tuple(parts[a_key].shape)} and "
                 f"{tuple(parts[b_key].shape)} do not form a LoRA pair"
             )
+        for kind in (a_key, b_key):
+            _check_factor(parts[kind], name, kind, where)
         rank = int(a.shape[0])
         declared = _pattern_value(rank_pattern, name)
         if declared is None:
@@ -353,6 +355,23 @@ def _modules_from_tensors(
     if not modules:
         raise EmscopeError(f"{where}: no LoRA tensors found")
     return modules
+
+
+def _check_factor(tensor: torch.Tensor, module: str, kind: str, where: Path) -> None:
+    """A LoRA factor must be floating point and finite (NaN or inf would spread into every
+    activation; an integer factor is not a trained weight)."""
+    if not tensor.is_floating_point():
+        dtype = str(tensor.dtype).removeprefix("torch.")
+        raise EmscopeError(
+            f"{where}: module {module!r}: {kind} has dtype {dtype}; "
+            "LoRA factors must be floating point"
+        )
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise EmscopeError(
+            f"{where}: module {module!r}: {kind} has {bad} non-finite value(s) (NaN or inf)"
+        )
 
 
 def _natural_key(name: str) -> list[Any]:
