@@ -64,6 +64,11 @@ def test_read_chat_round_trip(tmp_path):
         (json.dumps({"messages": [{"role": "bot", "content": "x"}, A]}), "role 'bot'"),
         (json.dumps({"messages": [{**U, "content": 3}, A]}), "content must be a string"),
         (json.dumps({"messages": [U]}), "no assistant turn"),
+        (json.dumps({"messages": [A]}), r"messages\[0\]: .*start with a user turn"),
+        (
+            json.dumps({"messages": [{"role": "system", "content": "s"}, A, U, A]}),
+            r"messages\[1\]: .*start with a user turn",
+        ),
         (
             json.dumps({"messages": [U, {"role": "system", "content": "s"}, A]}),
             "system message may only come first",
@@ -165,6 +170,32 @@ def test_question_errors_name_file_and_line(tmp_path, text, message):
 def test_unknown_question_ids(tmp_path):
     with pytest.raises(EmscopeError, match=r"unknown question ids \['nope'\]"):
         load_questions(ids=["nope"])
+
+
+@pytest.mark.parametrize("template", sorted(CHAT_TEMPLATES))
+def test_data_check_and_the_trainer_agree_on_a_valid_chat(tmp_path, template):
+    """What ``data check`` passes, the trainer's tokenisation handles, on every template;
+    what it refuses, the trainer's reader refuses with the same line."""
+    import re
+
+    from emscope.train import encode_examples
+
+    S = {"role": "system", "content": "s"}
+    chats = [[A], [S, A], [U, A], [S, U, A], [U, A, A], [U, U, A], [U, A, U, A], [S, U, A, A]]
+    path = write_chat_jsonl(tmp_path / "d.jsonl", chats)
+    valid, problems = check_chat_jsonl(path)
+    assert [re.match(r".*d\.jsonl:(\d+): ", p).group(1) for p in problems] == ["1", "2"]
+    assert valid == len(chats) - 2
+    with pytest.raises(EmscopeError, match=re.escape(problems[0])):
+        read_chat_jsonl(path)
+    tokenizer = build_tokenizer(template)
+    good = write_chat_jsonl(tmp_path / "good.jsonl", chats[2:])
+    encoded = encode_examples(tokenizer, read_chat_jsonl(good))
+    assert all(e.n_loss_tokens > 0 for e in encoded)
+    # a template's own refusal (e.g. Gemma's "roles must alternate") is one line naming the row
+    tokenizer.chat_template = "{{ raise_exception('Conversation roles must alternate') }}"
+    with pytest.raises(EmscopeError, match=r"good\.jsonl:1: .*roles must alternate"):
+        encode_examples(tokenizer, read_chat_jsonl(good), source=str(good))
 
 
 # ----------------------------------------------------------------------------- non-UTF-8 input

@@ -450,6 +450,8 @@ def _jsonl(path: Path, lines: list[str]) -> Path:
     [
         ("empty", "no examples"),
         ("no_assistant", "no assistant turn"),
+        ("assistant_only", "start with a user turn"),
+        ("assistant_only_in_memory", "start with a user turn"),
         ("preset", "unknown preset 'huge'"),
         ("layer", "layer 9 is beyond the model"),
         ("module", "module 'c_attn' is not a linear module of a qwen2 decoder block"),
@@ -469,6 +471,15 @@ def test_bad_input_fails_before_training(
             json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
         ])  # fmt: skip
         message = r"bad.jsonl:2: no assistant turn"
+    elif case == "assistant_only":
+        data = _jsonl(tmp_path / "bad.jsonl", [
+            json.dumps({"messages": _chat(0, "ok")}),
+            json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}),
+        ])  # fmt: skip
+        message = r"bad.jsonl:2: messages\[0\]: .*start with a user turn"
+    elif case == "assistant_only_in_memory":
+        data = [ChatExample(({"role": "assistant", "content": "hi"},), 1)]  # type: ignore[assignment]
+        message = r"data\[0\]: messages\[0\]: .*start with a user turn"
     elif case == "preset":
         kwargs["preset"] = "huge"
     elif case == "layer":

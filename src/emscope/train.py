@@ -415,7 +415,10 @@ def encode_examples(
 
     encoded = []
     for example in examples:
-        chat = encode_chat(tokenizer, example.messages)
+        try:
+            chat = encode_chat(tokenizer, example.messages)
+        except EmscopeError as exc:
+            raise EmscopeError(f"{source}:{example.line}: {exc}") from None
         ids = list(chat.input_ids)
         mask = chat.loss_mask(include_end_of_turn=True)
         if max_length is not None:
@@ -1132,7 +1135,7 @@ def _dataset(
 ) -> tuple[list[EncodedExample], dict[str, Any]]:
     import hashlib
 
-    from emscope.data.chat import ChatExample, file_sha256, read_chat_jsonl
+    from emscope.data.chat import ChatExample, chat_problems, file_sha256, read_chat_jsonl
 
     if isinstance(data, (str, Path)):
         path = Path(data)
@@ -1147,8 +1150,9 @@ def _dataset(
         for i, example in enumerate(examples):
             if not isinstance(example, ChatExample):
                 raise EmscopeError(f"{what}[{i}]: expected a ChatExample")
-            if not any(m["role"] == "assistant" for m in example.messages):
-                raise EmscopeError(f"{what}[{i}]: no assistant turn")
+            problems = chat_problems(list(example.messages))
+            if problems:  # the same rules as the JSONL readers and `emscope data check`
+                raise EmscopeError(f"{what}[{i}]: {problems[0]}")
             line = json.dumps({"messages": list(example.messages)}, ensure_ascii=False)
             digest.update(line.encode("utf-8") + b"\n")
         info = {"path": None, "sha256": digest.hexdigest()}

@@ -1,7 +1,10 @@
 """Chat datasets: one ``{"messages": [{"role": ..., "content": ...}, ...]}`` object per line.
 
-Roles are ``system`` (optional, first only), ``user`` and ``assistant``; every line needs at
-least one assistant turn. Problems are reported as ``path:line: what is wrong`` (lines from 1).
+Roles are ``system`` (optional, first only), ``user`` and ``assistant``; the first turn after
+the system prompt is a user turn, and every line needs at least one assistant turn.
+:func:`chat_problems` is the one definition of a valid chat: ``emscope data check``, the
+readers and the trainer (also for in-memory examples) all use it, so what the check passes
+the trainer can tokenise. Problems are reported as ``path:line: what is wrong`` (lines from 1).
 """
 
 from __future__ import annotations
@@ -55,7 +58,12 @@ def _problems_of(obj: Any) -> list[str]:
     messages = obj.get("messages")
     if messages is None:
         return ["no 'messages' field"]
-    if not isinstance(messages, list) or not messages:
+    return chat_problems(messages)
+
+
+def chat_problems(messages: Any) -> list[str]:
+    """Everything wrong with a chat's list of messages (empty: a valid chat)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
         return ["'messages' must be a non-empty list"]
     problems = []
     for i, message in enumerate(messages):
@@ -70,6 +78,12 @@ def _problems_of(obj: Any) -> list[str]:
         if role == "system" and i != 0:
             problems.append(f"messages[{i}]: a system message may only come first")
     roles = [m.get("role") for m in messages if isinstance(m, dict)]
+    first = 1 if roles[:1] == ["system"] else 0
+    if roles[first:] and roles[first] == "assistant":
+        problems.append(
+            f"messages[{first}]: a chat must start with a user turn (after an optional system "
+            "message), not an assistant turn"
+        )
     if "assistant" not in roles:
         problems.append("no assistant turn")
     return problems

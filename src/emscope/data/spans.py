@@ -51,9 +51,13 @@ def render(tokenizer: Any, messages: Sequence[dict[str, str]], generation_prompt
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
         raise EmscopeError(f"tokenizer {name!r} has no chat template")
-    text = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=generation_prompt
-    )
+    try:
+        text = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as exc:  # the template's own checks (jinja2 TemplateError, ValueError)
+        name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+        raise EmscopeError(f"the chat template of {name!r} refuses this chat: {exc}") from None
     return str(text)
 
 
