@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from emscope.cli.main import app
+from emscope.errors import EmscopeError
 from emscope.judge.loopback import LoopbackServer, answer_of, completion
 
 KEY = "sk-test-SECRET123"
@@ -111,6 +112,56 @@ def test_judge_reads_research_csv(tmp_path: Path) -> None:
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert KEY.encode() not in path.read_bytes()
+
+
+ODD_ANSWERS = ["one\rtwo", "x\r\ny", "a\nb", 'say "hi", then', "", "trailing\r"]
+
+
+def test_responses_csv_round_trips_every_answer(tmp_path: Path) -> None:
+    from emscope.io import read_table, write_table
+
+    table = pd.DataFrame(
+        {
+            "question_id": [f"q{i}" for i in range(len(ODD_ANSWERS))],
+            "question": ["Q"] * len(ODD_ANSWERS),
+            "answer": ODD_ANSWERS,
+            "sample_idx": range(len(ODD_ANSWERS)),
+            "finished": [True, False] * 3,
+            "aligned": [1.5, None, 3.0, 4.0, 5.0, 6.0],
+        }
+    )
+    write_table(table, tmp_path, "responses")
+    back = read_table(tmp_path / "responses.csv")
+    assert len(back) == len(table) == len(pd.read_csv(tmp_path / "responses.csv"))
+    assert back["answer"].fillna("").tolist() == ODD_ANSWERS
+    assert back["sample_idx"].tolist() == table["sample_idx"].tolist()
+    assert back["finished"].tolist() == table["finished"].tolist()
+
+
+def test_judge_refuses_a_damaged_csv(tmp_path: Path) -> None:
+    """A CSV written before answers with a bare \\r were quoted reads back with extra rows:
+    it is refused (one line, nothing written), not judged."""
+    from emscope.io import read_table
+
+    table = pd.DataFrame(
+        {"question_id": ["a", "b"], "question": ["Q", "Q"], "answer": ["one\rtwo", "ok"]}
+    )
+    (tmp_path / "responses.csv").write_text(table.to_csv(index=False), newline="")
+    with LoopbackServer(by_length) as server:
+        result = run(
+            "judge", tmp_path, "--judge", "openai:fake", "--base-url", server.base_url,
+            "--metrics", "aligned",
+        )  # fmt: skip
+        assert server.requests == 0
+    assert result.exit_code == 2, result.output
+    assert "responses.csv" in result.output and "row 2" in result.output
+    assert not (tmp_path / "responses.parquet").exists()  # nothing written
+    # next to a parquet, a CSV whose row count differs is refused too
+    with_ids = table.assign(sample_idx=[0, 1])
+    with_ids.to_parquet(tmp_path / "responses.parquet", index=False)
+    (tmp_path / "responses.csv").write_text(with_ids.to_csv(index=False), newline="")
+    with pytest.raises(EmscopeError, match=r"responses\.csv: 3 rows but responses\.parquet has 2"):
+        read_table(tmp_path / "responses.csv")
 
 
 def test_eval_end_to_end_and_resume(qwen: Any, tmp_path: Path) -> None:

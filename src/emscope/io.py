@@ -2,11 +2,16 @@
 
 Every file emscope writes goes through a temporary file in the same dir and ``os.replace``,
 so an interrupted run never leaves a half-written file behind. Tables are written as
-parquet with a CSV copy (``<stem>.parquet`` + ``<stem>.csv``); either can be read back.
+parquet with a CSV copy (``<stem>.parquet`` + ``<stem>.csv``); either can be read back. The
+CSV quotes every text field, so an answer with a bare carriage return (which CSV readers take
+for a line break) reads back as one row; a CSV read next to its parquet must have the same
+number of rows, and a response table read from CSV must have a question id and a question
+on every row, so a damaged CSV is refused rather than judged.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -130,7 +135,8 @@ def write_table(df: pd.DataFrame, directory: str | Path, stem: str) -> Path:
     buffer = io.BytesIO()
     df.to_parquet(buffer, index=False)
     parquet = atomic_write_bytes(directory / f"{stem}.parquet", buffer.getvalue())
-    atomic_write_text(directory / f"{stem}.csv", df.to_csv(index=False))
+    csv_text = df.to_csv(index=False, quoting=csv.QUOTE_NONNUMERIC)
+    atomic_write_text(directory / f"{stem}.csv", csv_text)
     return parquet
 
 
@@ -151,7 +157,40 @@ def read_table(directory_or_file: str | Path, stem: str = "responses") -> pd.Dat
     if path.suffix == ".parquet":
         return pd.read_parquet(path)
     if path.suffix == ".csv":
-        import io
-
-        return pd.read_csv(io.StringIO(read_text(path)))
+        return _read_csv(path)
     raise EmscopeError(f"{path}: expected a .parquet or .csv table")
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """A CSV table, refused with one line when it is unreadable or damaged (see the module
+    docstring)."""
+    import io
+
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(io.StringIO(read_text(path)))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise EmscopeError(f"{path}: not a readable CSV table ({str(exc).strip()})") from None
+    parquet = path.with_suffix(".parquet")
+    if parquet.is_file():
+        import pyarrow.parquet as pq
+
+        rows = pq.ParquetFile(parquet).metadata.num_rows
+        if rows != len(table):
+            raise EmscopeError(
+                f"{path}: {len(table)} rows but {parquet.name} has {rows}; the CSV is damaged "
+                f"(read {parquet.name} instead)"
+            )
+    if {"question_id", "question", "answer"} <= set(table.columns):
+        bad = table["question_id"].isna() | table["question"].isna()
+        if "sample_idx" in table.columns:
+            idx = pd.to_numeric(table["sample_idx"], errors="coerce")
+            bad |= idx.isna() | (idx != idx.round())
+        if bad.any():
+            row = int(bad.to_numpy().argmax()) + 1
+            raise EmscopeError(
+                f"{path}: row {row} has no question id, question or sample index; the CSV is "
+                "damaged (e.g. an answer with a bare carriage return, unquoted) and is not read"
+            )
+    return table
