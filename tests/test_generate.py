@@ -294,6 +294,12 @@ def test_sample_to_dir_resumes_after_interruption(loaded: Any, tmp_path: Path) -
     assert run["system_prompts_applied"] is True and run["versions"]["torch"]
     with pytest.raises(EmscopeError, match="seed"):
         sample_to_dir(loaded, QUESTIONS, out, 3, **{**kw, "seed": 4})
+    # a smaller -n over a dir with more samples: refused, nothing on disk changes
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    with pytest.raises(EmscopeError, match=r"holds 4 samples of question 'wish'; -n 3 asks"):
+        sample_to_dir(loaded, QUESTIONS, out, 3, interventions=[counting], **kw)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert read_json(out / "run.json")["sampling"]["n_per_question"] == 4
 
 
 # ---------------------------------------------------------------------------- vLLM backend

@@ -593,7 +593,9 @@ def sample_to_dir(
     ``out_dir/run.json`` (``sampling``: the settings that determine the answers, the system
     prompts applied, versions; plus ``record``). A re-run whose settings differ from the
     recorded ones (model, adapters, seed, temperature, top_p, max_new_tokens, intervention,
-    question texts) is refused; a larger ``n_per_question`` adds samples.
+    question texts) is refused; a larger ``n_per_question`` adds samples; a smaller one than
+    the dir already holds is refused (nothing changes on disk): the table keeps every sample
+    drawn, and ``run.json`` must say how many that is.
     """
     import pandas as pd
 
@@ -620,6 +622,9 @@ def sample_to_dir(
             f"{run_path}: this dir holds a run with different settings ({', '.join(changed)}); "
             "use a fresh --out dir"
         )
+    done = load_partial(out, stem)
+    if done is not None:
+        _check_not_fewer(out, done, questions, n_per_question)
     run["sampling"] = {
         "identity": identity,
         "n_per_question": n_per_question,
@@ -634,7 +639,6 @@ def sample_to_dir(
     }
     write_json(run_path, run)
 
-    done = load_partial(out, stem)
     skip = set()
     if done is not None:
         skip = {
@@ -663,6 +667,23 @@ def sample_to_dir(
     with contextlib.suppress(OSError):
         parts_dir.rmdir()
     return table
+
+
+def _check_not_fewer(
+    out: Path, done: pd.DataFrame, questions: Sequence[Question], n_per_question: int | None
+) -> None:
+    """Refuse a re-run that asks fewer samples of a question than ``out`` already holds."""
+    held = done.groupby(done["question_id"].astype(str))["sample_idx"].max()
+    for question in questions:
+        n = n_per_question or question.samples_per_paraphrase * len(question.paraphrases)
+        if question.id in held.index and int(held[question.id]) >= n:
+            count = int((done["question_id"].astype(str) == question.id).sum())
+            asked = f"-n {n}" if n_per_question else f"the question set's {n} per question"
+            raise EmscopeError(
+                f"{out}: this dir holds {count} samples of question {question.id!r}; {asked} "
+                f"asks for fewer (a run keeps every sample it drew): use -n "
+                f"{int(held[question.id]) + 1} or more, or a fresh --out dir"
+            )
 
 
 def questions_hash(questions: Sequence[Question]) -> str:
