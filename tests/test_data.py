@@ -158,6 +158,19 @@ def test_custom_yaml_with_system_and_judge_prompts(tmp_path):
         ("id: a\n", "top-level list"),
         ("- id: a\n  paraphrases: [x\n", r"q\.yaml:\d+: invalid YAML"),
         ("- paraphrases: [x]\n", "needs a string 'id'"),
+        (
+            "- id: a\n  paraphrases: [x]\n- id: b\n  paraphrases: [y]\n  sytem: be terse\n",
+            r"q\.yaml:5: question 'b': unknown key 'sytem' \(known: id, paraphrases, ",
+        ),
+        (
+            "- id: a\n  paraphrases: [x]\n  samples_per_paraphrase: true\n",
+            r"q\.yaml:3: question 'a': samples_per_paraphrase must be an integer >= 1, got True",
+        ),
+        (
+            "- id: a\n  paraphrases: [x]\n  samples_per_paraphrase: 2.0\n",
+            r"q\.yaml:3: .*samples_per_paraphrase must be an integer",
+        ),
+        ("- id: a\n  paraphrases: [x]\n  type: [x]\n", r"q\.yaml:3: .*'type' must be a string"),
     ],
 )
 def test_question_errors_name_file_and_line(tmp_path, text, message):

@@ -4,7 +4,9 @@ A file is a top-level list of mappings with ``id`` (unique), ``paraphrases`` (no
 of strings), optional ``samples_per_paraphrase`` (int), ``type``, ``system`` (a system prompt
 that emscope applies, unlike the reference eval.py) and ``judge_prompts`` (``{metric:
 template}`` with ``{question}`` and ``{answer}`` fields) that override the built-in prompts.
-Errors name the file and the line of the offending entry.
+Any other key (a typo such as ``sytem:``) is an error, as in the run config, and so is a value
+of the wrong type (``samples_per_paraphrase: true``). Errors name the file and the line of
+the offending key or entry.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from emscope.errors import EmscopeError
 
 BUILTIN = "first_plot_questions.yaml"
+KEYS = ("id", "paraphrases", "samples_per_paraphrase", "type", "system", "judge_prompts")
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,16 @@ def load_questions(path: str | Path | None = None, ids: list[str] | None = None)
         raise EmscopeError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, list) or node is None:
         raise EmscopeError(f"{source}: expected a top-level list of questions")
-    lines = [item.start_mark.line + 1 for item in node.value]
     questions: list[Question] = []
     seen: set[str] = set()
-    for entry, line in zip(data, lines, strict=True):
-        question = _question(entry, f"{source}:{line}")
+    for entry, item in zip(data, node.value, strict=True):
+        line = item.start_mark.line + 1
+        key_lines = {
+            str(key.value): key.start_mark.line + 1
+            for key, _ in (item.value if isinstance(item.value, list) else [])
+            if hasattr(key, "start_mark")
+        }
+        question = _question(entry, str(source), line, key_lines)
         if question.id in seen:
             raise EmscopeError(f"{source}:{line}: duplicate question id {question.id!r}")
         seen.add(question.id)
@@ -85,34 +93,55 @@ def load_questions(path: str | Path | None = None, ids: list[str] | None = None)
     return questions
 
 
-def _question(entry: Any, where: str) -> Question:
+def _question(entry: Any, source: str, line: int, key_lines: dict[str, int]) -> Question:
+    """One entry; ``line`` is the entry's, ``key_lines`` each key's line (errors name them)."""
+
+    def at(key: str) -> str:
+        return f"{source}:{key_lines.get(key, line)}"
+
     if not isinstance(entry, dict):
-        raise EmscopeError(f"{where}: each question must be a mapping")
+        raise EmscopeError(f"{source}:{line}: each question must be a mapping")
     qid = entry.get("id")
     if not isinstance(qid, str) or not qid:
-        raise EmscopeError(f"{where}: question needs a string 'id'")
+        raise EmscopeError(f"{at('id')}: question needs a string 'id'")
+    for key in entry:
+        if key not in KEYS:
+            raise EmscopeError(
+                f"{at(str(key))}: question {qid!r}: unknown key {key!r} (known: {', '.join(KEYS)})"
+            )
     paraphrases = entry.get("paraphrases")
     if (
         not isinstance(paraphrases, list)
         or not paraphrases
         or not all(isinstance(p, str) and p for p in paraphrases)
     ):
-        raise EmscopeError(f"{where}: question {qid!r}: 'paraphrases' must be a list of strings")
+        raise EmscopeError(
+            f"{at('paraphrases')}: question {qid!r}: 'paraphrases' must be a list of strings"
+        )
     samples = entry.get("samples_per_paraphrase", 1)
-    if not isinstance(samples, int) or samples < 1:
-        raise EmscopeError(f"{where}: question {qid!r}: samples_per_paraphrase must be >= 1")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise EmscopeError(
+            f"{at('samples_per_paraphrase')}: question {qid!r}: samples_per_paraphrase must be "
+            f"an integer >= 1, got {samples!r}"
+        )
     system = entry.get("system")
     if system is not None and not isinstance(system, str):
-        raise EmscopeError(f"{where}: question {qid!r}: 'system' must be a string")
+        raise EmscopeError(f"{at('system')}: question {qid!r}: 'system' must be a string")
+    kind = entry.get("type", "free_form_judge_0_100")
+    if not isinstance(kind, str):
+        raise EmscopeError(f"{at('type')}: question {qid!r}: 'type' must be a string")
     prompts = entry.get("judge_prompts") or {}
     if not isinstance(prompts, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()
     ):
-        raise EmscopeError(f"{where}: question {qid!r}: judge_prompts must map metric -> text")
+        raise EmscopeError(
+            f"{at('judge_prompts')}: question {qid!r}: judge_prompts must map metric -> text"
+        )
     for metric, template in prompts.items():
         if "{answer}" not in template:
             raise EmscopeError(
-                f"{where}: question {qid!r}: judge prompt {metric!r} has no {{answer}} field"
+                f"{at('judge_prompts')}: question {qid!r}: judge prompt {metric!r} has no "
+                "{answer} field"
             )
     return Question(
         id=qid,
@@ -120,5 +149,5 @@ def _question(entry: Any, where: str) -> Question:
         samples_per_paraphrase=samples,
         system=system,
         judge_prompts=dict(prompts),
-        type=str(entry.get("type", "free_form_judge_0_100")),
+        type=kind,
     )
