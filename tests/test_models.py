@@ -140,6 +140,36 @@ def test_unknown_architecture_and_missing_dirs(qwen, tmp_path):
         load_model(qwen.model, [tmp_path / "no_adapter"])
 
 
+def test_broken_model_dirs_fail_in_one_line(qwen, tmp_path):
+    """An invalid config.json, or a dir without weights, gave a JSON / transformers traceback."""
+    broken = tmp_path / "broken"
+    shutil.copytree(qwen.model, broken)
+    (broken / "config.json").write_text('{"model_type": "qwen2",\n  oops}')
+    with pytest.raises(EmscopeError, match=r"broken/config\.json:2: invalid JSON"):
+        load_model(broken, device="cpu")
+    (broken / "config.json").write_text("[]")
+    with pytest.raises(EmscopeError, match=r"config\.json: not a model config"):
+        load_model(broken, device="cpu")
+    shutil.copy(qwen.model / "config.json", broken / "config.json")
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(
+        EmscopeError, match=r"broken: no model weights \(none of model\.safetensors"
+    ):
+        load_model(broken, device="cpu")
+    weights = (qwen.model / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # truncated
+    with pytest.raises(EmscopeError, match=r"broken: cannot load the model weights: "):
+        load_model(broken, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_fails_in_one_line(qwen):
+    with pytest.raises(EmscopeError, match="device 'cuda': CUDA is not available here"):
+        load_model(qwen.model, device="cuda")
+    with pytest.raises(EmscopeError, match="unknown device 'gpu'"):
+        load_model(qwen.model, device="gpu")
+
+
 def test_errors_are_raised_before_loading_weights(qwen, tmp_path, monkeypatch):
     """A bad adapter dir fails before the (possibly 14B) model is read."""
     import transformers

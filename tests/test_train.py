@@ -318,6 +318,22 @@ def test_resume_refuses_changed_config_and_missing_checkpoints(
         train(qwen.model, data, out=out, rank=2, max_steps=1, **FAST)
 
 
+@pytest.mark.parametrize("damaged", ["adapter_model.safetensors", "trainer_state.pt"])
+def test_resume_refuses_a_truncated_checkpoint(
+    qwen: Any, data: Path, tmp_path: Path, damaged: str
+) -> None:
+    """A checkpoint cut short (full disk, partial copy) gave a safetensors / torch traceback
+    after the model was loaded."""
+    out = tmp_path / "run"
+    train(qwen.model, data, out=out, rank=2, max_steps=1, save_steps=1, **FAST)
+    file = out / "checkpoints" / "checkpoint-1" / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    before = sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    with pytest.raises(EmscopeError, match=r"checkpoint-1: damaged checkpoint \(.*\); delete it"):
+        train(qwen.model, data, out=out, rank=2, max_steps=1, save_steps=1, resume=True, **FAST)
+    assert sorted((p, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+
+
 def _mean_kl(base: Path, adapter: Path, kl_data: Path) -> float:
     """Token-mean KL(base || adapted) over the assistant tokens of kl_data, from scratch."""
     import torch.nn.functional as F
@@ -457,6 +473,9 @@ def _jsonl(path: Path, lines: list[str]) -> Path:
         ("module", "module 'c_attn' is not a linear module of a qwen2 decoder block"),
         ("kl", "kl_weight > 0 needs kl_data"),
         ("truncated", "no assistant token to train on within max_length=4"),
+        ("device", "device 'cuda': CUDA is not available here"),
+        ("no_weights", r"base: no model weights"),
+        ("bad_config", r"base/config\.json: not a model config"),
     ],
 )
 def test_bad_input_fails_before_training(
@@ -490,9 +509,21 @@ def test_bad_input_fails_before_training(
         kwargs["kl_weight"] = 1.0
     elif case == "truncated":
         kwargs["max_length"] = 4
+    elif case == "device":
+        if torch.cuda.is_available():
+            pytest.skip("needs a machine without CUDA")
+        kwargs["device"] = "cuda"
+    base = qwen.model
+    if case in ("no_weights", "bad_config"):
+        base = tmp_path / "base"
+        shutil.copytree(qwen.model, base)
+        if case == "no_weights":
+            (base / "model.safetensors").unlink()
+        else:
+            (base / "config.json").write_text('"qwen2"')
     out = tmp_path / "out"
     with pytest.raises(EmscopeError, match=message):
-        train(qwen.model, data, out=out, **kwargs)
+        train(base, data, out=out, **kwargs)
     assert not out.exists()
 
 

@@ -345,6 +345,57 @@ def _dtype(dtype: str | torch.dtype | None) -> Any:
     return names[dtype]
 
 
+#: Weight files ``from_pretrained`` reads (one of them must be in a model dir).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def read_model_config(path: str | Path, *, weights: bool = True) -> dict[str, Any]:
+    """The ``config.json`` of a model dir, checked without loading anything: it must be a
+    JSON object, and (``weights``) the dir must hold weights (:data:`WEIGHT_FILES`)."""
+    from emscope.io import read_json
+
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise EmscopeError(f"{path}: not a model dir (no config.json)")
+    config = read_json(config_path)
+    if not isinstance(config, dict):
+        raise EmscopeError(f"{config_path}: not a model config (expected a JSON object)")
+    if weights:
+        check_model_weights(path)
+    return config
+
+
+def check_model_weights(path: str | Path) -> None:
+    """Refuse a model dir without weights (:data:`WEIGHT_FILES`) in one line."""
+    if not any((Path(path) / name).is_file() for name in WEIGHT_FILES):
+        raise EmscopeError(f"{path}: no model weights (none of {', '.join(WEIGHT_FILES)})")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device torch cannot use here (``cuda`` without CUDA, ``cuda:3`` on a
+    two-GPU machine, ``mps`` off Apple silicon), in one line, before any weight is read."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise EmscopeError(f"unknown device {device!r}; expected e.g. cpu, cuda, cuda:1") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EmscopeError(f"device {device!r}: CUDA is not available here (use --device cpu)")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise EmscopeError(f"device {device!r}: this machine has {count} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise EmscopeError(f"device {device!r}: MPS is not available here (use --device cpu)")
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer saved with a model dir (``trust_remote_code`` off)."""
     from transformers import AutoTokenizer
@@ -373,15 +424,14 @@ def load_model(
     ``device_map="auto"`` spreads a large model over the available GPUs (accelerate).
     """
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise EmscopeError(f"{path}: not a model dir (no config.json)")
-    config = json.loads((path / "config.json").read_text())
+    config = read_model_config(path, weights=False)
     model_type = config.get("model_type")
     if layers_path is None and model_type not in ARCHITECTURES:
         raise EmscopeError(
             f"{path}: unknown architecture {model_type!r}; known: "
             f"{', '.join(sorted(ARCHITECTURES))} (pass layers_path to use it anyway)"
         )
+    check_model_weights(path)
 
     named = _named_adapters(adapters)
     loaded_adapters = {name: LoraAdapter.load(p, name=name) for name, p in named.items()}
@@ -389,16 +439,23 @@ def load_model(
         check_adapter_targets(adapter)
 
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        str(path),
-        dtype=_dtype(dtype),
-        trust_remote_code=False,
-        device_map=device_map,
-    )
+    if device is not None:
+        check_device(device)
+    try:
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=_dtype(dtype),
+            trust_remote_code=False,
+            device_map=device_map,
+        )
+    except (OSError, SafetensorError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EmscopeError(f"{path}: cannot load the model weights: {reason}") from None
     if device_map is None and device is not None:
         model = model.to(device)
     model.eval()

@@ -541,6 +541,10 @@ class _Runtime:
             self.world = int(self.accelerator.num_processes)
             self.rank = int(self.accelerator.process_index)
         else:
+            from emscope.models import check_device
+
+            if device is not None:
+                check_device(device)
             self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
             self.world, self.rank = 1, 0
 
@@ -1086,13 +1090,10 @@ def _eval_loss(
 
 
 def _model_depth(base_dir: Path) -> tuple[int, str]:
+    from emscope.models import read_model_config
+
     config_path = base_dir / "config.json"
-    if not config_path.is_file():
-        raise EmscopeError(f"{base_dir}: not a model dir (no config.json)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise EmscopeError(f"{config_path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    config = read_model_config(base_dir)
     config = config.get("text_config", config) if "num_hidden_layers" not in config else config
     n_layers = config.get("num_hidden_layers")
     if not isinstance(n_layers, int) or n_layers < 1:
@@ -1256,6 +1257,7 @@ def _resume_point(out: Path, config: TrainConfig, data_hashes: dict[str, Any]) -
     if not usable:
         raise EmscopeError(f"{out}: no checkpoint to resume from ({CHECKPOINTS_DIR}/ is empty)")
     path = usable[-1][1]
+    _check_checkpoint(path, config.full)
     saved = read_json(path / STATE_JSON)
     old, new = dict(saved.get("config", {})), config.to_dict()
     for key in _RESUMABLE_CHANGES:
@@ -1271,6 +1273,33 @@ def _resume_point(out: Path, config: TrainConfig, data_hashes: dict[str, Any]) -
         if saved.get("data_sha256", {}).get(key) != digest:
             raise EmscopeError(f"{path}: cannot resume: {key} differs from the run's (SHA-256)")
     return path
+
+
+def _check_checkpoint(path: Path, full: bool) -> None:
+    """Refuse a damaged checkpoint (truncated by a full disk or a partial copy) in one line,
+    before the model is loaded: every safetensors file must be complete and the trainer
+    state a complete torch archive. Reads headers only."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    from emscope.lora import WEIGHTS_FILE
+
+    weights = sorted(path.glob("*.safetensors")) if full else [path / WEIGHTS_FILE]
+    if not weights or not all(w.is_file() for w in weights):
+        raise EmscopeError(
+            f"{path}: checkpoint has no weights; delete it to resume from the one before"
+        )
+    try:
+        for file in weights:
+            with safe_open(str(file), framework="pt"):
+                pass
+        with zipfile.ZipFile(path / STATE_PT):
+            pass
+    except (SafetensorError, OSError, zipfile.BadZipFile) as exc:
+        raise EmscopeError(
+            f"{path}: damaged checkpoint ({exc}); delete it to resume from the one before"
+        ) from None
 
 
 def _load_checkpoint(
