@@ -11,7 +11,7 @@ import torch
 
 from emscope.data.chat import write_chat_jsonl
 from emscope.errors import EmscopeError
-from emscope.io import atomic_write_text, inside, write_json
+from emscope.io import atomic_write_text, inside, read_table, write_json, write_table
 from emscope.lora import CONFIG_FILE, WEIGHTS_FILE, LoraAdapter, LoraModule
 
 
@@ -43,3 +43,21 @@ def test_inside_joins_plain_names_and_refuses_any_other(tmp_path: Path) -> None:
     for name in ("..", ".", "", "../x", "a/b", "/etc", "a\\b"):
         with pytest.raises(EmscopeError, match="is not a plain file name"):
             inside(tmp_path, "eval", name)
+
+
+def test_damaged_tables_fail_in_one_line(tmp_path: Path) -> None:
+    """A truncated or foreign parquet, or a CSV pandas cannot parse, gave a pyarrow / pandas
+    traceback."""
+    import pandas as pd
+
+    parquet = write_table(pd.DataFrame({"a": range(50), "b": ["x"] * 50}), tmp_path, "t")
+    data = parquet.read_bytes()
+    for damaged in (data[: len(data) // 2], b"not parquet", b""):
+        parquet.write_bytes(damaged)
+        with pytest.raises(EmscopeError, match=r"t\.parquet: not a readable parquet table \("):
+            read_table(tmp_path, "t")
+    csv = tmp_path / "c.csv"
+    for damaged in ("", 'a,b\n"x,1\n'):
+        csv.write_text(damaged)
+        with pytest.raises(EmscopeError, match=r"c\.csv: not a readable CSV table \("):
+            read_table(csv)

@@ -142,8 +142,6 @@ def write_table(df: pd.DataFrame, directory: str | Path, stem: str) -> Path:
 
 def read_table(directory_or_file: str | Path, stem: str = "responses") -> pd.DataFrame:
     """Read ``<stem>.parquet`` (or ``<stem>.csv``) from a dir, or a given .parquet/.csv file."""
-    import pandas as pd
-
     path = Path(directory_or_file)
     if path.is_dir():
         for candidate in (path / f"{stem}.parquet", path / f"{stem}.csv"):
@@ -155,10 +153,22 @@ def read_table(directory_or_file: str | Path, stem: str = "responses") -> pd.Dat
     if not path.is_file():
         raise EmscopeError(f"{path}: file not found")
     if path.suffix == ".parquet":
-        return pd.read_parquet(path)
+        return _read_parquet(path)
     if path.suffix == ".csv":
         return _read_csv(path)
     raise EmscopeError(f"{path}: expected a .parquet or .csv table")
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    """A parquet table, refused with one line when it is truncated or not parquet."""
+    import pandas as pd
+    import pyarrow as pa
+
+    try:
+        return pd.read_parquet(path)
+    except (pa.ArrowException, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EmscopeError(f"{path}: not a readable parquet table ({reason})") from None
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
