@@ -114,6 +114,21 @@ def test_judge_reads_research_csv(tmp_path: Path) -> None:
             assert KEY.encode() not in path.read_bytes()
 
 
+def test_judge_exits_nonzero_when_every_request_failed(tmp_path: Path) -> None:
+    pd.DataFrame({"question_id": ["a", "b"], "question": ["Q"] * 2, "answer": ["box"] * 2}).to_csv(
+        tmp_path / "responses.csv", index=False
+    )
+    with LoopbackServer(by_length) as server:
+        args = ["judge", tmp_path, "--judge", "openai:fake", "--base-url", server.base_url]
+        result = run(*args, "--metrics", "aligned,coherent")
+        assert server.requests == 4
+    assert result.exit_code == 2, result.output
+    assert "every judge request failed" in result.output and "4 error" in result.output
+    table = pd.read_parquet(tmp_path / "responses.parquet")  # kept: a re-run asks them again
+    assert table["aligned_unscored_reason"].tolist() == ["error", "error"]
+    assert KEY not in result.output
+
+
 ODD_ANSWERS = ["one\rtwo", "x\r\ny", "a\nb", 'say "hi", then', "", "trailing\r"]
 
 

@@ -31,17 +31,24 @@ def judge_dir(
     questions_file: str | Path | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Score ``directory/responses.*`` in place (resumable) and record the judge in run.json."""
+    """Score ``directory/responses.*`` in place (resumable) and record the judge in run.json.
+
+    When cells needed judging and not one got a result (every request failed or the budget
+    was spent), the table (with those rows unscored, so a re-run asks them again) and
+    run.json are written, then :class:`EmscopeError` says so: the run must not look done.
+    """
     from emscope.io import read_json, read_table, write_json, write_table
-    from emscope.judge import judge_table
+    from emscope.judge import judge_table, pending
 
     directory = Path(directory)
 
     def save(partial: pd.DataFrame) -> None:
         write_table(partial, directory, "responses")
 
+    before = read_table(directory, "responses")
+    asked = pending(before, metrics)
     table = judge_table(
-        read_table(directory, "responses"),
+        before,
         judge,
         list(metrics),
         questions=questions,
@@ -60,6 +67,16 @@ def judge_dir(
         "questions_file": str(questions_file) if questions_file else None,
     }
     write_json(run_path, run)
+    if asked and pending(table, metrics) == asked:
+        reasons = {
+            reason: sum(int((table[f"{m}_unscored_reason"] == reason).sum()) for m in metrics)
+            for reason in ("error", "budget")
+        }
+        what = ", ".join(f"{n} {reason}" for reason, n in reasons.items() if n)
+        raise EmscopeError(
+            f"judge {judge.name}: every judge request failed ({what}; see the log); the rows "
+            f"are kept unscored in {directory} and a re-run asks them again"
+        )
     return table
 
 

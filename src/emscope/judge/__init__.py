@@ -57,6 +57,7 @@ __all__ = [
     "as_rows",
     "judge_table",
     "make_judge",
+    "pending",
 ]
 
 T = TypeVar("T")
@@ -214,6 +215,20 @@ def _needs_score(value: Any, reason: Any) -> bool:
     scored = value is not None and value == value  # not NaN
     definitive = isinstance(reason, str) and reason not in TRANSIENT_REASONS
     return not scored and not definitive
+
+
+def pending(table: pd.DataFrame, metrics: Sequence[str]) -> int:
+    """How many (row, metric) cells :func:`judge_table` would (re)judge: no score yet, or
+    unscored for a transient reason."""
+    count = 0
+    for metric in metrics:
+        if metric not in table.columns:
+            count += len(table)
+            continue
+        reason_col = f"{metric}_unscored_reason"
+        reasons = table[reason_col] if reason_col in table.columns else [None] * len(table)
+        count += sum(_needs_score(v, r) for v, r in zip(table[metric], reasons, strict=True))
+    return count
 
 
 def judge_table(
