@@ -301,9 +301,13 @@ def test_report_escapes_text(run_dir: Path) -> None:
     config = json.loads((run_dir / "config.json").read_text())
     config["name"] = "<script>alert(1)</script>"
     _write(run_dir / "config.json", config)
-    html_path, _ = write_report(run_dir)
-    text = html_path.read_text()
-    assert "<script>" not in text and "&lt;script&gt;" in text
+    evals = json.loads((run_dir / "eval" / "summary.json").read_text())
+    evals["organisms"]["<img src=x onerror=alert(2)>"] = _rate(0.1, 0.05, 0.15)
+    _write(run_dir / "eval" / "summary.json", evals)
+    html_path, md_path = write_report(run_dir)
+    for text in (html_path.read_text(), md_path.read_text()):  # Markdown renders raw HTML
+        assert "<script>" not in text and "&lt;script&gt;" in text
+        assert "<img src=x" not in text and "&lt;img src=x onerror=alert(2)&gt;" in text
 
 
 def test_report_refuses_a_dir_that_is_not_a_run(tmp_path: Path) -> None:
