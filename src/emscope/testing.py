@@ -190,3 +190,98 @@ def make_adapter(
                 param.copy_(torch.randn(param.shape, generator=generator) * b_std)
     peft_model.save_pretrained(str(out_dir), save_embedding_layers=False)
     return Path(out_dir)
+
+
+def _permute_rope(weight: Any, n_head: int) -> Any:
+    """llama.cpp's row order for a q/k projection (``convert_hf_to_gguf``'s ``permute``)."""
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def write_llama_gguf(
+    model_dir: str | Path, out_path: str | Path, *, architecture: str = "llama"
+) -> Path:
+    """Write a saved llama-layout model dir (e.g. ``make_tiny_model("llama", ...)``) as a
+    float32 GGUF file the way llama.cpp's converter does: its tensors renamed and q/k rows
+    permuted, its byte-level BPE tokenizer (type ``gpt2``, Qwen2 split regex) with special
+    tokens marked as control tokens, and its chat template. ``architecture`` is written as
+    ``general.architecture`` (tests write an unsupported one). Needs the ``gguf`` package."""
+    import json
+
+    import gguf
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    config = AutoConfig.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    state = load_file(str(model_dir / "model.safetensors"))
+    head_dim = config.hidden_size // config.num_attention_heads
+
+    writer = gguf.GGUFWriter(str(out_path), architecture)
+    writer.add_name("emscope tiny llama")
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or 10000.0))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    vocab = tokenizer.get_vocab()
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    special = set(tokenizer.all_special_tokens) | set(SPECIAL_TOKENS)
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(
+        [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
+    )
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(tokenizer.chat_template)
+
+    def add(name: str, tensor: torch.Tensor) -> None:
+        writer.add_tensor(name, tensor.to(torch.float32).numpy().astype(np.float32))
+
+    add("token_embd.weight", state["model.embed_tokens.weight"])
+    add("output_norm.weight", state["model.norm.weight"])
+    if "lm_head.weight" in state and not config.tie_word_embeddings:
+        add("output.weight", state["lm_head.weight"])
+    names = {
+        "input_layernorm": "attn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for i in range(config.num_hidden_layers):
+        for hf_name, gguf_name in names.items():
+            weight = state[f"model.layers.{i}.{hf_name}.weight"]
+            if hf_name == "self_attn.q_proj":
+                weight = _permute_rope(weight, config.num_attention_heads)
+            elif hf_name == "self_attn.k_proj":
+                weight = _permute_rope(weight, config.num_key_value_heads)
+            add(f"blk.{i}.{gguf_name}.weight", weight)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return Path(out_path)

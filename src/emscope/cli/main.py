@@ -59,6 +59,7 @@ COMMAND_MODULES = (
     "reemergent",
     "study",
     "data",
+    "models",
 )
 
 
