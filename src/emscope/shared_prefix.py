@@ -329,6 +329,8 @@ def shared_prefix_supported(model: Any, prefill: Cache, total_length: int) -> bo
         return False
     if not hasattr(config, "_attn_implementation_internal"):
         return False
+    if getattr(SharedPrefixLayer, "__abstractmethods__", None):  # transformers 4.x cache layers
+        return False  # declare methods this layer does not implement (get_max_cache_shape)
     if getattr(config, "sub_configs", None) or len(_configs(base)) != 1:
         return False
     return all(_full_attention(layer, total_length) for layer in prefill.layers)
