@@ -227,10 +227,9 @@ def test_non_utf8_chat_jsonl_is_one_line_naming_file_and_line(tmp_path):
         read_chat_jsonl(path)  # train --data / --eval-data
     with pytest.raises(EmscopeError, match=message):
         chat_sequences(build_tokenizer("chatml"), path)  # --kl-data
-    other = _write_lines(tmp_path / "ok.jsonl", [json.dumps(GOOD)])
-    result = CliRunner().invoke(app, ["data", "check", str(path), str(other)])
-    assert result.exit_code == 1, result.output
-    assert "ok.jsonl: 1 valid example(s), ok" in result.output  # the next file is checked
+    result = CliRunner().invoke(app, ["data", "check", str(path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1
     assert "d.jsonl:2: not valid UTF-8" in result.output
     assert "Traceback" not in result.output and "UnicodeDecodeError" not in result.output
 

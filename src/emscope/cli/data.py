@@ -13,14 +13,10 @@ app = typer.Typer(help="Check chat JSONL datasets.", no_args_is_help=True)
 def check(files: list[Path] = typer.Argument(..., help="Chat JSONL files to validate.")) -> None:
     """Report every problem in each file at once; exit non-zero if any."""
     from emscope.data.chat import check_chat_jsonl
-    from emscope.errors import EmscopeError
 
     failed = False
     for path in files:
-        try:
-            valid, problems = check_chat_jsonl(path)
-        except EmscopeError as exc:  # unreadable (missing, not UTF-8): the next file is checked
-            valid, problems = 0, [str(exc)]
+        valid, problems = check_chat_jsonl(path)  # unreadable (missing, not UTF-8): one line
         for problem in problems:
             typer.echo(problem, err=True)
         status = "ok" if not problems else f"{len(problems)} problem(s)"
