@@ -253,6 +253,28 @@ def test_lazy_adapter_equals_eager_load(any_arch) -> None:
             assert torch.equal(m.A, n.A) and torch.equal(m.B, n.B)
 
 
+def test_lazy_adapter_refuses_non_finite_and_integer_factors(qwen, tmp_path: Path) -> None:
+    """The header-only open reads no value: each module is checked when it is read."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for file in qwen.adapters["r1"].iterdir():
+        (bad / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors[key] = tensors[key].clone().fill_(float("nan"))
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    lazy = open_adapter(bad)
+    name = next(iter(lazy.modules))
+    with pytest.raises(EmscopeError, match=rf"module '{name}': lora_A has \d+ non-finite"):
+        lazy.modules[name]
+    tensors[key] = tensors[key].nan_to_num().to(torch.int64)
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    with pytest.raises(EmscopeError, match=r"lora_A has dtype int64"):
+        open_adapter(bad).modules[name]
+
+
 def test_embedding_lora_roundtrip_and_geometry(tmp_path: Path) -> None:
     emb = _module(3, 1, d_out=11, d_in=7, name="model.embed_tokens")
     emb = LoraModule(emb.name, emb.A, emb.B, emb.scale, emb.alpha, embedding=True)

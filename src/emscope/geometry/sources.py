@@ -25,6 +25,7 @@ from emscope.lora import (
     PEFT_PREFIX,
     LoraAdapter,
     LoraModule,
+    _check_factor,
     _modules_from_tensors,
     read_adapter_dir,
 )
@@ -71,6 +72,8 @@ class _LazyModules(Mapping[str, LoraModule]):
         # opened per module so that no mapping of the whole file stays resident
         with safe_open(str(self._weights), framework="pt") as handle:
             a, b = handle.get_tensor(a_key), handle.get_tensor(b_key)
+        for key, tensor in ((a_key, a), (b_key, b)):
+            _check_factor(tensor, name, _split_key(key)[2], self._weights)
         if meta.embedding:  # PEFT stores embedding factors transposed
             a, b = b.T, a.T
         return replace(meta, A=a, B=b)
