@@ -3,10 +3,12 @@ with locally built tokenizers, and PEFT adapters on them. Built once per test se
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +40,37 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class _FullDisk:
+    """A file handle on a full disk: every write fails with ENOSPC."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def __enter__(self) -> _FullDisk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.close()
+
+    def fileno(self) -> int:
+        return int(self.handle.fileno())
+
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Call it to make every later ``os.fdopen`` handle (the atomic writer's) fail with
+    ENOSPC, as on a full disk; undone after the test."""
+
+    def fill() -> None:
+        real = os.fdopen
+        monkeypatch.setattr(os, "fdopen", lambda *a, **k: _FullDisk(real(*a, **k)))
+
+    return fill
 
 
 ARCHS = ("qwen2", "llama", "mistral", "gemma2")

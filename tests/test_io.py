@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -61,3 +65,22 @@ def test_damaged_tables_fail_in_one_line(tmp_path: Path) -> None:
         csv.write_text(damaged)
         with pytest.raises(EmscopeError, match=r"c\.csv: not a readable CSV table \("):
             read_table(csv)
+
+
+def test_full_disk_and_read_only_dir_are_one_line_and_change_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, full_disk: Callable[[], None]
+) -> None:
+    target = atomic_write_text(tmp_path / "r.json", "old")
+    full_disk()
+    with pytest.raises(EmscopeError, match=r"r\.json: cannot write \(No space left on device\)"):
+        write_json(target, {"new": 1})
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temp file left
+
+    def read_only(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(tmp_path))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(EmscopeError, match=r"new\.json: cannot write \(Read-only file system\)"):
+        write_json(tmp_path / "new.json", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]

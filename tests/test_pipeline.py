@@ -4,7 +4,9 @@ an interruption."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +202,34 @@ def test_missing_input_fails_before_work(tmp_path: Path) -> None:
     with pytest.raises(EmscopeError, match=r"models.base: .* does not exist"):
         run_study(path, out)
     assert not out.exists()
+
+
+def test_read_only_or_full_output_disk_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, full_disk: Any
+) -> None:
+    """A read-only --out, or a full disk, gave an OSError traceback."""
+    path = write(tmp_path, tiny_config(tmp_path / "toy", stages=["organisms"]))
+    out = tmp_path / "run"
+    real_mkdir = Path.mkdir
+
+    def read_only(self: Path, *args: Any, **kwargs: Any) -> None:
+        if self == out:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "mkdir", read_only)
+        result = invoke("run", path, "--out", out)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == f"error: {out}: Permission denied"
+    assert not out.exists()
+
+    full_disk()
+    result = invoke("run", path, "--out", out)
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line == f"error: {out / 'config.json'}: cannot write (No space left on device)"
+    assert list(out.iterdir()) == []
 
 
 def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emscope.errors import EmscopeError
+from emscope.errors import EmscopeError, os_error
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -55,15 +55,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     The file gets the mode a plain ``open`` would give it (``0o666`` less the umask), not the
     ``0o600`` of :func:`tempfile.mkstemp`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise os_error(exc, path, "cannot write") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             os.fchmod(handle.fileno(), 0o666 & ~_umask())
             handle.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # a full disk, a quota: the old file is left as it was
+            raise os_error(exc, path, "cannot write") from None
         raise
     return path
 

@@ -8,17 +8,21 @@ import typer
 from typer.core import TyperGroup
 
 from emscope import __version__
-from emscope.errors import EmscopeError
+from emscope.errors import EmscopeError, os_error
 
 
 class _Group(TyperGroup):
-    """Turns an :class:`EmscopeError` from any sub-command into one line, no traceback."""
+    """Turns an :class:`EmscopeError`, or an :class:`OSError` (a read-only or full disk, a
+    missing dir), from any sub-command into one line, no traceback."""
 
     def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except EmscopeError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            typer.echo(f"error: {os_error(exc)}", err=True)
             raise typer.Exit(2) from None
 
 
