@@ -17,6 +17,8 @@ SUBCOMMANDS = [
     "sample",
     "judge",
     "eval",
+    "judge-agreement",
+    "thresholds",
     "geometry",
     "lmc",
     "directions",

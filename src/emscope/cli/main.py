@@ -56,6 +56,7 @@ COMMAND_MODULES = (
     "toy",
     "train",
     "evaluation",
+    "judges",
     "geometry",
     "lmc",
     "directions",
