@@ -7,10 +7,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -202,6 +204,68 @@ def test_missing_input_fails_before_work(tmp_path: Path) -> None:
     with pytest.raises(EmscopeError, match=r"models.base: .* does not exist"):
         run_study(path, out)
     assert not out.exists()
+
+
+def _nan_adapter(src: Path, dst: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "adapter_model.safetensors"))
+    key = next(iter(tensors))
+    tensors[key] = tensors[key].clone().fill_(float("nan"))
+    save_file(tensors, str(dst / "adapter_model.safetensors"))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("field", "damage", "message"),
+    [
+        ("models.base", lambda p, o: _copy_without(o / "models/base", p, "model.safetensors"),
+         "no model weights"),
+        ("adapters.bad_sport.all.path",
+         lambda p, o: _nan_adapter(o / "adapters/bad_sport.all", p), "non-finite"),
+        ("questions.medical", lambda p, o: _write_text(p / "q.yaml", "- [oops\n"), "invalid YAML"),
+        ("stages.reemergent.data", lambda p, o: _write_text(p / "d.jsonl", "{}\n"), "d.jsonl:1"),
+        ("device", None, "CUDA is not available"),
+    ],
+)  # fmt: skip
+def test_every_input_is_checked_before_the_first_stage(
+    tiny_organism: Path, tmp_path: Path, field: str, damage: Any, message: str
+) -> None:
+    """A broken model dir, adapter, question file or data file failed only when a stage
+    reached it (up to half a minute in, with the run dir half written)."""
+    data = tiny_config(tiny_organism, ["eval", "reemergent"])
+    data["stages"]["reemergent"].pop("gradient_data")
+    if field == "device":
+        if torch.cuda.is_available():
+            pytest.skip("needs a machine without CUDA")
+        data["device"] = "cuda"
+    else:
+        broken = damage(tmp_path / "broken", tiny_organism)
+        section, *rest = field.split(".")
+        if section == "adapters":
+            data["adapters"][rest[0] + "." + rest[1]]["path"] = str(broken)
+        elif section == "stages":
+            data["stages"]["reemergent"]["data"] = str(broken)
+        else:
+            data[section][rest[0]] = str(broken)
+    path = write(tmp_path, data)
+    out = tmp_path / "run"
+    with pytest.raises(EmscopeError, match=rf"^{path}: {field}: .*{message}"):
+        run_study(path, out, echo=lambda _: None)
+    assert not out.exists()
+
+
+def _copy_without(src: Path, dst: Path, name: str) -> Path:
+    shutil.copytree(src, dst)
+    (dst / name).unlink()
+    return dst
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def test_read_only_or_full_output_disk_is_one_line(

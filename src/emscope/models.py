@@ -377,6 +377,20 @@ def check_model_weights(path: str | Path) -> None:
         raise EmscopeError(f"{path}: no model weights (none of {', '.join(WEIGHT_FILES)})")
 
 
+def check_model_dir(path: str | Path, layers_path: str | None = None) -> dict[str, Any]:
+    """What :func:`load_model` checks before it reads a weight: a valid ``config.json`` of a
+    known architecture (unless ``layers_path`` is given) and weights. Returns the config."""
+    config = read_model_config(path, weights=False)
+    model_type = config.get("model_type")
+    if layers_path is None and model_type not in ARCHITECTURES:
+        raise EmscopeError(
+            f"{path}: unknown architecture {model_type!r}; known: "
+            f"{', '.join(sorted(ARCHITECTURES))} (pass layers_path to use it anyway)"
+        )
+    check_model_weights(path)
+    return config
+
+
 def check_device(device: str) -> None:
     """Refuse a device torch cannot use here (``cuda`` without CUDA, ``cuda:3`` on a
     two-GPU machine, ``mps`` off Apple silicon), in one line, before any weight is read."""
@@ -424,14 +438,7 @@ def load_model(
     ``device_map="auto"`` spreads a large model over the available GPUs (accelerate).
     """
     path = Path(path)
-    config = read_model_config(path, weights=False)
-    model_type = config.get("model_type")
-    if layers_path is None and model_type not in ARCHITECTURES:
-        raise EmscopeError(
-            f"{path}: unknown architecture {model_type!r}; known: "
-            f"{', '.join(sorted(ARCHITECTURES))} (pass layers_path to use it anyway)"
-        )
-    check_model_weights(path)
+    check_model_dir(path, layers_path)
 
     named = _named_adapters(adapters)
     loaded_adapters = {name: LoraAdapter.load(p, name=name) for name, p in named.items()}

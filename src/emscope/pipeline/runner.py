@@ -144,7 +144,7 @@ def run_study(
     if dry_run:
         echo(format_plan(config, run_dir, _dry_notes(config)))
         return {}
-    notes = check_paths(config, str(config_path))
+    notes = check_inputs(config, str(config_path))
     plan(config, run_dir)  # refuses stale stages before any work
     if progress is None:
         progress = sys.stderr.isatty()
@@ -233,6 +233,8 @@ def _run_stages(
             manifest["stages"][stage]["status"] = "interrupted"
             write_json(manifest_path, manifest)
             raise
+        if stage == "organisms":  # what it built is checked before any stage reads it
+            check_inputs(config, str(manifest.get("config_file", "config")))
         wall = time.perf_counter() - start
         total += wall
         write_json(run_dir / stage / "stage.json", summary)
@@ -248,6 +250,48 @@ def _run_stages(
         write_json(manifest_path, manifest)
         echo(f"[{stage}] {wall:.1f} s")
     return total
+
+
+def check_inputs(config: StudyConfig, source: str = "config") -> list[str]:
+    """Every input the config names, checked before the first stage so that a bad one fails
+    in one line at once, not when a stage reaches it: :func:`check_paths` (missing paths),
+    then each existing input read as far as needed to refuse it (model dirs: config and
+    weights; adapter dirs: every factor and its target_modules; question files; chat data
+    files; the device). Inputs the organisms stage will build are checked after it."""
+    from emscope.data.chat import read_chat_jsonl
+    from emscope.data.questions import load_questions
+    from emscope.lora import LoraAdapter
+    from emscope.models import (
+        check_adapter_targets,
+        check_device,
+        check_model_dir,
+        read_model_config,
+    )
+
+    notes = check_paths(config, source)
+    if config.device is not None:
+        try:
+            check_device(config.device)
+        except EmscopeError as exc:
+            raise EmscopeError(f"{source}: device: {exc}") from None
+    judge_kind = config.judge.spec.partition(":")[0]
+    for field, path in input_paths(config).items():
+        if not Path(path).exists():
+            continue  # the organisms stage builds it (check_paths said so)
+        try:
+            if field.startswith("models."):
+                check_model_dir(path)
+            elif field.startswith("adapters."):
+                check_adapter_targets(LoraAdapter.load(path, name=field.split(".")[1]))
+            elif field.startswith("questions."):
+                load_questions(path)
+            elif field.startswith("stages."):
+                read_chat_jsonl(path)
+            elif field == "judge.spec" and judge_kind == "hf":
+                read_model_config(path)
+        except EmscopeError as exc:
+            raise EmscopeError(f"{source}: {field}: {exc}") from None
+    return notes
 
 
 def _hash_inputs(config: StudyConfig, manifest: dict[str, Any]) -> None:
