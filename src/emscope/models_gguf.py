@@ -210,6 +210,8 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32
         os.chmod(tmp, 0o777 & ~_umask())
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        for file in tmp.iterdir():  # safetensors writes 0600; give what a plain open gives
+            os.chmod(file, 0o666 & ~_umask())
         if getattr(model.config, "quantization_config", None) is not None:  # pragma: no cover
             raise EmscopeError(f"{path}: the converted config still names a quantizer")
         write_json(
