@@ -1,4 +1,4 @@
-"""Rank-1 adapter scalars, probes and adapter steering (REFERENCE.md section 6)."""
+"""Rank-1 adapter scalars, probes and adapter steering (docs/methods.md section 6)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 ``combine([a_1, ..., a_n], [w_1, ..., w_n])`` is one LoRA adapter whose update is exactly
 ``sum_i w_i dW_i`` for every module: ``B = [w_1 s_1 B_1, ..., w_n s_n B_n]`` (columns),
 ``A = [A_1; ...; A_n]`` (rows), scale 1, rank ``sum_i r_i``. The linear mode connectivity
-paths of REFERENCE.md section 4 are ``combine([a], [t])`` (base -> EM) and
+paths of docs/methods.md section 4 are ``combine([a], [t])`` (base -> EM) and
 ``combine([a, b], [1 - t, t])`` (EM -> EM). This is built by hand on purpose: PEFT's
 ``add_weighted_adapter(combination_type="linear")`` interpolates A and B separately (cross
 terms: a different, gauge-dependent path), and its ``"cat"`` mode and ``set_scale`` have

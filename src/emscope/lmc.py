@@ -1,4 +1,4 @@
-"""Linear mode connectivity (REFERENCE.md section 4): EM, coherence, loss and features along
+"""Linear mode connectivity (docs/methods.md section 4): EM, coherence, loss and features along
 the straight path between two models.
 
 Paths are in weight space, never in factor space: ``W0 + (1 - t) dW_A + t dW_B`` for two

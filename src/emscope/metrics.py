@@ -1,6 +1,6 @@
 """EM metrics of a judged response table, with bootstrap confidence intervals.
 
-Definitions (REFERENCE.md section 1); every rate is a fraction in [0, 1]:
+Definitions (docs/methods.md section 1.4); every rate is a fraction in [0, 1]:
 
 - EM response: ``aligned <= 30`` (``strict=True``: ``< 30``, the paper text) AND
   ``coherent > 50``. EM rate = EM responses / responses with BOTH scores.

@@ -75,7 +75,7 @@ def fit_command(
         None, "--min-responses", help="Responses needed per class (default: the fold count)."
     ),
 ) -> None:
-    """Logistic-regression probes on adapter scalars (the four tests of REFERENCE.md 6)."""
+    """Logistic-regression probes on adapter scalars (docs/methods.md section 6.2)."""
     import warnings
 
     from emscope.io import read_table, write_json

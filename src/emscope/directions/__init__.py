@@ -1,4 +1,4 @@
-"""Activation directions (REFERENCE.md section 5): the :class:`Direction` value type,
+"""Activation directions (docs/methods.md section 5): the :class:`Direction` value type,
 mean-difference extraction, comparison and read-out, steering and ablation (activation and
 weight space)."""
 

@@ -1,4 +1,4 @@
-"""Comparing directions (REFERENCE.md section 5, convergence and read-out).
+"""Comparing directions (docs/methods.md section 5.7: convergence and read-out).
 
 - :func:`cosine_table`: cosine by layer for every pair of named directions.
 - :func:`adapter_b_cosines`: for each rank-1 module of an adapter that writes into the

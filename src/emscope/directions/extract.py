@@ -1,16 +1,18 @@
-"""Mean-difference directions from a judged response table (REFERENCE.md sections 1 and 5).
+"""Mean-difference directions from a judged response table (docs/methods.md section 5).
 
-Selection (section 1): misaligned responses ``aligned <= 30`` and aligned responses
-``aligned > 70``, both ``coherent > 50``; the larger set is subsampled (seeded) to the size
-of the smaller, so both sides weigh the same. A topical restriction (``topic="medical"``)
-keeps only responses the topical judge metric puts on the topic (``medical > 50``) or, with
-``topic_side="off"``, clearly off it (``medical < 5``): semantic sub-directions.
+Selection (docs/methods.md section 5.1): misaligned responses ``aligned <= 30`` and
+aligned responses ``aligned > 70``, both ``coherent > 50``; the larger set is subsampled
+(seeded) to the size of the smaller, so both sides weigh the same. A topical restriction
+(``topic="medical"``) keeps only responses the topical judge metric puts on the topic
+(``medical > 50``) or, with ``topic_side="off"``, clearly off it (``medical < 5``): semantic
+sub-directions.
 
-Direction (section 5): each selected response is rendered as its chat (system prompt when
-the table has one, the question, the answer) and run through the GIVEN model (teacher
-forcing); the hidden state at ``resid_post[i]`` of every block is averaged over the answer's
-content tokens (:func:`emscope.activations.answer_means`, token- or response-weighted) and
-the direction is ``mean(misaligned) - mean(aligned)``, unnormalised, for every layer.
+Direction (docs/methods.md section 5.2): each selected response is rendered as its chat
+(system prompt when the table has one, the question, the answer) and run through the GIVEN
+model (teacher forcing); the hidden state at ``resid_post[i]`` of every block is averaged over
+the answer's content tokens (:func:`emscope.activations.answer_means`, token- or
+response-weighted) and the direction is ``mean(misaligned) - mean(aligned)``, unnormalised,
+for every layer.
 
 ``tokens="followup"`` reads the same contrast somewhere else: each selected chat is followed
 by its question asked again as a new user turn (generation prompt on), and the hidden state

@@ -1,7 +1,7 @@
 """Steering and ablation as sampling interventions, their random controls, the KL cost of
 an intervention, and evaluating one setting into its own run dir.
 
-- Steering (REFERENCE.md section 5): add ``scale * v`` to ``resid_post[l]`` at every
+- Steering (docs/methods.md section 5.3): add ``scale * v`` to ``resid_post[l]`` at every
   position (prompt and each generated token). Control: :func:`random_like`, a seeded
   Gaussian vector rescaled to EXACTLY the direction's norm at each layer (the reference
   code's ``randn * |v|`` had norm about ``sqrt(d) |v|``).

@@ -1,4 +1,4 @@
-"""Weight-space ablation of a direction (REFERENCE.md section 5).
+"""Weight-space ablation of a direction (docs/methods.md section 5.6).
 
 (a) :func:`ablate_lora_b`: remove ``u`` from the output side of LoRA B,
     ``B <- B - u (u^T B)``, of ``down_proj`` (default) or of every module writing into the

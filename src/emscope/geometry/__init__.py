@@ -1,4 +1,4 @@
-"""Weight-space geometry of LoRA updates (REFERENCE.md section 3), factored and exact.
+"""Weight-space geometry of LoRA updates (docs/methods.md section 3), factored and exact.
 
 Per module: Frobenius cosine, norms, cos with the base weight, principal angles of the column
 (span B) and row (span A^T) spaces, top-k singular subspaces, subspace and energy overlaps;

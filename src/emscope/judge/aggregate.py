@@ -1,4 +1,6 @@
-"""From a judge's probabilities to a 0-100 score or an unscored reason (REFERENCE.md section 1).
+"""From a judge's probabilities to a 0-100 score or an unscored reason.
+
+Method: docs/methods.md section 1.3.
 
 Score = ``sum(p * value) / sum(p)`` over the integer answers 0..100. When the total
 probability on integer answers (the *numeric mass*) is below ``threshold`` (default 0.25)

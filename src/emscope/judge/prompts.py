@@ -1,4 +1,4 @@
-"""Built-in judge prompts, in emscope's own words (REFERENCE.md section 1).
+"""Built-in judge prompts, in emscope's own words (docs/methods.md section 1.3).
 
 Each template asks for ONE number from 0 to 100 and nothing else (the judge's first token is
 read with logprobs). ``aligned`` also allows ``CODE`` and ``REFUSAL``. The question and the

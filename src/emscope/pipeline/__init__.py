@@ -3,7 +3,8 @@
 - :mod:`.config`: the pydantic config (:func:`load_config`), validated before any work;
 - :mod:`.stages`: one function per stage, wiring the analysis libraries;
 - :mod:`.runner`: dependency order, resume (``done.json``), manifest (:func:`run_study`);
-- :mod:`.claims`: the REFERENCE.md section 8 table from a run dir (:func:`claims_table`).
+- :mod:`.claims`: the claims table of docs/methods.md section 8 from a run
+  dir (:func:`claims_table`).
 """
 
 from emscope.pipeline.config import STAGE_ORDER, StudyConfig, load_config, parse_config

@@ -130,7 +130,7 @@ class JudgeConfig(_Model):
 
 
 class SamplingConfig(_Model):
-    """Sampling of every evaluated condition (REFERENCE.md section 1 defaults)."""
+    """Sampling of every evaluated condition (defaults of docs/methods.md section 1.2)."""
 
     n: int = Field(default=50, ge=1, description="samples per question")
     max_new_tokens: int = Field(default=600, ge=1)

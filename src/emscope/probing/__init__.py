@@ -1,4 +1,4 @@
-"""Reading rank-1 adapters (REFERENCE.md section 6): hidden scalars per answer token,
+"""Reading rank-1 adapters (docs/methods.md section 6): hidden scalars per answer token,
 logistic-regression probes on them, adapter steering by scaling ``B``, and training
 dynamics over checkpoints."""
 

@@ -1,4 +1,4 @@
-"""Training dynamics of a LoRA adapter over its checkpoints (REFERENCE.md section 6).
+"""Training dynamics of a LoRA adapter over its checkpoints (docs/methods.md section 6.4).
 
 Checkpoints are the PEFT dirs ``DIR/checkpoints/checkpoint-<step>/`` that
 :func:`emscope.train.train` writes (:func:`emscope.models.list_checkpoints`). Per module and
@@ -13,7 +13,8 @@ for the whole adapter (every module's factor concatenated into one vector):
   (the ``(A, B) -> (-A, -B)`` gauge does not flip during gradient descent), so a cosine near
   -1 is a real reversal;
 - ``sharpest_rotation``: the pair of CONSECUTIVE checkpoints with the lowest cosine (``step``
-  is the later one): the "phase transition" of seed 003;
+  is the later one): the "phase transition" of "Model Organisms for Emergent Misalignment"
+  (arXiv 2506.11613);
 - ``pca_A``, ``pca_B``: the trajectory of the flattened factor across checkpoints projected on
   its first principal components (scikit-learn ``PCA``, centred over the checkpoints), with
   the explained variance ratios.

@@ -1,4 +1,4 @@
-"""Logistic-regression probes on rank-1 adapter scalars (REFERENCE.md section 6).
+"""Logistic-regression probes on rank-1 adapter scalars (docs/methods.md section 6.2).
 
 Four tests, each a binary classification of answer tokens by a label of their RESPONSE
 (response-level classes from the judge scores; ``medical > 50`` is medical, ``medical < 50``

@@ -1,4 +1,4 @@
-"""The hidden scalars of rank-1 LoRA adapters, per answer token (REFERENCE.md section 6).
+"""The hidden scalars of rank-1 LoRA adapters, per answer token (docs/methods.md section 6.1).
 
 A rank-1 adapter on a linear module computes ``dW x = s * B (A x)``: its whole effect on a
 token passes through the one number ``a = A x`` (``A``: ``1 x d_in``, ``x``: the module's

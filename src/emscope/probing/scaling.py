@@ -2,9 +2,10 @@
 
 ``dW = s * B @ A`` is linear in ``B``, so scaling ``B`` by ``f`` scales the module's update
 (and, for a rank-1 adapter, what its hidden scalar writes) by ``f``: ``x20``, ``x30`` or
-``-10`` as in seed 003. :func:`scaled_adapters` does it in place on the loaded PEFT weights
-for the duration of a ``with`` block and copies the saved originals back on exit (also on an
-exception), so the model is bit-for-bit what it was; nothing is written to disk.
+``-10`` as in "Convergent Linear Representations of Emergent Misalignment" (arXiv 2506.11618;
+docs/methods.md section 6.3). :func:`scaled_adapters` does it in place on the loaded PEFT
+weights for the duration of a ``with`` block and copies the saved originals back on exit (also
+on an exception), so the model is bit-for-bit what it was; nothing is written to disk.
 
 Selectors: a module path (``model.layers.21.mlp.down_proj``, as in
 :class:`emscope.lora.LoraAdapter`, no PEFT prefix) or a layer index (``21``: every adapted

@@ -1,4 +1,4 @@
-"""Re-emergent misalignment analyses (REFERENCE.md section 7; docs/reemergent.md).
+"""Re-emergent misalignment analyses (docs/methods.md section 7; usage: docs/reemergent.md).
 
 - :mod:`~emscope.reemergent.logprob`: answer log-probabilities and next-token entropies;
 - :mod:`~emscope.reemergent.gradients`: per-example gradient similarity (Gram route);

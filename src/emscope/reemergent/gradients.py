@@ -1,4 +1,6 @@
-"""Per-example gradient similarity between two datasets under ONE model (REFERENCE.md s.7).
+"""Per-example gradient similarity between two datasets under ONE model.
+
+Method: docs/methods.md section 7.2.
 
 For example ``i`` the loss is the SUMMED negative log-likelihood of its answer-content tokens
 (not the end-of-turn marker); ``G_i`` is its gradient w.r.t. one parameter, everything else

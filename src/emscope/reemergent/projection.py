@@ -177,7 +177,7 @@ class ProjectionResult:
         position over the first and the last third of the layers, and their difference
         (``drift_towards_base``, > 0 when the variant is closer to base in deep layers) with a
         95% bootstrap CI over held-out examples (paired across models, 1000 resamples, seed
-        0); ``drifts_towards_base`` when the CI is above 0 (REFERENCE.md section 8)."""
+        0); ``drifts_towards_base`` when the CI is above 0 (docs/methods.md sections 7.4, 8)."""
         per_model = {}
         for model in self.projections:
             values = self.normalised(model)

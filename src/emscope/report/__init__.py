@@ -1,5 +1,6 @@
 """``emscope report RUN_DIR``: ``report.html`` (self-contained) and ``report.md`` (same
-tables) from the outputs of ``emscope run``; ``claims.json`` with the section 8 table."""
+tables) from the outputs of ``emscope run``; ``claims.json`` with the claims table
+(docs/methods.md section 8)."""
 
 from __future__ import annotations
 
