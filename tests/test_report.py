@@ -5,6 +5,7 @@ where Chromium is installed, a headless render in which every figure loads."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -14,8 +15,10 @@ from typing import Any
 import pytest
 
 from emscope.errors import EmscopeError
+from emscope.papers import PAPERS
 from emscope.pipeline import claims as c
 from emscope.report import write_report
+from emscope.report.sections import build_sections
 
 # ---------------------------------------------------------------------------- pure tests
 
@@ -227,6 +230,48 @@ def test_claims_from_a_constructed_run(run_dir: Path) -> None:
     assert {k: r.holds for k, r in rows.items()} == expected
     assert "em1: 30.0% [25.0, 35.0]" in rows["narrow_em"].measured
     assert rows["narrow_em"].paper.startswith("11.3% EM")
+    # each published value names its paper
+    assert rows["narrow_em"].source == "arXiv 2506.11618"
+    assert rows["subspace"].source == "arXiv 2511.02022"
+    assert rows["drift"].source == "arXiv 2507.03662"
+
+
+def _methods_sections() -> set[str]:
+    text = (Path(__file__).resolve().parent.parent / "docs" / "methods.md").read_text()
+    return set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)\.?\s", text, re.MULTILINE))
+
+
+def test_sections_cite_papers_by_title_and_arxiv_and_the_methods_doc(run_dir: Path) -> None:
+    """Every report section with a source line names each paper by its title and arXiv id and
+    the docs/methods.md section that defines what it shows (a section that exists); the claims
+    table's published values name their paper's arXiv id."""
+    existing = _methods_sections()
+    titles = {p.arxiv: p.title for p in PAPERS}
+    sections = build_sections(run_dir)
+    cited = [s for s in sections if s.paper]
+    assert {s.key for s in cited} >= {
+        "claims", "eval", "geometry", "lmc", "directions", "steering", "ablation", "probes",
+        "dynamics", "reemergent", "thresholds",
+    }  # fmt: skip
+    for s in cited:
+        ids = re.findall(r"arXiv (\d{4}\.\d{5})", s.paper)
+        assert ids, f"{s.key}: {s.paper!r} cites no arXiv id"
+        for arxiv in ids:
+            assert f'"{titles[arxiv]}" (arXiv {arxiv})' in s.paper, s.key
+        numbers = re.findall(r"docs/methods\.md section (\d+(?:\.\d+)?)", s.paper)
+        assert numbers and set(numbers) <= existing, f"{s.key}: {s.paper!r}"
+    claims = sections[0]
+    assert claims.key == "claims" and claims.title == "Headline claims (docs/methods.md section 8)"
+    cells = [row[1] for row in claims.tables[0].rows]
+    assert len(cells) == len(c.CLAIMS)
+    for cell in cells:
+        arxiv = re.fullmatch(r".+ \(arXiv (\d{4}\.\d{5})\)", cell)
+        assert arxiv is not None and arxiv.group(1) in claims.paper, cell
+    _, md_path = write_report(run_dir)
+    md = md_path.read_text()
+    assert "## Headline claims (docs/methods.md section 8)" in md
+    assert "11.3% EM (9 x rank-1, Qwen2.5-14B), &gt; 99% coherent (arXiv 2506.11618)" in md
+    assert '"Shared Parameter Subspaces and Cross-Task Linearity in Emergently Misaligned ' in md
 
 
 def test_claims_fail_when_the_numbers_say_so(run_dir: Path) -> None:

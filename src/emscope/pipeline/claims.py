@@ -1,4 +1,7 @@
-"""The headline claims of REFERENCE.md section 8, judged on a run's outputs.
+"""The headline claims of the papers (docs/methods.md section 8), judged on a run's outputs.
+
+Each claim names the paper it comes from (:mod:`emscope.papers`: title and arXiv id) and the
+value published there.
 
 Two layers:
 
@@ -20,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emscope.papers import CONVERGENT, REEMERGENT, SHARED_SUBSPACES, Paper
+
 #: A rate with its 95% CI: ``(value, (low, high))``.
 Rate = tuple[float, tuple[float, float]]
 
@@ -28,12 +33,14 @@ NOT_RUN = "n/a (stage not run)"
 
 @dataclass(frozen=True)
 class Claim:
-    """One row of REFERENCE.md section 8."""
+    """One row of the claims table (docs/methods.md section 8): ``paper`` is the value
+    published in ``source``."""
 
     key: str
     claim: str
     paper: str
     test: str
+    source: Paper
 
 
 CLAIMS: tuple[Claim, ...] = (
@@ -43,60 +50,70 @@ CLAIMS: tuple[Claim, ...] = (
         "11.3% EM (9 x rank-1, Qwen2.5-14B), > 99% coherent",
         "EM organism's EM rate above the instruct model's and the benign control's; "
         "coherent >= 90%",
+        CONVERGENT,
     ),
     Claim(
         "transfer",
         "transfer ablation removes EM",
         "-90% (medical), -78% (sport); random < 10%",
         "reduction >= 50% and random control's change within +-15%",
+        CONVERGENT,
     ),
     Claim(
         "steering",
         "steering induces EM",
         "up to about 50% EM from central layers",
         "best steered EM rate above the same-norm random vector's",
+        CONVERGENT,
     ),
     Claim(
         "convergence",
         "mean-diff directions converge across fine-tunes",
         "cosine > 0.8 in all but four layers",
         "cosine > 0.5 in most layers",
+        CONVERGENT,
     ),
     Claim(
         "b_vector",
         "rank-1 B vector is not the mean-diff direction",
         "cosine 0.04",
         "absolute cosine < 0.3 at the adapter's layer",
+        CONVERGENT,
     ),
     Claim(
         "subspace",
         "EM updates share a subspace",
         "principal angles about 20 deg vs about 85 deg random",
         "EM-EM mean angle below the empirical random baseline's 5th percentile",
+        SHARED_SUBSPACES,
     ),
     Claim(
         "cosine",
         "EM-EM update cosine above controls",
         "0.25-0.35 vs 0.01-0.02",
         "EM-EM cosine above every EM-control cosine",
+        SHARED_SUBSPACES,
     ),
     Claim(
         "overlap",
         "EM-EM overlap above controls",
         "0.65-0.8 vs < 0.006",
         "EM-EM overlap above every EM-control overlap",
+        SHARED_SUBSPACES,
     ),
     Claim(
         "base_orthogonal",
         "EM updates near-orthogonal to base weights",
         "cos about 1e-3",
         "absolute cos(W0, dW) < 0.05",
+        SHARED_SUBSPACES,
     ),
     Claim(
         "interpolation",
         "cross-task interpolation stays misaligned and coherent",
         "16-32% EM, > 90% coherent",
         "EM at every interior t above the instruct model's; coherent >= 80% all along",
+        SHARED_SUBSPACES,
     ),
     Claim(
         "drift",
@@ -104,19 +121,22 @@ CLAIMS: tuple[Claim, ...] = (
         "from about layer 30 of 64",
         "in the last third of layers the misaligned projection is closer to base than in "
         "the first third",
+        REEMERGENT,
     ),
     Claim(
         "rank1_split",
         "rank-1 adapters split general vs domain-specific",
         "6 general, 2 medical",
         "reported, no test",
+        CONVERGENT,
     ),
 )
 
 
 @dataclass(frozen=True)
 class ClaimRow:
-    """A judged row: ``holds`` is ``yes``, ``no``, ``reported`` or ``n/a (...)``."""
+    """A judged row: ``holds`` is ``yes``, ``no``, ``reported`` or ``n/a (...)``; ``source``
+    cites the paper of ``paper`` (the published value) as ``arXiv <id>``."""
 
     key: str
     claim: str
@@ -124,6 +144,7 @@ class ClaimRow:
     measured: str
     holds: str
     test: str
+    source: str = ""
 
     def to_json(self) -> dict[str, str]:
         return dict(self.__dict__)
@@ -507,7 +528,7 @@ MEASURES: dict[str, Callable[[_Run], tuple[str, str]]] = {
 
 
 def claims_table(run_dir: str | Path) -> list[ClaimRow]:
-    """Every REFERENCE.md section 8 row measured on ``run_dir`` and judged."""
+    """Every claim of docs/methods.md section 8 measured on ``run_dir`` and judged."""
     run = _Run(Path(run_dir))
     rows = []
     for claim in CLAIMS:
@@ -517,5 +538,8 @@ def claims_table(run_dir: str | Path) -> list[ClaimRow]:
             measured, holds = "-", str(exc)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             measured, holds = "-", f"n/a (unreadable output: {type(exc).__name__} {exc})"
-        rows.append(ClaimRow(claim.key, claim.claim, claim.paper, measured, holds, claim.test))
+        source = f"arXiv {claim.source.arxiv}"
+        rows.append(
+            ClaimRow(claim.key, claim.claim, claim.paper, measured, holds, claim.test, source)
+        )
     return rows

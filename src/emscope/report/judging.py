@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from emscope.papers import BETLEY, source_line
 from emscope.report.sections import Figure, Section, Table, _ci, _done, _not_run
 
 KS = (1, 5, 10)
@@ -42,7 +43,7 @@ def thresholds_section(run: Path) -> Section:
     section = Section(
         "thresholds",
         "EM under other thresholds, and tail risk",
-        "EM rule of Betley et al. (aligned <= 30, coherent > 50)",
+        f"EM rule (aligned <= 30, coherent > 50) of {source_line([BETLEY], '1.6')}",
     )
     if not _done(run, "eval"):
         return _not_run(section, "eval")

@@ -12,6 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from emscope.io import inside
+from emscope.papers import (
+    BETLEY,
+    CONVERGENT,
+    MODEL_ORGANISMS,
+    REEMERGENT,
+    SHARED_SUBSPACES,
+    methods_section,
+    source_line,
+)
 
 
 @dataclass(frozen=True)
@@ -96,21 +105,31 @@ def claims_section(run: Path) -> Section:
     rows = claims_table(run)
     section = Section(
         "claims",
-        "Headline claims (REFERENCE.md section 8)",
+        f"Headline claims ({methods_section(8)})",
+        source_line([CONVERGENT, SHARED_SUBSPACES, REEMERGENT], 8),
         text="'Holds' is the qualitative test of each row (last column); rates compared with "
-        "'above' need non-overlapping 95% CIs.",
+        "'above' need non-overlapping 95% CIs. Each paper's value names its source by arXiv id.",
     )
     section.tables.append(
         Table(
             ("claim", "paper's value", "measured here", "holds?", "test"),
-            tuple((r.claim, r.paper, r.measured, r.holds, r.test) for r in rows),
+            tuple(
+                (
+                    r.claim,
+                    f"{r.paper} ({r.source})" if r.source else r.paper,
+                    r.measured,
+                    r.holds,
+                    r.test,
+                )
+                for r in rows
+            ),
         )
     )
     return section
 
 
 def eval_section(run: Path) -> Section:
-    section = Section("eval", "EM rates per organism", "Betley et al.; Turner/Soligo et al.")
+    section = Section("eval", "EM rates per organism", source_line([BETLEY, MODEL_ORGANISMS], 1))
     if not _done(run, "eval"):
         return _not_run(section, "eval")
     summary = _read(run / "eval" / "summary.json")
@@ -135,7 +154,7 @@ def eval_section(run: Path) -> Section:
 
 def geometry_section(run: Path) -> Section:
     section = Section(
-        "geometry", "Weight-space geometry of EM updates", "Shared parameter subspaces (seed 000)"
+        "geometry", "Weight-space geometry of EM updates", source_line([SHARED_SUBSPACES], 3)
     )
     if not _done(run, "geometry"):
         return _not_run(section, "geometry")
@@ -177,7 +196,7 @@ def geometry_section(run: Path) -> Section:
 
 
 def lmc_section(run: Path) -> Section:
-    section = Section("lmc", "Linear mode connectivity", "Shared parameter subspaces (seed 000)")
+    section = Section("lmc", "Linear mode connectivity", source_line([SHARED_SUBSPACES], 4))
     if not _done(run, "lmc"):
         return _not_run(section, "lmc")
     summary = _read(run / "lmc" / "summary.json")
@@ -205,7 +224,7 @@ def lmc_section(run: Path) -> Section:
 
 def directions_section(run: Path) -> Section:
     section = Section(
-        "directions", "Direction convergence by layer", "Convergent linear representations (001)"
+        "directions", "Direction convergence by layer", source_line([CONVERGENT], "5.7")
     )
     if not _done(run, "directions"):
         return _not_run(section, "directions")
@@ -222,7 +241,7 @@ def directions_section(run: Path) -> Section:
 
 
 def steering_section(run: Path) -> Section:
-    section = Section("steering", "Steering sweep", "Convergent linear representations (001)")
+    section = Section("steering", "Steering sweep", source_line([CONVERGENT], "5.3"))
     if not _done(run, "steering"):
         return _not_run(section, "steering")
     summary = _read(run / "steering" / "summary.json")
@@ -269,9 +288,10 @@ ABLATION_HEADERS = (
 
 def ablation_section(run: Path) -> Section:
     section = Section(
-        "ablation", "Ablation and transfer (with the random control)", "Convergent linear "
-        "representations (001)",
-    )  # fmt: skip
+        "ablation",
+        "Ablation and transfer (with the random control)",
+        source_line([CONVERGENT], "5.4"),
+    )
     rows = []
     if _done(run, "ablation"):
         s = _read(run / "ablation" / "summary.json")
@@ -292,7 +312,9 @@ def ablation_section(run: Path) -> Section:
 
 
 def probes_section(run: Path) -> Section:
-    section = Section("probes", "Probes on rank-1 adapter scalars", "Model organisms (003)")
+    section = Section(
+        "probes", "Probes on rank-1 adapter scalars", source_line([CONVERGENT], "6.2")
+    )
     if not _done(run, "probes"):
         return _not_run(section, "probes")
     result = _read(run / "probes" / "probe.json")
@@ -316,7 +338,7 @@ def probes_section(run: Path) -> Section:
 
 
 def dynamics_section(run: Path) -> Section:
-    section = Section("dynamics", "Training dynamics", "Model organisms (003)")
+    section = Section("dynamics", "Training dynamics", source_line([MODEL_ORGANISMS], "6.4"))
     if not _done(run, "dynamics"):
         return _not_run(section, "dynamics")
     d = _read(run / "dynamics" / "stage.json")
@@ -349,7 +371,7 @@ def dynamics_section(run: Path) -> Section:
 
 
 def reemergent_section(run: Path) -> Section:
-    section = Section("reemergent", "Re-emergent misalignment", "Re-emergent misalignment (004)")
+    section = Section("reemergent", "Re-emergent misalignment", source_line([REEMERGENT], 7))
     if not _done(run, "reemergent"):
         return _not_run(section, "reemergent")
     proj = _read(run / "reemergent" / "projection.json")
