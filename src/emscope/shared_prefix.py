@@ -313,6 +313,13 @@ def _configs(model: Any) -> set[int]:
     return {id(m.config) for m in model.modules() if hasattr(m, "config")}
 
 
+def available() -> bool:
+    """Whether the installed transformers' cache-layer API is the one this module implements
+    (5.x): 4.x's ``CacheLayerMixin`` declares methods :class:`SharedPrefixLayer` lacks
+    (``get_max_cache_shape``), and then decoding takes the plain cache."""
+    return not getattr(SharedPrefixLayer, "__abstractmethods__", None)
+
+
 def shared_prefix_supported(model: Any, prefill: Cache, total_length: int) -> bool:
     """Whether :class:`SharedPrefixCache` decoding gives ``model`` the same attention as
     its own implementation: a model type of :data:`MODEL_TYPES` that dispatches attention
@@ -329,8 +336,8 @@ def shared_prefix_supported(model: Any, prefill: Cache, total_length: int) -> bo
         return False
     if not hasattr(config, "_attn_implementation_internal"):
         return False
-    if getattr(SharedPrefixLayer, "__abstractmethods__", None):  # transformers 4.x cache layers
-        return False  # declare methods this layer does not implement (get_max_cache_shape)
+    if not available():
+        return False
     if getattr(config, "sub_configs", None) or len(_configs(base)) != 1:
         return False
     return all(_full_attention(layer, total_length) for layer in prefill.layers)
