@@ -110,3 +110,19 @@ def test_a_foreign_dir_in_the_cache_is_not_overwritten(fake, tmp_path):
     with pytest.raises(EmscopeError, match=r"exists but holds no converted model; remove it"):
         real_model_dir(spec, cache=tmp_path, wheel=wheel)
     assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+
+
+def test_no_gguf_package_is_refused_before_any_download(fake, tmp_path, monkeypatch):
+    import sys
+
+    import emscope.realmodel
+
+    spec, _ = fake
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded without the means to convert")
+
+    monkeypatch.setattr(emscope.realmodel, "download_wheel", no_download)
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(EmscopeError, match=r"needs the gguf package"):
+        real_model_dir(spec, cache=tmp_path / "cache")

