@@ -152,3 +152,15 @@ def test_cli_from_gguf(tiny_gguf, tmp_path):
     assert again.output.strip() == f"error: {tmp_path / 'm'}: exists and is not empty " + (
         "(choose a new output dir)"
     )
+
+
+def test_a_quantizer_mark_left_on_the_model_is_one_line(tiny_gguf, tmp_path, monkeypatch):
+    """Guard on transformers internals: if the quantizer marks emscope clears move, the save
+    refusal is one line naming the transformers version, and nothing is left behind."""
+    import emscope.models_gguf
+
+    _, gguf_file = tiny_gguf
+    monkeypatch.setattr(emscope.models_gguf, "_drop_quantizer", lambda model: None)
+    with pytest.raises(EmscopeError, match=r"transformers \S+ will not save the dequantised"):
+        convert_gguf(gguf_file, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []

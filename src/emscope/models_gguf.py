@@ -41,8 +41,12 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 def require_gguf() -> Any:
     """The ``gguf`` package, or one line saying how to install it."""
-    from transformers.utils.import_utils import GGUF_MIN_VERSION, is_gguf_available
+    from transformers.utils.import_utils import is_gguf_available
 
+    try:  # the minimum transformers asks for (a constant of its internals: guarded)
+        from transformers.utils.import_utils import GGUF_MIN_VERSION
+    except ImportError:  # pragma: no cover
+        GGUF_MIN_VERSION = "0.10.0"
     try:
         import gguf
     except ImportError:
@@ -50,7 +54,7 @@ def require_gguf() -> Any:
             "reading a GGUF file needs the gguf package: pip install 'emscope[gguf]'"
         ) from None
     if not is_gguf_available(GGUF_MIN_VERSION):
-        version = getattr(gguf, "__version__", "an old version")
+        version = _version("gguf") or "an old version"
         raise EmscopeError(
             f"transformers needs gguf>={GGUF_MIN_VERSION} to read GGUF files (installed: "
             f"{version}): pip install -U gguf"
@@ -205,15 +209,25 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        from emscope.io import _umask, write_json
+        from emscope.io import _umask, read_json, write_json
 
         os.chmod(tmp, 0o777 & ~_umask())
-        model.save_pretrained(str(tmp))
+        try:
+            model.save_pretrained(str(tmp))
+        except ValueError as exc:  # a quantizer mark this transformers keeps elsewhere
+            raise EmscopeError(
+                f"{path}: transformers {transformers.__version__} will not save the dequantised "
+                f"model ({_first_line(exc)}); emscope.models_gguf._drop_quantizer does not "
+                "clear what this release marks"
+            ) from None
         tokenizer.save_pretrained(str(tmp))
         for file in tmp.iterdir():  # safetensors writes 0600; give what a plain open gives
             os.chmod(file, 0o666 & ~_umask())
-        if getattr(model.config, "quantization_config", None) is not None:  # pragma: no cover
-            raise EmscopeError(f"{path}: the converted config still names a quantizer")
+        if "quantization_config" in read_json(tmp / "config.json"):
+            raise EmscopeError(
+                f"{path}: the converted config.json still names a quantizer (transformers "
+                f"{transformers.__version__}); emscope.models_gguf._drop_quantizer needs updating"
+            )
         write_json(
             tmp / SOURCE_FILE,
             {
