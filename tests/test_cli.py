@@ -29,6 +29,7 @@ SUBCOMMANDS = [
     "reemergent",
     "run",
     "report",
+    "models",
 ]
 
 
