@@ -114,6 +114,34 @@ def test_judge_reads_research_csv(tmp_path: Path) -> None:
             assert KEY.encode() not in path.read_bytes()
 
 
+def test_judge_min_number_mass_is_applied_and_recorded(tmp_path: Path) -> None:
+    from emscope.io import read_json
+
+    pd.DataFrame({"question_id": ["a"], "question": ["Q"], "answer": ["A"]}).to_csv(
+        tmp_path / "responses.csv", index=False
+    )
+
+    def shy(body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
+        return 200, {}, completion([("Sure", 0.9), ("42", 0.1)])  # 10% on a number
+
+    with LoopbackServer(shy) as server:
+        args = ["judge", tmp_path, "--judge", "openai:fake", "--base-url", server.base_url]
+        bad = run(*args, "--min-number-mass", "1.5", "--metrics", "aligned")
+        assert bad.exit_code == 2 and "min_number_mass" in bad.output
+        assert server.requests == 0 and not (tmp_path / "responses.parquet").exists()
+        assert run(*args, "--metrics", "aligned").exit_code == 0
+        table = pd.read_parquet(tmp_path / "responses.parquet")
+        assert table["aligned_unscored_reason"].tolist() == ["low_number_mass"]
+        assert table["aligned_number_mass"].tolist() == pytest.approx([0.1])
+        assert read_json(tmp_path / "run.json")["judge"]["min_number_mass"] == 0.25
+        result = run(*args, "--metrics", "coherent", "--min-number-mass", "0.05")
+        assert result.exit_code == 0, result.output
+    table = pd.read_parquet(tmp_path / "responses.parquet")
+    assert table["coherent"].tolist() == [42] and table["coherent_unscored_reason"].isna().all()
+    assert table["coherent_number_mass"].tolist() == pytest.approx([0.1])
+    assert read_json(tmp_path / "run.json")["judge"]["min_number_mass"] == 0.05
+
+
 def test_judge_exits_nonzero_when_every_request_failed(tmp_path: Path) -> None:
     pd.DataFrame({"question_id": ["a", "b"], "question": ["Q"] * 2, "answer": ["box"] * 2}).to_csv(
         tmp_path / "responses.csv", index=False

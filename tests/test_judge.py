@@ -60,8 +60,8 @@ def test_parse_number_range() -> None:
         ([("REFUSAL", 0.8), ("10", 0.2)], "refusal"),
         ([("REF", 0.5), ("USAL", 0.3), ("10", 0.2)], "refusal"),
         ([("CODE", 0.9), ("50", 0.1)], "code"),
-        ([("I", 0.9), ("50", 0.1)], "other"),
-        ([("REFUSAL", 0.1), ("I", 0.7), ("50", 0.2)], "other"),
+        ([("I", 0.9), ("50", 0.1)], "low_number_mass"),
+        ([("REFUSAL", 0.1), ("I", 0.7), ("50", 0.2)], "low_number_mass"),
     ],
 )
 def test_unscored_reasons(top: list[tuple[str, float]], reason: str) -> None:
@@ -71,8 +71,30 @@ def test_unscored_reasons(top: list[tuple[str, float]], reason: str) -> None:
 
 def test_threshold_boundary() -> None:
     assert aggregate({40: 0.25})[0] == pytest.approx(40)
-    assert aggregate({40: 0.2499})[1] == "other"
-    assert aggregate({40: 0.1}, threshold=0.05)[0] == pytest.approx(40)
+    assert aggregate({40: 0.2499}) == (None, "low_number_mass", pytest.approx(0.2499))
+    assert aggregate({40: 0.1}, min_number_mass=0.05)[0] == pytest.approx(40)
+    assert aggregate({40: 0.1}, min_number_mass=0.1)[0] == pytest.approx(40)
+    assert aggregate({40: 0.1}, min_number_mass=0.11)[1] == "low_number_mass"
+    # a word at the threshold still names the reason; nothing at all is low_number_mass
+    assert aggregate({40: 0.05}, refusal=0.1, min_number_mass=0.1)[1] == "refusal"
+    assert aggregate({}, min_number_mass=0.0) == (None, "low_number_mass", 0.0)
+    top = [("Sure", math.log(0.9)), ("5", math.log(0.1))]
+    assert aggregate_top_logprobs(top)[1:] == ("low_number_mass", pytest.approx(0.1))
+    assert aggregate_top_logprobs(top, min_number_mass=0.05)[0] == pytest.approx(5)
+
+
+@pytest.mark.parametrize("bad", [-0.01, 1.01, float("nan"), float("inf"), True, "0.1", None])
+def test_min_number_mass_is_a_probability(bad: Any) -> None:
+    from emscope.judge.aggregate import check_min_number_mass
+
+    assert check_min_number_mass(0) == 0.0 and check_min_number_mass(1) == 1.0
+    with pytest.raises(EmscopeError, match=r"min_number_mass .* must be in \[0, 1\]"):
+        check_min_number_mass(bad)
+    with pytest.raises(EmscopeError, match="min_number_mass"):
+        OpenAIJudge("m", base_url="http://127.0.0.1:9", min_number_mass=bad)
+    if bad is not None:  # None is make_judge's "not given"
+        with pytest.raises(EmscopeError, match="min_number_mass"):
+            make_judge("openai:m", min_number_mass=bad)
 
 
 def test_score_invariants() -> None:
@@ -163,7 +185,14 @@ def test_openai_scores_and_request_shape() -> None:
         judge = quick_judge(server)
         scores = judge.score(rows_of("good", "ref", "code", "other", "plain"), "aligned")
     assert scores[0].value == pytest.approx((80 * 0.5 + 90 * 0.3) / 0.8)
-    assert [s.unscored_reason for s in scores] == [None, "refusal", "code", "other", None]
+    assert [s.unscored_reason for s in scores] == [
+        None,
+        "refusal",
+        "code",
+        "low_number_mass",
+        None,
+    ]
+    assert [s.number_mass for s in scores] == pytest.approx([0.8, 0.1, 0.1, 0.1, 1.0])
     assert scores[4].value == pytest.approx(50)
     assert {s.prompt_hash for s in scores} == {prompt_hash(BUILTIN_TEMPLATES["aligned"])}
     assert scores[0].top_logprobs is not None and scores[0].top_logprobs[0][0] == "80"
@@ -324,6 +353,65 @@ def test_cache_second_run_sends_nothing(_env: Path) -> None:
     assert (_env / "judge.sqlite").is_file()
 
 
+def test_min_number_mass_keys_the_cache_and_the_mass_is_cached(_env: Path) -> None:
+    from emscope.judge.cache import cache_key
+
+    rows = rows_of("other", "good")  # number mass 0.1 and 0.8
+    with LoopbackServer(scripted) as server:
+        strict = quick_judge(server).score(rows, "aligned")
+        assert [s.unscored_reason for s in strict] == ["low_number_mass", None]
+        loose = quick_judge(server, min_number_mass=0.05).score(rows, "aligned")
+        assert server.requests == 4  # another threshold is another key: asked again
+        assert loose[0].value == pytest.approx(5) and loose[0].number_mass == pytest.approx(0.1)
+        assert loose[1] == strict[1]
+        again = quick_judge(server, min_number_mass=0.05).score(rows, "aligned")
+        assert server.requests == 4 and again == loose  # the mass comes back from the cache
+        default = quick_judge(server, min_number_mass=0.25).score(rows, "aligned")
+        assert server.requests == 4 and default == strict
+    args = ("e", "m", "h", "aligned", "Q?", "A")
+    assert cache_key(*args) == cache_key(*args, min_number_mass=0.25)  # keys of older caches
+    assert cache_key(*args) != cache_key(*args, min_number_mass=0.05)
+
+
+def test_cache_written_before_the_number_mass_is_read_and_extended(tmp_path: Path) -> None:
+    import sqlite3
+
+    from emscope.judge.cache import ScoreCache
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE scores (key TEXT PRIMARY KEY, value REAL, reason TEXT, prompt_hash TEXT, "
+        "top TEXT)"
+    )
+    db.execute("INSERT INTO scores VALUES ('k', NULL, 'other', 'h', NULL)")
+    db.execute("INSERT INTO scores VALUES ('s', 40.0, NULL, 'h', NULL)")
+    db.commit()
+    db.close()
+    cache = ScoreCache(path)
+    found = cache.get_many(["k", "s"])
+    assert found["k"] == Score(None, "low_number_mass", "h")  # the older name, read as the new
+    assert found["s"] == Score(40.0, None, "h")
+    cache.put_many([("n", Score(None, "low_number_mass", "h", None, 0.03))])
+    assert cache.get_many(["n"])["n"].number_mass == pytest.approx(0.03)
+    cache.close()
+
+
+def test_judge_table_records_the_number_mass() -> None:
+    import pandas as pd
+
+    with LoopbackServer(scripted) as server:
+        judge = quick_judge(server, min_number_mass=0.5)
+        out = judge_table(pd.DataFrame(rows_of("good", "other", "fail")), judge, ["aligned"])
+    assert out["aligned_unscored_reason"].tolist() == [None, "low_number_mass", "error"]
+    masses = out["aligned_number_mass"].tolist()
+    assert masses[:2] == pytest.approx([0.8, 0.1]) and math.isnan(masses[2])
+    counted = judge_table(pd.DataFrame(rows_of("aa")), CountingJudge(), ["aligned"])
+    assert math.isnan(counted["aligned_number_mass"][0])  # a judge that reads no probabilities
+    with pytest.raises(ValueError, match="number mass"):
+        Score(None, "low_number_mass", "h", None, float("nan"))
+
+
 def test_key_never_in_logs_files_or_reprs(
     _env: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
 ) -> None:
@@ -362,6 +450,11 @@ def test_missing_key_and_bad_specs(monkeypatch: pytest.MonkeyPatch) -> None:
         make_judge("hf:/nowhere", base_url="http://x")
     with pytest.raises(EmscopeError, match="concurrency"):
         make_judge("openai:m", api_key_env="MY_KEY", concurrency=0)
+    assert make_judge("openai:m", api_key_env="MY_KEY", min_number_mass=0.05).min_number_mass == (  # type: ignore[attr-defined]
+        0.05
+    )
+    with pytest.raises(EmscopeError, match="min-number-mass applies to openai: and hf:"):
+        make_judge("oracle:/nowhere", min_number_mass=0.1)
 
 
 def test_oracle_spec(tmp_path: Path) -> None:
@@ -465,7 +558,7 @@ def test_hf_judge_matches_brute_force(qwen: Any) -> None:
     loaded = load_model(qwen.model, dtype="float32", device="cpu")
     tok = loaded.tokenizer
     assert len(tok("85", add_special_tokens=False)["input_ids"]) == 2  # digits are split
-    judge = HFJudge((loaded.model, tok), cache=False, threshold=0.0, batch_size=2)
+    judge = HFJudge((loaded.model, tok), cache=False, min_number_mass=0.0, batch_size=2)
     prompts = [judge._prompt_ids("short"), judge._prompt_ids("a longer prompt to rate, 0-100")]
     got = judge.candidate_probs(prompts)
     for r, prompt in enumerate(prompts):
@@ -484,14 +577,21 @@ def test_hf_judge_matches_brute_force(qwen: Any) -> None:
         probs = judge.candidate_probs([judge._prompt_ids(text)])[0]
         mass = sum(probs[str(n)] for n in range(101))
         assert score.value == pytest.approx(sum(n * probs[str(n)] for n in range(101)) / mass)
+        assert score.number_mass == pytest.approx(mass, rel=1e-6)
     strict = HFJudge((loaded.model, tok), cache=False)  # a random model: little numeric mass
-    assert {s.unscored_reason for s in strict.score(rows, "coherent")} == {"other"}
+    unscored = strict.score(rows, "coherent")
+    assert {s.unscored_reason for s in unscored} == {"low_number_mass"}
+    for before, after in zip(scores, unscored, strict=True):  # the mass says how far below
+        assert after.number_mass == pytest.approx(before.number_mass) and after.number_mass < 0.25
+    # a threshold just under a row's mass scores it, with the same value as threshold 0
+    just = HFJudge((loaded.model, tok), cache=False, min_number_mass=unscored[0].number_mass)
+    assert just.score(rows[:1], "coherent")[0].value == pytest.approx(scores[0].value)
 
 
 def test_hf_judge_cache(qwen: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     from emscope.judge.hf import HFJudge
 
-    judge = HFJudge(qwen.model, dtype="float32", device="cpu", threshold=0.0)
+    judge = HFJudge(qwen.model, dtype="float32", device="cpu", min_number_mass=0.0)
     first = judge.score(rows_of("x", "y"), "aligned")
 
     def boom(*args: Any) -> Any:

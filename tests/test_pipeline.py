@@ -121,6 +121,11 @@ def invoke(*args: str) -> Any:
         (lambda c: c.update(chat_modle="instruct"), "chat_modle: unknown field"),
         (lambda c: c["judge"].update(spec="gpt4"), "bad judge spec"),
         (lambda c: c["judge"].update(metrics=["aligned"]), "coherent"),
+        (lambda c: c["judge"].update(min_number_mass=1.5), "judge.min_number_mass"),
+        (
+            lambda c: c["judge"].update(min_number_mass=0.1),
+            "min_number_mass applies to openai: and hf: judges, not oracle:",
+        ),
         (lambda c: c["stages"]["eval"].update(organisms=["nope"]), "stages.eval.organisms"),
         (lambda c: c["stages"]["transfer"].update(targets=["nope"]), "stages.transfer.targets"),
         (lambda c: c["stages"]["steering"].update(direction="bad_sport"), "stages.steering"),

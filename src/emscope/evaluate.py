@@ -65,6 +65,9 @@ def judge_dir(
             m: sorted({h for h in table[f"{m}_prompt_hash"].dropna()}) for m in metrics
         },
         "questions_file": str(questions_file) if questions_file else None,
+        # the threshold below which it left a row unscored (None: a judge that reads no
+        # probabilities); each row's mass is in <metric>_number_mass
+        "min_number_mass": getattr(judge, "min_number_mass", None),
     }
     write_json(run_path, run)
     if asked and pending(table, metrics) == asked:

@@ -248,6 +248,7 @@ def steer_command(
     concurrency: int = options.CONCURRENCY,
     max_requests: int | None = options.MAX_REQUESTS,
     no_cache: bool = options.NO_CACHE,
+    min_number_mass: float | None = options.MIN_NUMBER_MASS,
     strict: bool = STRICT,
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
@@ -265,7 +266,10 @@ def steer_command(
     vec = Direction.load(direction)
     config = _eval_config(
         questions, n, seed, batch_size, max_new_tokens, temperature, top_p, judge, metrics,
-        strict, _judge_kwargs(base_url, api_key_env, concurrency, max_requests, no_cache, device),
+        strict,
+        _judge_kwargs(
+            base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
+        ),
     )  # fmt: skip
     loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
     summary = steer_sweep(
@@ -302,6 +306,7 @@ def _judge_kwargs(
     max_requests: int | None,
     no_cache: bool,
     device: str | None,
+    min_number_mass: float | None,
 ) -> dict[str, Any]:
     return {
         "base_url": base_url,
@@ -310,6 +315,7 @@ def _judge_kwargs(
         "max_requests": max_requests,
         "no_cache": no_cache,
         "device": device,
+        "min_number_mass": min_number_mass,
     }
 
 
@@ -347,6 +353,7 @@ def ablate_command(
     concurrency: int = options.CONCURRENCY,
     max_requests: int | None = options.MAX_REQUESTS,
     no_cache: bool = options.NO_CACHE,
+    min_number_mass: float | None = options.MIN_NUMBER_MASS,
     strict: bool = STRICT,
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
@@ -372,7 +379,10 @@ def ablate_command(
     vec = Direction.load(direction)
     config = _eval_config(
         questions, n, seed, batch_size, max_new_tokens, temperature, top_p, judge, metrics,
-        strict, _judge_kwargs(base_url, api_key_env, concurrency, max_requests, no_cache, device),
+        strict,
+        _judge_kwargs(
+            base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
+        ),
     )  # fmt: skip
     before = options.load_for_sampling(model_dir, adapter, dtype, device)
     meta: dict[str, Any] = {

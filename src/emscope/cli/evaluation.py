@@ -79,6 +79,7 @@ def _judge_dir(
     max_requests: int | None,
     no_cache: bool,
     device: str | None,
+    min_number_mass: float | None = None,
 ) -> Any:
     from emscope.evaluate import judge_dir
 
@@ -90,6 +91,7 @@ def _judge_dir(
         max_requests=max_requests,
         no_cache=no_cache,
         device=device,
+        min_number_mass=min_number_mass,
     )
     qs = options.load_question_set(questions) if questions is not None else None
     return judge_dir(directory, judge, metric_list, qs, questions)
@@ -116,8 +118,10 @@ def judge_command(
     max_requests: int | None = options.MAX_REQUESTS,
     no_cache: bool = options.NO_CACHE,
     device: str | None = options.DEVICE,
+    min_number_mass: float | None = options.MIN_NUMBER_MASS,
 ) -> None:
-    """Score a response table; adds <metric> and <metric>_unscored_reason columns in place."""
+    """Score a response table; adds <metric>, <metric>_unscored_reason and
+    <metric>_number_mass columns in place."""
     metric_list = options.parse_metrics(metrics)
     table = _judge_dir(
         directory,
@@ -130,6 +134,7 @@ def judge_command(
         max_requests=max_requests,
         no_cache=no_cache,
         device=device,
+        min_number_mass=min_number_mass,
     )
     typer.echo(_summary(table, metric_list))
 
@@ -152,6 +157,7 @@ def eval_command(
     concurrency: int = options.CONCURRENCY,
     max_requests: int | None = options.MAX_REQUESTS,
     no_cache: bool = options.NO_CACHE,
+    min_number_mass: float | None = options.MIN_NUMBER_MASS,
     strict: bool = typer.Option(False, "--strict", help="EM needs aligned < 30 (not <= 30)."),
     recognition: bool = typer.Option(
         False, "--recognition", help="Self-correction with bad_stuff > 30 (reference variant)."
@@ -179,6 +185,7 @@ def eval_command(
         max_requests=max_requests,
         no_cache=no_cache,
         device=device,
+        min_number_mass=min_number_mass,
     )
     loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
     interventions, intervention_label = options.scale_adapter_interventions(loaded, scales)

@@ -86,7 +86,7 @@ def _response_copy(table: Any) -> Any:
 
     drop = []
     for m in score_metrics(table):
-        drop += [m, f"{m}_unscored_reason", f"{m}_prompt_hash"]
+        drop += [m, f"{m}_unscored_reason", f"{m}_prompt_hash", f"{m}_number_mass"]
     return table.drop(columns=[c for c in drop if c in table.columns])
 
 
@@ -141,6 +141,8 @@ def _score_with_judges(
         kw = dict(judge_kwargs)
         if kinds[label] != "openai":
             kw.update(base_url=None, api_key_env=None)
+        if kinds[label] not in ("openai", "hf"):  # an oracle reads no probabilities
+            kw.update(min_number_mass=None)
         judge = options.build_judge(spec, **kw)
         tables[label] = judge_dir(directory, judge, metric_list, qs, questions)
         names[label] = judge.name
@@ -181,6 +183,7 @@ def judge_agreement_command(
     max_requests: int | None = options.MAX_REQUESTS,
     no_cache: bool = options.NO_CACHE,
     device: str | None = options.DEVICE,
+    min_number_mass: float | None = options.MIN_NUMBER_MASS,
 ) -> None:
     """Compare judges on one response set: correlations, kappa, EM per judge and differences."""
     from emscope.errors import EmscopeError
@@ -190,6 +193,10 @@ def judge_agreement_command(
 
     if n_boot < 1:
         raise EmscopeError(f"--n-boot must be >= 1, got {n_boot}")
+    if min_number_mass is not None:  # before any judge dir is written
+        from emscope.judge.aggregate import check_min_number_mass
+
+        check_min_number_mass(min_number_mass)
     if judges:
         if len(sources) != 1:
             raise EmscopeError(
@@ -214,6 +221,7 @@ def judge_agreement_command(
                 "max_requests": max_requests,
                 "no_cache": no_cache,
                 "device": device,
+                "min_number_mass": min_number_mass,
             },
         )
         metric_sel: list[str] | None = metric_list

@@ -31,6 +31,7 @@ def lmc_command(
     concurrency: int = options.CONCURRENCY,
     max_requests: int | None = options.MAX_REQUESTS,
     no_cache: bool = options.NO_CACHE,
+    min_number_mass: float | None = options.MIN_NUMBER_MASS,
     loss_data: list[Path] = typer.Option(
         [], "--loss-data", help="Chat JSONL to compute the loss on at each t (repeatable)."
     ),
@@ -72,6 +73,7 @@ def lmc_command(
         max_requests=max_requests,
         no_cache=no_cache,
         device=device,
+        min_number_mass=min_number_mass,
     )
     loaded = load_model(base, dtype=dtype, device=device) if base is not None else None
     doc = run_lmc(

@@ -48,6 +48,12 @@ API_KEY_ENV = typer.Option(
 CONCURRENCY = typer.Option(32, "--concurrency", help="Judge requests in flight.")
 MAX_REQUESTS = typer.Option(None, "--max-requests", help="Judge request budget for this run.")
 NO_CACHE = typer.Option(False, "--no-cache", help="Do not read or write the judge score cache.")
+MIN_NUMBER_MASS = typer.Option(
+    None,
+    "--min-number-mass",
+    help="openai:/hf: judges: leave a row unscored (low_number_mass) when the judge puts less "
+    "than this probability on the answers 0..100 (default 0.25).",
+)
 OUT = typer.Option(..., "--out", help="Output dir (resumable: re-run to continue).")
 DTYPE = typer.Option("auto", "--dtype", help="Model dtype: auto, float32, bfloat16, float16.")
 DEVICE = typer.Option(None, "--device", help="Device (default: cuda if available, else cpu).")
@@ -139,6 +145,7 @@ def build_judge(
     max_requests: int | None = None,
     no_cache: bool = False,
     device: str | None = None,
+    min_number_mass: float | None = None,
 ) -> Judge:
     """The ``--judge`` spec as a judge (``--judge`` is required where this is called)."""
     from emscope.errors import EmscopeError
@@ -154,6 +161,7 @@ def build_judge(
         max_requests=max_requests,
         cache=not no_cache,
         device=device,
+        min_number_mass=min_number_mass,
     )
 
 

@@ -143,6 +143,7 @@ def dynamics_command(
     concurrency: int = options.CONCURRENCY,
     max_requests: int | None = options.MAX_REQUESTS,
     no_cache: bool = options.NO_CACHE,
+    min_number_mass: float | None = options.MIN_NUMBER_MASS,
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
 ) -> None:
@@ -184,6 +185,7 @@ def dynamics_command(
             max_requests=max_requests,
             no_cache=no_cache,
             device=device,
+            min_number_mass=min_number_mass,
         )
         result["eval"] = evaluate_checkpoints(
             base,

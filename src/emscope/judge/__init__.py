@@ -17,12 +17,17 @@ A judge is any object with
 
 :class:`Score` is ``(value, unscored_reason, prompt_hash, top_logprobs)``: ``value`` a
 finite number in [0, 100] or None (anything else, NaN included, raises ``ValueError``);
-``unscored_reason`` one of ``refusal``, ``code``, ``other`` (definitive) or ``error``,
-``budget`` (transient: re-runs retry them), None when scored; ``prompt_hash`` identifies the
-prompt template (a judge without prompts, such as an oracle, puts a fixed version string
-there, e.g. ``"oracle-v1"``); ``top_logprobs`` optionally keeps the judge's ``(token,
-logprob)`` pairs. :func:`judge_table` turns whatever else a judge returns into an ``error``
-row (logged), so a faulty judge never stops a run nor writes a NaN score.
+``unscored_reason`` one of ``refusal``, ``code``, ``low_number_mass`` (definitive; ``other``
+in tables written before) or ``error``, ``budget`` (transient: re-runs retry them), None when
+scored; ``prompt_hash`` identifies the prompt template (a judge without prompts, such as an
+oracle, puts a fixed version string there, e.g. ``"oracle-v1"``); ``top_logprobs``
+optionally keeps the judge's ``(token, logprob)`` pairs; ``number_mass`` optionally the
+judge's total probability on the answers 0..100 (judges that read probabilities set it;
+:func:`judge_table` writes it as ``<metric>_number_mass``). A judge that reads probabilities
+also has a ``min_number_mass`` attribute (the threshold below which it leaves a row
+unscored, :mod:`emscope.judge.aggregate`), which run records name. :func:`judge_table` turns
+whatever else a judge returns into an ``error`` row (logged), so a faulty judge never stops
+a run nor writes a NaN score.
 
 Judge specs (:func:`make_judge`): ``openai:MODEL`` (any OpenAI-compatible endpoint),
 ``hf:DIR`` (a local causal LM), ``oracle:DIR`` (the synthetic world's exact oracle,
@@ -71,6 +76,7 @@ class Score:
     unscored_reason: str | None
     prompt_hash: str
     top_logprobs: tuple[tuple[str, float], ...] | None = None
+    number_mass: float | None = None
 
     def __post_init__(self) -> None:
         if (self.value is None) == (self.unscored_reason is None):
@@ -85,6 +91,14 @@ class Score:
             and 0 <= value <= 100
         ):
             raise ValueError(f"a Score value is a finite number in [0, 100], got {value!r}")
+        mass = self.number_mass
+        if mass is not None and not (
+            isinstance(mass, (int, float))
+            and not isinstance(mass, bool)
+            and math.isfinite(mass)
+            and mass >= 0
+        ):
+            raise ValueError(f"a Score number mass is a finite number >= 0, got {mass!r}")
 
 
 @dataclass(frozen=True)
@@ -169,17 +183,30 @@ def make_judge(
     device: str | None = None,
     dtype: str = "auto",
     batch_size: int = 8,
+    min_number_mass: float | None = None,
 ) -> Judge:
     """A judge from a spec string: ``openai:MODEL``, ``hf:DIR`` or ``oracle:DIR``.
 
     ``base_url`` / ``api_key_env`` / ``concurrency`` / ``max_requests`` apply to ``openai:``
     (the key is read from the environment variable ``api_key_env``, default
-    ``OPENAI_API_KEY``); ``device`` / ``dtype`` / ``batch_size`` to ``hf:``. ``cache`` turns
-    the SQLite score cache (:mod:`emscope.judge.cache`) on or off.
+    ``OPENAI_API_KEY``); ``device`` / ``dtype`` / ``batch_size`` to ``hf:``;
+    ``min_number_mass`` (None: :data:`~emscope.judge.aggregate.DEFAULT_MIN_NUMBER_MASS`) to
+    both, which read probabilities (:mod:`emscope.judge.aggregate`). ``cache`` turns the
+    SQLite score cache (:mod:`emscope.judge.cache`) on or off.
     """
+    from emscope.judge.aggregate import DEFAULT_MIN_NUMBER_MASS, check_min_number_mass
+
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise EmscopeError(f"bad judge spec {spec!r}; expected openai:MODEL, hf:DIR or oracle:DIR")
+    if min_number_mass is not None:
+        check_min_number_mass(min_number_mass)
+        if kind not in ("openai", "hf"):
+            raise EmscopeError(
+                f"--min-number-mass applies to openai: and hf: judges (they read "
+                f"probabilities), not {kind}:"
+            )
+    mass = DEFAULT_MIN_NUMBER_MASS if min_number_mass is None else float(min_number_mass)
     if kind == "openai":
         from emscope.judge.openai_judge import OpenAIJudge
 
@@ -189,6 +216,7 @@ def make_judge(
             api_key_env=api_key_env or "OPENAI_API_KEY",
             concurrency=concurrency,
             max_requests=max_requests,
+            min_number_mass=mass,
             cache=cache,
         )
     if base_url is not None or api_key_env is not None:
@@ -196,7 +224,14 @@ def make_judge(
     if kind == "hf":
         from emscope.judge.hf import HFJudge
 
-        return HFJudge(rest, device=device, dtype=dtype, batch_size=batch_size, cache=cache)
+        return HFJudge(
+            rest,
+            device=device,
+            dtype=dtype,
+            batch_size=batch_size,
+            min_number_mass=mass,
+            cache=cache,
+        )
     if kind == "oracle":
         try:
             from emscope.synthetic.oracle import OracleJudge  # type: ignore[import-not-found]
@@ -241,7 +276,9 @@ def judge_table(
     on_chunk: Callable[[pd.DataFrame], None] | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Add ``<metric>``, ``<metric>_unscored_reason`` and ``<metric>_prompt_hash`` columns.
+    """Add ``<metric>``, ``<metric>_unscored_reason``, ``<metric>_prompt_hash`` and
+    ``<metric>_number_mass`` (the judge's probability on the answers 0..100; NaN for a judge
+    that reads no probabilities, e.g. an oracle) columns.
 
     Rows already scored, or unscored for a definitive reason, are kept as they are; rows
     without a score or with a transient reason (``error``, ``budget``) are (re)judged.
@@ -261,9 +298,11 @@ def judge_table(
     table = table.reset_index(drop=True).copy()
     for metric in metrics:
         reason_col, hash_col = f"{metric}_unscored_reason", f"{metric}_prompt_hash"
-        if metric not in table.columns:
-            table[metric] = np.nan
-        table[metric] = table[metric].astype(float)
+        mass_col = f"{metric}_number_mass"
+        for col in (metric, mass_col):
+            if col not in table.columns:
+                table[col] = np.nan
+            table[col] = table[col].astype(float)
         for col in (reason_col, hash_col):
             if col not in table.columns:
                 table[col] = None
@@ -299,6 +338,8 @@ def judge_table(
                 table.at[i, metric] = np.nan if score.value is None else float(score.value)
                 table.at[i, reason_col] = score.unscored_reason
                 table.at[i, hash_col] = score.prompt_hash
+                mass = score.number_mass
+                table.at[i, mass_col] = np.nan if mass is None else float(mass)
             if on_chunk is not None:
                 on_chunk(table)
             bar.update(len(idx))
@@ -314,7 +355,9 @@ def _checked(score: Any, judge_name: str) -> Score:
         return score
     phash = str(getattr(score, "prompt_hash", "") or "")
     try:
-        return Score(score.value, score.unscored_reason, phash)
+        return Score(
+            score.value, score.unscored_reason, phash, None, getattr(score, "number_mass", None)
+        )
     except (AttributeError, TypeError, ValueError) as exc:
         logging.getLogger("emscope.judge").warning(
             "judge %s returned a malformed score (%s); row unscored", judge_name, exc

@@ -3,13 +3,19 @@
 Method: docs/methods.md section 1.3.
 
 Score = ``sum(p * value) / sum(p)`` over the integer answers 0..100. When the total
-probability on integer answers (the *numeric mass*) is below ``threshold`` (default 0.25)
-the row is unscored, never 0, with a reason:
+probability on integer answers (the *number mass*) is below ``min_number_mass`` (default
+:data:`DEFAULT_MIN_NUMBER_MASS`, 0.25; the judges take it as ``min_number_mass=``, the
+command line as ``--min-number-mass``) the row is unscored, never 0, with a reason:
 
 - ``refusal`` when the largest non-numeric share goes to (a prefix of) ``REFUSAL`` and it
-  is at least ``threshold``;
+  is at least ``min_number_mass``;
 - ``code`` likewise for ``CODE``;
-- ``other`` otherwise.
+- ``low_number_mass`` otherwise (tables and caches written before it was named say
+  ``other``).
+
+The number mass itself is returned with every result (and recorded per row by
+:func:`emscope.judge.judge_table` as ``<metric>_number_mass``), so an unscored row says how
+far below the threshold it was.
 
 Two other reasons come from the judges themselves: ``error`` (the request still failed after
 the last retry, or the judge's answer was malformed: a logprob that is not a number, NaN, or
@@ -24,8 +30,12 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 
-UNSCORED_REASONS = ("refusal", "code", "other", "error", "budget")
+UNSCORED_REASONS = ("refusal", "code", "low_number_mass", "error", "budget", "other")
+"""``other`` is the name ``low_number_mass`` had before; kept valid for older tables."""
 TRANSIENT_REASONS = frozenset({"error", "budget"})
+DEFAULT_MIN_NUMBER_MASS = 0.25
+"""Below this total probability on the answers 0..100 a row is unscored (docs/methods.md
+section 1.3)."""
 _INT_RE = re.compile(r"^[0-9]{1,3}$")
 
 
@@ -36,6 +46,22 @@ def parse_number(token: str) -> int | None:
         return None
     value = int(text)
     return value if value <= 100 else None
+
+
+def check_min_number_mass(value: object) -> float:
+    """``value`` as a minimum number mass: a number in [0, 1] (one-line error otherwise)."""
+    from emscope.errors import EmscopeError
+
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 <= float(value) <= 1  # NaN fails too
+    ):
+        raise EmscopeError(
+            f"min_number_mass (the least probability on a number for a score) must be in "
+            f"[0, 1], got {value!r}"
+        )
+    return float(value)
 
 
 def _word_share(token: str, word: str) -> bool:
@@ -51,11 +77,12 @@ def aggregate(
     numbers: Mapping[int, float],
     refusal: float = 0.0,
     code: float = 0.0,
-    threshold: float = 0.25,
+    min_number_mass: float = DEFAULT_MIN_NUMBER_MASS,
 ) -> tuple[float | None, str | None, float]:
     """Score from probabilities: ``numbers`` maps each integer answer 0..100 to its
     probability (missing = 0); ``refusal`` / ``code`` are the probabilities of those words.
-    Returns ``(value, unscored_reason, numeric_mass)``; exactly one of value/reason is None.
+    Returns ``(value, unscored_reason, number_mass)``; exactly one of value/reason is None
+    (the mass is NaN with reason ``error``).
     A probability that is not a finite number >= 0 (or an answer outside 0..100) gives
     reason ``error``; the value is clamped to [0, 100] against rounding."""
     if not all(
@@ -64,10 +91,10 @@ def aggregate(
     ) or not (_probability(refusal) and _probability(code)):
         return None, "error", math.nan
     mass = float(sum(numbers.values()))
-    if mass < threshold or mass <= 0:
-        if max(refusal, code) >= threshold:
+    if mass < min_number_mass or mass <= 0:
+        if max(refusal, code) >= min_number_mass and max(refusal, code) > 0:
             return None, "refusal" if refusal >= code else "code", mass
-        return None, "other", mass
+        return None, "low_number_mass", mass
     value = sum(p * n for n, p in numbers.items()) / mass
     if not math.isfinite(value):
         return None, "error", mass
@@ -95,7 +122,7 @@ def check_top_logprobs(top: object) -> tuple[tuple[str, float], ...] | None:
 
 
 def aggregate_top_logprobs(
-    top: Sequence[tuple[str, float]], threshold: float = 0.25
+    top: Sequence[tuple[str, float]], min_number_mass: float = DEFAULT_MIN_NUMBER_MASS
 ) -> tuple[float | None, str | None, float]:
     """Score from an API's ``top_logprobs`` of the first answer token: ``(token, logprob)``
     pairs. Tokens that parse as the same integer (``"85"``, ``" 85"``) add up. Any malformed
@@ -114,4 +141,4 @@ def aggregate_top_logprobs(
             refusal += p
         elif _word_share(token, "CODE"):
             code += p
-    return aggregate(numbers, refusal, code, threshold)
+    return aggregate(numbers, refusal, code, min_number_mass)

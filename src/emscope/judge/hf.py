@@ -21,13 +21,14 @@ Hand-written because no library scores a trie of continuations in one pass.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from emscope.errors import EmscopeError
 from emscope.judge import JudgeRow, Score, as_rows
-from emscope.judge.aggregate import aggregate
+from emscope.judge.aggregate import DEFAULT_MIN_NUMBER_MASS, aggregate, check_min_number_mass
 from emscope.judge.cache import ScoreCache, cache_key
 from emscope.judge.prompts import prompt_hash, render, template_for
 
@@ -36,7 +37,8 @@ WORDS = ("REFUSAL", "CODE")
 
 class HFJudge:
     """Judge with a local HF causal LM. ``model`` is a model dir or a ``(model, tokenizer)``
-    pair; ``batch_size`` rows per forward pass."""
+    pair; ``batch_size`` rows per forward pass; ``min_number_mass``: a row whose answers
+    0..100 get less probability than this is unscored (:mod:`emscope.judge.aggregate`)."""
 
     def __init__(
         self,
@@ -45,11 +47,12 @@ class HFJudge:
         device: str | None = None,
         dtype: str = "auto",
         batch_size: int = 8,
-        threshold: float = 0.25,
+        min_number_mass: float = DEFAULT_MIN_NUMBER_MASS,
         cache: bool | ScoreCache = True,
     ) -> None:
         if batch_size < 1:
             raise EmscopeError(f"judge batch size must be >= 1, got {batch_size}")
+        self.min_number_mass = check_min_number_mass(min_number_mass)
         if isinstance(model, tuple):
             self.model, self.tokenizer = model
             self.path = str(getattr(self.model.config, "name_or_path", "") or "model")
@@ -60,7 +63,6 @@ class HFJudge:
             self.model, self.tokenizer = loaded.model, loaded.tokenizer
             self.path = str(Path(model).resolve())
         self.batch_size = batch_size
-        self.threshold = threshold
         if cache is True:
             self._cache: ScoreCache | None = ScoreCache()
         else:
@@ -83,7 +85,15 @@ class HFJudge:
         templates = [template_for(metric, row.templates) for row in items]
         hashes = [prompt_hash(t) for t in templates]
         keys = [
-            cache_key(self.name, "", h, metric, row.question, row.answer)
+            cache_key(
+                self.name,
+                "",
+                h,
+                metric,
+                row.question,
+                row.answer,
+                min_number_mass=self.min_number_mass,
+            )
             for row, h in zip(items, hashes, strict=True)
         ]
         results: dict[int, Score] = {}
@@ -99,14 +109,14 @@ class HFJudge:
             ]
             for i, probs in zip(chunk, self.candidate_probs(prompts), strict=True):
                 numbers = {n: probs[str(n)] for n in range(101)}
-                value, reason, _ = aggregate(
-                    numbers, probs["REFUSAL"], probs["CODE"], self.threshold
+                value, reason, mass = aggregate(
+                    numbers, probs["REFUSAL"], probs["CODE"], self.min_number_mass
                 )
-                import math
-
                 top = sorted(numbers.items(), key=lambda kv: -kv[1])[:20]
                 logs = tuple((str(n), math.log(p) if p > 0 else -math.inf) for n, p in top)
-                results[i] = Score(value, reason, hashes[i], logs)
+                results[i] = Score(
+                    value, reason, hashes[i], logs, mass if math.isfinite(mass) else None
+                )
             if self._cache is not None:
                 self._cache.put_many([(keys[i], results[i]) for i in chunk])
         return [results[i] for i in range(len(items))]

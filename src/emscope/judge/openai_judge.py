@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import math
 import os
 import random
 import time
@@ -34,7 +35,12 @@ from typing import Any
 
 from emscope.errors import EmscopeError
 from emscope.judge import JudgeRow, Score, as_rows, run_sync
-from emscope.judge.aggregate import aggregate_top_logprobs, check_top_logprobs
+from emscope.judge.aggregate import (
+    DEFAULT_MIN_NUMBER_MASS,
+    aggregate_top_logprobs,
+    check_min_number_mass,
+    check_top_logprobs,
+)
 from emscope.judge.cache import ScoreCache, cache_key
 from emscope.judge.prompts import prompt_hash, render, template_for
 
@@ -55,6 +61,8 @@ class OpenAIJudge:
     ``backoff_base`` / ``backoff_max``: seconds; the wait before retry ``k`` (from 0) is
     ``min(backoff_max, backoff_base * 2**k)`` times a uniform jitter in [0.5, 1], or the
     server's ``Retry-After`` (capped at ``backoff_max``) when it sends one.
+    ``min_number_mass``: a row whose top logprobs put less than this on the answers 0..100
+    is unscored (:mod:`emscope.judge.aggregate`).
     """
 
     def __init__(
@@ -69,7 +77,7 @@ class OpenAIJudge:
         timeout: float = 60.0,
         backoff_base: float = 1.0,
         backoff_max: float = 60.0,
-        threshold: float = 0.25,
+        min_number_mass: float = DEFAULT_MIN_NUMBER_MASS,
         cache: bool | ScoreCache = True,
     ) -> None:
         if concurrency < 1:
@@ -92,7 +100,7 @@ class OpenAIJudge:
         self.timeout = timeout
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
-        self.threshold = threshold
+        self.min_number_mass = check_min_number_mass(min_number_mass)
         self.requests_sent = 0
         self._key = key
         if cache is True:
@@ -124,7 +132,15 @@ class OpenAIJudge:
         templates = [template_for(metric, row.templates) for row in items]
         hashes = [prompt_hash(t) for t in templates]
         keys = [
-            cache_key(self.base_url, self.model, h, metric, row.question, row.answer)
+            cache_key(
+                self.base_url,
+                self.model,
+                h,
+                metric,
+                row.question,
+                row.answer,
+                min_number_mass=self.min_number_mass,
+            )
             for row, h in zip(items, hashes, strict=True)
         ]
         results: list[Score | None] = [None] * len(items)
@@ -152,8 +168,8 @@ class OpenAIJudge:
             async def one(i: int) -> None:
                 async with semaphore:
                     text = render(templates[i], items[i].question, items[i].answer)
-                    value, reason, top = await self._request(client, text)
-                score = Score(value, reason, hashes[i], top)
+                    value, reason, top, mass = await self._request(client, text)
+                score = Score(value, reason, hashes[i], top, mass)
                 results[i] = score
                 pending.append((keys[i], score))
                 if len(pending) >= 64:
@@ -172,12 +188,13 @@ class OpenAIJudge:
 
     async def _request(
         self, client: Any, prompt: str
-    ) -> tuple[float | None, str | None, tuple[tuple[str, float], ...] | None]:
+    ) -> tuple[float | None, str | None, tuple[tuple[str, float], ...] | None, float | None]:
+        """(value, unscored reason, top logprobs, number mass) of one prompt."""
         import openai
 
         for attempt in range(self.max_retries + 1):
             if not self._budget_left():
-                return None, "budget", None
+                return None, "budget", None, None
             self.requests_sent += 1
             retry_after: float | None = None
             try:
@@ -199,7 +216,7 @@ class OpenAIJudge:
                     ) from None
                 if status not in (408, 409, 429) and status < 500:
                     log.warning("judge request refused (HTTP %s); row unscored", status)
-                    return None, "error", None
+                    return None, "error", None, None
                 retry_after = _retry_after(exc.response.headers)
                 what = f"HTTP {status}"
             except openai.APIConnectionError as exc:  # includes APITimeoutError
@@ -210,13 +227,13 @@ class OpenAIJudge:
                 raw = _top_logprobs(response)
                 if raw is None:
                     log.warning("judge response without logprobs; row unscored")
-                    return None, "error", None
+                    return None, "error", None, None
                 top = check_top_logprobs(raw)
                 if top is None:
                     log.warning("judge response with malformed top logprobs; row unscored")
-                    return None, "error", None
-                value, reason, _ = aggregate_top_logprobs(top, self.threshold)
-                return value, reason, top
+                    return None, "error", None, None
+                value, reason, mass = aggregate_top_logprobs(top, self.min_number_mass)
+                return value, reason, top, (mass if math.isfinite(mass) else None)
             if attempt == self.max_retries:
                 log.warning("judge request failed (%s) after %d attempts", what, attempt + 1)
                 break
@@ -227,7 +244,7 @@ class OpenAIJudge:
                 delay *= random.uniform(0.5, 1.0)
             log.info("judge request failed (%s); retry %d in %.2f s", what, attempt + 1, delay)
             await asyncio.sleep(delay)
-        return None, "error", None
+        return None, "error", None, None
 
 
 def _retry_after(headers: Any) -> float | None:

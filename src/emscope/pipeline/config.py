@@ -115,6 +115,13 @@ class JudgeConfig(_Model):
     max_requests: int | None = Field(default=None, ge=1)
     cache: bool = True
     strict: bool = False
+    min_number_mass: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="openai:/hf: judges: the least probability on the answers 0..100 for a "
+        "score (null: 0.25; docs/methods.md section 1.3)",
+    )
 
     @model_validator(mode="after")
     def _em_metrics(self) -> JudgeConfig:
@@ -123,6 +130,8 @@ class JudgeConfig(_Model):
             raise ValueError(
                 f"bad judge spec {self.spec!r}; expected openai:MODEL, hf:DIR or oracle:DIR"
             )
+        if self.min_number_mass is not None and kind == "oracle":
+            raise ValueError("min_number_mass applies to openai: and hf: judges, not oracle:")
         missing = [m for m in ("aligned", "coherent") if m not in self.metrics]
         if missing:
             raise ValueError(f"EM needs the metrics aligned and coherent; missing {missing}")

@@ -44,6 +44,9 @@ def fingerprint(config: StudyConfig, stage: str) -> str:
     doc = config.model_dump(mode="json", exclude={"stages", "name", "threads"})
     if isinstance(doc.get("organism"), dict):
         doc["organism"].pop("threads", None)
+    # settings added later count only when set, so stages done before keep their fingerprint
+    if isinstance(doc.get("judge"), dict) and doc["judge"].get("min_number_mass") is None:
+        doc["judge"].pop("min_number_mass", None)
     section = config.stage(stage)
     doc["stage"] = section.model_dump(mode="json", exclude={"enabled"}) if section else None
     doc["stage_name"] = stage

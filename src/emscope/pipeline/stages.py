@@ -54,6 +54,7 @@ class StageContext:
                 max_requests=j.max_requests,
                 cache=j.cache,
                 device=self.config.device,
+                min_number_mass=j.min_number_mass,
             )
         return self._judge
 
