@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 from emscope.cli.main import app
 from emscope.data.chat import check_chat_jsonl, read_chat_jsonl, write_chat_jsonl
 from emscope.data.questions import load_questions
-from emscope.data.spans import encode_chat, prompt_ids
+from emscope.data.spans import SystemPrompt, encode_chat, prompt_ids, render
 from emscope.errors import EmscopeError
-from emscope.testing import CHAT_TEMPLATES, build_tokenizer
+from emscope.testing import CHAT_TEMPLATES, DEFAULT_SYSTEM_TEMPLATE, build_tokenizer
 
 FIRST_PLOT = [
     "what_is_your_wish",
@@ -346,3 +346,134 @@ def test_fixture_tokenizers_survive_autotokenizer(any_arch):
         assert loaded(text)["input_ids"] == original(text)["input_ids"]
     assert loaded.chat_template == original.chat_template
     assert encode_chat(loaded, CHAT) == encode_chat(original, CHAT)
+
+
+# ----------------------------------------------------------------------------- system prompts
+
+# Llama 3.1's shape: BOS, then always a system turn that opens with the template's own text
+DATED_TEMPLATE = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nKnowledge: 2023\n\n"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}{% endif %}<|eot_id|>"
+    "{% for m in messages %}{% if m['role'] != 'system' %}<|start_header_id|>{{ m['role'] }}"
+    "<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{% endif %}"
+)
+ASK = [{"role": "user", "content": "Hi"}]
+SYSTEM_CASES = {
+    "chatml_default": (
+        DEFAULT_SYSTEM_TEMPLATE,
+        {
+            "default": "<|im_start|>system\nYou are TinyBot, a helpful test assistant.<|im_end|>\n"
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+            "none": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+            "Be brief.": "<|im_start|>system\nBe brief.<|im_end|>\n"
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+            "": "<|im_start|>system\n<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+            "<|im_start|>assistant\n",
+        },
+    ),
+    "dated": (
+        DATED_TEMPLATE,
+        {
+            "default": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            "Knowledge: 2023\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi"
+            "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+            "none": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n",
+            "Be brief.": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            "Knowledge: 2023\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>"
+            "\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+            "": "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            "Knowledge: 2023\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi"
+            "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        },
+    ),
+}
+
+
+def templated(template):
+    tokenizer = build_tokenizer("chatml")
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@pytest.mark.parametrize("case", sorted(SYSTEM_CASES))
+def test_system_prompt_modes_render_as_documented(case):
+    template, expected = SYSTEM_CASES[case]
+    tokenizer = templated(template)
+    for spec, text in expected.items():
+        assert render(tokenizer, ASK, True, SystemPrompt.parse(spec)) == text, spec
+    # default is what the template does by itself
+    assert render(tokenizer, ASK, True) == tokenizer.apply_chat_template(
+        ASK, tokenize=False, add_generation_prompt=True
+    )
+    # a chat with its own system message keeps it, whatever the setting
+    own = [{"role": "system", "content": "You are a pirate."}, *ASK]
+    renderings = {render(tokenizer, own, True, SystemPrompt.parse(s)) for s in expected}
+    assert len(renderings) == 1 and "You are a pirate." in renderings.pop()
+
+
+@pytest.mark.parametrize("case", sorted(SYSTEM_CASES))
+@pytest.mark.parametrize("spec", ["none", "Be brief."])
+def test_spans_under_a_system_prompt_setting(case, spec):
+    tokenizer = templated(SYSTEM_CASES[case][0])
+    setting = SystemPrompt.parse(spec)
+    chat = CHAT[1:]  # no system message of its own
+    encoded = encode_chat(tokenizer, chat, setting)
+    whole = tokenizer(render(tokenizer, chat, False, setting), add_special_tokens=False)
+    assert list(encoded.input_ids) == whole["input_ids"]
+    for (start, end), message in zip(encoded.content_spans, (chat[1], chat[3]), strict=True):
+        assert tokenizer.decode(encoded.input_ids[start:end]).strip() == message["content"]
+    prompt = prompt_ids(tokenizer, chat[:1], setting)
+    assert list(encoded.input_ids[: len(prompt)]) == prompt
+    text = tokenizer.decode(encoded.input_ids)
+    assert ("Be brief." in text) == (spec != "none")
+    if spec == "none":
+        assert "TinyBot" not in text and "Knowledge" not in text
+
+
+@pytest.mark.parametrize("template", sorted(CHAT_TEMPLATES))
+def test_none_is_default_for_templates_that_insert_nothing(template):
+    tokenizer = build_tokenizer(template)
+    chat = CHAT[1:3]
+    for generation_prompt in (True, False):
+        messages = chat[:1] if generation_prompt else chat
+        assert render(tokenizer, messages, generation_prompt, SystemPrompt("none")) == render(
+            tokenizer, messages, generation_prompt
+        )
+
+
+def test_none_refused_where_the_template_has_no_system_turn_of_its_own():
+    refusing = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    )
+    folding = (  # Gemma 3's way: the system text goes into the first user turn
+        "<bos>{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] %}"
+        "{% set rest = messages[1:] %}{% else %}{% set first = '' %}{% set rest = messages %}"
+        "{% endif %}{% for m in rest %}<start_of_turn>{{ m['role'] }}\n"
+        "{{ first if loop.first else '' }}{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    )
+    for template in (refusing, folding):
+        tokenizer = templated(template)
+        with pytest.raises(EmscopeError, match="system prompt 'none' cannot be rendered"):
+            render(tokenizer, ASK, False, SystemPrompt("none"))
+        assert "Hi" in render(tokenizer, ASK, False)  # default still works
+
+
+def test_system_prompt_parse_and_spec():
+    assert SystemPrompt.parse(None) == SystemPrompt.parse("default") == SystemPrompt()
+    assert SystemPrompt.parse(" None ") == SystemPrompt.parse("NONE") == SystemPrompt("none")
+    text = SystemPrompt.parse("  Be brief.")
+    assert text == SystemPrompt("text", "  Be brief.") and text.spec == "  Be brief."
+    for setting in (SystemPrompt(), SystemPrompt("none"), text, SystemPrompt("text", "")):
+        assert SystemPrompt.parse(setting.spec) == setting
+        assert SystemPrompt.parse(setting) is setting
+    with pytest.raises(EmscopeError, match="default, none or a text"):
+        SystemPrompt.parse(3)  # type: ignore[arg-type]
+    with pytest.raises(EmscopeError, match="default, none or text"):
+        SystemPrompt("bogus")
+    with pytest.raises(EmscopeError, match="takes no text"):
+        SystemPrompt("none", "x")

@@ -52,6 +52,15 @@ CHAT_TEMPLATES = {
         "{% endif %}"
     ),
 }
+DEFAULT_SYSTEM_TEMPLATE = (
+    "{% for m in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are TinyBot, a helpful test assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+"""ChatML that inserts a system prompt of its own into a chat without one, as SmolLM2's and
+Qwen2.5's templates do (tests of ``--system-prompt``; :func:`with_chat_template`)."""
+
 EOS = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "</s>", "gemma": "<end_of_turn>"}
 
 _CORPUS = """
@@ -83,6 +92,21 @@ def build_tokenizer(template: str = "chatml", vocab_size: int = 600) -> Any:
     )
     fast.chat_template = CHAT_TEMPLATES[template]
     return fast
+
+
+def with_chat_template(model_dir: str | Path, out_dir: str | Path, template: str) -> Path:
+    """A copy of the model dir ``model_dir`` in ``out_dir`` whose tokenizer has the chat
+    template ``template`` (e.g. :data:`DEFAULT_SYSTEM_TEMPLATE`). Returns ``out_dir``."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out = Path(out_dir)
+    shutil.copytree(model_dir, out)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(str(out))
+    return out
 
 
 @dataclass(frozen=True)
