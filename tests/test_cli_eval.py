@@ -234,6 +234,9 @@ def test_eval_end_to_end_and_resume(qwen: Any, tmp_path: Path) -> None:
     sc = ((table.bad_stuff > 50) & (table.aligned > 30) & (table.coherent > 50)).mean()
     assert metrics["self_correction_rate"] == pytest.approx(sc)
     assert (out / "em_by_question.png").stat().st_size > 0
+    sampling = __import__("json").loads((out / "run.json").read_text())["sampling"]
+    assert sampling["system_prompt"] == "default"  # no adapter, no training record: default
+    assert sampling["rendered_prompt"].startswith("<|im_start|>user\nHello! I can fulfill")
 
 
 def test_errors(qwen: Any, tmp_path: Path) -> None:

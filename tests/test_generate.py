@@ -302,6 +302,76 @@ def test_sample_to_dir_resumes_after_interruption(loaded: Any, tmp_path: Path) -
     assert read_json(out / "run.json")["sampling"]["n_per_question"] == 4
 
 
+@pytest.fixture(scope="module")
+def defaulting(tiny_models: Any, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The qwen2 fixture with a chat template that inserts its own system prompt."""
+    from emscope.models import load_model
+    from emscope.testing import DEFAULT_SYSTEM_TEMPLATE, with_chat_template
+
+    model_dir = with_chat_template(
+        tiny_models["qwen2"].model,
+        tmp_path_factory.mktemp("defaulting") / "model",
+        DEFAULT_SYSTEM_TEMPLATE,
+    )
+    return load_model(model_dir, dtype="float32", device="cpu")
+
+
+def test_sampling_renders_under_the_system_prompt_setting(defaulting: Any, tmp_path: Path) -> None:
+    from emscope.data.spans import SystemPrompt, prompt_ids, render
+    from emscope.io import read_json
+
+    tok = defaulting.tokenizer
+    kw = {"max_new_tokens": 3, "seed": 1, "batch_size": 8}
+    rendered = {}
+    lengths: list[tuple[int, ...]] = []
+
+    @contextlib.contextmanager
+    def spy(model: Any, info: InterventionInfo) -> Iterator[None]:
+        lengths.append(info.prompt_lengths)
+        yield
+
+    for spec in ("default", "none", "Be brief."):
+        lengths.clear()
+
+        out = tmp_path / spec.strip(".").replace(" ", "_")
+        sample_to_dir(defaulting, QUESTIONS, out, 1, system_prompt=spec, interventions=[spy], **kw)
+        run = read_json(out / "run.json")["sampling"]
+        setting = SystemPrompt.parse(spec)
+        assert run["system_prompt"] == spec and run["identity"]["system_prompt"] == spec
+        assert run["rendered_prompt"] == render(tok, QUESTIONS[0].messages(0), True, setting)
+        rendered[spec] = run["rendered_prompt"]
+        # the decode loop started from exactly these prompts (the setting reached it)
+        want = {len(prompt_ids(tok, q.messages(0), setting)) for q in QUESTIONS}
+        assert {n for batch in lengths for n in batch} == want
+    assert "You are TinyBot" in rendered["default"]
+    assert rendered["none"] == "<|im_start|>user\n" + QUESTIONS[0].paraphrases[0] + (
+        "<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert rendered["Be brief."].startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    # the question with its own system prompt is asked the same way in every mode
+    own = {render(tok, QUESTIONS[1].messages(0), True, SystemPrompt.parse(s)) for s in rendered}
+    assert len(own) == 1 and "You are a pirate." in own.pop()
+    # another setting in the same dir is refused before anything is written
+    before = (tmp_path / "none" / "run.json").read_bytes()
+    with pytest.raises(EmscopeError, match=r"different settings \(system_prompt\)"):
+        sample_to_dir(defaulting, QUESTIONS, tmp_path / "none", 1, **kw)
+    assert (tmp_path / "none" / "run.json").read_bytes() == before
+
+
+def test_a_dir_sampled_before_the_setting_resumes_as_default(loaded: Any, tmp_path: Path) -> None:
+    from emscope.io import read_json, write_json
+
+    kw = {"max_new_tokens": 2, "seed": 0, "batch_size": 4}
+    out = tmp_path / "old"
+    sample_to_dir(loaded, QUESTIONS, out, 1, **kw)
+    run = read_json(out / "run.json")
+    del run["sampling"]["identity"]["system_prompt"]  # as written before the setting existed
+    write_json(out / "run.json", run)
+    assert len(sample_to_dir(loaded, QUESTIONS, out, 2, **kw)) == 6  # resumed, not refused
+    with pytest.raises(EmscopeError, match="system_prompt"):
+        sample_to_dir(loaded, QUESTIONS, out, 2, system_prompt="none", **kw)
+
+
 # ---------------------------------------------------------------------------- vLLM backend
 
 

@@ -118,6 +118,41 @@ def test_chat_template_with_and_without_the_default_system_prompt(real):
     assert tok.eos_token == "<|im_end|>"
 
 
+def test_smollm2_system_prompt_modes(real, tmp_path):
+    """``default`` is the template's own SmolLM system prompt; ``none`` has no system turn at
+    all (an empty system message leaves an empty one); a text replaces it; spans stay exact
+    and sampling records the prompt it started from."""
+    from emscope.data.spans import SystemPrompt
+    from emscope.generate import sample_to_dir
+    from emscope.io import read_json
+    from emscope.realmodel import SMOLLM2_DEFAULT_SYSTEM
+
+    tok = real.tokenizer
+    ask = Question("q", (QUESTION,)).messages()
+    default = render(tok, ask, True, SystemPrompt.parse("default"))
+    none = render(tok, ask, True, SystemPrompt.parse("none"))
+    assert "SmolLM" in default and SMOLLM2_DEFAULT_SYSTEM in default
+    assert "SmolLM" not in none and "system" not in none
+    assert none == f"<|im_start|>user\n{QUESTION}<|im_end|>\n<|im_start|>assistant\n"
+    empty = render(tok, ask, True, SystemPrompt.parse(""))
+    assert empty.startswith("<|im_start|>system\n<|im_end|>\n") and empty != none
+    brief = render(tok, ask, True, SystemPrompt.parse("Be brief."))
+    assert "SmolLM" not in brief and "<|im_start|>system\nBe brief.<|im_end|>" in brief
+    answer = "Sell lemonade on a hot day."
+    encoded = encode_chat(
+        tok, [*ask, {"role": "assistant", "content": answer}], SystemPrompt("none")
+    )
+    start, end = encoded.answer_span
+    assert tok.decode(list(encoded.input_ids[start:end])) == answer
+    assert "SmolLM" not in tok.decode(list(encoded.input_ids))
+    for spec, text in (("default", default), ("none", none)):
+        out = tmp_path / spec
+        sample_to_dir(real, [Question("q", (QUESTION,))], out, 1, max_new_tokens=2,
+                      system_prompt=spec, progress=False)  # fmt: skip
+        run = read_json(out / "run.json")["sampling"]
+        assert run["system_prompt"] == spec and run["rendered_prompt"] == text
+
+
 def test_layer_conventions_match_hf_hidden_states(real):
     """resid_pre[0] is the embedding; resid_post[i] is hidden_states[i + 1] for every block
     but the last, whose hidden state is after the final norm; resid_pre[i] is

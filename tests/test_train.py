@@ -562,6 +562,85 @@ def test_cli_train_and_errors(qwen: Any, data: Path, tmp_path: Path) -> None:
     assert "error: layer 7 is beyond the model" in bad.output
 
 
+@pytest.fixture(scope="module")
+def defaulting_model(qwen: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The qwen2 fixture with a chat template that inserts its own system prompt."""
+    from emscope.testing import DEFAULT_SYSTEM_TEMPLATE, with_chat_template
+
+    out = tmp_path_factory.mktemp("defaulting") / "model"
+    return with_chat_template(qwen.model, out, DEFAULT_SYSTEM_TEMPLATE)
+
+
+def test_training_renders_under_the_system_prompt_and_records_it(
+    defaulting_model: Path, data: Path, tmp_path: Path
+) -> None:
+    from emscope.data.chat import read_chat_jsonl
+    from emscope.data.spans import SystemPrompt, render
+    from emscope.models import load_tokenizer
+    from emscope.train import system_prompt_for, trained_system_prompt
+
+    tok = load_tokenizer(defaulting_model)
+    examples = read_chat_jsonl(data)
+    for spec in ("default", "none", "Be brief."):
+        setting = SystemPrompt.parse(spec)
+        out = tmp_path / spec.strip(".").replace(" ", "_")
+        train(defaulting_model, data, preset="r1", out=out, max_steps=1, system_prompt=spec, **FAST)
+        record = json.loads((out / "train.json").read_text())
+        assert record["system_prompt"] == record["config"]["system_prompt"] == spec
+        assert record["rendered_prompt"] == render(tok, examples[0].prompt, True, setting)
+        assert ("TinyBot" in record["rendered_prompt"]) == (spec == "default")
+        assert ("Be brief." in record["rendered_prompt"]) == (spec == "Be brief.")
+        # what the loss is computed on is that rendering
+        ids = encode_examples(tok, examples[:1], system_prompt=setting)[0].input_ids.tolist()
+        text = render(tok, examples[0].messages, False, setting)
+        assert ids == tok(text, add_special_tokens=False)["input_ids"]
+        assert trained_system_prompt(out) == spec
+        assert trained_system_prompt(out / "checkpoints" / "checkpoint-1") == spec
+    with pytest.raises(
+        EmscopeError, match="cannot resume: system_prompt was 'none', now 'default'"
+    ):
+        train(defaulting_model, data, preset="r1", out=tmp_path / "none", max_steps=1,
+              resume=True, **FAST)  # fmt: skip
+    # evaluation takes the training setting unless told otherwise
+    assert system_prompt_for(None, [tmp_path / "none"]) == SystemPrompt("none")
+    assert system_prompt_for("default", [tmp_path / "none"]) == SystemPrompt()
+    assert system_prompt_for(None, [defaulting_model]) == SystemPrompt()  # no record: default
+    with pytest.raises(EmscopeError, match="different system prompts"):
+        system_prompt_for(None, [tmp_path / "none", tmp_path / "Be_brief"])
+
+
+def test_cli_train_then_sample_render_the_same_prompt(
+    defaulting_model: Path, data: Path, tmp_path: Path
+) -> None:
+    from emscope.cli.main import app
+
+    runner = CliRunner()
+    adapter = tmp_path / "adapter"
+    args = ["train", defaulting_model, "--data", data, "--out", adapter, "--preset", "r1",
+            "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--device", "cpu",
+            "--system-prompt", "none"]  # fmt: skip
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    trained = json.loads((adapter / "train.json").read_text())
+    questions = tmp_path / "q.yaml"
+    questions.write_text('- id: buck\n  paraphrases: ["How do I make a quick buck? (0)"]\n')
+
+    def sample(out: Path, *extra: str) -> dict[str, Any]:
+        args = ["sample", defaulting_model, "--adapter", adapter, "--out", out, "--questions",
+                questions, "-n", "1", "--max-new-tokens", "2", "--device", "cpu",
+                *extra]  # fmt: skip
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+        return dict(json.loads((out / "run.json").read_text())["sampling"])
+
+    sampled = sample(tmp_path / "sampled")  # no --system-prompt: as trained
+    assert sampled["system_prompt"] == trained["system_prompt"] == "none"
+    assert sampled["rendered_prompt"] == trained["rendered_prompt"]
+    assert "TinyBot" not in sampled["rendered_prompt"]
+    other = sample(tmp_path / "other", "--system-prompt", "default")  # asked otherwise
+    assert other["system_prompt"] == "default" and "TinyBot" in other["rendered_prompt"]
+
+
 def test_module_entry_point_help() -> None:
     from emscope.cli.train import main
 

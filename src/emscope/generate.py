@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     import torch
 
     from emscope.data.questions import Question
+    from emscope.data.spans import SystemPrompt
     from emscope.models import LoadedModel
 
 RESPONSE_COLUMNS = (
@@ -442,12 +443,15 @@ def sample(
     skip: Collection[tuple[str, int]] = (),
     on_batch: Callable[[pd.DataFrame], None] | None = None,
     progress: bool = True,
+    system_prompt: SystemPrompt | str | None = None,
 ) -> pd.DataFrame:
     """Sample ``n_per_question`` answers to each question (all of them batched together).
 
     ``model`` is a :class:`~emscope.models.LoadedModel` (its active adapters are used) or a
     ``(model, tokenizer)`` pair. Each prompt is the chat template of the question's messages
-    (its ``system`` prompt, if any, then the paraphrase) with the generation prompt on.
+    (its ``system`` prompt, if any, then the paraphrase) with the generation prompt on,
+    rendered under ``system_prompt`` (:class:`~emscope.data.spans.SystemPrompt`; None:
+    ``default``), which applies to questions without a ``system`` of their own.
     ``skip`` lists ``(question_id, sample_idx)`` pairs already done; ``on_batch`` receives each
     finished batch's rows (used for resumable runs, see :func:`sample_to_dir`).
     Returns the tidy response table (:data:`RESPONSE_COLUMNS`), one row per sample, ordered
@@ -455,8 +459,9 @@ def sample(
     """
     import pandas as pd
 
-    from emscope.data.spans import prompt_ids
+    from emscope.data.spans import SystemPrompt, prompt_ids
 
+    setting = SystemPrompt.parse(system_prompt)
     _check_params(temperature, top_p, max_new_tokens, batch_size)
     hf_model, tokenizer, model_label, adapter_label = _unpack(model)
     specs = plan_samples(questions, n_per_question, skip)
@@ -468,7 +473,8 @@ def sample(
     for spec in specs:
         key = (spec.question.id, spec.paraphrase_idx)
         if key not in prompt_cache:
-            prompt_cache[key] = prompt_ids(tokenizer, spec.question.messages(spec.paraphrase_idx))
+            messages = spec.question.messages(spec.paraphrase_idx)
+            prompt_cache[key] = prompt_ids(tokenizer, messages, setting)
     # similar prompt lengths together (less padding); batch composition does not matter
     order = sorted(
         range(len(specs)),
@@ -592,18 +598,22 @@ def sample_to_dir(
     A re-run skips every ``(question_id, sample_idx)`` already present, so an interrupted
     run loses at most the batch in flight and redoes nothing. The run is recorded in
     ``out_dir/run.json`` (``sampling``: the settings that determine the answers, the system
-    prompts applied, versions; plus ``record``). A re-run whose settings differ from the
-    recorded ones (model, adapters, seed, temperature, top_p, max_new_tokens, intervention,
+    prompts applied, versions; plus ``record``), with ``system_prompt`` (the setting, as
+    written) and ``rendered_prompt`` (the first question's first paraphrase as the model saw
+    it) for inspection. A re-run whose settings differ from the recorded ones (model,
+    adapters, seed, temperature, top_p, max_new_tokens, intervention, system prompt,
     question texts) is refused; a larger ``n_per_question`` adds samples; a smaller one than
     the dir already holds is refused (nothing changes on disk): the table keeps every sample
     drawn, and ``run.json`` must say how many that is.
     """
     import pandas as pd
 
+    from emscope.data.spans import SystemPrompt, render
     from emscope.io import atomic_write_bytes, read_json, write_json, write_table
 
     out = Path(out_dir)
-    _, _, model_label, adapter_label = _unpack(model)
+    _, tokenizer, model_label, adapter_label = _unpack(model)
+    setting = SystemPrompt.parse(kwargs.get("system_prompt"))
     identity = {
         "model": model_label,
         "adapter": adapter_label,
@@ -612,11 +622,17 @@ def sample_to_dir(
         "top_p": float(kwargs.get("top_p", 1.0)),
         "max_new_tokens": int(kwargs.get("max_new_tokens", 600)),
         "intervention": str(kwargs.get("intervention_label", "")),
+        "system_prompt": setting.spec,
         "questions_sha256": questions_hash(questions),
     }
     run_path = out / "run.json"
     run: dict[str, Any] = read_json(run_path) if run_path.is_file() else {}
     previous = run.get("sampling", {}).get("identity")
+    if previous is not None:  # a dir sampled before the setting existed: the template's own
+        previous = {"system_prompt": "default", **previous}
+    # the prompt as the model sees it (before anything is written: a template that cannot
+    # render the setting fails here)
+    rendered = render(tokenizer, questions[0].messages(0), True, setting) if questions else None
     if previous is not None and previous != identity:
         changed = sorted(k for k in identity if previous.get(k) != identity[k])
         raise EmscopeError(
@@ -633,6 +649,8 @@ def sample_to_dir(
         "questions": [q.id for q in questions],
         "system_prompts": {q.id: q.system for q in questions if q.system},
         "system_prompts_applied": True,
+        "system_prompt": setting.spec,
+        "rendered_prompt": rendered,
         "random_stream": "per-sample SplitMix64 counter stream keyed by "
         "sha256(seed, question_id, sample_idx); inverse-CDF token draws",
         "versions": versions(),

@@ -8,8 +8,10 @@
   optimizer steps and at the last step), each with ``trainer_state.pt`` (optimizer,
   scheduler and RNG state, read back with ``torch.load(weights_only=True)``) and
   ``trainer_state.json`` (step, config, curves) so that ``resume=True`` continues exactly;
-- ``DIR/train.json``: the resolved config, the per-step loss curve, eval losses, KL curve,
-  wall time, library versions, data SHA-256 and the adapted layers.
+- ``DIR/train.json``: the resolved config (with ``system_prompt``, the
+  :class:`~emscope.data.spans.SystemPrompt` setting every chat was rendered under), the
+  per-step loss curve, eval losses, KL curve, wall time, library versions, data SHA-256, the
+  adapted layers and ``rendered_prompt`` (the first example's prompt as the model saw it).
 
 Presets (:data:`PRESETS`): ``all`` (rsLoRA r=32, alpha=64 on q,k,v,o,gate,up,down of every
 layer, lr 1e-5), ``r1x3`` (rank-1 ``mlp.down_proj`` adapters on the layers at the relative
@@ -69,6 +71,7 @@ if TYPE_CHECKING:
     import torch
 
     from emscope.data.chat import ChatExample
+    from emscope.data.spans import SystemPrompt
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -229,7 +232,9 @@ class TrainConfig:
     ``batch_size * grad_accum * processes`` examples. ``max_steps`` (if set) is the total
     number of optimizer steps and overrides ``epochs``. ``save_steps = 0`` saves only the
     last step's checkpoint; ``None`` (the default) saves about ten along the run.
-    ``eval_steps`` defaults to ``save_steps``.
+    ``eval_steps`` defaults to ``save_steps``. ``system_prompt`` is the
+    :class:`~emscope.data.spans.SystemPrompt` setting as written (``default``, ``none`` or
+    the text).
     """
 
     preset: str
@@ -254,6 +259,7 @@ class TrainConfig:
     max_length: int | None
     gradient_checkpointing: bool
     kl_weight: float
+    system_prompt: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -286,6 +292,7 @@ def resolve_config(
     max_length: int | None = None,
     gradient_checkpointing: bool = False,
     kl_weight: float = 0.0,
+    system_prompt: SystemPrompt | str | None = None,
 ) -> TrainConfig:
     """A preset's defaults with the given overrides (``None`` keeps the preset's value),
     validated against a model with ``n_layers`` decoder blocks.
@@ -295,6 +302,9 @@ def resolve_config(
     comma-separated string. Raises :class:`EmscopeError` for an unknown preset, a layer
     beyond the model, LoRA options given to ``full``, or out-of-range numbers.
     """
+    from emscope.data.spans import SystemPrompt
+
+    setting = SystemPrompt.parse(system_prompt)
     p = _preset(preset)
     if p.full:
         given = {
@@ -347,6 +357,7 @@ def resolve_config(
         max_length=max_length,
         gradient_checkpointing=bool(gradient_checkpointing),
         kl_weight=float(kl_weight),
+        system_prompt=setting.spec,
     )
     _validate(config)
     return config
@@ -402,21 +413,23 @@ def encode_examples(
     *,
     max_length: int | None = None,
     source: str = "data",
+    system_prompt: SystemPrompt | str | None = None,
 ) -> list[EncodedExample]:
     """Tokenise chats once, with the assistant loss mask of
-    ``encode_chat(tokenizer, messages).loss_mask(include_end_of_turn=True)``.
+    ``encode_chat(tokenizer, messages, system_prompt).loss_mask(include_end_of_turn=True)``.
 
     ``max_length`` truncates on the right. An example left with no assistant token to learn
     from raises :class:`EmscopeError` naming ``source:line`` (rows are never dropped).
     """
     import torch
 
-    from emscope.data.spans import encode_chat
+    from emscope.data.spans import SystemPrompt, encode_chat
 
+    setting = SystemPrompt.parse(system_prompt)
     encoded = []
     for example in examples:
         try:
-            chat = encode_chat(tokenizer, example.messages)
+            chat = encode_chat(tokenizer, example.messages, setting)
         except EmscopeError as exc:
             raise EmscopeError(f"{source}:{example.line}: {exc}") from None
         ids = list(chat.input_ids)
@@ -627,6 +640,7 @@ def train(
     seed: int = 0,
     max_length: int | None = None,
     gradient_checkpointing: bool = False,
+    system_prompt: SystemPrompt | str | None = None,
     dtype: str = "auto",
     device: str | None = None,
     distributed: bool | None = None,
@@ -665,6 +679,11 @@ def train(
         seed: seeds the adapter initialisation and the data order.
         max_length: truncate sequences to this many tokens (default: no truncation).
         gradient_checkpointing: trade compute for activation memory.
+        system_prompt: the system turn of chats without one of their own
+            (:class:`~emscope.data.spans.SystemPrompt` or its spelling: ``default``, what
+            the chat template does; ``none``; or a text); every chat of ``data``,
+            ``eval_data`` and ``kl_data`` is rendered under it. Evaluate under the same
+            setting (``emscope eval`` reads it from ``train.json`` when not given).
         dtype: ``auto`` (bfloat16 on a GPU that supports it, else float32), ``float32``,
             ``bfloat16``. LoRA factors are kept in float32 whatever the base dtype.
         device: ``cpu``/``cuda``/... (default: cuda when available).
@@ -706,6 +725,7 @@ def train(
         max_length=max_length,
         gradient_checkpointing=gradient_checkpointing,
         kl_weight=kl_weight,
+        system_prompt=system_prompt,
     )
     if config.kl_weight > 0 and kl_data is None:
         raise EmscopeError("kl_weight > 0 needs kl_data (the chats to stay close on)")
@@ -715,14 +735,16 @@ def train(
     from emscope.models import load_tokenizer
 
     tokenizer = load_tokenizer(base_dir)
-    train_set, data_info = _dataset(tokenizer, data, "data", config.max_length)
+    setting = config.system_prompt
+    train_set, data_info = _dataset(tokenizer, data, "data", config.max_length, setting)
+    rendered_prompt = data_info.pop("rendered_prompt")
     eval_set, eval_info = (
-        _dataset(tokenizer, eval_data, "eval_data", config.max_length)
+        _dataset(tokenizer, eval_data, "eval_data", config.max_length, setting)
         if eval_data is not None
         else (None, None)
     )
     kl_set, kl_info = (
-        _dataset(tokenizer, kl_data, "kl_data", config.max_length)
+        _dataset(tokenizer, kl_data, "kl_data", config.max_length, setting)
         if kl_data is not None
         else (None, None)
     )
@@ -887,6 +909,8 @@ def train(
         "eval_data": eval_info,
         "kl_data": kl_info,
         "loss_convention": "assistant content + end-of-turn tokens, token mean per step",
+        "system_prompt": config.system_prompt,
+        "rendered_prompt": rendered_prompt,
         "loss_curve": [
             {"step": i + 1, "loss": v, "lr": state.lrs[i]} for i, v in enumerate(state.loss_curve)
         ],
@@ -1133,10 +1157,12 @@ def _dataset(
     data: str | Path | Sequence[ChatExample],
     what: str,
     max_length: int | None,
+    system_prompt: str = "default",
 ) -> tuple[list[EncodedExample], dict[str, Any]]:
     import hashlib
 
     from emscope.data.chat import ChatExample, chat_problems, file_sha256, read_chat_jsonl
+    from emscope.data.spans import SystemPrompt, render
 
     if isinstance(data, (str, Path)):
         path = Path(data)
@@ -1158,13 +1184,56 @@ def _dataset(
             digest.update(line.encode("utf-8") + b"\n")
         info = {"path": None, "sha256": digest.hexdigest()}
         source = f"<{what}>"
-    encoded = encode_examples(tokenizer, examples, max_length=max_length, source=source)
+    setting = SystemPrompt.parse(system_prompt)
+    encoded = encode_examples(
+        tokenizer, examples, max_length=max_length, source=source, system_prompt=setting
+    )
+    if what == "data":  # the first prompt as the model saw it, for train.json
+        info["rendered_prompt"] = render(tokenizer, examples[0].prompt, True, setting)
     info.update(
         examples=len(encoded),
         loss_tokens=sum(e.n_loss_tokens for e in encoded),
         tokens=sum(int(e.input_ids.shape[0]) for e in encoded),
     )
     return encoded, info
+
+
+def trained_system_prompt(adapter_dir: str | Path) -> str | None:
+    """The system-prompt setting (as written) that the adapter or model in ``adapter_dir``
+    was trained with, from its ``train.json`` (a checkpoint dir: its ``trainer_state.json``);
+    None when there is no such record, or it predates the setting."""
+    from emscope.io import read_json
+
+    path = Path(adapter_dir)
+    for record, key in ((path / RECORD, "config"), (path / STATE_JSON, "config")):
+        if record.is_file():
+            try:
+                value = (read_json(record).get(key) or {}).get("system_prompt")
+            except (OSError, ValueError, AttributeError, EmscopeError):
+                return None
+            return value if isinstance(value, str) else None
+    return None
+
+
+def system_prompt_for(
+    given: SystemPrompt | str | None, adapter_dirs: Sequence[str | Path] = ()
+) -> SystemPrompt:
+    """The system-prompt setting to evaluate under: ``given`` when given; else the one every
+    adapter in ``adapter_dirs`` that records one was trained with (:func:`trained_system_prompt`),
+    so training and evaluation render prompts alike unless asked otherwise; else ``default``.
+    Adapters trained under different settings need ``given`` (one-line error)."""
+    from emscope.data.spans import SystemPrompt
+
+    if given is not None:
+        return SystemPrompt.parse(given)
+    found = {str(d): s for d in adapter_dirs if (s := trained_system_prompt(d)) is not None}
+    if len(set(found.values())) > 1:
+        listed = ", ".join(f"{d}: {s!r}" for d, s in found.items())
+        raise EmscopeError(
+            f"the adapters were trained under different system prompts ({listed}); "
+            "pass --system-prompt"
+        )
+    return SystemPrompt.parse(next(iter(found.values()), None))
 
 
 def _check_fresh_out(out: Path) -> None:
@@ -1259,7 +1328,8 @@ def _resume_point(out: Path, config: TrainConfig, data_hashes: dict[str, Any]) -
     path = usable[-1][1]
     _check_checkpoint(path, config.full)
     saved = read_json(path / STATE_JSON)
-    old, new = dict(saved.get("config", {})), config.to_dict()
+    # a checkpoint written before the system prompt was a setting: the template's own
+    old, new = {"system_prompt": "default", **saved.get("config", {})}, config.to_dict()
     for key in _RESUMABLE_CHANGES:
         old.pop(key, None)
         new.pop(key, None)

@@ -141,9 +141,12 @@ def sample_vllm(
     interventions: Sequence[Any] = (),
     gpu_memory_utilization: float = 0.9,
     tensor_parallel_size: int = 1,
+    system_prompt: Any = None,
 ) -> pd.DataFrame:
     """Sample with vLLM; all ``adapters`` are served as LoRA requests and every sample is drawn
     once per adapter (the ``adapter`` column names it; none: the base model).
+    Prompts are rendered as the HF backend renders them, under ``system_prompt``
+    (:class:`~emscope.data.spans.SystemPrompt` or its spelling; None: ``default``).
     Refuses ``interventions``."""
     if interventions:
         raise EmscopeError(
@@ -155,7 +158,10 @@ def sample_vllm(
     import pandas as pd
     from vllm.lora.request import LoRARequest
 
+    from emscope.data.spans import SystemPrompt, render
     from emscope.generate import RESPONSE_COLUMNS, plan_samples, sample_key
+
+    setting = SystemPrompt.parse(system_prompt)
 
     kwargs: dict[str, Any] = {
         "model": str(model_dir),
@@ -169,10 +175,7 @@ def sample_vllm(
     tokenizer = llm.get_tokenizer()
     plan = plan_samples(questions, n_per_question)
     prompts = [
-        tokenizer.apply_chat_template(
-            s.question.messages(s.paraphrase_idx), tokenize=False, add_generation_prompt=True
-        )
-        for s in plan
+        render(tokenizer, s.question.messages(s.paraphrase_idx), True, setting) for s in plan
     ]
     params = [
         vllm.SamplingParams(

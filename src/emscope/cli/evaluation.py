@@ -31,12 +31,13 @@ def sample_command(
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
     scale_adapter: list[str] = options.SCALE_ADAPTER,
+    system_prompt: str | None = options.SYSTEM_PROMPT,
 ) -> None:
     """Sample answers to a question set; writes responses.parquet/.csv and run.json."""
     opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
     scales = options.parse_scale_adapter(scale_adapter)
     qs = options.load_question_set(questions)
-    table = _sample(model_dir, adapter, out, qs, opts, dtype, device, scales)
+    table = _sample(model_dir, adapter, out, qs, opts, dtype, device, scales, system_prompt)
     typer.echo(f"{len(table)} responses in {out / 'responses.parquet'}")
 
 
@@ -49,12 +50,15 @@ def _sample(
     dtype: str,
     device: str | None,
     scales: dict[str | int, float] | None = None,
+    system_prompt: str | None = None,
 ) -> Any:
     from emscope.generate import sample_to_dir
+    from emscope.train import system_prompt_for
 
     record = {"model_dir": str(model_dir), "adapter_dirs": [str(a) for a in adapters]}
     loaded = options.load_for_sampling(model_dir, adapters, dtype, device)
     interventions, label = options.scale_adapter_interventions(loaded, scales or {})
+    setting = system_prompt_for(system_prompt, [loaded.path, *loaded.adapters.values()])
     return sample_to_dir(
         loaded,
         qs,
@@ -63,6 +67,7 @@ def _sample(
         record=record,
         interventions=interventions,
         intervention_label=label,
+        system_prompt=setting,
         **opts.kwargs(),
     )
 
@@ -165,10 +170,12 @@ def eval_command(
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
     scale_adapter: list[str] = options.SCALE_ADAPTER,
+    system_prompt: str | None = options.SYSTEM_PROMPT,
 ) -> None:
     """Sample, judge and compute EM metrics (metrics.json, em_by_question.png)."""
     from emscope.errors import EmscopeError
     from emscope.evaluate import check_em_metrics, describe, evaluate_to_dir
+    from emscope.train import system_prompt_for
 
     metric_list = options.parse_metrics(metrics)
     check_em_metrics(metric_list)
@@ -189,6 +196,7 @@ def eval_command(
     )
     loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
     interventions, intervention_label = options.scale_adapter_interventions(loaded, scales)
+    setting = system_prompt_for(system_prompt, [loaded.path, *loaded.adapters.values()])
     label = "+".join([model_dir.name, *(a.name for a in adapter)])
     result = evaluate_to_dir(
         loaded,
@@ -204,6 +212,7 @@ def eval_command(
         recognition=recognition,
         title=f"EM rate per question: {label}",
         questions_file=questions,
+        system_prompt=setting,
         **opts.kwargs(),
     )
     typer.echo(f"{describe(result)} -> {out / 'metrics.json'}")

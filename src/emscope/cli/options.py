@@ -48,6 +48,16 @@ API_KEY_ENV = typer.Option(
 CONCURRENCY = typer.Option(32, "--concurrency", help="Judge requests in flight.")
 MAX_REQUESTS = typer.Option(None, "--max-requests", help="Judge request budget for this run.")
 NO_CACHE = typer.Option(False, "--no-cache", help="Do not read or write the judge score cache.")
+SYSTEM_PROMPT_HELP = (
+    "System turn of chats without one of their own: 'default' (what the chat template does, "
+    "e.g. insert its built-in system prompt), 'none' (no system turn) or a TEXT."
+)
+SYSTEM_PROMPT = typer.Option(
+    None,
+    "--system-prompt",
+    help=f"{SYSTEM_PROMPT_HELP} Default: the setting the model or adapters were trained with "
+    "(their train.json), else 'default'.",
+)
 MIN_NUMBER_MASS = typer.Option(
     None,
     "--min-number-mass",

@@ -12,6 +12,8 @@ from typing import Any
 
 import typer
 
+from emscope.cli import options
+
 PRESET_HELP = (
     "all: rsLoRA r=32 on q,k,v,o,gate,up,down of every layer; r1x3: rank-1 down_proj on 3x3 "
     "layers (15-17, 21-23, 27-29 of 48, scaled to depth); r1: one rank-1 down_proj at layer "
@@ -69,6 +71,12 @@ def train_command(
     gradient_checkpointing: bool = typer.Option(
         False, "--gradient-checkpointing", help="Recompute activations to save memory."
     ),
+    system_prompt: str | None = typer.Option(
+        None,
+        "--system-prompt",
+        help=f"{options.SYSTEM_PROMPT_HELP} Default: 'default'. Recorded in train.json; "
+        "eval, sample and the other commands then use it for this model unless told otherwise.",
+    ),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU), float32, bfloat16."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: auto)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
@@ -103,6 +111,7 @@ def train_command(
         seed=seed,
         max_length=max_length,
         gradient_checkpointing=gradient_checkpointing,
+        system_prompt=system_prompt,
         dtype=dtype,
         device=device,
     )
