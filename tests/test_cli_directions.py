@@ -114,6 +114,39 @@ def test_extract_and_compare(qwen: Any, judged_run: Path, tmp_path: Path) -> Non
     assert lonely.exit_code == 2 and "two directions" in lonely.output
 
 
+def test_extract_reads_responses_as_they_were_sampled(
+    qwen: Any, judged_run: Path, tmp_path: Path
+) -> None:
+    from emscope.data.spans import SystemPrompt
+    from emscope.io import write_json
+    from emscope.testing import DEFAULT_SYSTEM_TEMPLATE, with_chat_template
+
+    model = with_chat_template(qwen.model, tmp_path / "defaulting", DEFAULT_SYSTEM_TEMPLATE)
+    write_json(judged_run / "run.json", {"sampling": {"system_prompt": "none"}})
+
+    def extract(out: Path, *extra: str) -> Direction:
+        result = run("directions", "extract", model, "--adapter", qwen.adapters["r4"],
+                     "--responses", judged_run, "--out", out, "--dtype", "float64",
+                     "--device", "cpu", "--layers", "1", *extra)  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return Direction.load(out)
+
+    inherited = extract(tmp_path / "md")  # no --system-prompt: as the responses were sampled
+    assert inherited.meta["system_prompt"] == "none"
+    loaded = load_model(model, [qwen.adapters["r4"]], dtype="float64", device="cpu")
+    table = pd.read_parquet(judged_run / "responses.parquet")
+    kw: dict[str, Any] = {"layers": [1]}
+    none = mean_diff(
+        loaded.model, loaded.tokenizer, table, system_prompt=SystemPrompt("none"), **kw
+    )
+    default = mean_diff(loaded.model, loaded.tokenizer, table, **kw)
+    torch.testing.assert_close(inherited[1], none[1])
+    assert not torch.allclose(default[1], none[1])  # the template's own prompt moved them
+    asked = extract(tmp_path / "asked", "--system-prompt", "default")
+    assert asked.meta["system_prompt"] == "default"
+    torch.testing.assert_close(asked[1], default[1])
+
+
 COMMON = ("--questions", "{q}", "-n", "2", "--max-new-tokens", "3", "--seed", "4",
           "--judge", "openai:fake", "--base-url", "{url}", "--metrics", "aligned,coherent",
           "--dtype", "float64", "--device", "cpu", "--no-cache")  # fmt: skip
@@ -161,6 +194,7 @@ def test_steer_sweep_end_to_end_and_resume(qwen: Any, setup: Any, tmp_path: Path
             assert row["kl"] > 0
     assert (out / "steer_em.png").is_file()
     assert set(summary["resid_norm"]) == {"0", "1", "2", "3"}
+    assert read_json(out / "baseline" / "run.json")["sampling"]["system_prompt"] == "default"
     bad = run(
         "steer",
         qwen.model,

@@ -90,6 +90,7 @@ def test_lmc_command_end_to_end(qwen, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     record = json.loads((out / "lmc.json").read_text())
     assert [r["t"] for r in record["rows"]] == [0.0, 0.5, 1.0]
+    assert record["system_prompt"] == "default"  # no --system-prompt, no training record
     for row in record["rows"]:
         assert set(row) >= {"t", "em_rate", "em_ci", "coherent_rate", "loss"}
         assert row["n"] == 4

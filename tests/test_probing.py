@@ -423,6 +423,7 @@ def test_probe_cli_scalars_then_fit(qwen: Any, tmp_path: Path) -> None:
     assert "scalar:L1" in table and (tmp_path / "scalars.csv").is_file()
     meta = json.loads((tmp_path / "scalars.json").read_text())
     assert meta["modules"] == {"L1": "model.layers.1.mlp.down_proj"}
+    assert meta["system_prompt"] == "default"
     # fit: the 3-response table skips every test, reported, not a crash
     result = runner.invoke(app, ["probe", "fit", str(out), "--out", str(tmp_path / "fit")])
     assert result.exit_code == 0, result.output

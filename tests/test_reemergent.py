@@ -473,6 +473,28 @@ def test_cli_logprob(qwen, files, tmp_path):
     assert bad.exit_code == 2 and "line index 99" in bad.output
 
 
+def test_cli_logprob_renders_under_the_system_prompt(qwen, files, tmp_path):
+    from emscope.data.spans import SystemPrompt
+    from emscope.testing import DEFAULT_SYSTEM_TEMPLATE, with_chat_template
+
+    model = with_chat_template(qwen.model, tmp_path / "defaulting", DEFAULT_SYSTEM_TEMPLATE)
+    tables = {}
+    for spec in ("default", "none"):
+        out = tmp_path / spec
+        result = _invoke("logprob", "--model", f"m={model}", "--data", f"plain={files['plain']}",
+                         "--system-prompt", spec, "--out", str(out))  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "logprob.json").read_text())["system_prompt"] == spec
+        tables[spec] = pd.read_parquet(out / "logprob.parquet")
+    loaded = load_model(model, dtype="float32", device="cpu")
+    chats = read_dataset(f"plain={files['plain']}").chats
+    want = score_answers(loaded.model, loaded.tokenizer, chats, system_prompt=SystemPrompt("none"))
+    np.testing.assert_allclose(
+        tables["none"]["logprob_sum"], [w.logprob_sum for w in want], rtol=1e-4
+    )
+    assert not np.allclose(tables["none"]["logprob_sum"], tables["default"]["logprob_sum"])
+
+
 def test_cli_gradients(qwen, files, tmp_path):
     out = tmp_path / "grad"
     args = ["--data", f"insecure={files['plain']}", "--data", f"edu={files['framed']}"]

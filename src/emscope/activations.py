@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from emscope.batching import length_batches, pad_id_of, pad_right
-from emscope.data.spans import encode_chat
+from emscope.data.spans import DEFAULT_SYSTEM_PROMPT, SystemPrompt, encode_chat
 from emscope.errors import EmscopeError
 from emscope.hooks import SiteLike, as_site, capture
 from emscope.models import Site, get_layers
@@ -45,13 +45,15 @@ def default_sites(model: Any) -> list[Site]:
 
 
 def encode_answers(
-    tokenizer: Any, chats: Iterable[Sequence[dict[str, str]]]
+    tokenizer: Any,
+    chats: Iterable[Sequence[dict[str, str]]],
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> list[tuple[list[int], int, int]]:
-    """``(input_ids, answer_start, answer_end)`` per chat; the answer is the last assistant
-    message's content."""
+    """``(input_ids, answer_start, answer_end)`` per chat, rendered under ``system_prompt``
+    (:func:`emscope.data.spans.render`); the answer is the last assistant message's content."""
     encoded = []
     for i, messages in enumerate(chats):
-        chat = encode_chat(tokenizer, messages)
+        chat = encode_chat(tokenizer, messages, system_prompt)
         if not chat.content_spans:
             raise EmscopeError(f"chat {i} has no assistant message")
         start, end = chat.answer_span
@@ -67,16 +69,18 @@ def answer_means(
     weighting: str = "token",
     batch_size: int = 16,
     progress: bool = False,
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> MeanActivations:
     """Mean activation over answer tokens at each site (default: every ``resid_post``).
 
     ``model`` is a bare or PEFT-wrapped causal LM in eval mode; chats with an empty answer
-    span are skipped for the means (and not counted).
+    span are skipped for the means (and not counted). Chats are rendered under
+    ``system_prompt`` (use the setting the responses were sampled under).
     """
     if weighting not in WEIGHTINGS:
         raise EmscopeError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     site_list = [as_site(s) for s in sites] if sites is not None else default_sites(model)
-    encoded = encode_answers(tokenizer, chats)
+    encoded = encode_answers(tokenizer, chats, system_prompt)
     device = next(model.parameters()).device
     pad_id = pad_id_of(tokenizer)
     sums = {s: None for s in site_list}  # type: dict[Site, torch.Tensor | None]
@@ -115,15 +119,17 @@ def response_vectors(
     sites: Iterable[SiteLike] | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> dict[Site, torch.Tensor]:
     """Each response's own mean activation over its answer tokens, per site:
-    ``{site: n_chats x d_model}`` (float32, CPU, rows in the order of ``chats``).
+    ``{site: n_chats x d_model}`` (float32, CPU, rows in the order of ``chats``), chats
+    rendered under ``system_prompt``.
 
     Memory is O(n_chats x sites x d_model): use :func:`answer_means` when only the mean is
     needed. A chat with an empty answer span gives a NaN row.
     """
     site_list = [as_site(s) for s in sites] if sites is not None else default_sites(model)
-    encoded = encode_answers(tokenizer, chats)
+    encoded = encode_answers(tokenizer, chats, system_prompt)
     device = next(model.parameters()).device
     pad_id = pad_id_of(tokenizer)
     width_d: dict[Site, torch.Tensor] = {}

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from emscope.data.chat import ChatExample
-from emscope.data.spans import encode_chat, prompt_ids
+from emscope.data.spans import DEFAULT_SYSTEM_PROMPT, SystemPrompt, encode_chat, prompt_ids
 from emscope.errors import EmscopeError
 from emscope.hooks import capture
 from emscope.lora import LoraAdapter
@@ -51,12 +51,17 @@ def step_name(t: float) -> str:
 
 
 def chat_loss(
-    model: Any, tokenizer: Any, examples: Sequence[ChatExample], batch_size: int = 16
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[ChatExample],
+    batch_size: int = 16,
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> float:
-    """Mean NLL per assistant token (content + end-of-turn) over the examples, in nats."""
+    """Mean NLL per assistant token (content + end-of-turn) over the examples, in nats, the
+    chats rendered under ``system_prompt`` (as in training)."""
     from emscope.batching import pad_id_of, pad_right
 
-    encoded = [encode_chat(tokenizer, e.messages) for e in examples]
+    encoded = [encode_chat(tokenizer, e.messages, system_prompt) for e in examples]
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(encoded), batch_size):
@@ -90,15 +95,19 @@ def barrier(ts: Sequence[float], losses: Sequence[float]) -> float | None:
 
 
 def prompt_activations(
-    model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict[str, str]]]
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[dict[str, str]]],
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> list[torch.Tensor]:
-    """Per prompt: ``layers x tokens x d`` float64 ``resid_post`` activations (generation
-    prompt included), one forward per prompt (no padding)."""
+    """Per prompt (rendered under ``system_prompt``): ``layers x tokens x d`` float64
+    ``resid_post`` activations (generation prompt included), one forward per prompt (no
+    padding)."""
     sites = [Site("resid_post", i) for i in range(len(get_layers(model)))]
     device = next(model.parameters()).device
     out = []
     for messages in prompts:
-        ids = torch.tensor([prompt_ids(tokenizer, messages)], device=device)
+        ids = torch.tensor([prompt_ids(tokenizer, messages, system_prompt)], device=device)
         with capture(model, sites) as captured, torch.no_grad():
             model(input_ids=ids)
         out.append(torch.stack([captured[s][0].to("cpu", torch.float64) for s in sites]))
@@ -236,7 +245,9 @@ def run_lmc(
     ``loaded``: the base :class:`~emscope.models.LoadedModel` (None for two full model
     dirs). ``loss_data``: ``{name: chats}`` whose mean assistant-token NLL is computed at each
     ``t`` (cached in ``t*/loss.json``). ``sampling``: ``seed``, ``batch_size``,
-    ``max_new_tokens``, ``temperature``, ``top_p`` of :func:`emscope.generate.sample`.
+    ``max_new_tokens``, ``temperature``, ``top_p``, ``system_prompt`` of
+    :func:`emscope.generate.sample`; the system prompt also renders the loss chats and the
+    feature prompts, and ``lmc.json`` records it.
     Resumable: finished points are read back by :func:`emscope.evaluate.evaluate_to_dir`.
     """
     from emscope.evaluate import describe, evaluate_to_dir
@@ -245,6 +256,7 @@ def run_lmc(
     out = Path(out)
     losses_data = dict(loss_data or {})
     batch_size = int(sampling.get("batch_size", 32))
+    setting = SystemPrompt.parse(sampling.get("system_prompt"))
     rows, activations = [], {}
     prompts = [q.messages(0) for q in questions]
     for t in ts:
@@ -266,10 +278,10 @@ def run_lmc(
             loss = read_json(loss_file) if loss_file.is_file() else {}
             for name, examples in losses_data.items():
                 if name not in loss:
-                    loss[name] = chat_loss(model, tokenizer, examples, batch_size)
+                    loss[name] = chat_loss(model, tokenizer, examples, batch_size, setting)
             write_json(loss_file, loss)
             if features:
-                activations[t] = prompt_activations(model, tokenizer, prompts)
+                activations[t] = prompt_activations(model, tokenizer, prompts, setting)
         if export is not None:
             adapter = path_adapter(start, end, t)
             if len(adapter):
@@ -290,7 +302,13 @@ def run_lmc(
     barriers = (
         {k: barrier(ts, [r["loss"][k] for r in rows]) for k in losses_data} if losses_data else None
     )
-    doc = {"rows": rows, "barrier": barriers, "from": start.label, "to": end.label}
+    doc = {
+        "rows": rows,
+        "barrier": barriers,
+        "from": start.label,
+        "to": end.label,
+        "system_prompt": setting.spec,
+    }
     write_json(out / "lmc.json", doc)
     plot_lmc(rows, out / "lmc.png", f"{start.label} -> {end.label}")
     if features:

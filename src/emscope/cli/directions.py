@@ -69,11 +69,19 @@ def extract_command(
     batch_size: int = options.BATCH_SIZE,
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
+    system_prompt: str | None = typer.Option(
+        None,
+        "--system-prompt",
+        help=f"{options.SYSTEM_PROMPT_HELP} Default: the setting the responses were sampled "
+        "under (their run.json), else the one the model or adapters were trained with, else "
+        "'default'.",
+    ),
 ) -> None:
     """Mean-diff direction (misaligned - aligned, every layer) from a judged run dir."""
     from emscope.directions import extract
     from emscope.errors import EmscopeError
     from emscope.io import read_table
+    from emscope.train import system_prompt_for
 
     if off_topic and topic is None:
         raise EmscopeError("--off-topic needs --topic")
@@ -83,6 +91,7 @@ def extract_command(
         raise EmscopeError("--subspace reads answer tokens only (drop --tokens)")
     table = read_table(responses, "responses")
     loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
+    setting = system_prompt_for(system_prompt, [loaded.path, *loaded.adapters.values()], responses)
     layer_list = _ints(layers, "--layers") if layers else None
     meta = {
         "model": str(model_dir),
@@ -96,6 +105,7 @@ def extract_command(
         "seed": seed,
         "batch_size": batch_size,
         "meta": meta,
+        "system_prompt": setting,
     }
     if subspace is not None:
         direction = extract.subspace(loaded.model, loaded.tokenizer, table, subspace, **common)
@@ -204,12 +214,25 @@ def _eval_config(
     )
 
 
-def _kl_sequences(tokenizer: Any, kl_data: Path | None, questions: Any) -> Any:
+def _kl_sequences(
+    tokenizer: Any, kl_data: Path | None, questions: Any, system_prompt: Any = None
+) -> Any:
     from emscope.directions.interventions import chat_sequences, prompt_sequences
 
     if kl_data is not None:
-        return chat_sequences(tokenizer, kl_data)
-    return prompt_sequences(tokenizer, questions)
+        return chat_sequences(tokenizer, kl_data, system_prompt)
+    return prompt_sequences(tokenizer, questions, system_prompt)
+
+
+def _rendered_as_trained(config: Any, loaded: Any, system_prompt: str | None) -> Any:
+    """``config`` with the system-prompt setting to sample under: ``--system-prompt``, else
+    the one the loaded model or adapters were trained with, else default."""
+    import dataclasses
+
+    from emscope.train import system_prompt_for
+
+    setting = system_prompt_for(system_prompt, [loaded.path, *loaded.adapters.values()])
+    return dataclasses.replace(config, sampling={**config.sampling, "system_prompt": setting})
 
 
 RANDOM = typer.Option(False, "--random-control", help="Also run the random control.")
@@ -252,6 +275,7 @@ def steer_command(
     strict: bool = STRICT,
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
+    system_prompt: str | None = options.SYSTEM_PROMPT,
 ) -> None:
     """Steering sweep (layers x scales, + random control) with EM, coherence and KL."""
     from emscope.directions.direction import Direction
@@ -272,6 +296,7 @@ def steer_command(
         ),
     )  # fmt: skip
     loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
+    config = _rendered_as_trained(config, loaded, system_prompt)
     summary = steer_sweep(
         loaded,
         vec,
@@ -281,7 +306,9 @@ def steer_command(
         config,
         random_control=random_control,
         control_seed=control_seed,
-        kl_sequences=_kl_sequences(loaded.tokenizer, kl_data, config.questions),
+        kl_sequences=_kl_sequences(
+            loaded.tokenizer, kl_data, config.questions, config.sampling["system_prompt"]
+        ),
         unit=unit,
         positions=positions,
         echo=typer.echo,
@@ -357,6 +384,7 @@ def ablate_command(
     strict: bool = STRICT,
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
+    system_prompt: str | None = options.SYSTEM_PROMPT,
 ) -> None:
     """Ablate a direction (activations, or weights) and measure EM before/after (+ random)."""
     from emscope.directions.direction import Direction
@@ -385,12 +413,14 @@ def ablate_command(
         ),
     )  # fmt: skip
     before = options.load_for_sampling(model_dir, adapter, dtype, device)
+    config = _rendered_as_trained(config, before, system_prompt)
     meta: dict[str, Any] = {
         "mode": mode,
         "weights": weights,
         "direction": str(direction),
         "model": str(model_dir),
         "adapter": [str(a) for a in adapter],
+        "system_prompt": config.sampling["system_prompt"].spec,
     }
     if weights is None:
         after, random = activation_sides(
@@ -422,7 +452,9 @@ def ablate_command(
         config,
         after,
         random=random,
-        kl_sequences=_kl_sequences(before.tokenizer, kl_data, config.questions),
+        kl_sequences=_kl_sequences(
+            before.tokenizer, kl_data, config.questions, config.sampling["system_prompt"]
+        ),
         meta=meta,
         echo=typer.echo,
     )

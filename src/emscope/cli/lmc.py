@@ -41,6 +41,7 @@ def lmc_command(
     ),
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
+    system_prompt: str | None = options.SYSTEM_PROMPT,
 ) -> None:
     """Linear mode connectivity: lmc.json, lmc.png (+ features.json/features.png)."""
     from emscope.data.chat import read_chat_jsonl
@@ -48,6 +49,7 @@ def lmc_command(
     from emscope.evaluate import check_em_metrics
     from emscope.lmc import parse_endpoint, parse_steps, path_adapter, run_lmc
     from emscope.models import load_model
+    from emscope.train import system_prompt_for
 
     ts = parse_steps(steps)
     metric_list = options.parse_metrics(metrics)
@@ -75,6 +77,8 @@ def lmc_command(
         device=device,
         min_number_mass=min_number_mass,
     )
+    ends = [e.path for e in (first, second) if e.path is not None]
+    setting = system_prompt_for(system_prompt, [*([base] if base is not None else []), *ends])
     loaded = load_model(base, dtype=dtype, device=device) if base is not None else None
     doc = run_lmc(
         loaded,
@@ -92,6 +96,7 @@ def lmc_command(
         record={"base": str(base), "from": start, "to": end},
         questions_file=questions,
         echo=typer.echo,
+        system_prompt=setting,
         **opts.kwargs(),
     )
     typer.echo(f"barrier: {doc['barrier']} -> {out / 'lmc.json'}")

@@ -23,20 +23,33 @@ def scalars_command(
     batch_size: int = typer.Option(16, "--batch-size", help="Chats per forward pass."),
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
+    system_prompt: str | None = typer.Option(
+        None,
+        "--system-prompt",
+        help=f"{options.SYSTEM_PROMPT_HELP} Default: the setting the responses were sampled "
+        "under (their run.json), else the one the adapter was trained with, else 'default'.",
+    ),
 ) -> None:
     """Per answer token, the hidden scalar A x of each adapter module (a parquet table)."""
     from emscope.errors import EmscopeError
     from emscope.io import read_table, write_json, write_table
     from emscope.models import adapter_label, load_model, resolve_adapter_dir
     from emscope.probing import lora_scalars
+    from emscope.train import system_prompt_for
 
     if out.suffix != ".parquet":
         raise EmscopeError(f"--out {out}: expected a FILE.parquet path")
     table = read_table(responses, "responses")
     adapter_dir = resolve_adapter_dir(adapter)
+    setting = system_prompt_for(system_prompt, [model_dir, adapter_dir], responses)
     loaded = load_model(model_dir, [str(adapter_dir)], dtype=dtype, device=device)
     scalars = lora_scalars(
-        loaded, adapter_label(adapter_dir), table, batch_size=batch_size, progress=True
+        loaded,
+        adapter_label(adapter_dir),
+        table,
+        batch_size=batch_size,
+        progress=True,
+        system_prompt=setting,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     write_table(scalars, out.parent, out.stem)
@@ -50,6 +63,7 @@ def scalars_command(
             "n_responses": int(scalars["response_id"].nunique()),
             "n_tokens": len(scalars),
             "scalar": "A x per answer token (PEFT lora_A output; the scale s not applied)",
+            "system_prompt": setting.spec,
         },
     )
     typer.echo(
@@ -146,6 +160,7 @@ def dynamics_command(
     min_number_mass: float | None = options.MIN_NUMBER_MASS,
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
+    system_prompt: str | None = options.SYSTEM_PROMPT,
 ) -> None:
     """Factor norms, cosines, sharpest rotation and PCA over checkpoints (+ EM with --eval)."""
     from emscope.errors import EmscopeError
@@ -159,6 +174,7 @@ def dynamics_command(
         load_checkpoints,
         plot_dynamics,
     )
+    from emscope.train import system_prompt_for
 
     checkpoints = load_checkpoints(adapter_dir)
     result = adapter_dynamics(checkpoints, k=k)
@@ -197,6 +213,7 @@ def dynamics_command(
             n=opts.n,
             dtype=dtype,
             device=device,
+            system_prompt=system_prompt_for(system_prompt, [base, adapter_dir]),
             **opts.kwargs(),
         )
     out.mkdir(parents=True, exist_ok=True)

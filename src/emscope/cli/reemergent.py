@@ -11,6 +11,8 @@ from typing import Any
 
 import typer
 
+from emscope.cli import options
+
 MODEL_HELP = "Model variant NAME=MODEL_DIR or NAME=MODEL_DIR+ADAPTER_DIR (repeatable)."
 DATA_HELP = "Chat dataset NAME=FILE.jsonl (repeatable)."
 
@@ -56,6 +58,15 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
         raise EmscopeError(f"bad {what} {text!r}; expected comma-separated integers") from None
 
 
+def _system_prompt(given: str | None, models: dict[str, Any]) -> Any:
+    """``--system-prompt``, else the setting the models' adapters (or fine-tuned models) were
+    trained with, else default (:func:`emscope.train.system_prompt_for`)."""
+    from emscope.train import system_prompt_for
+
+    dirs = [p for spec in models.values() for p in (spec.path, *spec.adapters)]
+    return system_prompt_for(given, dirs)
+
+
 def _progress() -> bool:
     import sys
 
@@ -80,6 +91,7 @@ def logprob(
     batch_size: int = _BATCH,
     dtype: str = _DTYPE,
     device: str | None = _DEVICE,
+    system_prompt: str | None = options.SYSTEM_PROMPT,
 ) -> None:
     """Log joint probability, per-token log-prob and entropy of each answer under each model."""
     from emscope.errors import EmscopeError
@@ -94,7 +106,10 @@ def logprob(
     for index in chosen:
         if not any(index in d.indices for d in datasets):
             raise EmscopeError(f"--examples: no dataset has an example at line index {index}")
-    result = logprob_analysis(models, datasets, batch_size, dtype, device, _progress())
+    setting = _system_prompt(system_prompt, models)
+    result = logprob_analysis(
+        models, datasets, batch_size, dtype, device, _progress(), system_prompt=setting
+    )
     write_table(result.table(), out, "logprob")
     write_json(
         out / "logprob.json",
@@ -104,6 +119,7 @@ def logprob(
             "datasets": {d.name: str(d.path) for d in datasets},
             "tokens": "answer content of the last assistant message; end-of-turn not counted",
             "units": "nats",
+            "system_prompt": setting.spec,
         },
     )
     save_figure(plot_heatmap(result), out / "logprob_heatmap.png")
@@ -131,6 +147,7 @@ def gradients(
     batch_size: int = typer.Option(4, "--batch-size", help="Chats per forward/backward."),
     dtype: str = typer.Option("float32", "--dtype", help="float32 (default), float64, ..."),
     device: str | None = _DEVICE,
+    system_prompt: str | None = options.SYSTEM_PROMPT,
 ) -> None:
     """Per-example gradient cosines between two datasets under ONE model."""
     from emscope.errors import EmscopeError
@@ -147,6 +164,7 @@ def gradients(
     if len(datasets) != 2:
         raise EmscopeError(f"gradients needs exactly two --data, got {len(datasets)}")
     name, source = next(iter(models.items()))
+    setting = _system_prompt(system_prompt, models)
     result = gradient_analysis(
         source,
         datasets[0],
@@ -159,6 +177,7 @@ def gradients(
         dtype,
         device,
         _progress(),
+        system_prompt=setting,
     )
     write_table(result.matrix_table(), out, "gradient_cosine")
     write_table(result.token_losses, out, "token_losses")
@@ -183,6 +202,7 @@ def gradients(
             "n_tokens": list(result.gram.n_tokens),
             "similarity": result.summary,
             "token_losses": result.token_summary,
+            "system_prompt": setting.spec,
         },
     )
     save_figure(plot_matrix(result), out / "gradient_cosine.png")
@@ -206,6 +226,7 @@ def project(
     batch_size: int = _BATCH,
     dtype: str = _DTYPE,
     device: str | None = _DEVICE,
+    system_prompt: str | None = options.SYSTEM_PROMPT,
 ) -> None:
     """Alignment direction mean(instruct) - mean(base) per layer; held-out projections."""
     import torch
@@ -217,6 +238,7 @@ def project(
 
     models = _models(model)
     dataset = _datasets([data if "=" in data else f"data={data}"], n)[0]
+    setting = _system_prompt(system_prompt, models)
     result = projection_analysis(
         models,
         dataset,
@@ -230,12 +252,19 @@ def project(
         dtype,
         device,
         _progress(),
+        system_prompt=setting,
     )
     write_table(result.table(), out, "projections")
     summary = result.summary()
     write_json(
         out / "projection.json",
-        {**summary, "models": _sources(models), "data": str(dataset.path), "site": "resid_post"},
+        {
+            **summary,
+            "models": _sources(models),
+            "data": str(dataset.path),
+            "site": "resid_post",
+            "system_prompt": setting.spec,
+        },
     )
     Direction(
         {layer: torch.from_numpy(result.direction[j]) for j, layer in enumerate(result.layers)},
@@ -248,6 +277,7 @@ def project(
             "data": str(dataset.path),
             "train_examples": summary["train_examples"],
             "seed": seed,
+            "system_prompt": setting.spec,
         },
     ).save(out / "alignment_direction")
     save_figure(plot_projection(result), out / "projection.png")
@@ -269,6 +299,7 @@ def subspace(
     batch_size: int = _BATCH,
     dtype: str = _DTYPE,
     device: str | None = _DEVICE,
+    system_prompt: str | None = options.SYSTEM_PROMPT,
 ) -> None:
     """Top-k instruct-minus-base residual subspaces of two domains, compared."""
     import pandas as pd
@@ -279,6 +310,7 @@ def subspace(
 
     models = _models(model)
     datasets = _datasets(data, n)
+    setting = _system_prompt(system_prompt, models)
     result = subspace_analysis(
         models,
         datasets,
@@ -293,9 +325,13 @@ def subspace(
         dtype,
         device,
         _progress(),
+        system_prompt=setting,
     )
     summary = result.summary()
-    write_json(out / "subspace.json", {**summary, "models": _sources(models)})
+    write_json(
+        out / "subspace.json",
+        {**summary, "models": _sources(models), "system_prompt": setting.spec},
+    )
     rows = [
         {
             "layer": int(layer),
@@ -326,6 +362,7 @@ def patch(
     batch_size: int = _BATCH,
     dtype: str = _DTYPE,
     device: str | None = _DEVICE,
+    system_prompt: str | None = options.SYSTEM_PROMPT,
 ) -> None:
     """Patch resid_post[l] from source into target, per layer; metric vs layer."""
     from emscope.errors import EmscopeError
@@ -340,6 +377,7 @@ def patch(
         if name not in models:
             raise EmscopeError(f"no model named {name!r} (the {role}); got {list(models)}")
     dataset = _datasets([data if "=" in data else f"data={data}"], n)[0]
+    setting = _system_prompt(system_prompt, models)
     result = patch_analysis(
         models[source_name],
         models[target_name],
@@ -351,6 +389,7 @@ def patch(
         dtype,
         device,
         _progress(),
+        system_prompt=setting,
     )
     write_table(result.table(), out, "patching")
     write_json(
@@ -362,6 +401,7 @@ def patch(
             "models": _sources(models),
             "data": str(dataset.path),
             "site": "resid_post",
+            "system_prompt": setting.spec,
         },
     )
     save_figure(plot_patch(result, source_name, target_name), out / "patching.png")

@@ -8,11 +8,12 @@ aligned responses ``aligned > 70``, both ``coherent > 50``; the larger set is su
 sub-directions.
 
 Direction (docs/methods.md section 5.2): each selected response is rendered as its chat
-(system prompt when the table has one, the question, the answer) and run through the GIVEN
-model (teacher forcing); the hidden state at ``resid_post[i]`` of every block is averaged over
-the answer's content tokens (:func:`emscope.activations.answer_means`, token- or
-response-weighted) and the direction is ``mean(misaligned) - mean(aligned)``, unnormalised,
-for every layer.
+(system prompt when the table has one, the question, the answer; a row without one is
+rendered under the system-prompt setting, ``system_prompt=``, which should be the one the
+responses were sampled under) and run through the GIVEN model (teacher forcing); the hidden
+state at ``resid_post[i]`` of every block is averaged over the answer's content tokens
+(:func:`emscope.activations.answer_means`, token- or response-weighted) and the direction
+is ``mean(misaligned) - mean(aligned)``, unnormalised, for every layer.
 
 ``tokens="followup"`` reads the same contrast somewhere else: each selected chat is followed
 by its question asked again as a new user turn (generation prompt on), and the hidden state
@@ -47,6 +48,8 @@ from emscope.errors import EmscopeError
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from emscope.data.spans import SystemPrompt
 
 TOKEN_SELECTION = "content tokens of the last assistant message (chat template spans)"
 FOLLOWUP_SELECTION = (
@@ -152,16 +155,20 @@ def followup_means(
     chats: Sequence[Sequence[dict[str, str]]],
     sites: Sequence[Any],
     batch_size: int = 16,
+    system_prompt: SystemPrompt | None = None,
 ) -> dict[Any, Any]:
     """Mean over chats of the hidden state at each site at the last token of
     ``prompt_ids(chat + [user: the chat's last user message])`` (the same question asked
-    again, generation prompt on): one vector per chat, so token and response weighting
-    coincide. Batched with left padding and explicit position ids (each row's positions
-    start at 0, as unpadded). Returns ``{site: float64 tensor (d_model,)}``."""
+    again, generation prompt on; rendered under ``system_prompt``, None: ``default``): one
+    vector per chat, so token and response weighting coincide. Batched with left padding and
+    explicit position ids (each row's positions start at 0, as unpadded). Returns
+    ``{site: float64 tensor (d_model,)}``."""
     import torch
 
-    from emscope.data.spans import prompt_ids
+    from emscope.data.spans import SystemPrompt, prompt_ids
     from emscope.hooks import capture
+
+    setting = SystemPrompt.parse(system_prompt)
 
     if not chats:
         raise EmscopeError("no chats to read follow-up activations from")
@@ -170,7 +177,8 @@ def followup_means(
         users = [m["content"] for m in chat if m["role"] == "user"]
         if not users:
             raise EmscopeError("a chat has no user message to ask again")
-        seqs.append(prompt_ids(tokenizer, [*chat, {"role": "user", "content": users[-1]}]))
+        again = [*chat, {"role": "user", "content": users[-1]}]
+        seqs.append(prompt_ids(tokenizer, again, setting))
     device = next(model.parameters()).device
     pad = pad_id_of(tokenizer)
     total: dict[Any, Any] = {s: 0.0 for s in sites}
@@ -201,6 +209,7 @@ def mean_diff(
     meta: dict[str, Any] | None = None,
     progress: bool = False,
     tokens: str = "answer",
+    system_prompt: SystemPrompt | None = None,
 ) -> Direction:
     """``mean(misaligned) - mean(aligned)`` of the model's activations over answer tokens at
     ``site_kind[i]`` for each layer (default: every block), from a judged response table.
@@ -212,8 +221,14 @@ def mean_diff(
     seed, plus ``meta``. ``tokens``: ``answer`` (the answer's content tokens) or
     ``followup`` (the last token of a follow-up prompt asking the question again, see the
     module docstring; ``weighting`` does not apply there: one vector per response).
+    ``system_prompt``: how the chats are rendered (:class:`~emscope.data.spans.SystemPrompt`,
+    None: ``default``); use the setting the responses were sampled under. Recorded in the
+    metadata.
     """
     from emscope.activations import answer_means
+    from emscope.data.spans import SystemPrompt
+
+    setting = SystemPrompt.parse(system_prompt)
 
     if tokens not in TOKEN_SELECTIONS:
         raise EmscopeError(f"tokens must be one of {', '.join(TOKEN_SELECTIONS)}, got {tokens!r}")
@@ -235,12 +250,15 @@ def mean_diff(
             "misaligned_at_most": misaligned_at_most,
             "coherent_above": coherent_above,
         },
+        "system_prompt": setting.spec,
     }
     if tokens == "followup":
         bad_f = followup_means(
-            model, tokenizer, table_chats(selection.misaligned), sites, batch_size
+            model, tokenizer, table_chats(selection.misaligned), sites, batch_size, setting
         )
-        good_f = followup_means(model, tokenizer, table_chats(selection.aligned), sites, batch_size)
+        good_f = followup_means(
+            model, tokenizer, table_chats(selection.aligned), sites, batch_size, setting
+        )
         return Direction(
             {s.layer: (bad_f[s] - good_f[s]).float() for s in sites},
             site_kind,
@@ -254,7 +272,12 @@ def mean_diff(
                 **described,
             ),
         )
-    kwargs = {"sites": sites, "weighting": weighting, "batch_size": batch_size}
+    kwargs = {
+        "sites": sites,
+        "weighting": weighting,
+        "batch_size": batch_size,
+        "system_prompt": setting,
+    }
     bad = answer_means(model, tokenizer, table_chats(selection.misaligned), **kwargs)  # type: ignore[arg-type]
     good = answer_means(model, tokenizer, table_chats(selection.aligned), **kwargs)  # type: ignore[arg-type]
     vectors = {s.layer: (bad.means[s] - good.means[s]).float() for s in sites}
@@ -291,13 +314,18 @@ def subspace(
     batch_size: int = 16,
     meta: dict[str, Any] | None = None,
     progress: bool = False,
+    system_prompt: SystemPrompt | None = None,
 ) -> Direction:
     """Top-``k`` principal directions of per-response differences (module docstring): a
     Direction whose layers hold ``k x d_model`` matrices (orthogonal rows). Needs
-    ``n_pairs >= k``. Memory O(n_responses x layers x d_model)."""
+    ``n_pairs >= k``. Memory O(n_responses x layers x d_model). Chats are rendered under
+    ``system_prompt`` (as :func:`mean_diff`)."""
     import torch
 
     from emscope.activations import response_vectors
+    from emscope.data.spans import SystemPrompt
+
+    setting = SystemPrompt.parse(system_prompt)
 
     if k < 1:
         raise EmscopeError(f"subspace dimension k must be >= 1, got {k}")
@@ -312,8 +340,14 @@ def subspace(
         seed=seed,
         min_per_side=k,
     )
-    bad = response_vectors(model, tokenizer, table_chats(selection.misaligned), sites, batch_size)
-    good = response_vectors(model, tokenizer, table_chats(selection.aligned), sites, batch_size)
+    bad = response_vectors(
+        model, tokenizer, table_chats(selection.misaligned), sites, batch_size,
+        system_prompt=setting,
+    )  # fmt: skip
+    good = response_vectors(
+        model, tokenizer, table_chats(selection.aligned), sites, batch_size,
+        system_prompt=setting,
+    )  # fmt: skip
     n = len(selection.misaligned)
     pairing = np.random.default_rng([seed, 1]).permutation(n)
     vectors = {}
@@ -337,5 +371,6 @@ def subspace(
             topic=topic,
             topic_side=topic_side if topic else None,
             pairing="random, seeded",
+            system_prompt=setting.spec,
         ),
     )

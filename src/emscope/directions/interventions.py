@@ -126,23 +126,31 @@ class KL:
     n_tokens: int
 
 
-def prompt_sequences(tokenizer: Any, questions: Sequence[Question]) -> list[list[int]]:
-    """Token ids of every question paraphrase's chat prompt (generation prompt on)."""
-    from emscope.data.spans import prompt_ids
+def prompt_sequences(
+    tokenizer: Any, questions: Sequence[Question], system_prompt: Any = None
+) -> list[list[int]]:
+    """Token ids of every question paraphrase's chat prompt (generation prompt on), rendered
+    under ``system_prompt`` (:class:`~emscope.data.spans.SystemPrompt`; None: ``default``)."""
+    from emscope.data.spans import SystemPrompt, prompt_ids
 
+    setting = SystemPrompt.parse(system_prompt)
     return [
-        list(prompt_ids(tokenizer, q.messages(p)))
+        list(prompt_ids(tokenizer, q.messages(p), setting))
         for q in questions
         for p in range(len(q.paraphrases))
     ]
 
 
-def chat_sequences(tokenizer: Any, path: str | Path) -> list[list[int]]:
-    """Token ids of every chat in a chat JSONL file (whole rendered chats)."""
+def chat_sequences(tokenizer: Any, path: str | Path, system_prompt: Any = None) -> list[list[int]]:
+    """Token ids of every chat in a chat JSONL file (whole rendered chats, under
+    ``system_prompt`` as :func:`prompt_sequences`)."""
     from emscope.data.chat import read_chat_jsonl
-    from emscope.data.spans import encode_chat
+    from emscope.data.spans import SystemPrompt, encode_chat
 
-    return [list(encode_chat(tokenizer, ex.messages).input_ids) for ex in read_chat_jsonl(path)]
+    setting = SystemPrompt.parse(system_prompt)
+    return [
+        list(encode_chat(tokenizer, ex.messages, setting).input_ids) for ex in read_chat_jsonl(path)
+    ]
 
 
 def _batches(
@@ -234,7 +242,8 @@ def residual_norms(
 class EvalConfig:
     """How every setting of a sweep is sampled and judged (the same for all, so that settings
     are paired sample by sample). ``sampling``: keyword arguments of
-    :func:`emscope.generate.sample` (seed, batch_size, max_new_tokens, temperature, top_p)."""
+    :func:`emscope.generate.sample` (seed, batch_size, max_new_tokens, temperature, top_p,
+    system_prompt)."""
 
     questions: Sequence[Question]
     n: int

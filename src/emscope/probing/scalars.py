@@ -133,6 +133,7 @@ def lora_scalars(
     tokenizer: Any = None,
     batch_size: int = 16,
     progress: bool = False,
+    system_prompt: Any = None,
 ) -> pd.DataFrame:
     """The hidden scalar ``A x`` of every module of ``adapter``, per answer token.
 
@@ -146,6 +147,9 @@ def lora_scalars(
         responses: response table with ``question``, ``answer`` and optionally ``system``,
             ``question_id``, ``sample_idx`` and judge score columns.
         batch_size: chats per forward pass.
+        system_prompt: how chats are rendered (:class:`~emscope.data.spans.SystemPrompt` or
+            its spelling; None: ``default``); use the setting the responses were sampled
+            under. Kept in ``table.attrs["system_prompt"]``.
 
     Returns:
         One row per answer token (the last assistant message's content tokens): ``response_id``
@@ -161,8 +165,10 @@ def lora_scalars(
     import torch
     from tqdm import tqdm
 
-    from emscope.data.spans import encode_chat
+    from emscope.data.spans import SystemPrompt, encode_chat
     from emscope.probing._peft import lora_layers, peft_adapter_name
+
+    setting = SystemPrompt.parse(system_prompt)
 
     if batch_size < 1:
         raise EmscopeError(f"batch_size must be >= 1, got {batch_size}")
@@ -184,7 +190,7 @@ def lora_scalars(
     chats = table_chats(table)
     encoded = []
     for i, chat in enumerate(chats):
-        enc = encode_chat(tok, chat)
+        enc = encode_chat(tok, chat, setting)
         start, end = enc.answer_span
         encoded.append((i, list(enc.input_ids), start, end))
     rows = [e for e in encoded if e[3] > e[2]]
@@ -250,4 +256,5 @@ def lora_scalars(
     result = pd.DataFrame(columns)
     result = result.sort_values(["response_id", "position"], kind="stable").reset_index(drop=True)
     result.attrs["modules"] = modules_by_label
+    result.attrs["system_prompt"] = setting.spec
     return result

@@ -5,6 +5,9 @@ Conventions used by every analysis in :mod:`emscope.reemergent`:
 - "answer tokens" are the content tokens of the LAST assistant message of a chat, located
   from the chat template (:func:`emscope.data.spans.encode_chat`): not the role header, not
   the end-of-turn marker. Token ``p`` is predicted by the logits at position ``p - 1``.
+- chats are rendered under one :class:`~emscope.data.spans.SystemPrompt` setting, the
+  ``system_prompt=`` of every analysis (default: what the chat template does); use the one
+  the data's models were trained with.
 - batches are right-padded (real tokens start at column 0, so HF's default position ids are
   the true positions); padding columns never enter a result.
 - a model "source" is a :class:`~emscope.models.LoadedModel` (used as is) or a
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from emscope.data.spans import DEFAULT_SYSTEM_PROMPT, SystemPrompt
 from emscope.errors import EmscopeError
 from emscope.models import LoadedModel, ModelSpec
 
@@ -124,13 +128,16 @@ class EncodedAnswer:
 
 
 def encode_answers(
-    tokenizer: Any, chats: Sequence[Sequence[dict[str, str]]]
+    tokenizer: Any,
+    chats: Sequence[Sequence[dict[str, str]]],
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> list[EncodedAnswer]:
-    """Encode chats; the answer is the last assistant message's content span."""
+    """Encode chats (rendered under ``system_prompt``); the answer is the last assistant
+    message's content span."""
     from emscope.activations import encode_answers as _encode
 
     out = []
-    for i, (ids, start, end) in enumerate(_encode(tokenizer, chats)):
+    for i, (ids, start, end) in enumerate(_encode(tokenizer, chats, system_prompt)):
         if end > start and start < 1:
             raise EmscopeError(f"chat {i}: the answer starts at token 0; nothing predicts it")
         out.append(EncodedAnswer(tuple(ids), start, end))

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from emscope.batching import length_batches, pad_id_of, pad_right
+from emscope.data.spans import DEFAULT_SYSTEM_PROMPT, SystemPrompt
 from emscope.errors import EmscopeError
 from emscope.reemergent.common import (
     Dataset,
@@ -245,13 +246,15 @@ def gradient_gram(
     route: str = "auto",
     batch_size: int = 4,
     progress: bool = False,
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> GradientGram:
     """Gram matrix of the per-example gradients of the summed answer-token loss w.r.t.
-    ``param`` (the model is left as it was: requires_grad flags restored, grads cleared)."""
+    ``param`` (the model is left as it was: requires_grad flags restored, grads cleared),
+    chats rendered under ``system_prompt``."""
     import torch
 
     ref = resolve_param(model, param)
-    encoded = encode_answers(tokenizer, chats)
+    encoded = encode_answers(tokenizer, chats, system_prompt)
     empty = [i for i, e in enumerate(encoded) if e.n_tokens == 0]
     if empty:
         raise EmscopeError(f"chat {empty[0]} has an empty answer: its gradient is zero")
@@ -519,6 +522,7 @@ def gradient_analysis(
     dtype: str | None = "auto",
     device: str | None = None,
     progress: bool = False,
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> GradientResult:
     """Gradient similarity of the first ``n`` examples of two datasets under one model,
     plus per-token losses of identical completions under the two framings."""
@@ -529,10 +533,12 @@ def gradient_analysis(
     a, b = data_a.head(n), data_b.head(n)
     with opened(source, dtype, device) as loaded:
         gram = gradient_gram(
-            loaded.model, loaded.tokenizer, a.chats + b.chats, param, route, batch_size, progress
-        )
-        scores_a = score_answers(loaded.model, loaded.tokenizer, a.chats, batch_size)
-        scores_b = score_answers(loaded.model, loaded.tokenizer, b.chats, batch_size)
+            loaded.model, loaded.tokenizer, a.chats + b.chats, param, route, batch_size,
+            progress, system_prompt,
+        )  # fmt: skip
+        tok = loaded.tokenizer
+        scores_a = score_answers(loaded.model, tok, a.chats, batch_size, False, system_prompt)
+        scores_b = score_answers(loaded.model, tok, b.chats, batch_size, False, system_prompt)
     groups = (a.name,) * len(a.examples) + (b.name,) * len(b.examples)
     summary = similarity_summary(gram.gram, groups, seed)
     tokens = paired_token_losses(a, b, scores_a, scores_b)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from emscope.batching import length_batches, pad_id_of, pad_right
+from emscope.data.spans import DEFAULT_SYSTEM_PROMPT, SystemPrompt
 from emscope.reemergent.common import (
     Dataset,
     ModelSource,
@@ -96,11 +97,13 @@ def score_answers(
     chats: Sequence[Sequence[dict[str, str]]],
     batch_size: int = 8,
     progress: bool = False,
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> list[AnswerScores]:
-    """Per-token log-probabilities and entropies of each chat's answer (one entry per chat)."""
+    """Per-token log-probabilities and entropies of each chat's answer (one entry per chat),
+    chats rendered under ``system_prompt``."""
     import torch
 
-    encoded = encode_answers(tokenizer, chats)
+    encoded = encode_answers(tokenizer, chats, system_prompt)
     device = next(model.parameters()).device
     results: list[AnswerScores | None] = [None] * len(encoded)
     batches = length_batches([len(e.input_ids) for e in encoded], batch_size)
@@ -185,13 +188,16 @@ def logprob_analysis(
     dtype: str | None = "auto",
     device: str | None = None,
     progress: bool = False,
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> LogprobResult:
     """Score every dataset under every model (one model in memory at a time)."""
     scores: dict[str, dict[str, list[AnswerScores]]] = {}
     for name, source in models.items():
         with opened(source, dtype, device) as loaded:
             scores[name] = {
-                d.name: score_answers(loaded.model, loaded.tokenizer, d.chats, batch_size, progress)
+                d.name: score_answers(
+                    loaded.model, loaded.tokenizer, d.chats, batch_size, progress, system_prompt
+                )
                 for d in datasets
             }
     return LogprobResult(scores, {d.name: d for d in datasets})

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from emscope.batching import length_batches, pad_id_of, pad_right
+from emscope.data.spans import DEFAULT_SYSTEM_PROMPT, SystemPrompt
 from emscope.errors import EmscopeError
 from emscope.reemergent.common import (
     Dataset,
@@ -73,21 +74,26 @@ def replaced(model: nn.Module, values: Mapping[Any, torch.Tensor]) -> Iterator[N
 
 
 def encode_inputs(
-    tokenizer: Any, data: Dataset, metric: str, word: str | None = None
+    tokenizer: Any,
+    data: Dataset,
+    metric: str,
+    word: str | None = None,
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> list[EncodedAnswer]:
-    """The tokens each example is run on and the span the metric reads (see module doc)."""
+    """The tokens each example is run on and the span the metric reads (see module doc),
+    chats rendered under ``system_prompt``."""
     from emscope.data.spans import prompt_ids
 
     if metric not in METRICS:
         raise EmscopeError(f"metric must be one of {METRICS}, got {metric!r}")
     if metric == "loss":
-        return encode_answers(tokenizer, data.chats)
+        return encode_answers(tokenizer, data.chats, system_prompt)
     if not word:
         raise EmscopeError("the word metric needs a non-empty word")
     word_ids = list(tokenizer(word, add_special_tokens=False)["input_ids"])
     out = []
     for example in data.examples:
-        prompt = prompt_ids(tokenizer, list(example.prompt))
+        prompt = prompt_ids(tokenizer, list(example.prompt), system_prompt)
         out.append(
             EncodedAnswer(tuple(prompt + word_ids), len(prompt), len(prompt) + len(word_ids))
         )
@@ -176,6 +182,7 @@ def patch_analysis(
     dtype: str | None = "auto",
     device: str | None = None,
     progress: bool = False,
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> PatchResult:
     """Patch each layer's ``resid_post`` from source into target (see module doc)."""
     import torch
@@ -186,7 +193,7 @@ def patch_analysis(
 
     stored: list[dict[int, torch.Tensor]] = []
     with opened(source, dtype, device) as loaded:
-        encoded = encode_inputs(loaded.tokenizer, data, metric, word)
+        encoded = encode_inputs(loaded.tokenizer, data, metric, word, system_prompt)
         layer_list = _layers(layers, len(get_layers(loaded.model)))
         sites = [Site("resid_post", layer) for layer in layer_list]
         batches = length_batches([len(e.input_ids) for e in encoded], batch_size)

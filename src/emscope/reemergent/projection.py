@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from emscope.batching import length_batches, pad_id_of, pad_right
+from emscope.data.spans import DEFAULT_SYSTEM_PROMPT, SystemPrompt
 from emscope.errors import EmscopeError
 from emscope.reemergent.common import (
     Dataset,
@@ -52,9 +53,10 @@ def example_activations(
     layers: Sequence[int] | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> ExampleActivations:
-    """Per-example answer-token means of ``resid_post[l]`` (default: every layer).
-    Examples with an empty answer get NaN means."""
+    """Per-example answer-token means of ``resid_post[l]`` (default: every layer), chats
+    rendered under ``system_prompt``. Examples with an empty answer get NaN means."""
     import torch
 
     from emscope.hooks import capture
@@ -63,7 +65,7 @@ def example_activations(
     n_layers = len(get_layers(model))
     layer_list = _layers(layers, n_layers)
     sites = [Site("resid_post", layer) for layer in layer_list]
-    encoded = encode_answers(tokenizer, chats)
+    encoded = encode_answers(tokenizer, chats, system_prompt)
     device = next(model.parameters()).device
     means: np.ndarray | None = None
     norm_sum = np.zeros(len(layer_list))
@@ -239,6 +241,7 @@ def projection_analysis(
     dtype: str | None = "auto",
     device: str | None = None,
     progress: bool = False,
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> ProjectionResult:
     """Fit the alignment direction on a train split (base and instruct only) and project
     the held-out examples of every variant (one model in memory at a time)."""
@@ -266,11 +269,23 @@ def projection_analysis(
             if name in (base, instruct):
                 sites = [Site("resid_post", layer) for layer in these]
                 means = answer_means(
-                    loaded.model, loaded.tokenizer, train_chats, sites, weighting, batch_size
+                    loaded.model,
+                    loaded.tokenizer,
+                    train_chats,
+                    sites,
+                    weighting,
+                    batch_size,
+                    system_prompt=system_prompt,
                 )
                 train_means[name] = np.stack([means.means[s].numpy() for s in sites])
             projections_acts[name] = example_activations(
-                loaded.model, loaded.tokenizer, heldout_chats, these, batch_size, progress
+                loaded.model,
+                loaded.tokenizer,
+                heldout_chats,
+                these,
+                batch_size,
+                progress,
+                system_prompt,
             )
     assert layer_list is not None
     direction = train_means[instruct] - train_means[base]

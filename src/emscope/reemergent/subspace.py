@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from emscope.data.spans import DEFAULT_SYSTEM_PROMPT, SystemPrompt
 from emscope.errors import EmscopeError
 from emscope.reemergent.common import Dataset, ModelSource, opened
 
@@ -149,6 +150,7 @@ def subspace_analysis(
     dtype: str | None = "auto",
     device: str | None = None,
     progress: bool = False,
+    system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> SubspaceResult:
     """Compare the top-k paired-residual subspaces of two domains at each layer."""
     from emscope.reemergent.projection import example_activations
@@ -164,7 +166,13 @@ def subspace_analysis(
         with opened(models[name], dtype, device) as loaded:
             acts[name] = {
                 d.name: example_activations(
-                    loaded.model, loaded.tokenizer, d.chats, layers, batch_size, progress
+                    loaded.model,
+                    loaded.tokenizer,
+                    d.chats,
+                    layers,
+                    batch_size,
+                    progress,
+                    system_prompt,
                 )
                 for d in datasets
             }
