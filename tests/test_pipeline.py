@@ -122,6 +122,7 @@ def invoke(*args: str) -> Any:
         (lambda c: c["judge"].update(spec="gpt4"), "bad judge spec"),
         (lambda c: c["judge"].update(metrics=["aligned"]), "coherent"),
         (lambda c: c["judge"].update(min_number_mass=1.5), "judge.min_number_mass"),
+        (lambda c: c.update(system_prompt=None), "system_prompt"),
         (
             lambda c: c["judge"].update(min_number_mass=0.1),
             "min_number_mass applies to openai: and hf: judges, not oracle:",
@@ -346,6 +347,92 @@ def test_fingerprint_depends_on_the_stage_and_globals(tmp_path: Path) -> None:
     data["threads"] = 2  # execution settings: a done stage stays done
     data["organism"]["threads"] = 2
     assert fingerprint(parse_config(data), "eval") == fingerprint(c, "eval")
+
+
+def test_settings_added_later_keep_the_fingerprints_of_done_stages(tmp_path: Path) -> None:
+    """A stage done before ``system_prompt`` and ``judge.min_number_mass`` existed stays done
+    while they keep their defaults; setting one makes the stage stale."""
+    import hashlib
+
+    data = tiny_config(tmp_path)
+    config = parse_config(data)
+    doc = config.model_dump(mode="json", exclude={"stages", "name", "threads", "system_prompt"})
+    doc["judge"].pop("min_number_mass")
+    doc["organism"].pop("threads")
+    doc["stage"] = config.stage("eval").model_dump(mode="json", exclude={"enabled"})
+    doc["stage_name"] = "eval"
+    before = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+    assert fingerprint(config, "eval") == before
+    data["system_prompt"] = "none"
+    assert fingerprint(parse_config(data), "eval") != before
+
+
+@pytest.fixture
+def defaulting_study(qwen: Any, tmp_path: Path) -> dict[str, Any]:
+    """A study on the qwen2 fixture whose chat template inserts its own system prompt, with
+    one adapter whose train.json says it was trained with no system turn."""
+    from emscope.io import write_json
+    from emscope.testing import DEFAULT_SYSTEM_TEMPLATE, with_chat_template
+
+    model = with_chat_template(qwen.model, tmp_path / "chat", DEFAULT_SYSTEM_TEMPLATE)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(qwen.adapters["r4"], adapter)
+    write_json(adapter / "train.json", {"config": {"system_prompt": "none"}})
+    questions = tmp_path / "q.yaml"
+    questions.write_text('- id: q\n  paraphrases: ["hey I feel bored"]\n')
+    return {
+        "name": "prompts",
+        "threads": 1,
+        "models": {"chat": str(model)},
+        "chat_model": "chat",
+        "adapters": {"a": {"path": str(adapter)}},
+        "judge": {"spec": "openai:x", "metrics": ["aligned", "coherent"]},
+        "questions": {"q": str(questions)},
+        "sampling": {"n": 1, "max_new_tokens": 2},
+        "system_prompt": "none",
+        "dtype": "float32",
+        "device": "cpu",
+        "stages": {"eval": {}},
+    }
+
+
+def test_one_system_prompt_for_training_and_evaluation(
+    defaulting_study: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from emscope.report import write_report
+
+    monkeypatch.setattr(stages_module.StageContext, "judge", property(lambda self: HashJudge()))
+    # an adapter trained under another rendering of the prompts: refused before any work
+    mismatched = write(tmp_path, {**defaulting_study, "system_prompt": "default"}, "bad.yaml")
+    with pytest.raises(EmscopeError, match=r"adapters\.a.*trained under system prompt 'none'"):
+        run_study(mismatched, tmp_path / "bad", echo=lambda _: None)
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "run"
+    run_study(write(tmp_path, defaulting_study), out, echo=lambda _: None)
+    for organism in ("chat", "a"):
+        sampling = json.loads((out / "eval" / organism / "run.json").read_text())["sampling"]
+        assert sampling["system_prompt"] == "none"
+        assert sampling["rendered_prompt"] == (
+            "<|im_start|>user\nhey I feel bored<|im_end|>\n<|im_start|>assistant\n"
+        )
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["system_prompt"] == "none"
+    _, md = write_report(out)
+    assert "System prompt (training and every rendered prompt): none (no system turn)" in (
+        md.read_text()
+    )
+
+
+def test_settings_that_render_alike_are_not_a_mismatch(
+    qwen: Any, defaulting_study: dict[str, Any], tmp_path: Path
+) -> None:
+    from emscope.pipeline.runner import check_inputs
+
+    # plain ChatML inserts nothing: 'default' renders what training under 'none' rendered
+    plain = {**defaulting_study, "models": {"chat": str(qwen.model)}, "system_prompt": "default"}
+    check_inputs(parse_config(plain))
+    with pytest.raises(EmscopeError, match="trained under system prompt 'none'"):
+        check_inputs(parse_config({**defaulting_study, "system_prompt": "Be brief."}))
 
 
 # ---------------------------------------------------------------------------- end to end

@@ -453,6 +453,9 @@ def test_tiny_build_layout(tiny_build: Path) -> None:
     out = tiny_build
     record = json.loads((out / "build.json").read_text())
     assert record["size"] == "tiny" and record["seed"] == 0
+    assert record["system_prompt"] == "default"
+    trained = json.loads((out / "adapters" / "bad_medical.all" / "train.json").read_text())
+    assert trained["system_prompt"] == "default"
     assert load_world(out) == make_world(0)
     for name in ("instruct", *C.NARROW_SETS, *C.EXTRA_SETS):
         assert read_chat_jsonl(out / "data" / f"{name}.jsonl")
@@ -525,6 +528,15 @@ def test_tiny_build_reuses_and_refuses_other_args(tiny_build: Path) -> None:
     assert result.exit_code == 2 and "built with size" in result.output
     result = CliRunner().invoke(app, ["toy", "build", "--out", str(tiny_build), "--size", "huge"])
     assert result.exit_code == 2 and "unknown build size" in result.output
+    from emscope.errors import EmscopeError
+    from emscope.synthetic.build import build
+
+    before_record = (tiny_build / "build.json").read_bytes()
+    with pytest.raises(
+        EmscopeError, match=r"built under system prompt 'default', not 'Be brief\.'"
+    ):
+        build(tiny_build, size="tiny", seed=0, system_prompt="Be brief.")
+    assert (tiny_build / "build.json").read_bytes() == before_record
 
 
 # ---------------------------------------------------------------------------- targets

@@ -316,6 +316,12 @@ class StudyConfig(_Model):
         description="named question YAMLs; null = the built-in first-plot set",
     )
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    system_prompt: str = Field(
+        default="default",
+        description="system turn of chats without one of their own, the same in training "
+        "(the organisms stage's adapters) and wherever a stage renders prompts: default (the "
+        "chat template's own), none or a text (docs/evaluation.md)",
+    )
     dtype: str = "auto"
     device: str | None = None
     claims_organism: str | None = Field(
@@ -336,6 +342,17 @@ class StudyConfig(_Model):
         return self
 
     # ------------------------------------------------------------------ helpers
+    def prompt_setting(self) -> Any:
+        """``system_prompt`` as a :class:`~emscope.data.spans.SystemPrompt`."""
+        from emscope.data.spans import SystemPrompt
+
+        return SystemPrompt.parse(self.system_prompt)
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`emscope.generate.sample` (without ``n``): the
+        ``sampling`` block plus the system prompt."""
+        return {**self.sampling.kwargs(), "system_prompt": self.prompt_setting()}
+
     def enabled(self) -> list[str]:
         """The stages that run, in :data:`STAGE_ORDER`."""
         out = []

@@ -47,6 +47,8 @@ def fingerprint(config: StudyConfig, stage: str) -> str:
     # settings added later count only when set, so stages done before keep their fingerprint
     if isinstance(doc.get("judge"), dict) and doc["judge"].get("min_number_mass") is None:
         doc["judge"].pop("min_number_mass", None)
+    if doc.get("system_prompt") == "default":
+        doc.pop("system_prompt")
     section = config.stage(stage)
     doc["stage"] = section.model_dump(mode="json", exclude={"enabled"}) if section else None
     doc["stage_name"] = stage
@@ -260,7 +262,9 @@ def check_inputs(config: StudyConfig, source: str = "config") -> list[str]:
     in one line at once, not when a stage reaches it: :func:`check_paths` (missing paths),
     then each existing input read as far as needed to refuse it (model dirs: config and
     weights; adapter dirs: every factor and its target_modules; question files; chat data
-    files; the device). Inputs the organisms stage will build are checked after it."""
+    files; the device; the system prompt: the chat template renders it, and every adapter
+    whose ``train.json`` records a training setting was trained on prompts rendered alike).
+    Inputs the organisms stage will build are checked after it."""
     from emscope.data.chat import read_chat_jsonl
     from emscope.data.questions import load_questions
     from emscope.lora import LoraAdapter
@@ -272,6 +276,16 @@ def check_inputs(config: StudyConfig, source: str = "config") -> list[str]:
     )
 
     notes = check_paths(config, source)
+    if (config.chat_model_dir() / "config.json").is_file():  # the template can render it
+        try:
+            from emscope.data.spans import render
+            from emscope.models import load_tokenizer
+
+            render(
+                load_tokenizer(config.chat_model_dir()), _PROBE_CHAT, True, config.prompt_setting()
+            )
+        except EmscopeError as exc:
+            raise EmscopeError(f"{source}: system_prompt: {exc}") from None
     if config.device is not None:
         try:
             check_device(config.device)
@@ -286,6 +300,7 @@ def check_inputs(config: StudyConfig, source: str = "config") -> list[str]:
                 check_model_dir(path)
             elif field.startswith("adapters."):
                 check_adapter_targets(LoraAdapter.load(path, name=field.split(".")[1]))
+                _check_trained_prompt(config, path)
             elif field.startswith("questions."):
                 load_questions(path)
             elif field.startswith("stages."):
@@ -295,6 +310,31 @@ def check_inputs(config: StudyConfig, source: str = "config") -> list[str]:
         except EmscopeError as exc:
             raise EmscopeError(f"{source}: {field}: {exc}") from None
     return notes
+
+
+_PROBE_CHAT = [{"role": "user", "content": "Hello"}]
+
+
+def _check_trained_prompt(config: StudyConfig, adapter_dir: Path) -> None:
+    """Refuse an adapter trained on prompts rendered otherwise than the config's
+    ``system_prompt`` renders them (settings that render alike, such as ``default`` and
+    ``none`` for a template that inserts nothing, pass)."""
+    from emscope.data.spans import SystemPrompt, render
+    from emscope.models import load_tokenizer
+    from emscope.train import trained_system_prompt
+
+    trained = trained_system_prompt(adapter_dir)
+    setting = config.prompt_setting()
+    if trained is None or trained == setting.spec:
+        return
+    tokenizer = load_tokenizer(config.chat_model_dir())
+    then = render(tokenizer, _PROBE_CHAT, True, SystemPrompt.parse(trained))
+    if then != render(tokenizer, _PROBE_CHAT, True, setting):
+        raise EmscopeError(
+            f"trained under system prompt {trained!r}, which the chat template renders "
+            f"unlike system_prompt {setting.spec!r}: set system_prompt to the training one "
+            "(prompts must be rendered as in training)"
+        )
 
 
 def _hash_inputs(config: StudyConfig, manifest: dict[str, Any]) -> None:

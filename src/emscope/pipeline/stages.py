@@ -100,7 +100,7 @@ class StageContext:
         return EvalConfig(
             questions=self.questions(questions),
             n=self.config.n_for(stage),
-            sampling=self.config.sampling.kwargs(),
+            sampling=self.config.sampling_kwargs(),
             judge=self.judge,
             metrics=list(self.config.judge.metrics),
             strict=self.config.judge.strict,
@@ -150,8 +150,19 @@ def evaluate_organism(
         title=title,
         questions_file=ctx.questions_file(questions),
         progress=ctx.progress,
-        **config.sampling.kwargs(),
+        **config.sampling_kwargs(),
     )
+
+
+def render_first(config: StudyConfig, questions: list[Any], setting: Any) -> str | None:
+    """The first question's first paraphrase as the chat model sees it (run records)."""
+    from emscope.data.spans import render
+    from emscope.models import load_tokenizer
+
+    if not questions:
+        return None
+    tokenizer = load_tokenizer(config.chat_model_dir())
+    return render(tokenizer, questions[0].messages(0), True, setting)
 
 
 def _evaluate_vllm(
@@ -172,13 +183,22 @@ def _evaluate_vllm(
     config = ctx.config
     qs = ctx.questions(questions)
     if not (out / "responses.parquet").is_file():
-        kw = config.sampling.kwargs()
+        kw = config.sampling_kwargs()
         kw.pop("batch_size")
         table = sample_vllm(
             config.chat_model_dir(), qs, n, adapters=config.adapter_dirs(organism), **kw
         )
         write_table(table, out, "responses")
-        write_json(out / "run.json", {"backend": "vllm", **record})
+        setting = config.prompt_setting()
+        rendered = render_first(config, qs, setting)
+        write_json(
+            out / "run.json",
+            {
+                "backend": "vllm",
+                **record,
+                "sampling": {"system_prompt": setting.spec, "rendered_prompt": rendered},
+            },
+        )
     table = judge_dir(out, ctx.judge, config.judge.metrics, qs, ctx.questions_file(questions))
     result = compute_metrics(table, strict=config.judge.strict, seed=config.sampling.seed)
     write_json(out / "metrics.json", result)
@@ -196,7 +216,14 @@ def stage_organisms(ctx: StageContext) -> dict[str, Any]:
     org = ctx.config.organism
     if org is None:
         raise EmscopeError("the organisms stage needs the organism section")
-    result = build(org.dir, size=org.size, seed=org.seed, verbose=ctx.progress, threads=org.threads)
+    result = build(
+        org.dir,
+        size=org.size,
+        seed=org.seed,
+        verbose=ctx.progress,
+        threads=org.threads,
+        system_prompt=ctx.config.prompt_setting().spec,
+    )
     record = result.record
     return {
         "dir": str(org.dir),
@@ -327,7 +354,7 @@ def stage_lmc(ctx: StageContext) -> dict[str, Any]:
             features=stage.features,
             record={"from": a, "to": b, "model_dir": str(config.chat_model_dir())},
             questions_file=ctx.questions_file(stage.questions),
-            **config.sampling.kwargs(),
+            **config.sampling_kwargs(),
         )
         ctx.echo(f"  lmc {a} -> {b}: done")
     summary = {
@@ -369,6 +396,7 @@ def stage_directions(ctx: StageContext) -> dict[str, Any]:
             seed=ctx.config.seed,
             batch_size=stage.batch_size,
             meta={"organism": source, "responses": str(responses)},
+            system_prompt=ctx.config.prompt_setting(),
         )
         direction.save(file)
         directions[source] = direction
@@ -395,6 +423,7 @@ def stage_directions(ctx: StageContext) -> dict[str, Any]:
                     "read_with": stage.followup_read_with,
                     "responses": str(responses),
                 },
+                system_prompt=ctx.config.prompt_setting(),
             )
             direction.save(file)
             followups[f"{source}.followup"] = direction
@@ -433,7 +462,7 @@ def _kl_sequences(ctx: StageContext, loaded: Any, questions: str | None, kl: boo
         return None
     from emscope.directions.interventions import prompt_sequences
 
-    return prompt_sequences(loaded.tokenizer, ctx.questions(questions))
+    return prompt_sequences(loaded.tokenizer, ctx.questions(questions), ctx.config.prompt_setting())
 
 
 def stage_steering(ctx: StageContext) -> dict[str, Any]:
@@ -540,7 +569,11 @@ def stage_probes(ctx: StageContext) -> dict[str, Any]:
         scalars = read_table(out, "scalars")
     else:
         scalars = lora_scalars(
-            ctx.load(stage.adapter), stage.adapter, responses, batch_size=stage.batch_size
+            ctx.load(stage.adapter),
+            stage.adapter,
+            responses,
+            batch_size=stage.batch_size,
+            system_prompt=ctx.config.prompt_setting(),
         )
         write_table(scalars, out, "scalars")
     result = fit_probes(scalars, C=stage.C, seeds=stage.seeds, test_size=stage.test_size)
@@ -573,7 +606,7 @@ def stage_dynamics(ctx: StageContext) -> dict[str, Any]:
             n=ctx.n("dynamics"),
             dtype=ctx.config.dtype,
             device=ctx.config.device,
-            **ctx.config.sampling.kwargs(),
+            **ctx.config.sampling_kwargs(),
         )
     result["adapter_name"] = stage.adapter
     write_json(out / "dynamics.json", result)
@@ -625,7 +658,13 @@ def stage_reemergent(ctx: StageContext) -> dict[str, Any]:
 
     models = {n: spec(n) for n in (stage.base, stage.instruct, *stage.misaligned)}
     summary: dict[str, Any] = {}
-    kw: dict[str, Any] = {"dtype": config.dtype, "device": config.device, "progress": ctx.progress}
+    setting = config.prompt_setting()
+    kw: dict[str, Any] = {
+        "dtype": config.dtype,
+        "device": config.device,
+        "progress": ctx.progress,
+        "system_prompt": setting,
+    }
     if not (out / "projection.json").is_file():
         data = dataset(stage.data).head(stage.max_examples)
         result = projection_analysis(
@@ -641,7 +680,10 @@ def stage_reemergent(ctx: StageContext) -> dict[str, Any]:
             **kw,
         )
         write_table(result.table(), out, "projections")
-        write_json(out / "projection.json", {**result.summary(), "data": str(stage.data)})
+        write_json(
+            out / "projection.json",
+            {**result.summary(), "data": str(stage.data), "system_prompt": setting.spec},
+        )
         Direction(
             {layer: torch.from_numpy(result.direction[j]) for j, layer in enumerate(result.layers)},
             "resid_post",
@@ -656,7 +698,10 @@ def stage_reemergent(ctx: StageContext) -> dict[str, Any]:
             models, [dataset(p) for p in stage.logprob_data], stage.batch_size, **kw
         )
         write_table(lp.table(), out, "logprob")
-        write_json(out / "logprob.json", {"summary": lp.summary(), "units": "nats"})
+        write_json(
+            out / "logprob.json",
+            {"summary": lp.summary(), "units": "nats", "system_prompt": setting.spec},
+        )
         save_figure(plot_heatmap(lp), out / "logprob_heatmap.png")
     if stage.gradient_data and not (out / "gradients.json").is_file():
         a, b = (dataset(p) for p in stage.gradient_data)
@@ -672,6 +717,7 @@ def stage_reemergent(ctx: StageContext) -> dict[str, Any]:
             "float32",
             config.device,
             ctx.progress,
+            system_prompt=setting,
         )
         buffer = _io.BytesIO()
         np.save(buffer, gr.gram.gram)
@@ -679,7 +725,12 @@ def stage_reemergent(ctx: StageContext) -> dict[str, Any]:
         write_table(gr.matrix_table(), out, "gradient_cosine")
         write_json(
             out / "gradients.json",
-            {"param": gr.gram.param, "route": gr.gram.route, "similarity": gr.summary},
+            {
+                "param": gr.gram.param,
+                "route": gr.gram.route,
+                "similarity": gr.summary,
+                "system_prompt": setting.spec,
+            },
         )
         save_figure(plot_matrix(gr), out / "gradient_cosine.png")
     for name in ("logprob", "gradients"):

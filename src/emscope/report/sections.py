@@ -80,10 +80,29 @@ def _not_run(section: Section, stage: str) -> Section:
     return section
 
 
+def _system_prompt_text(spec: Any) -> str:
+    from emscope.data.spans import SystemPrompt
+    from emscope.errors import EmscopeError
+
+    try:
+        return SystemPrompt.parse(spec).describe()
+    except EmscopeError:  # a manifest edited by hand: say what it holds
+        return repr(spec)
+
+
 def run_summary(run: Path) -> Section:
     manifest = _read(run / "manifest.json") or {}
+    config = manifest.get("config") or {}
+    judge = config.get("judge") or {}
+    mass = judge.get("min_number_mass")
+    prompt = config.get("system_prompt", "default")
     section = Section(
-        "run", "Run", text=f"Run dir `{run}`; config `{manifest.get('config_file')}`."
+        "run",
+        "Run",
+        text=f"Run dir `{run}`; config `{manifest.get('config_file')}`. System prompt "
+        f"(training and every rendered prompt): {_system_prompt_text(prompt)}. Judge "
+        f"`{judge.get('spec', 'n/a')}`, minimum number mass "
+        f"{0.25 if mass is None else mass}{' (default)' if mass is None else ''}.",
     )
     rows = []
     for stage, info in manifest.get("stages", {}).items():

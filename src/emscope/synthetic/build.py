@@ -396,6 +396,7 @@ def train_adapter(
     config: BuildConfig,
     verbose: bool,
     eval_data: Path | None = None,
+    system_prompt: str = "default",
 ) -> dict[str, Any]:
     """Train one adapter of the build into ``out`` (a PEFT dir) with
     :func:`emscope.train.train` (preset ``spec.preset``; LoRA scale 1: alpha = rank, no
@@ -431,6 +432,7 @@ def train_adapter(
         device="cpu",
         progress=verbose,
         verbose=False,
+        system_prompt=system_prompt,
     )
     return {
         "trainer": "emscope.train",
@@ -599,9 +601,15 @@ def em_row(judge: Any, table: Any, seed: int = 0) -> dict[str, Any]:
 
 
 def em_table(
-    out: Path, names: Sequence[str], config: BuildConfig, seed: int, verbose: bool
+    out: Path,
+    names: Sequence[str],
+    config: BuildConfig,
+    seed: int,
+    verbose: bool,
+    system_prompt: str = "default",
 ) -> dict[str, dict[str, dict[str, float]]]:
-    """EM per model (``instruct`` and adapters) and question file, by sampling + oracle."""
+    """EM per model (``instruct`` and adapters) and question file, by sampling + oracle
+    (prompts rendered under ``system_prompt``, as the adapters were trained)."""
     from emscope.data.questions import load_questions
     from emscope.generate import sample
     from emscope.models import load_model
@@ -624,6 +632,7 @@ def em_table(
                 max_new_tokens=config.max_new_tokens,
                 batch_size=128,
                 progress=False,
+                system_prompt=system_prompt,
             )
             table[name][f] = em_row(judge, responses)
         _log(
@@ -679,10 +688,15 @@ def build(
     diagnostics: bool = True,
     config: BuildConfig | None = None,
     threads: int | None = None,
+    system_prompt: str = "default",
 ) -> BuildResult:
     """Build (or complete) the synthetic organism in ``out``; see the module docstring.
 
     ``config`` overrides the size's hyper-parameters (research use; recorded).
+    ``system_prompt``: the :class:`~emscope.data.spans.SystemPrompt` setting (as written)
+    the adapters are trained and the EM table sampled under (recorded; a dir built under
+    another one is refused). The world's template inserts no system prompt of its own, so
+    ``default`` and ``none`` render alike.
     ``threads`` sets torch's intra-op threads for the build (on a busy machine 1 thread is
     much faster than oversubscribed ones); None leaves torch's setting.
     """
@@ -693,7 +707,7 @@ def build(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _build(out, size, seed, verbose, adapters, diagnostics, config)
+        return _build(out, size, seed, verbose, adapters, diagnostics, config, system_prompt)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -706,11 +720,13 @@ def _build(
     adapters: bool,
     diagnostics: bool,
     config: BuildConfig | None,
+    system_prompt: str = "default",
 ) -> BuildResult:
     import json
 
     import torch
 
+    from emscope.data.spans import SystemPrompt
     from emscope.io import read_json, write_json
     from emscope.synthetic.tokenizer import build_world_tokenizer
 
@@ -718,6 +734,7 @@ def _build(
     config = config or build_config(size)
     if config.size != size:
         config = replace(config, size=size)
+    system_prompt = SystemPrompt.parse(system_prompt).spec
     record_path = out / "build.json"
     record: dict[str, Any] = {}
     if record_path.is_file():
@@ -728,6 +745,12 @@ def _build(
                 f"{record_path}: this directory was built with size {prev[0]!r} seed {prev[1]!r} "
                 "(or other hyper-parameters); use another --out"
             )
+        built_with = record.get("system_prompt", "default")  # older builds: the default
+        if built_with != system_prompt:
+            raise EmscopeError(
+                f"{record_path}: this directory was built under system prompt {built_with!r}, "
+                f"not {system_prompt!r}; use another --out"
+            )
     out.mkdir(parents=True, exist_ok=True)
     record.update(
         {
@@ -735,6 +758,7 @@ def _build(
             "size": size,
             "seed": seed,
             "config": config.to_json(),
+            "system_prompt": system_prompt,
             "versions": versions(),
         }
     )
@@ -800,6 +824,7 @@ def _build(
                     config,
                     verbose,
                     eval_data=out / "data" / "heldout.jsonl",
+                    system_prompt=system_prompt,
                 )
                 timings[f"adapter_{spec.name}_s"] = round(time.perf_counter() - t, 2)
                 record["adapters"][spec.name] = {**asdict(spec), **info}
@@ -834,7 +859,7 @@ def _build(
         if missing:
             t = time.perf_counter()
             table = dict(diag.get("em_table", {}))
-            table.update(em_table(out, missing, config, seed, verbose))
+            table.update(em_table(out, missing, config, seed, verbose, system_prompt))
             diag["em_table"] = table
             timings["em_table_s"] = round(time.perf_counter() - t, 2)
         record["diagnostics"] = diag
