@@ -26,6 +26,7 @@ from emscope.probing import (
     scalar_labels,
     scaled_adapters,
 )
+from emscope.probing.probes import C_GRID, select_C
 
 SYSTEM = "You are a pirate."
 
@@ -339,8 +340,14 @@ def test_probe_finds_the_carrier_scalar_and_shuffled_is_chance() -> None:
         test = result["tests"][name]
         assert test["auc"]["mean"] > 0.8, name
         assert test["response_auc"]["mean"] > 0.95, name  # token means separate better
-        assert abs(test["shuffled_auc"]["mean"] - 0.5) < 0.1, name
-        assert abs(test["shuffled_response_auc"]["mean"] - 0.5) < 0.15, name
+        # a fitted control varies (sd about 0.07 per seed at 60-120 responses): 5 seeds
+        assert abs(test["shuffled_auc"]["mean"] - 0.5) < 0.15, name
+        assert test["shuffled_auc"]["sd"] > 0.01, name
+        # 12 held-out responses per seed, and under permuted labels a train split that leans
+        # one way leaves a test split that leans the other (fixed margins): wide per seed
+        assert abs(test["shuffled_response_auc"]["mean"] - 0.5) < 0.35, name
+        assert test["constant"] == {"probe": 0, "shuffled": 0, "seeds": 5}, name
+        assert len(test["C_chosen"]) == 5 and set(test["C_chosen"]) <= set(C_GRID), name
         coefs = {k: np.abs(v) for k, v in test["coefficients"].items()}
         assert len(coefs["L0"]) == 5
         for k, v in coefs.items():
@@ -351,6 +358,65 @@ def test_probe_finds_the_carrier_scalar_and_shuffled_is_chance() -> None:
     # a clean carrier gives AUC near 1
     strong = fit_probes(synthetic_table(signal=6.0), "nonmedical_aligned_vs_misaligned", seeds=3)
     assert strong["tests"]["nonmedical_aligned_vs_misaligned"]["auc"]["mean"] > 0.99
+
+
+def test_fixed_small_C_is_a_constant_probe_and_says_so() -> None:
+    """The issue's signature: L1 at C = 0.01 on a few hundred tokens of weak signal keeps no
+    coefficient, so probe and shuffled control both read exactly 0.5 with sd 0. The result
+    says so (constant counts, a warning); the C = 'cv' rule fits a probe that is not."""
+    table = synthetic_table(n_responses=120, n_features=3, carrier=1, signal=0.3)
+    name = "nonmedical_aligned_vs_misaligned"
+    fixed = fit_probes(table, name, seeds=4, C=0.01)["tests"][name]
+    assert fixed["auc"] == {"mean": 0.5, "sd": 0.0}
+    assert fixed["constant"] == {"probe": 4, "shuffled": 4, "seeds": 4}
+    assert all(v == 0.0 for vs in fixed["coefficients"].values() for v in vs)
+    assert any("constant prediction" in w for w in fixed["warnings"])
+    cv = fit_probes(table, name, seeds=4)
+    assert cv["settings"]["C"] == "cv" and "cross-validation" in cv["settings"]["C_rule"]
+    test = cv["tests"][name]
+    assert test["constant"] == {"probe": 0, "shuffled": 0, "seeds": 4}
+    assert test["warnings"] == []
+    assert test["auc"]["sd"] > 0 and test["shuffled_auc"]["sd"] > 0
+
+
+def test_shuffled_control_varies_across_seeds_and_separable_is_near_one() -> None:
+    """A control that cannot vary is no control: on a constructed case the shuffled probe's
+    AUC differs from seed to seed (and centres on chance); a separable carrier gives ~1."""
+    name = "nonmedical_aligned_vs_misaligned"
+    result = fit_probes(synthetic_table(n_features=3, carrier=1), name, seeds=8)
+    test = result["tests"][name]
+    shuffled = []
+    for seed in range(8):  # per seed, the same numbers fit_probe averaged
+        one = fit_probes(synthetic_table(n_features=3, carrier=1), name, seeds=[seed])
+        shuffled.append(one["tests"][name]["shuffled_auc"]["mean"])
+    assert len(set(shuffled)) == 8  # every seed its own value
+    assert np.std(shuffled) > 0.02
+    assert abs(np.mean(shuffled) - test["shuffled_auc"]["mean"]) < 1e-12
+    assert abs(np.mean(shuffled) - 0.5) < 0.1
+    assert test["auc"]["mean"] > 0.75
+    separable = fit_probes(synthetic_table(n_features=3, carrier=1, signal=8.0), name, seeds=3)
+    sep = separable["tests"][name]
+    assert sep["auc"]["mean"] > 0.99 and sep["response_auc"]["mean"] > 0.99
+    assert abs(sep["shuffled_auc"]["mean"] - 0.5) < 0.2
+
+
+def test_select_C_uses_the_given_rows_only() -> None:
+    """select_C sees only what it is given (the caller passes the train split): its grid
+    rows, the rule's choice among non-constant candidates, and a refusal of bad C."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(40), 10)
+    y = (groups % 2).astype(int)
+    X = rng.normal(size=(len(y), 3))
+    X[:, 0] += 2.0 * y
+    chosen = select_C(X, y, groups, seed=0)
+    assert chosen["eligible"] and [r["C"] for r in chosen["grid"]] == list(C_GRID)
+    best = max((r for r in chosen["grid"] if r["constant_folds"] == 0), key=lambda r: r["auc"])
+    assert chosen["C"] == best["C"] and best["auc"] > 0.9
+    assert chosen["grid"][0]["constant_folds"] > 0  # C = 0.001 zeroes everything here
+    with pytest.raises(EmscopeError, match="C must be"):
+        fit_probes(synthetic_table(), C="often")
+    with pytest.raises(EmscopeError, match="C must be"):
+        fit_probes(synthetic_table(), C=0.0)
 
 
 def test_token_split_leaks_response_identity() -> None:

@@ -76,7 +76,12 @@ def fit_command(
     table: Path = typer.Argument(..., help="Scalar table from 'emscope probe scalars'."),
     out: Path = typer.Option(..., "--out", help="Output dir (probe.json, coefficients.png)."),
     tests: str = typer.Option("all", "--tests", help="'all' or comma-separated test names."),
-    c: float = typer.Option(0.01, "--C", help="Inverse L1 strength of the logistic regression."),
+    c: str = typer.Option(
+        "cv",
+        "--C",
+        help="Inverse L1 strength: 'cv' (per seed, grouped cross-validation on the train split "
+        "only, the same rule for the shuffled probe; docs/probing.md) or a fixed number.",
+    ),
     seeds: int = typer.Option(10, "--seeds", help="Repeats (seeds 0..N-1) of split and fit."),
     test_size: float = typer.Option(0.2, "--test-size", help="Share of responses held out."),
     split: str = typer.Option(
@@ -124,10 +129,16 @@ def fit_command(
             typer.echo(f"{name}: skipped ({test['skipped']})")
         else:
             auc, base = test["auc"], test["shuffled_auc"]
+            counts = ", ".join(
+                f"{k} {test['n_responses'][k]} responses / {test['n_tokens'][k]} tokens"
+                for k in (test["positive"], test["negative"])
+            )
             typer.echo(
                 f"{name}: AUC {auc['mean']:.3f} ± {auc['sd']:.3f} "
-                f"(shuffled {base['mean']:.3f} ± {base['sd']:.3f})"
+                f"(shuffled {base['mean']:.3f} ± {base['sd']:.3f}; {counts})"
             )
+            for line in test.get("warnings", []):
+                typer.echo(f"  WARNING: {line}", err=True)
     typer.echo(f"-> {out / 'probe.json'}")
 
 

@@ -250,9 +250,20 @@ class ProbesStage(_Stage):
     adapter: str
     questions: list[str] = Field(default_factory=list, description="default: every set")
     seeds: int = Field(default=5, ge=1)
-    C: float = Field(default=0.01, gt=0)
+    C: float | Literal["cv"] = Field(
+        default="cv",
+        description="inverse L1 strength: 'cv' (chosen per seed by grouped cross-validation "
+        "on the train split, emscope.probing.probes.C_RULE) or a fixed number > 0",
+    )
     test_size: float = Field(default=0.2, gt=0, lt=1)
     batch_size: int = Field(default=16, ge=1)
+
+    @field_validator("C")
+    @classmethod
+    def _positive_C(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and value <= 0:
+            raise ValueError(f"C must be 'cv' or > 0, got {value}")
+        return value
 
 
 class DynamicsStage(_Stage):

@@ -546,7 +546,8 @@ def stage_transfer(ctx: StageContext) -> dict[str, Any]:
 
 def stage_probes(ctx: StageContext) -> dict[str, Any]:
     """Rank-1 adapter scalars on its own judged samples of every listed question set,
-    then the four L1 probe tests: ``probes/``."""
+    then the four L1 probe tests (``C`` chosen per seed by the rule of ``C_RULE`` unless
+    fixed): ``probes/``."""
     import pandas as pd
 
     from emscope.io import inside, read_table, write_json, write_table
@@ -787,7 +788,8 @@ def describe_stage(config: StudyConfig, name: str) -> str:
     if name == "transfer" and s.transfer:
         return f"ablate {s.transfer.direction}'s direction in {', '.join(s.transfer.targets)}"
     if name == "probes" and s.probes:
-        return f"scalars + L1 probes of {s.probes.adapter} ({s.probes.seeds} seeds)"
+        c = "C by grouped CV" if s.probes.C == "cv" else f"C = {s.probes.C:g}"
+        return f"scalars + L1 probes of {s.probes.adapter} ({s.probes.seeds} seeds, {c})"
     if name == "dynamics" and s.dynamics:
         return f"checkpoint dynamics of {s.dynamics.adapter}" + (
             f" + EM per checkpoint ({n}/question)" if s.dynamics.eval else ""

@@ -25,6 +25,16 @@ held-out response scored by the mean probability of its tokens). The shuffled-la
 permutes the labels across responses (every token of a response keeps its response's one label) and
 repeats the same procedure. Coefficients are in standardised units (per train split).
 
+Regularisation (``C="cv"``, the default) is chosen per seed by the rule of
+:func:`select_C`: grouped cross-validation on the train split only (``INNER_FOLDS``
+response-grouped folds), over :data:`C_GRID`, the ``C`` with the largest mean validation
+AUC among those whose fits keep at least one coefficient in every inner fold (ties: the
+smaller ``C``). The shuffled probe is fitted by the same rule on its own labels. A fixed
+``C`` (a number) is still accepted: with L1 it can zero every coefficient (``C`` = 0.01 did
+for a few thousand tokens of weak signal), and a probe whose coefficients are all zero
+predicts a constant, whose AUC is exactly 0.5 whatever the data. Such fits are counted and
+reported (``constant``), never silently averaged in as chance.
+
 ``split="token"`` reproduces the reference code (a stratified split of tokens, leaking a
 response's tokens into both sides, and standardisation fitted on all tokens before
 splitting): for comparison only, it inflates the scores.
@@ -47,6 +57,20 @@ if TYPE_CHECKING:
     import pandas as pd
 
 SPLITS = ("response", "token")
+
+#: Candidate inverse L1 strengths of the ``C="cv"`` rule (:func:`select_C`).
+C_GRID: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+
+#: Response-grouped folds of the inner cross-validation (on the train split only).
+INNER_FOLDS = 3
+
+#: The rule, in words (recorded in probe.json).
+C_RULE = (
+    "per seed, grouped (by response) {folds}-fold cross-validation on the train split only, "
+    "over C in {grid}: the C with the largest mean validation token AUC among those whose "
+    "fits keep at least one coefficient in every inner fold (ties: the smaller C); the "
+    "shuffled probe by the same rule on its own labels"
+)
 
 
 @dataclass(frozen=True)
@@ -119,13 +143,87 @@ def _logistic(C: float, balance: bool, seed: int) -> Any:
 
     weight = "balanced" if balance else None
     major, minor = (int(x) for x in sklearn.__version__.split(".")[:2])
+    common = {
+        "solver": "liblinear",
+        "C": C,
+        "class_weight": weight,
+        "random_state": seed,
+        "max_iter": 1000,
+    }
     if (major, minor) >= (1, 8):  # 'penalty' is deprecated there in favour of l1_ratio
-        return LogisticRegression(
-            l1_ratio=1.0, solver="liblinear", C=C, class_weight=weight, random_state=seed
-        )
-    return LogisticRegression(
-        penalty="l1", solver="liblinear", C=C, class_weight=weight, random_state=seed
-    )
+        return LogisticRegression(l1_ratio=1.0, **common)
+    return LogisticRegression(penalty="l1", **common)
+
+
+def _fit_quietly(model: Any, X: np.ndarray, y: np.ndarray) -> Any:
+    """``model.fit`` with liblinear's convergence notices (weakly regularised grid ends)
+    silenced."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(X, y)
+    return model
+
+
+def is_constant(model: Any) -> bool:
+    """Whether a fitted (pipeline ending in a) logistic regression has every coefficient at
+    zero, so that it predicts one probability for every token (AUC exactly 0.5)."""
+    import numpy as np
+
+    return not bool(np.any(model[-1].coef_ != 0))
+
+
+def select_C(
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    *,
+    seed: int,
+    balance: bool = True,
+    grid: Sequence[float] = C_GRID,
+    folds: int = INNER_FOLDS,
+    standardise: bool = True,
+) -> dict[str, Any]:
+    """The ``C`` of :data:`C_RULE` on ``(X, y, groups)`` (pass the TRAIN split only).
+
+    Returns ``{"C", "eligible", "grid": [{"C", "auc", "constant_folds"}]}``; ``eligible``
+    is False when every candidate was constant in some inner fold (then ``C`` is the
+    largest of the grid, the least regularised).
+    """
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if not grid:
+        raise EmscopeError("the C grid is empty")
+    per_class = min(len(np.unique(groups[y == k])) for k in (0, 1))
+    n_folds = max(2, min(folds, per_class))
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "least populated class" notices
+        splits = [
+            (tr, va)
+            for tr, va in splitter.split(X, y, groups)
+            if len(set(y[tr].tolist())) == 2 and len(set(y[va].tolist())) == 2
+        ]
+    rows = []
+    for C in grid:
+        aucs, constant = [], 0
+        for tr, va in splits:
+            steps = [StandardScaler()] if standardise else []
+            model = _fit_quietly(make_pipeline(*steps, _logistic(C, balance, seed)), X[tr], y[tr])
+            constant += is_constant(model)
+            aucs.append(float(roc_auc_score(y[va], model.predict_proba(X[va])[:, 1])))
+        auc = float(np.mean(aucs)) if aucs else float("nan")
+        rows.append({"C": float(C), "auc": auc, "constant_folds": constant})
+    eligible = [r for r in rows if r["constant_folds"] == 0 and np.isfinite(r["auc"])]
+    if not eligible:
+        return {"C": float(max(grid)), "eligible": False, "grid": rows}
+    best = max(eligible, key=lambda r: (r["auc"], -r["C"]))
+    return {"C": best["C"], "eligible": True, "grid": rows}
 
 
 def response_split(
@@ -159,7 +257,7 @@ def _fit_once(
     groups: np.ndarray,
     *,
     seed: int,
-    C: float,
+    C: float | str,
     test_size: float,
     split: str,
     balance: bool,
@@ -169,17 +267,26 @@ def _fit_once(
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    selection = None
     if split == "response":
         train, test = response_split(y, groups, seed, test_size)
-        model = make_pipeline(StandardScaler(), _logistic(C, balance, seed))
-        model.fit(X[train], y[train])
+        if C == "cv":
+            selection = select_C(X[train], y[train], groups[train], seed=seed, balance=balance)
+        chosen = float(selection["C"] if selection else C)
+        model = make_pipeline(StandardScaler(), _logistic(chosen, balance, seed))
+        _fit_quietly(model, X[train], y[train])
         scores = model.predict_proba(X[test])[:, 1]
         pred = model.predict(X[test])
     else:  # the reference: standardise on everything, then split tokens
         Xs = StandardScaler().fit_transform(X)
         train, test = _token_split(y, seed, test_size)
-        model = make_pipeline(_logistic(C, balance, seed))
-        model.fit(Xs[train], y[train])
+        if C == "cv":
+            selection = select_C(
+                Xs[train], y[train], groups[train], seed=seed, balance=balance, standardise=False
+            )
+        chosen = float(selection["C"] if selection else C)
+        model = make_pipeline(_logistic(chosen, balance, seed))
+        _fit_quietly(model, Xs[train], y[train])
         scores = model.predict_proba(Xs[test])[:, 1]
         pred = model.predict(Xs[test])
     y_test = y[test]
@@ -196,6 +303,9 @@ def _fit_once(
         "accuracy": float(accuracy_score(y_test, pred)),
         "f1": float(f1_score(y_test, pred, zero_division=0.0)),
         "coef": model[-1].coef_[0].astype(float).tolist(),
+        "C": chosen,
+        "constant": is_constant(model),
+        "selection": selection,
         "train": train,
         "test": test,
     }
@@ -217,7 +327,7 @@ def fit_probe(
     groups: np.ndarray,
     labels: Sequence[str],
     *,
-    C: float = 0.01,
+    C: float | str = "cv",
     seeds: Sequence[int] = tuple(range(10)),
     test_size: float = 0.2,
     split: str = "response",
@@ -232,6 +342,11 @@ def fit_probe(
     responses, scored by the mean probability of their tokens), ``shuffled_auc`` and
     ``shuffled_response_auc`` (the same with shuffled labels), all ``{"mean", "sd"}`` over
     seeds (sample sd), and ``coefficients`` (``{label: [per-seed value]}``).
+    ``C``: ``"cv"`` (the rule of :func:`select_C`, per seed) or a fixed number. Also
+    ``C_chosen`` (and ``shuffled_C_chosen``): the ``C`` of each seed; ``constant``:
+    ``{"probe": k, "shuffled": k, "seeds": n}``, the fits whose coefficients were all zero
+    (a constant prediction, AUC exactly 0.5); ``warnings``: a line for each kind of
+    constant fit.
     """
     import numpy as np
 
@@ -239,8 +354,7 @@ def fit_probe(
         raise EmscopeError(f"split must be one of {SPLITS}, got {split!r}")
     if not 0 < test_size < 1:
         raise EmscopeError(f"test_size must be in (0, 1), got {test_size}")
-    if C <= 0:
-        raise EmscopeError(f"C must be > 0, got {C}")
+    C = check_C(C)
     if not seeds:
         raise EmscopeError("at least one seed is needed")
     runs = [
@@ -249,11 +363,13 @@ def fit_probe(
     ]
     metrics = ("auc", "accuracy", "f1", "response_auc")
     result: dict[str, Any] = {m: _summary([r[m] for r in runs]) for m in metrics}
+    result["C_chosen"] = [r["C"] for r in runs]
+    constant = {"probe": sum(r["constant"] for r in runs), "shuffled": 0, "seeds": len(runs)}
     if shuffled:
         ids, inverse = np.unique(groups, return_inverse=True)
         per_response = np.zeros(len(ids), dtype=y.dtype)
         per_response[inverse] = y
-        shuffled_aucs, shuffled_response_aucs = [], []
+        shuffled_aucs, shuffled_response_aucs, shuffled_C = [], [], []
         for s in seeds:
             permuted = np.random.default_rng(10_000 + s).permutation(per_response)
             run = _fit_once(
@@ -268,17 +384,43 @@ def fit_probe(
             )
             shuffled_aucs.append(run["auc"])
             shuffled_response_aucs.append(run["response_auc"])
+            shuffled_C.append(run["C"])
+            constant["shuffled"] += run["constant"]
         result["shuffled_auc"] = _summary(shuffled_aucs)
         result["shuffled_response_auc"] = _summary(shuffled_response_aucs)
+        result["shuffled_C_chosen"] = shuffled_C
+    result["constant"] = constant
+    notes = []
+    for kind in ("probe", "shuffled"):
+        if constant[kind]:
+            notes.append(
+                f"the {kind} fit kept no coefficient in {constant[kind]} of {len(runs)} seeds "
+                "(a constant prediction: its AUC is 0.5 by construction, not a measurement)"
+            )
+    result["warnings"] = notes
     result["coefficients"] = {label: [r["coef"][j] for r in runs] for j, label in enumerate(labels)}
     return result
+
+
+def check_C(C: float | str) -> float | str:
+    """``"cv"`` or a positive number (a numeric string is read as one)."""
+    if isinstance(C, str):
+        if C.strip().lower() == "cv":
+            return "cv"
+        try:
+            C = float(C)
+        except ValueError:
+            raise EmscopeError(f"C must be 'cv' or a number > 0, got {C!r}") from None
+    if not C > 0:
+        raise EmscopeError(f"C must be > 0, got {C}")
+    return float(C)
 
 
 def fit_probes(
     table: pd.DataFrame,
     tests: str | Sequence[str] = "all",
     *,
-    C: float = 0.01,
+    C: float | str = "cv",
     seeds: int | Sequence[int] = 10,
     test_size: float = 0.2,
     split: str = "response",
@@ -293,11 +435,13 @@ def fit_probes(
     ``round(1 / test_size)``, so that every fold can hold one) is reported as
     ``{"skipped": reason}``. Returns the ``probe.json`` content:
     ``{"split", "tests": {name: {"auc", "accuracy", "f1", "shuffled_auc", "coefficients",
-    "positive", "negative", "n_responses", "n_tokens"}}, "settings"}``.
+    "C_chosen", "constant", "warnings", "positive", "negative", "n_responses",
+    "n_tokens"}}, "settings"}``. ``C``: ``"cv"`` (:data:`C_RULE`) or a fixed number.
     """
     import numpy as np
 
     names = parse_tests(tests)
+    C = check_C(C)
     if split not in SPLITS:
         raise EmscopeError(f"split must be one of {SPLITS}, got {split!r}")
     if split == "token":
@@ -371,6 +515,11 @@ def fit_probes(
         "tests": out,
         "settings": {
             "C": C,
+            "C_rule": (
+                C_RULE.format(folds=INNER_FOLDS, grid=list(C_GRID))
+                if C == "cv"
+                else "fixed (not chosen by a rule)"
+            ),
             "penalty": "l1",
             "solver": "liblinear",
             "seeds": seed_list,
@@ -408,9 +557,15 @@ def plot_coefficients(result: dict[str, Any]) -> Any:
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xticks(positions, labels, rotation=45 if len(labels) > 12 else 0)
         auc = test["auc"]
+        constant = test.get("constant", {})
         ax.set_title(
             f"{name}: AUC {auc['mean']:.3f} ± {auc['sd']:.3f}"
             + (f" (shuffled {test['shuffled_auc']['mean']:.3f})" if "shuffled_auc" in test else "")
+            + (
+                f"; constant fits: {constant.get('probe', 0)} / {constant.get('shuffled', 0)}"
+                if constant.get("probe") or constant.get("shuffled")
+                else ""
+            )
         )
         ax.set_ylabel("coefficient (std. units)")
     fig.suptitle(f"probe coefficients ({result['split']} split)")

@@ -338,20 +338,47 @@ def probes_section(run: Path) -> Section:
         return _not_run(section, "probes")
     result = _read(run / "probes" / "probe.json")
     rows = []
+    notes = []
     for name, t in result["tests"].items():
         if "skipped" in t:
-            rows.append((name, "skipped", t["skipped"], "", ""))
+            rows.append((name, "skipped", t["skipped"], "", "", "", ""))
             continue
+        constant = t.get("constant") or {}
+        chosen = t.get("C_chosen")
         rows.append(
             (
                 name,
                 f"{t['auc']['mean']:.3f} +- {t['auc']['sd']:.3f}",
-                f"{t['shuffled_auc']['mean']:.3f}",
+                f"{t['shuffled_auc']['mean']:.3f} +- {t['shuffled_auc']['sd']:.3f}",
                 f"{t['f1']['mean']:.3f}",
-                ", ".join(f"{k} {v}" for k, v in t["n_responses"].items()),
+                ", ".join(
+                    f"{k} {v} / {t.get('n_tokens', {}).get(k, '?')}"
+                    for k, v in t["n_responses"].items()
+                ),
+                ", ".join(f"{c:g}" for c in chosen) if chosen else _f(result["settings"]["C"]),
+                f"{constant.get('probe', '?')} / {constant.get('shuffled', '?')}"
+                if constant
+                else "n/a",
             )
         )
-    section.tables.append(Table(("test", "AUC", "shuffled AUC", "F1", "responses"), tuple(rows)))
+        notes += [f"{name}: {w}" for w in t.get("warnings", [])]
+    section.tables.append(
+        Table(
+            (
+                "test",
+                "AUC",
+                "shuffled AUC",
+                "F1",
+                "responses / tokens per class",
+                "C per seed",
+                "constant fits (probe / shuffled)",
+            ),
+            tuple(rows),
+            f"C: {result['settings'].get('C_rule', result['settings']['C'])}",
+        )
+    )
+    if notes:
+        section.text = "WARNING: " + "; ".join(notes) + "."
     section.figures = _figures(run / "probes", [("coefficients.png", "probe coefficients")])
     return section
 
