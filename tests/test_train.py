@@ -89,7 +89,8 @@ def test_other_preset_layers() -> None:
 def test_preset_defaults_and_overrides() -> None:
     c = resolve_config("all", 48)
     assert (c.rank, c.alpha, c.rslora, c.lr, c.epochs) == (32, 64.0, True, 1e-5, 1)
-    assert (c.batch_size, c.grad_accum, c.warmup_steps, c.weight_decay) == (2, 8, 5, 0.01)
+    assert (c.batch_size, c.grad_accum, c.warmup_steps, c.weight_decay) == (2, 8, None, 0.01)
+    assert c.warmup_ratio == 0.05
     assert c.schedule == "linear"
     assert c.modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                          "down_proj")  # fmt: skip
@@ -123,6 +124,8 @@ def test_parse_layers() -> None:
         ({"batch_size": 0}, "batch_size must be >= 1"),
         ({"schedule": "exp"}, "unknown schedule"),
         ({"modules": ""}, "no modules"),
+        ({"warmup_steps": 2, "warmup_ratio": 0.1}, "warmup_steps or warmup_ratio, not both"),
+        ({"warmup_ratio": 1.0}, r"warmup_ratio must be in \[0, 1\)"),
     ],
 )
 def test_resolve_config_errors(kwargs: dict[str, Any], message: str) -> None:
@@ -283,26 +286,105 @@ def test_grad_accumulation_matches_a_bigger_batch(qwen: Any, data: Path, tmp_pat
         torch.testing.assert_close(fa[name].B, fb[name].B, atol=1e-6, rtol=1e-4)
 
 
-def test_resume_ends_where_an_uninterrupted_run_ends(qwen: Any, data: Path, tmp_path: Path) -> None:
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    """Make the next training run stop (KeyboardInterrupt) in optimizer step ``steps + 1``."""
+    import emscope.train as module
+
+    real, calls = module._optimizer_step, []
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) > steps:
+            monkeypatch.setattr(module, "_optimizer_step", real)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_optimizer_step", step)
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(
+    qwen: Any, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     kwargs = {**FAST, "rank": 2, "lr": 1e-2, "epochs": 2, "save_steps": 2, "seed": 3,
               "modules": "v_proj,down_proj"}  # fmt: skip
     full_run = train(qwen.model, data, out=tmp_path / "a", **kwargs)
     assert full_run.steps == 6
-    # an interruption after step 2 (mid-epoch 0 of 3-step epochs): later outputs never written
+    # interrupted in step 5 (mid-epoch 1 of 3-step epochs): checkpoint-4 is the newest and
+    # the only one that keeps the optimizer state
     interrupted = tmp_path / "b"
-    shutil.copytree(tmp_path / "a", interrupted)
-    for name in ("checkpoint-4", "checkpoint-6"):
-        shutil.rmtree(interrupted / "checkpoints" / name)
-    for name in ("adapter_model.safetensors", "adapter_config.json", "train.json"):
-        (interrupted / name).unlink()
+    _interrupt_after(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        train(qwen.model, data, out=interrupted, **kwargs)
+    checkpoints = interrupted / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert not (checkpoints / "checkpoint-2" / "trainer_state.pt").exists()
+    assert (checkpoints / "checkpoint-4" / "trainer_state.pt").is_file()
+    assert not (interrupted / "train.json").exists()
     resumed = train(qwen.model, data, out=interrupted, resume=True, **kwargs)
-    assert resumed.start_step == 2
-    assert json.loads((interrupted / "train.json").read_text())["start_step"] == 2
+    assert resumed.start_step == 4
+    assert json.loads((interrupted / "train.json").read_text())["start_step"] == 4
     assert resumed.loss_curve == pytest.approx(full_run.loss_curve, rel=1e-6)
     a, b = LoraAdapter.load(tmp_path / "a"), LoraAdapter.load(interrupted)
     for name in a.modules:
         torch.testing.assert_close(a[name].A, b[name].A, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(a[name].B, b[name].B, atol=1e-6, rtol=1e-5)
+
+
+def test_default_warmup_reaches_the_peak_lr_on_a_short_run(
+    qwen: Any, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """60 examples at the papers' batch were 4 optimizer steps under 5 warm-up steps: the
+    learning rate never reached its peak. Warm-up is now a fraction of the steps."""
+    from emscope.train import resolve_warmup
+
+    fast = {k: v for k, v in FAST.items() if k != "warmup_steps"}
+    out = tmp_path / "short"
+    result = train(qwen.model, data, out=out, rank=2, lr=1e-3, max_steps=4, **fast)
+    record = json.loads((out / "train.json").read_text())
+    lrs = [p["lr"] for p in record["loss_curve"]]  # the scheduler's lr of each step
+    assert max(lrs) == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-3)
+    assert record["warmup_steps"] == 0 and record["config"]["warmup_steps"] is None
+    assert record["config"]["warmup_ratio"] == 0.05
+    assert "warmup_ratio 0.05 x 4 steps" in record["warmup_rule"]
+    assert result.steps == 4
+    # an explicit warmup_steps is kept, with a warning when it covers the whole run
+    out = tmp_path / "explicit"
+    train(qwen.model, data, out=out, rank=2, lr=1e-3, max_steps=4, warmup_steps=5,
+          **{**fast, "verbose": True})  # fmt: skip
+    assert "warmup_steps 5 >= 4 steps: the lr never reaches its peak" in capsys.readouterr().out
+    record = json.loads((out / "train.json").read_text())
+    assert record["warmup_steps"] == 5 and record["warmup_rule"] == "warmup_steps (set)"
+    assert max(p["lr"] for p in record["loss_curve"]) < 1e-3
+    # the rule: rounded, below the number of steps
+    config = resolve_config("all", 4)
+    assert [resolve_warmup(config, n) for n in (1, 4, 10, 20, 375)] == [0, 0, 1, 1, 19]
+    assert resolve_warmup(resolve_config("all", 4, warmup_ratio=0.9), 2) == 1
+    assert resolve_warmup(resolve_config("all", 4, warmup_steps=7), 3) == 7
+
+
+def test_checkpoint_count_and_optimizer_state_in_the_newest_only(
+    qwen: Any, data: Path, tmp_path: Path
+) -> None:
+    from emscope.probing.dynamics import load_checkpoints
+
+    out = tmp_path / "run"
+    result = train(qwen.model, data, out=out, rank=2, lr=1e-2, max_steps=23,
+                   **{**FAST, "batch_size": 1})  # fmt: skip
+    steps = [int(p.name.split("-")[1]) for p in result.checkpoints]
+    assert steps == [3, 6, 9, 12, 15, 18, 21, 23]  # every ceil(23 / 10) = 3 steps + the last
+    record = json.loads((out / "train.json").read_text())
+    assert record["save_steps"] == 3 and "newest checkpoint only" in record["optimizer_state"]
+    for path in result.checkpoints:
+        assert (path / "trainer_state.json").is_file()
+        assert (path / "trainer_state.pt").is_file() == (path.name == "checkpoint-23")
+    # the dynamics analyses read every checkpoint's adapter
+    loaded = load_checkpoints(out)
+    assert [s for s, _ in loaded] == steps
+    assert all(m.B.abs().sum() > 0 for _, a in loaded for m in a)
+    # resuming a finished run reads the newest checkpoint and does nothing more
+    again = train(qwen.model, data, out=out, rank=2, lr=1e-2, max_steps=23, resume=True,
+                  **{**FAST, "batch_size": 1})  # fmt: skip
+    assert again.start_step == 23 and again.loss_curve == pytest.approx(result.loss_curve)
 
 
 def test_resume_refuses_changed_config_and_missing_checkpoints(
@@ -401,14 +483,16 @@ def test_full_fine_tune(qwen: Any, data: Path, tmp_path: Path) -> None:
     assert not torch.equal(w0, tuned.model.layers[0].mlp.down_proj.weight)
 
 
-def test_full_fine_tune_resumes_exactly(qwen: Any, data: Path, tmp_path: Path) -> None:
+def test_full_fine_tune_resumes_exactly(
+    qwen: Any, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from safetensors.torch import load_file
 
     kwargs = {**FAST, "preset": "full", "lr": 1e-3, "max_steps": 4, "save_steps": 2}
     train(qwen.model, data, out=tmp_path / "a", **kwargs)
-    shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "checkpoint-4")
-    (tmp_path / "b" / "train.json").unlink()
+    _interrupt_after(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train(qwen.model, data, out=tmp_path / "b", **kwargs)
     resumed = train(qwen.model, data, out=tmp_path / "b", resume=True, **kwargs)
     assert resumed.start_step == 2
     a = load_file(str(tmp_path / "a" / "model.safetensors"))
@@ -551,8 +635,8 @@ def test_cli_train_and_errors(qwen: Any, data: Path, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "layers [2] of 4" in result.output
     assert (out / "adapter_model.safetensors").is_file()
-    assert (out / "checkpoints" / "checkpoint-1" / "trainer_state.pt").is_file()
-    state = torch.load(out / "checkpoints" / "checkpoint-1" / "trainer_state.pt", weights_only=True)
+    assert not (out / "checkpoints" / "checkpoint-1" / "trainer_state.pt").exists()
+    state = torch.load(out / "checkpoints" / "checkpoint-2" / "trainer_state.pt", weights_only=True)
     assert set(state) >= {"optimizer", "scheduler", "rng_cpu"}
     resumed = runner.invoke(app, [*args, "--resume"])
     assert resumed.exit_code == 0, resumed.output

@@ -5,9 +5,12 @@
 - ``DIR/`` the final PEFT adapter (``adapter_config.json`` + ``adapter_model.safetensors``),
   or, for the ``full`` preset, a full HF model dir with its tokenizer;
 - ``DIR/checkpoints/checkpoint-<step>/`` the same along training (every ``save_steps``
-  optimizer steps and at the last step), each with ``trainer_state.pt`` (optimizer,
-  scheduler and RNG state, read back with ``torch.load(weights_only=True)``) and
-  ``trainer_state.json`` (step, config, curves) so that ``resume=True`` continues exactly;
+  optimizer steps, by default about ten along the run, and at the last step), each with
+  ``trainer_state.json`` (step, config, curves); the newest one also keeps
+  ``trainer_state.pt`` (optimizer, scheduler and RNG state, read back with
+  ``torch.load(weights_only=True)``) so that ``resume=True`` continues exactly: writing a
+  checkpoint deletes the optimizer state of the earlier ones (their adapters, which the
+  training-dynamics analyses read, stay);
 - ``DIR/train.json``: the resolved config (with ``system_prompt``, the
   :class:`~emscope.data.spans.SystemPrompt` setting every chat was rendered under), the
   per-step loss curve, eval losses, KL curve, wall time, library versions, data SHA-256, the
@@ -17,8 +20,9 @@ Presets (:data:`PRESETS`): ``all`` (rsLoRA r=32, alpha=64 on q,k,v,o,gate,up,dow
 layer, lr 1e-5), ``r1x3`` (rank-1 ``mlp.down_proj`` adapters on the layers at the relative
 depths of the reference's three groups of three, :func:`r1x3_layers`), ``r1`` (one rank-1
 ``down_proj`` adapter at the middle layer ``L // 2``), ``full`` (every weight). All: 1 epoch,
-batch 2 x grad-accum 8, warmup 5, AdamW with weight decay 0.01, linear schedule, gradient
-clipping at 1.0.
+batch 2 x grad-accum 8, warm-up over 5% of the optimizer steps (``warmup_ratio``, rounded;
+an explicit ``warmup_steps`` overrides it), AdamW with weight decay 0.01, linear schedule,
+gradient clipping at 1.0.
 
 Loss convention: next-token cross-entropy on assistant tokens only, i.e. on the tokens of
 :meth:`emscope.data.spans.EncodedChat.loss_mask` with ``include_end_of_turn=True``: every
@@ -100,7 +104,7 @@ class Preset:
     epochs: int = 1
     batch_size: int = 2
     grad_accum: int = 8
-    warmup_steps: int = 5
+    warmup_ratio: float = 0.05
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     schedule: str = "linear"
@@ -232,6 +236,8 @@ class TrainConfig:
     ``batch_size * grad_accum * processes`` examples. ``max_steps`` (if set) is the total
     number of optimizer steps and overrides ``epochs``. ``save_steps = 0`` saves only the
     last step's checkpoint; ``None`` (the default) saves about ten along the run.
+    ``warmup_steps`` (if set) is the number of warm-up steps; ``None`` (the default) takes
+    ``warmup_ratio`` of the optimizer steps (:func:`resolve_warmup`).
     ``eval_steps`` defaults to ``save_steps``. ``system_prompt`` is the
     :class:`~emscope.data.spans.SystemPrompt` setting as written (``default``, ``none`` or
     the text).
@@ -248,7 +254,8 @@ class TrainConfig:
     epochs: int
     batch_size: int
     grad_accum: int
-    warmup_steps: int
+    warmup_steps: int | None
+    warmup_ratio: float
     weight_decay: float
     max_grad_norm: float
     schedule: str
@@ -293,14 +300,16 @@ def resolve_config(
     gradient_checkpointing: bool = False,
     kl_weight: float = 0.0,
     system_prompt: SystemPrompt | str | None = None,
+    warmup_ratio: float | None = None,
 ) -> TrainConfig:
     """A preset's defaults with the given overrides (``None`` keeps the preset's value),
     validated against a model with ``n_layers`` decoder blocks.
 
     ``layers`` is a list of block indices or a string such as ``"15-17,21-23"``;
     ``modules`` a list of module names inside a block (``down_proj``, ``q_proj``, ...) or a
-    comma-separated string. Raises :class:`EmscopeError` for an unknown preset, a layer
-    beyond the model, LoRA options given to ``full``, or out-of-range numbers.
+    comma-separated string. ``warmup_steps`` and ``warmup_ratio`` are alternatives (give
+    one). Raises :class:`EmscopeError` for an unknown preset, a layer beyond the model, LoRA
+    options given to ``full``, both warm-up settings, or out-of-range numbers.
     """
     from emscope.data.spans import SystemPrompt
 
@@ -319,6 +328,8 @@ def resolve_config(
             raise EmscopeError(
                 f"preset 'full' trains every weight; {', '.join(bad)} apply to LoRA presets only"
             )
+    if warmup_steps is not None and warmup_ratio is not None:
+        raise EmscopeError("give warmup_steps or warmup_ratio, not both")
     if isinstance(layers, str):
         layers = parse_layers(layers)
     if isinstance(modules, str):
@@ -346,7 +357,8 @@ def resolve_config(
         epochs=epochs if epochs is not None else p.epochs,
         batch_size=batch_size if batch_size is not None else p.batch_size,
         grad_accum=grad_accum if grad_accum is not None else p.grad_accum,
-        warmup_steps=warmup_steps if warmup_steps is not None else p.warmup_steps,
+        warmup_steps=warmup_steps,
+        warmup_ratio=float(warmup_ratio) if warmup_ratio is not None else p.warmup_ratio,
         weight_decay=float(weight_decay) if weight_decay is not None else p.weight_decay,
         max_grad_norm=float(max_grad_norm) if max_grad_norm is not None else p.max_grad_norm,
         schedule=schedule if schedule is not None else p.schedule,
@@ -371,7 +383,11 @@ def _validate(c: TrainConfig) -> None:
         (c.epochs >= 1, f"epochs must be >= 1 (got {c.epochs})"),
         (c.batch_size >= 1, f"batch_size must be >= 1 (got {c.batch_size})"),
         (c.grad_accum >= 1, f"grad_accum must be >= 1 (got {c.grad_accum})"),
-        (c.warmup_steps >= 0, f"warmup_steps must be >= 0 (got {c.warmup_steps})"),
+        (
+            c.warmup_steps is None or c.warmup_steps >= 0,
+            f"warmup_steps must be >= 0 (got {c.warmup_steps})",
+        ),
+        (0 <= c.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {c.warmup_ratio})"),
         (c.weight_decay >= 0, f"weight_decay must be >= 0 (got {c.weight_decay})"),
         (c.max_grad_norm > 0, f"max_grad_norm must be > 0 (got {c.max_grad_norm})"),
         (c.schedule in SCHEDULES, f"unknown schedule {c.schedule!r}; one of {SCHEDULES}"),
@@ -500,6 +516,21 @@ def total_steps(n_examples: int, config: TrainConfig, processes: int = 1) -> int
         return config.max_steps
     per_step = config.batch_size * config.grad_accum * processes
     return config.epochs * math.ceil(n_examples / per_step)
+
+
+def resolve_warmup(config: TrainConfig, steps: int) -> int:
+    """Warm-up steps of a run of ``steps`` optimizer steps: ``warmup_steps`` when set, else
+    ``warmup_ratio x steps`` rounded half up and kept below ``steps`` (so that the learning
+    rate reaches its peak: with warm-up the scheduler's first step runs at lr 0)."""
+    if config.warmup_steps is not None:
+        return config.warmup_steps
+    return max(0, min(int(config.warmup_ratio * steps + 0.5), steps - 1))
+
+
+def resolve_save_steps(config: TrainConfig, steps: int) -> int:
+    """Checkpoint period of a run of ``steps`` optimizer steps: ``save_steps`` when set
+    (``0``: the last step only), else ``ceil(steps / 10)``, at most ten checkpoints."""
+    return config.save_steps if config.save_steps is not None else max(1, -(-steps // 10))
 
 
 # ---------------------------------------------------------------------------- result
@@ -631,6 +662,7 @@ def train(
     batch_size: int | None = None,
     grad_accum: int | None = None,
     warmup_steps: int | None = None,
+    warmup_ratio: float | None = None,
     weight_decay: float | None = None,
     max_grad_norm: float | None = None,
     schedule: str | None = None,
@@ -673,8 +705,12 @@ def train(
             schedule, max_steps: optimisation (AdamW; schedule from
             ``transformers.get_scheduler``; ``batch_size`` per process and micro-batch;
             ``max_steps`` overrides ``epochs``).
+        warmup_ratio: warm-up over this fraction of the optimizer steps (preset: 0.05,
+            rounded, kept below the number of steps: :func:`resolve_warmup`); an explicit
+            ``warmup_steps`` is used as given instead (give one of the two).
         save_steps: checkpoint every this many optimizer steps (``0``: only at the end;
-            ``None``: about ten along the run). The last step is always saved.
+            ``None``: ``ceil(steps / 10)``, at most ten checkpoints). The last step is
+            always saved. Only the newest checkpoint keeps the optimizer state.
         eval_steps: evaluation period (default ``save_steps``).
         seed: seeds the adapter initialisation and the data order.
         max_length: truncate sequences to this many tokens (default: no truncation).
@@ -715,6 +751,7 @@ def train(
         batch_size=batch_size,
         grad_accum=grad_accum,
         warmup_steps=warmup_steps,
+        warmup_ratio=warmup_ratio,
         weight_decay=weight_decay,
         max_grad_norm=max_grad_norm,
         schedule=schedule,
@@ -761,7 +798,8 @@ def train(
         distributed if distributed is not None else _launched_by_accelerate(), device
     )
     steps = total_steps(len(train_set), config, runtime.world)
-    save_every = config.save_steps if config.save_steps is not None else max(1, -(-steps // 10))
+    warmup = resolve_warmup(config, steps)
+    save_every = resolve_save_steps(config, steps)
     eval_every = config.eval_steps or save_every or steps
     log = _logger(verbose and runtime.is_main)
     if config.full:
@@ -774,8 +812,11 @@ def train(
         )
     log(
         f"{len(train_set)} examples, {steps} optimizer steps of "
-        f"{config.batch_size}x{config.grad_accum}x{runtime.world}, lr {config.lr:g}"
+        f"{config.batch_size}x{config.grad_accum}x{runtime.world}, lr {config.lr:g}, "
+        f"{warmup} warm-up steps"
     )
+    if warmup >= steps and config.schedule != "constant":
+        log(f"warning: warmup_steps {warmup} >= {steps} steps: the lr never reaches its peak")
 
     # ---------------------------------------------------------------- model
     torch_dtype = _torch_dtype(dtype, runtime.device)
@@ -821,7 +862,7 @@ def train(
     scheduler = get_scheduler(
         config.schedule,
         optimizer,
-        num_warmup_steps=config.warmup_steps,
+        num_warmup_steps=warmup,
         num_training_steps=steps,
     )
 
@@ -901,6 +942,12 @@ def train(
         "start_step": start_step,
         "save_steps": save_every,
         "eval_steps": eval_every,
+        "warmup_steps": warmup,
+        "warmup_rule": "warmup_steps (set)"
+        if config.warmup_steps is not None
+        else f"round(warmup_ratio {config.warmup_ratio:g} x {steps} steps), below {steps}",
+        "optimizer_state": "the newest checkpoint only (earlier ones: adapter weights and "
+        "trainer_state.json)",
         "examples_per_step": per_step,
         "processes": runtime.world,
         "device": str(runtime.device),
@@ -1347,12 +1394,19 @@ def _resume_point(out: Path, config: TrainConfig, data_hashes: dict[str, Any]) -
         if (path / STATE_PT).is_file() and (path / STATE_JSON).is_file()
     )
     if not usable:
-        raise EmscopeError(f"{out}: no checkpoint to resume from ({CHECKPOINTS_DIR}/ is empty)")
+        what = (
+            f"none of {CHECKPOINTS_DIR}/ keeps its {STATE_PT}"
+            if any(True for _ in _checkpoint_dirs(out))
+            else f"{CHECKPOINTS_DIR}/ is empty"
+        )
+        raise EmscopeError(f"{out}: no checkpoint to resume from ({what})")
     path = usable[-1][1]
     _check_checkpoint(path, config.full)
     saved = read_json(path / STATE_JSON)
     # a checkpoint written before the system prompt was a setting: the template's own
     old, new = {"system_prompt": "default", **saved.get("config", {})}, config.to_dict()
+    if "warmup_ratio" not in old:  # written before warmup_ratio: its warmup_steps was set
+        old["warmup_ratio"] = new["warmup_ratio"]
     for key in _RESUMABLE_CHANGES:
         old.pop(key, None)
         new.pop(key, None)
@@ -1488,6 +1542,10 @@ class _Writer:
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
+            # resuming needs the newest optimizer state only; written first, then pruned
+            for step, path in _checkpoint_dirs(self.out):
+                if step < state.step:
+                    (path / STATE_PT).unlink(missing_ok=True)
         self.runtime.barrier()
 
     def checkpoints(self, out: Path) -> list[Path]:

@@ -48,7 +48,10 @@ def train_command(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed of the adapter init and data order."),
     save_steps: int | None = typer.Option(
-        None, "--save-steps", help="Checkpoint every N steps (0: only at the end; default ~10)."
+        None,
+        "--save-steps",
+        help="Checkpoint every N steps (0: only at the end; default: at most 10 checkpoints); "
+        "only the newest keeps the optimizer state.",
     ),
     eval_steps: int | None = typer.Option(None, "--eval-steps", help="Eval every N steps."),
     max_steps: int | None = typer.Option(
@@ -60,7 +63,12 @@ def train_command(
     grad_accum: int | None = typer.Option(
         None, "--grad-accum", help="Gradient accumulation steps (preset: 8)."
     ),
-    warmup_steps: int | None = typer.Option(None, "--warmup-steps", help="Warmup (preset: 5)."),
+    warmup_steps: int | None = typer.Option(
+        None, "--warmup-steps", help="Warm-up steps (instead of --warmup-ratio)."
+    ),
+    warmup_ratio: float | None = typer.Option(
+        None, "--warmup-ratio", help="Warm-up as a fraction of the optimizer steps (preset: 0.05)."
+    ),
     weight_decay: float | None = typer.Option(None, "--weight-decay", help="AdamW decay."),
     schedule: str | None = typer.Option(
         None, "--schedule", help="linear, cosine, constant or constant_with_warmup."
@@ -103,6 +111,7 @@ def train_command(
         batch_size=batch_size,
         grad_accum=grad_accum,
         warmup_steps=warmup_steps,
+        warmup_ratio=warmup_ratio,
         weight_decay=weight_decay,
         schedule=schedule,
         max_steps=max_steps,
