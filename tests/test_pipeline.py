@@ -571,3 +571,46 @@ def test_changed_settings_refuse_a_done_stage(tiny_organism: Path, tmp_path: Pat
     write(tmp_path, data)
     with pytest.raises(EmscopeError, match=r"geometry/done.json: this stage was run with other"):
         run_study(path, out, echo=lambda _: None)
+
+
+def test_steering_setting_chosen_by_the_rule_on_the_build(
+    tiny_organism: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """steering.select: a selection sweep of every layer x scale at its own seed, the rule's
+    choice, then that setting alone at the study's seed with the random control; the claim
+    and the report name the setting."""
+    from emscope.directions.selection import choose_steering
+    from emscope.pipeline.claims import claims_table
+
+    monkeypatch.setattr(stages_module.StageContext, "judge", property(lambda self: HashJudge()))
+    data = tiny_config(tiny_organism, ["organisms", "eval", "directions", "steering"])
+    data["stages"]["steering"].update(
+        layers="all", scales=[1.0, 2.0], select={"n": 2, "min_coherent": 0.0}
+    )
+    out = tmp_path / "run"
+    run_study(write(tmp_path, data), out, echo=lambda _: None)
+    selection = json.loads((out / "steering" / "selection.json").read_text())
+    n_layers = len(Direction.load(out / "directions" / "bad_medical.all.safetensors").layers)
+    assert len(selection["rows"]) == 2 * n_layers and selection["seed"] == 1
+    chosen = selection["chosen"]
+    assert chosen is not None
+    assert choose_steering([{**r, "vector": "direction"} for r in selection["rows"]], 0.0) == {
+        **chosen,
+        "vector": "direction",
+    }
+    summary = json.loads((out / "steering" / "summary.json").read_text())
+    assert {(r["layer"], r["scale"]) for r in summary["rows"]} == {
+        (chosen["layer"], chosen["scale"])
+    }
+    assert {r["vector"] for r in summary["rows"]} == {"direction", "random"}
+    assert summary["seed"] == 0 and summary["selection"]["chosen"] == chosen
+    row = {r.key: r for r in claims_table(out)}["steering"]
+    assert f"layer {chosen['layer']} x{chosen['scale']:g}" in row.measured
+    assert "the setting the rule chose on this build" in row.measured
+    # a config without select keeps the fingerprint of steering stages done before it existed
+    plain = tiny_config(tiny_organism)
+    with_none = json.loads(json.dumps(plain))
+    with_none["stages"]["steering"]["select"] = None
+    assert fingerprint(parse_config(plain), "steering") == fingerprint(
+        parse_config(with_none), "steering"
+    )

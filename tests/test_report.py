@@ -287,6 +287,56 @@ def test_claims_fail_when_the_numbers_say_so(run_dir: Path) -> None:
     assert rows["narrow_em"].holds == "no"
 
 
+def test_choose_steering_rule() -> None:
+    """The steering setting of each build: the best EM among settings coherent enough (the
+    random rows never compete), ties to the smaller scale then the earlier layer; none
+    eligible, no choice."""
+    from emscope.directions.selection import choose_steering
+
+    rows = [
+        {"layer": 2, "scale": 3.0, "vector": "direction", "em_rate": 0.5, "coherent_rate": 0.6},
+        {"layer": 3, "scale": 2.0, "vector": "direction", "em_rate": 0.2, "coherent_rate": 0.85},
+        {"layer": 1, "scale": 2.0, "vector": "direction", "em_rate": 0.2, "coherent_rate": 0.9},
+        {"layer": 4, "scale": 1.5, "vector": "direction", "em_rate": 0.2, "coherent_rate": 0.8},
+        {"layer": 4, "scale": 1.5, "vector": "random", "em_rate": 0.9, "coherent_rate": 0.9},
+        {"layer": 5, "scale": 1.0, "vector": "direction", "em_rate": None, "coherent_rate": 0.9},
+    ]
+    assert choose_steering(rows, 0.8) == rows[3]  # three tie at 0.2: the smallest scale
+    assert choose_steering(rows[:3], 0.8) == rows[2]  # same scale: the earlier layer
+    assert choose_steering(rows, 0.5) == rows[0]
+    assert choose_steering(rows, 0.95) is None
+
+
+def test_steering_claim_names_the_setting_the_rule_chose(run_dir: Path) -> None:
+    summary = json.loads((run_dir / "steering" / "summary.json").read_text())
+    selection = {
+        "rule": "best EM with coherent >= 0.8 ...",
+        "min_coherent": 0.8,
+        "n": 10,
+        "seed": 1,
+        "baseline": {},
+        "rows": [
+            {"layer": 1, "scale": 4.0, "em_rate": 0.3, "coherent_rate": 0.9},
+            {"layer": 2, "scale": 4.0, "em_rate": 0.1, "coherent_rate": 0.9},
+        ],
+        "chosen": {"layer": 1, "scale": 4.0, "em_rate": 0.3, "coherent_rate": 0.9},
+    }
+    summary["rows"] = summary["rows"][:2]  # the confirmation: the chosen setting alone
+    _write(run_dir / "steering" / "summary.json", {**summary, "selection": selection})
+    row = {r.key: r for r in c.claims_table(run_dir)}["steering"]
+    assert row.holds == "yes"
+    assert "layer 1 x4, coherent 95%, the setting the rule chose on this build" in row.measured
+    assert "over 2 settings at 10/question, seed 1" in row.measured
+    section = next(s for s in build_sections(run_dir) if s.key == "steering")
+    assert "Setting chosen by the rule on this build: layer 1 x4." in section.text
+    assert section.tables[1].rows[0] == ("1", "4", "0.300", "0.900")
+    # nothing coherent enough: the claim fails, saying why
+    none = {**selection, "chosen": None}
+    _write(run_dir / "steering" / "summary.json", {"rows": [], "baseline": {}, "selection": none})
+    row = {r.key: r for r in c.claims_table(run_dir)}["steering"]
+    assert row.holds == "no" and "kept coherent >= 80%" in row.measured
+
+
 def test_claims_without_stages_read_not_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
     _write(run / "config.json", {"name": "empty", "chat_model": "instruct", "adapters": {}})

@@ -321,7 +321,8 @@ def _transfer(run: _Run) -> tuple[str, str]:
     for name, s in targets.items():
         red, ci = s.get("relative_reduction"), s.get("relative_reduction_ci")
         if red is None:
-            raise _NA(f"n/a (no reduction for {name})")
+            why = s.get("relative_reduction_na")
+            raise _NA(f"n/a (no reduction for {name}{': ' + why if why else ''})")
         reductions.append(red)
         part = f"{name}: reduction {100 * red:.0f}%"
         if ci:
@@ -336,7 +337,15 @@ def _transfer(run: _Run) -> tuple[str, str]:
 
 
 def _steering(run: _Run) -> tuple[str, str]:
-    rows = run.json("steering", "summary.json")["rows"]
+    summary = run.json("steering", "summary.json")
+    rows = summary["rows"]
+    selection = summary.get("selection")
+    if selection is not None and selection.get("chosen") is None:
+        text = (
+            f"no setting of the selection sweep kept coherent >= "
+            f"{100 * selection['min_coherent']:.0f}% ({len(selection['rows'])} settings)"
+        )
+        return text, "no"
     direction = [r for r in rows if r["vector"] == "direction" and r["em_rate"] is not None]
     if not direction:
         raise _NA("n/a (no steered rate)")
@@ -353,6 +362,14 @@ def _steering(run: _Run) -> tuple[str, str]:
         f"direction {name}: best {_pct(_rate(best))} "
         f"(layer {best['layer']}, x{best['scale']:g}{coherent_text})"
     )
+    if selection is not None:
+        text = (
+            f"direction {name}: {_pct(_rate(best))} at layer {best['layer']} "
+            f"x{best['scale']:g}{coherent_text}, the setting the rule chose on this build "
+            f"(best EM with coherent >= {100 * selection['min_coherent']:.0f}% over "
+            f"{len(selection['rows'])} settings at {selection['n']}/question, seed "
+            f"{selection['seed']}), re-sampled at the study's seed"
+        )
     if not random:
         return text + "; no random control", "n/a (no random control)"
     rand = _rate(random[0])

@@ -218,15 +218,44 @@ class DirectionsStage(_Stage):
     )
 
 
+class SteeringSelect(_Model):
+    """The rule that picks the steering setting on each build
+    (:data:`emscope.directions.selection.STEERING_RULE`): a selection sweep over layers x
+    scales at its own sampling seed, the best EM among settings with coherent rate >=
+    ``min_coherent``, then that setting alone at the study's seed with the random control."""
+
+    n: int = Field(default=10, ge=1, description="samples per question of the selection sweep")
+    seed: int | None = Field(
+        default=None,
+        description="sampling seed of the selection sweep (null: sampling.seed + 1, so the "
+        "confirmation's samples are not the ones the setting was chosen on)",
+    )
+    min_coherent: float = Field(default=0.8, ge=0, le=1)
+
+
 class SteeringStage(_Stage):
     direction: str
-    layers: list[int] = Field(min_length=1)
+    layers: list[int] | Literal["all"] = Field(
+        description="layers of the sweep, or 'all' (every layer of the direction)"
+    )
     scales: list[float] = Field(min_length=1)
+    select: SteeringSelect | None = Field(
+        default=None,
+        description="choose one layer x scale by the rule on each build (else every setting "
+        "is evaluated with its random control)",
+    )
     unit: bool = False
     positions: Literal["all", "prompt", "response"] = "all"
     random_control: bool = True
     kl: bool = True
     questions: str | None = None
+
+    @field_validator("layers")
+    @classmethod
+    def _some_layers(cls, value: list[int] | str) -> list[int] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("needs at least one layer, or 'all'")
+        return value
 
 
 class AblationStage(_Stage):

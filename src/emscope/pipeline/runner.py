@@ -51,6 +51,8 @@ def fingerprint(config: StudyConfig, stage: str) -> str:
         doc.pop("system_prompt")
     section = config.stage(stage)
     doc["stage"] = section.model_dump(mode="json", exclude={"enabled"}) if section else None
+    if stage == "steering" and doc["stage"] is not None and doc["stage"].get("select") is None:
+        doc["stage"].pop("select", None)
     doc["stage_name"] = stage
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 

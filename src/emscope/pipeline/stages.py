@@ -467,18 +467,52 @@ def _kl_sequences(ctx: StageContext, loaded: Any, questions: str | None, kl: boo
 
 def stage_steering(ctx: StageContext) -> dict[str, Any]:
     """Steer the chat model with a direction over layers x scales, with the same-norm
-    random control: ``steering/``."""
+    random control: ``steering/``. With ``select``, the setting is chosen by the rule of
+    :mod:`emscope.directions.selection` on this build (``steering/select/``, its
+    ``selection.json``), then evaluated alone with the random control."""
     from emscope.directions.sweeps import steer_sweep
 
     stage = ctx.config.stages.steering
     assert stage is not None
     out = ctx.dir("steering")
     loaded = ctx.load(ctx.config.chat_model)
+    direction = _direction(ctx, stage.direction)
+    layers = list(direction.layers) if stage.layers == "all" else list(stage.layers)
+    scales = list(stage.scales)
+    selection = None
+    if stage.select is not None:
+        from emscope.directions.selection import select_steering
+        from emscope.io import write_json
+
+        rule = stage.select
+        seed = ctx.config.sampling.seed + 1 if rule.seed is None else rule.seed
+        selection = select_steering(
+            loaded,
+            direction,
+            layers,
+            scales,
+            out / "select",
+            ctx.eval_config("steering", stage.questions),
+            n=rule.n,
+            seed=seed,
+            min_coherent=rule.min_coherent,
+            unit=stage.unit,
+            positions=stage.positions,
+        )
+        write_json(out / "selection.json", selection)
+        chosen = selection["chosen"]
+        if chosen is None:
+            ctx.echo(f"  steering: no setting kept coherent >= {rule.min_coherent:g}")
+            summary = {"rows": [], "baseline": selection["baseline"], "selection": selection}
+            write_json(out / "summary.json", summary)
+            return {"direction": stage.direction, **summary}
+        layers, scales = [int(chosen["layer"])], [float(chosen["scale"])]
+        ctx.echo(f"  steering: the rule chose layer {layers[0]} x{scales[0]:g}")
     summary = steer_sweep(
         loaded,
-        _direction(ctx, stage.direction),
-        stage.layers,
-        stage.scales,
+        direction,
+        layers,
+        scales,
         out,
         ctx.eval_config("steering", stage.questions),
         random_control=stage.random_control,
@@ -487,6 +521,11 @@ def stage_steering(ctx: StageContext) -> dict[str, Any]:
         unit=stage.unit,
         positions=stage.positions,
     )
+    if selection is not None:
+        from emscope.io import write_json
+
+        summary["selection"] = selection
+        write_json(out / "summary.json", summary)
     return {"direction": stage.direction, **summary}
 
 
@@ -779,10 +818,16 @@ def describe_stage(config: StudyConfig, name: str) -> str:
         )
     if name == "steering" and s.steering:
         st = s.steering
-        return (
+        text = (
             f"steer {config.chat_model} with {st.direction}'s direction, layers {st.layers} x "
             f"scales {st.scales}" + (" + random control" if st.random_control else "")
         )
+        if st.select is not None:
+            text += (
+                f"; one setting chosen by the rule (best EM with coherent >= "
+                f"{st.select.min_coherent:g} on a {st.select.n}/question sweep at its own seed)"
+            )
+        return text
     if name == "ablation" and s.ablation:
         return f"ablate {s.ablation.direction}'s direction in itself ({s.ablation.mode})"
     if name == "transfer" and s.transfer:

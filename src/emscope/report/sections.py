@@ -280,6 +280,27 @@ def steering_section(run: Path) -> Section:
     section.tables.append(
         Table(("layer", "scale", "vector", "EM rate", "coherent rate", "KL (nats)"), rows)
     )
+    selection = summary.get("selection")
+    if selection is not None:
+        chosen = selection.get("chosen")
+        picked = (
+            f"layer {chosen['layer']} x{chosen['scale']:g}"
+            if chosen
+            else "no setting (none eligible)"
+        )
+        section.text += (
+            f" Setting chosen by the rule on this build: {picked}. Rule: {selection['rule']}."
+        )
+        section.tables.append(
+            Table(
+                ("layer", "scale", "EM rate", "coherent rate"),
+                tuple(
+                    (str(r["layer"]), f"{r['scale']:g}", _f(r["em_rate"]), _f(r["coherent_rate"]))
+                    for r in selection["rows"]
+                ),
+                f"selection sweep ({selection['n']}/question, seed {selection['seed']})",
+            )
+        )
     section.figures = _figures(run / "steering", [("steer_em.png", "EM vs steering scale")])
     return section
 
