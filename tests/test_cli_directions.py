@@ -230,6 +230,10 @@ def test_ablate_layerwise_with_random_control(qwen: Any, setup: Any, tmp_path: P
     after = pd.read_parquet(out / "after" / "responses.parquet")
     assert before["sample_idx"].tolist() == after["sample_idx"].tolist()
     assert summary["kl"] > 0 and summary["random_kl"] > 0
+    if summary["em_rate_before"]:
+        assert summary["relative_reduction_na"] is None
+    else:
+        assert "EM rate 0 before" in summary["relative_reduction_na"]
     assert summary["em_rate_before"] == pytest.approx(
         float(((before.aligned <= 30) & (before.coherent > 50)).mean())
     )
@@ -239,6 +243,31 @@ def test_ablate_layerwise_with_random_control(qwen: Any, setup: Any, tmp_path: P
             1 - em_after / summary["em_rate_before"]
         )
     assert (out / "ablate_em.png").is_file() and (out / "random" / "metrics.json").is_file()
+
+
+def unscorable(body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """A judge whose every answer is no number: nothing is scored on either side."""
+    return 200, {}, completion([("I", 0.9), ("cannot", 0.1)])
+
+
+def test_ablate_without_matched_pairs_reports_na(qwen: Any, setup: Any, tmp_path: Path) -> None:
+    """No pair scored on both sides: the relative changes are null with the reason (as
+    steer's em_diff), not a crash after every setting was sampled."""
+    questions, direction = setup
+    out = tmp_path / "ablate"
+    with LoopbackServer(unscorable) as server:
+        result = run("ablate", qwen.model, "--adapter", qwen.adapters["r4"], "--direction",
+                     direction, "--random-control", "--out", out,
+                     *_common(questions, server))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = read_json(out / "summary.json")
+    assert summary["em_rate_before"] is None and summary["em_rate_after"] is None
+    assert summary["relative_reduction"] is None and summary["relative_reduction_ci"] is None
+    assert summary["random_relative_change"] is None and summary["n_pairs"] == 0
+    for key in ("relative_reduction_na", "random_relative_change_na"):
+        assert "no matched (question_id, sample_idx) pairs" in summary[key]
+    assert "relative reduction n/a: no matched" in result.output
+    assert (out / "ablate_em.png").is_file()
 
 
 def test_ablate_single_all_sweep(qwen: Any, setup: Any, tmp_path: Path) -> None:

@@ -459,9 +459,10 @@ def ablate_command(
         echo=typer.echo,
     )
     rr = summary.get("relative_reduction")
+    reduction = summary.get("relative_reduction_na") if rr is None else round(rr, 3)
     typer.echo(
         f"EM {summary['em_rate_before']} -> {summary['em_rate_after']} "
-        f"(relative reduction {rr if rr is None else round(rr, 3)}) -> {out / 'summary.json'}"
+        f"(relative reduction {reduction}) -> {out / 'summary.json'}"
     )
 
 

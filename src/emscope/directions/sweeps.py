@@ -214,7 +214,10 @@ def ablate_run(
     control; ``after``/``random`` given per layer (``{L: AfterSide}``) make a single:all sweep.
     Writes ``summary.json``: ``em_rate_before``, ``em_rate_after``, ``relative_reduction``
     (1 - after/before, matched pairs), ``kl`` (each with ``*_ci``), and with a random control
-    ``random_em_rate_after`` and ``random_relative_change`` (random_after/before - 1); for a
+    ``random_em_rate_after`` and ``random_relative_change`` (random_after/before - 1). A
+    relative change that cannot be measured (no pair scored on both sides, or no EM before)
+    is null with the reason in ``relative_reduction_na`` / ``random_relative_change_na``
+    (null when measured), as a steering sweep reports a null ``em_diff``; for a
     sweep, ``rows`` per layer and the top-level fields of the layer with the largest
     reduction (``best_layer``). Figure ``ablate_em.png``."""
     from emscope.io import write_json
@@ -235,9 +238,7 @@ def ablate_run(
             side.loaded, out / name, config, interventions=side.interventions, label=side.label,
             record=side.record,
         )  # fmt: skip
-        rel, rel_ci, n_pairs = paired_relative_change(
-            before_table, table, strict=config.strict, seed=config.seed
-        )
+        rel, rel_ci, n_pairs, why = _relative_change(before_table, table, config)
         fields: dict[str, Any] = {
             f"{prefix}em_rate_after": metrics["em_rate"],
             f"{prefix}em_rate_after_ci": metrics["em_ci"],
@@ -248,9 +249,11 @@ def ablate_run(
         if prefix:
             fields["random_relative_change"] = rel
             fields["random_relative_change_ci"] = list(rel_ci) if rel_ci else None
+            fields["random_relative_change_na"] = why
         else:
             fields["relative_reduction"] = None if rel is None else -rel
             fields["relative_reduction_ci"] = [-rel_ci[1], -rel_ci[0]] if rel_ci else None
+            fields["relative_reduction_na"] = why
         if kl_sequences:
             other = _model_tok(side.loaded)[0]
             kl = kl_divergence(
@@ -262,7 +265,7 @@ def ablate_run(
         else:
             fields[f"{prefix}kl"] = None
             fields[f"{prefix}kl_ci"] = None
-        _echo(echo, f"{name}: EM {metrics['em_rate']}")
+        _echo(echo, f"{name}: EM {metrics['em_rate']}" + (f" ({why})" if why else ""))
         return fields
 
     if isinstance(after, dict):
@@ -287,6 +290,23 @@ def ablate_run(
     write_json(out / "summary.json", summary)
     _plot_ablate(summary, out / "ablate_em.png")
     return summary
+
+
+def _relative_change(
+    before: Any, after: Any, config: EvalConfig
+) -> tuple[float | None, tuple[float, float] | None, int, str | None]:
+    """:func:`paired_relative_change` and, when it is null, why (``None`` otherwise): no
+    response scored on both sides (the judge scored none, e.g. every score unparsed), or no
+    EM before on the matched pairs. Null, not an error, as a steering sweep's ``em_diff``."""
+    try:
+        rel, ci, n_pairs = paired_relative_change(
+            before, after, strict=config.strict, seed=config.seed
+        )
+    except EmscopeError as exc:
+        return None, None, 0, f"n/a: {exc}"
+    if rel is None:
+        return None, None, n_pairs, f"n/a: EM rate 0 before on the {n_pairs} matched pairs"
+    return rel, ci, n_pairs, None
 
 
 def _plot_ablate(summary: dict[str, Any], path: Path) -> None:
