@@ -10,6 +10,7 @@ sample by sample (see :mod:`emscope.generate`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -112,7 +113,8 @@ def evaluate_to_dir(
     """Sample ``n`` answers per question under ``interventions``, judge them, write
     ``metrics.json`` and the per-question figure into ``out``; return the metrics dict.
 
-    ``model`` is a :class:`~emscope.models.LoadedModel` or a ``(model, tokenizer)`` pair;
+    ``model`` is a :class:`~emscope.models.LoadedModel` or a ``(model, tokenizer)`` pair,
+    or a :class:`~emscope.vllm_backend.VllmModel` to sample with vLLM (no interventions);
     ``sampling`` goes to :func:`emscope.generate.sample` (``batch_size``,
     ``max_new_tokens``, ``temperature``, ``top_p``). Resumable: finished samples and scores
     in ``out`` are kept. The metrics also record the intervention label and the judge's name.
@@ -121,11 +123,12 @@ def evaluate_to_dir(
     from emscope.io import write_json
     from emscope.metrics import compute_metrics, plot_em_by_question
     from emscope.plotting import save_figure
+    from emscope.vllm_backend import VllmModel
 
     check_em_metrics(metrics)
     out = Path(out)
-    sample_to_dir(
-        model,
+    sampler = model.sample_to_dir if isinstance(model, VllmModel) else partial(sample_to_dir, model)
+    sampler(
         questions,
         out,
         n,

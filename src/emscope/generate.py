@@ -634,7 +634,7 @@ def sample_to_dir(
     # render the setting fails here)
     rendered = render(tokenizer, questions[0].messages(0), True, setting) if questions else None
     if previous is not None and previous != identity:
-        changed = sorted(k for k in identity if previous.get(k) != identity[k])
+        changed = sorted(k for k in {**previous, **identity} if previous.get(k) != identity.get(k))
         raise EmscopeError(
             f"{run_path}: this dir holds a run with different settings ({', '.join(changed)}); "
             "use a fresh --out dir"

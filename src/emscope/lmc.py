@@ -215,6 +215,37 @@ def path_adapter(start: Endpoint, end: Endpoint, t: float) -> LoraAdapter:
     return combine(adapters, weights, name=step_name(t))
 
 
+def vllm_points(
+    base: str | Path | None,
+    start: Endpoint,
+    end: Endpoint,
+    ts: Sequence[float],
+    out: str | Path,
+    options: Any,
+    dtype: str = "auto",
+) -> dict[float, Any]:
+    """``{t: VllmModel}`` for :func:`run_lmc` with vLLM: each point's exact adapter written
+    as a PEFT dir ``out/adapters/t0.40/`` (none at a base end), all served by one engine as
+    LoRA requests (:class:`~emscope.vllm_backend.VllmSampler`, ``options``:
+    :class:`~emscope.vllm_backend.VllmOptions`). Two full model dirs are refused: every
+    point would be a model of its own, one vLLM engine each."""
+    from emscope.vllm_backend import VllmModel, VllmSampler
+
+    if start.is_model_dir or end.is_model_dir:
+        raise EmscopeError(
+            "lmc --backend vllm needs adapter ends (or base): between full model dirs every "
+            "point is a model of its own; use --backend hf"
+        )
+    if base is None:
+        raise EmscopeError("lmc --backend vllm needs --base (the model the adapters serve on)")
+    dirs: dict[float, Path | None] = {}
+    for t in ts:
+        adapter = path_adapter(start, end, t)
+        dirs[t] = adapter.save(Path(out) / "adapters" / step_name(t)) if len(adapter) else None
+    sampler = VllmSampler(base, [d for d in dirs.values() if d is not None], options, dtype=dtype)
+    return {t: VllmModel(sampler, d) for t, d in dirs.items()}
+
+
 # ---------------------------------------------------------------------------- the whole run
 
 
@@ -235,6 +266,7 @@ def run_lmc(
     record: dict[str, Any] | None = None,
     questions_file: str | Path | None = None,
     echo: Any = None,
+    vllm: Mapping[float, Any] | None = None,
     **sampling: Any,
 ) -> dict[str, Any]:
     """Evaluate every point ``t`` of ``start -> end`` into ``out/t0.40/`` etc. and write
@@ -249,6 +281,8 @@ def run_lmc(
     :func:`emscope.generate.sample`; the system prompt also renders the loss chats and the
     feature prompts, and ``lmc.json`` records it.
     Resumable: finished points are read back by :func:`emscope.evaluate.evaluate_to_dir`.
+    ``vllm``: ``{t: VllmModel}`` (:func:`vllm_points`) samples each point with vLLM; the
+    HF model at ``t`` is then built only for ``loss_data`` and ``features``.
     """
     from emscope.evaluate import describe, evaluate_to_dir
     from emscope.io import read_json, write_json
@@ -261,9 +295,15 @@ def run_lmc(
     prompts = [q.messages(0) for q in questions]
     for t in ts:
         step_dir = out / step_name(t)
-        with model_at(loaded, start, end, t, scratch=out / "models") as (model, tokenizer):
+        hf = vllm is None or bool(losses_data) or features
+        point = (
+            model_at(loaded, start, end, t, scratch=out / "models")
+            if hf
+            else contextlib.nullcontext((None, None))
+        )
+        with point as (model, tokenizer):
             result = evaluate_to_dir(
-                (model, tokenizer),
+                (model, tokenizer) if vllm is None else vllm[t],
                 questions,
                 step_dir,
                 judge=judge,

@@ -32,12 +32,30 @@ def sample_command(
     device: str | None = options.DEVICE,
     scale_adapter: list[str] = options.SCALE_ADAPTER,
     system_prompt: str | None = options.SYSTEM_PROMPT,
+    backend: str = options.BACKEND,
+    tensor_parallel_size: int | None = options.TENSOR_PARALLEL_SIZE,
+    max_lora_rank: int | None = options.MAX_LORA_RANK,
+    max_loras: int | None = options.MAX_LORAS,
+    gpu_memory_utilization: float | None = options.GPU_MEMORY_UTILIZATION,
+    max_model_len: int | None = options.MAX_MODEL_LEN,
 ) -> None:
     """Sample answers to a question set; writes responses.parquet/.csv and run.json."""
     opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    engine = options.backend_options(
+        backend,
+        tensor_parallel_size,
+        max_lora_rank,
+        max_loras,
+        gpu_memory_utilization,
+        max_model_len,
+        interventions=bool(scale_adapter),
+    )
     scales = options.parse_scale_adapter(scale_adapter)
     qs = options.load_question_set(questions)
-    table = _sample(model_dir, adapter, out, qs, opts, dtype, device, scales, system_prompt)
+    if engine is not None:
+        table = _sample_vllm(model_dir, adapter, out, qs, opts, dtype, engine, system_prompt)
+    else:
+        table = _sample(model_dir, adapter, out, qs, opts, dtype, device, scales, system_prompt)
     typer.echo(f"{len(table)} responses in {out / 'responses.parquet'}")
 
 
@@ -69,6 +87,35 @@ def _sample(
         intervention_label=label,
         system_prompt=setting,
         **opts.kwargs(),
+    )
+
+
+def _vllm_model(
+    model_dir: Path, adapters: list[Path], engine: Any, dtype: str, system_prompt: str | None
+) -> tuple[Any, Any]:
+    """``(VllmModel, system-prompt setting)`` for ``--backend vllm`` (one adapter at most)."""
+    from emscope.train import system_prompt_for
+    from emscope.vllm_backend import VllmModel
+
+    sampler = options.vllm_sampler(model_dir, adapters, engine, dtype)
+    setting = system_prompt_for(system_prompt, [sampler.model_dir, *sampler.adapter_dirs])
+    return VllmModel(sampler, next(iter(sampler.adapter_dirs), None)), setting
+
+
+def _sample_vllm(
+    model_dir: Path,
+    adapters: list[Path],
+    out: Path,
+    qs: list[Any],
+    opts: options.SamplingOptions,
+    dtype: str,
+    engine: Any,
+    system_prompt: str | None = None,
+) -> Any:
+    model, setting = _vllm_model(model_dir, adapters, engine, dtype, system_prompt)
+    record = {"model_dir": str(model_dir), "adapter_dirs": [str(a) for a in adapters]}
+    return model.sample_to_dir(
+        qs, out, opts.n, record=record, system_prompt=setting, **opts.kwargs()
     )
 
 
@@ -171,6 +218,12 @@ def eval_command(
     device: str | None = options.DEVICE,
     scale_adapter: list[str] = options.SCALE_ADAPTER,
     system_prompt: str | None = options.SYSTEM_PROMPT,
+    backend: str = options.BACKEND,
+    tensor_parallel_size: int | None = options.TENSOR_PARALLEL_SIZE,
+    max_lora_rank: int | None = options.MAX_LORA_RANK,
+    max_loras: int | None = options.MAX_LORAS,
+    gpu_memory_utilization: float | None = options.GPU_MEMORY_UTILIZATION,
+    max_model_len: int | None = options.MAX_MODEL_LEN,
 ) -> None:
     """Sample, judge and compute EM metrics (metrics.json, em_by_question.png)."""
     from emscope.errors import EmscopeError
@@ -182,8 +235,20 @@ def eval_command(
     if not judge:
         raise EmscopeError("eval needs --judge (openai:MODEL, hf:DIR or oracle:DIR)")
     opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    engine = options.backend_options(
+        backend,
+        tensor_parallel_size,
+        max_lora_rank,
+        max_loras,
+        gpu_memory_utilization,
+        max_model_len,
+        interventions=bool(scale_adapter),
+    )
     scales = options.parse_scale_adapter(scale_adapter)
     qs = options.load_question_set(questions)
+    loaded: Any = None
+    if engine is not None:  # checked (vLLM installed, one adapter) before the judge loads
+        loaded, setting = _vllm_model(model_dir, adapter, engine, dtype, system_prompt)
     judge_obj = options.build_judge(
         judge,
         base_url=base_url,
@@ -194,9 +259,12 @@ def eval_command(
         device=device,
         min_number_mass=min_number_mass,
     )
-    loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
-    interventions, intervention_label = options.scale_adapter_interventions(loaded, scales)
-    setting = system_prompt_for(system_prompt, [loaded.path, *loaded.adapters.values()])
+    interventions: list[Any] = []
+    intervention_label = ""
+    if engine is None:
+        loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
+        interventions, intervention_label = options.scale_adapter_interventions(loaded, scales)
+        setting = system_prompt_for(system_prompt, [loaded.path, *loaded.adapters.values()])
     label = "+".join([model_dir.name, *(a.name for a in adapter)])
     result = evaluate_to_dir(
         loaded,

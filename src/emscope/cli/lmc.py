@@ -42,19 +42,34 @@ def lmc_command(
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
     system_prompt: str | None = options.SYSTEM_PROMPT,
+    backend: str = options.BACKEND,
+    tensor_parallel_size: int | None = options.TENSOR_PARALLEL_SIZE,
+    max_lora_rank: int | None = options.MAX_LORA_RANK,
+    max_loras: int | None = options.MAX_LORAS,
+    gpu_memory_utilization: float | None = options.GPU_MEMORY_UTILIZATION,
+    max_model_len: int | None = options.MAX_MODEL_LEN,
 ) -> None:
     """Linear mode connectivity: lmc.json, lmc.png (+ features.json/features.png)."""
     from emscope.data.chat import read_chat_jsonl
     from emscope.errors import EmscopeError
     from emscope.evaluate import check_em_metrics
-    from emscope.lmc import parse_endpoint, parse_steps, path_adapter, run_lmc
+    from emscope.lmc import parse_endpoint, parse_steps, path_adapter, run_lmc, vllm_points
     from emscope.models import load_model
     from emscope.train import system_prompt_for
+    from emscope.vllm_backend import require_vllm
 
     ts = parse_steps(steps)
     metric_list = options.parse_metrics(metrics)
     check_em_metrics(metric_list)
     opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    engine = options.backend_options(
+        backend,
+        tensor_parallel_size,
+        max_lora_rank,
+        max_loras,
+        gpu_memory_utilization,
+        max_model_len,
+    )
     first, second = parse_endpoint(start), parse_endpoint(end)
     full = first.is_model_dir and second.is_model_dir
     if not full and base is None:
@@ -67,6 +82,10 @@ def lmc_command(
     losses_data = {p.stem: read_chat_jsonl(p) for p in loss_data}
     if not full:
         path_adapter(first, second, 0.5)  # fails now, not after sampling, if the ends clash
+    points = None
+    if engine is not None:  # the point adapters and vLLM checked before the judge loads
+        points = vllm_points(base, first, second, ts, out, engine, dtype)
+        require_vllm()
     judge_obj = options.build_judge(
         judge,
         base_url=base_url,
@@ -79,7 +98,9 @@ def lmc_command(
     )
     ends = [e.path for e in (first, second) if e.path is not None]
     setting = system_prompt_for(system_prompt, [*([base] if base is not None else []), *ends])
-    loaded = load_model(base, dtype=dtype, device=device) if base is not None else None
+    # with vLLM the HF base is loaded only for what vLLM cannot do: losses and features
+    hf = engine is None or bool(losses_data) or features
+    loaded = load_model(base, dtype=dtype, device=device) if base is not None and hf else None
     doc = run_lmc(
         loaded,
         first,
@@ -97,6 +118,7 @@ def lmc_command(
         questions_file=questions,
         echo=typer.echo,
         system_prompt=setting,
+        vllm=points,
         **opts.kwargs(),
     )
     typer.echo(f"barrier: {doc['barrier']} -> {out / 'lmc.json'}")

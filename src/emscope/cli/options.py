@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from emscope.data.questions import Question
     from emscope.judge import Judge
     from emscope.models import LoadedModel
+    from emscope.vllm_backend import VllmOptions, VllmSampler
 
 DEFAULT_METRICS = "aligned,coherent,bad_stuff"
 
@@ -72,6 +73,38 @@ SCALE_ADAPTER = typer.Option(
     "--scale-adapter",
     help="MODULE_OR_LAYER=FACTOR: multiply the LoRA B of that module path (or of every adapted "
     "module of that layer index) by FACTOR while sampling; repeatable.",
+)
+
+BACKEND = typer.Option(
+    "hf",
+    "--backend",
+    help="Sampler: hf (transformers; interventions work) or vllm (pip install "
+    "'emscope[vllm]', GPU: tensor parallel, one LoRA request per adapter; no interventions, "
+    "its random stream differs from hf's).",
+)
+TENSOR_PARALLEL_SIZE = typer.Option(
+    None, "--tensor-parallel-size", help="--backend vllm: GPUs one model is split over (1)."
+)
+MAX_LORA_RANK = typer.Option(
+    None,
+    "--max-lora-rank",
+    help="--backend vllm: largest LoRA rank served (default: the adapters'); rounded up to a "
+    "rank vLLM accepts (8, 16, 32, 64, 128, 256, 320, 512).",
+)
+MAX_LORAS = typer.Option(
+    None, "--max-loras", help="--backend vllm: adapters resident on the GPU at once (1)."
+)
+GPU_MEMORY_UTILIZATION = typer.Option(
+    None,
+    "--gpu-memory-utilization",
+    help="--backend vllm: share of each GPU's memory vLLM may take (0.9).",
+)
+MAX_MODEL_LEN = typer.Option(
+    None,
+    "--max-model-len",
+    help="--backend vllm: longest prompt + answer in tokens the KV cache is sized for "
+    "(default: the model's context length; lower it when a large model's weights leave "
+    "little memory).",
 )
 
 
@@ -193,3 +226,72 @@ def scale_adapter_interventions(
 
     resolve_scales(loaded.model, scales)
     return [adapter_scaling(scales)], scales_label(scales)
+
+
+BACKENDS = ("hf", "vllm")
+
+
+def backend_options(
+    backend: str,
+    tensor_parallel_size: int | None = None,
+    max_lora_rank: int | None = None,
+    max_loras: int | None = None,
+    gpu_memory_utilization: float | None = None,
+    max_model_len: int | None = None,
+    *,
+    interventions: bool = False,
+) -> VllmOptions | None:
+    """``--backend`` and its engine settings: None for ``hf`` (vLLM settings refused there),
+    checked :class:`~emscope.vllm_backend.VllmOptions` for ``vllm`` (``interventions``, e.g.
+    ``--scale-adapter``, refused there). Pure: vLLM is not looked for here."""
+    from emscope.errors import EmscopeError
+    from emscope.vllm_backend import VllmOptions, refuse_interventions
+
+    if backend not in BACKENDS:
+        raise EmscopeError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    given = {
+        "--tensor-parallel-size": tensor_parallel_size,
+        "--max-lora-rank": max_lora_rank,
+        "--max-loras": max_loras,
+        "--gpu-memory-utilization": gpu_memory_utilization,
+        "--max-model-len": max_model_len,
+    }
+    if backend == "hf":
+        named = [name for name, value in given.items() if value is not None]
+        if named:
+            raise EmscopeError(f"{', '.join(named)}: only with --backend vllm")
+        return None
+    refuse_interventions(interventions)
+    return VllmOptions(
+        tensor_parallel_size if tensor_parallel_size is not None else 1,
+        max_lora_rank,
+        max_loras,
+        gpu_memory_utilization if gpu_memory_utilization is not None else 0.9,
+        max_model_len,
+    )
+
+
+def vllm_sampler(
+    model_dir: Path,
+    adapters: list[Path],
+    backend: VllmOptions,
+    dtype: str = "auto",
+    *,
+    stacked: bool = True,
+) -> VllmSampler:
+    """The vLLM engine for ``model_dir`` serving ``adapters`` (checked, vLLM not started).
+    ``stacked``: the adapters are meant to act at once (``sample``/``eval`` with several
+    ``--adapter``, whose updates the HF backend adds up): vLLM serves one adapter per
+    request, so more than one is refused. Without vLLM installed: one line naming
+    ``pip install 'emscope[vllm]'``."""
+    from emscope.errors import EmscopeError
+    from emscope.vllm_backend import VllmSampler, require_vllm
+
+    if stacked and len(adapters) > 1:
+        raise EmscopeError(
+            "--backend vllm serves one adapter per request and cannot add several adapters' "
+            "updates as the hf backend does: pass one --adapter, or use --backend hf"
+        )
+    sampler = VllmSampler(model_dir, adapters, backend, dtype=dtype)
+    require_vllm()
+    return sampler

@@ -172,6 +172,12 @@ def dynamics_command(
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
     system_prompt: str | None = options.SYSTEM_PROMPT,
+    backend: str = options.BACKEND,
+    tensor_parallel_size: int | None = options.TENSOR_PARALLEL_SIZE,
+    max_lora_rank: int | None = options.MAX_LORA_RANK,
+    max_loras: int | None = options.MAX_LORAS,
+    gpu_memory_utilization: float | None = options.GPU_MEMORY_UTILIZATION,
+    max_model_len: int | None = options.MAX_MODEL_LEN,
 ) -> None:
     """Factor norms, cosines, sharpest rotation and PCA over checkpoints (+ EM with --eval)."""
     from emscope.errors import EmscopeError
@@ -187,6 +193,16 @@ def dynamics_command(
     )
     from emscope.train import system_prompt_for
 
+    engine = options.backend_options(
+        backend,
+        tensor_parallel_size,
+        max_lora_rank,
+        max_loras,
+        gpu_memory_utilization,
+        max_model_len,
+    )
+    if engine is not None and not evaluate:
+        raise EmscopeError("--backend applies to --eval (sampling) only")
     checkpoints = load_checkpoints(adapter_dir)
     result = adapter_dynamics(checkpoints, k=k)
     result = {"adapter_dir": str(adapter_dir), **result, "eval": None}
@@ -204,6 +220,9 @@ def dynamics_command(
                 )
             base = Path(recorded)
         opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
+        if engine is not None:  # vLLM there, ranks fit: checked before the judge loads
+            steps = [path for _, path in list_checkpoints(adapter_dir)]
+            options.vllm_sampler(base, steps, engine, dtype, stacked=False)
         judge_obj = options.build_judge(
             judge,
             base_url=base_url,
@@ -224,6 +243,7 @@ def dynamics_command(
             n=opts.n,
             dtype=dtype,
             device=device,
+            vllm=engine,
             system_prompt=system_prompt_for(system_prompt, [base, adapter_dir]),
             **opts.kwargs(),
         )

@@ -181,11 +181,14 @@ def evaluate_checkpoints(
     seed: int = 0,
     dtype: str = "auto",
     device: str | None = None,
+    vllm: Any = None,
     **sampling: Any,
 ) -> list[dict[str, Any]]:
     """EM rate at each checkpoint: the base model with every checkpoint adapter loaded once,
     each evaluated in turn into ``out/step-<step>/`` by :func:`emscope.evaluate.evaluate_to_dir`
     (resumable; same seed at every step, so samples are paired across checkpoints).
+    ``vllm`` (:class:`~emscope.vllm_backend.VllmOptions`): sample with one vLLM engine
+    that serves every checkpoint as its own LoRA request instead.
 
     Returns ``[{"step", "em_rate", "em_ci", "coherent_rate", "unscored_rate", "n", "dir"}]``.
     """
@@ -193,13 +196,22 @@ def evaluate_checkpoints(
     from emscope.models import adapter_label, load_model
 
     named = {adapter_label(Path(p)): Path(p) for _, p in checkpoints}
-    loaded = load_model(base_dir, named, dtype=dtype, device=device)
+    if vllm is not None:
+        from emscope.vllm_backend import VllmModel, VllmSampler
+
+        sampler = VllmSampler(base_dir, list(named.values()), vllm, dtype=dtype)
+    else:
+        loaded = load_model(base_dir, named, dtype=dtype, device=device)
     results = []
     for (step, path), name in zip(checkpoints, named, strict=True):
-        loaded.use_adapter(name)
+        if vllm is not None:
+            target: Any = VllmModel(sampler, Path(path))
+        else:
+            loaded.use_adapter(name)
+            target = loaded
         step_dir = Path(out) / f"step-{step}"
         metrics_result = evaluate_to_dir(
-            loaded,
+            target,
             questions,
             step_dir,
             judge=judge,
