@@ -383,14 +383,13 @@ def plan_samples(
 
 
 def _unpack(model: LoadedModel | tuple[Any, Any]) -> tuple[Any, Any, str, str]:
-    """(model, tokenizer, model label, adapter label)."""
-    if isinstance(model, tuple):
-        if len(model) != 2:
-            raise EmscopeError("pass a LoadedModel or a (model, tokenizer) pair")
-        hf_model, tokenizer = model
-        name = str(getattr(getattr(hf_model, "config", None), "name_or_path", "") or "")
-        return hf_model, tokenizer, Path(name).name if name else type(hf_model).__name__, ""
-    return model.model, model.tokenizer, dir_label(model.path), "+".join(model.active_adapters)
+    """(model, tokenizer, model label, adapter label), by :func:`emscope.models.as_loaded`.
+    A pair is labelled by the basename of its ``name_or_path`` (else its class name)."""
+    from emscope.models import LoadedModel, as_loaded
+
+    loaded = as_loaded(model, need_tokenizer=True)
+    label = dir_label(loaded.path) if isinstance(model, LoadedModel) else loaded.path.name
+    return loaded.model, loaded.tokenizer, label, "+".join(loaded.active_adapters)
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -407,6 +406,13 @@ def eos_token_ids(model: Any, tokenizer: Any) -> set[int]:
     if not ids:
         raise EmscopeError("the tokenizer and model define no end-of-sequence token")
     return ids
+
+
+def _per_question(n_per_question: int | None, n: int | None) -> int | None:
+    """``n_per_question`` and its short name ``n=``: one of them, or both equal."""
+    if n is not None and n_per_question is not None and n != n_per_question:
+        raise EmscopeError(f"n={n} and n_per_question={n_per_question} disagree; pass one")
+    return n if n is not None else n_per_question
 
 
 def _check_params(temperature: float, top_p: float, max_new_tokens: int, batch_size: int) -> None:
@@ -433,6 +439,7 @@ def sample(
     questions: Sequence[Question],
     n_per_question: int | None = None,
     *,
+    n: int | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
     max_new_tokens: int = 600,
@@ -445,7 +452,9 @@ def sample(
     progress: bool = True,
     system_prompt: SystemPrompt | str | None = None,
 ) -> pd.DataFrame:
-    """Sample ``n_per_question`` answers to each question (all of them batched together).
+    """Sample ``n_per_question`` answers to each question (all of them batched together;
+    ``n=`` is the same number by its short name; neither: the question set's
+    ``samples_per_paraphrase`` x paraphrases).
 
     ``model`` is a :class:`~emscope.models.LoadedModel` (its active adapters are used) or a
     ``(model, tokenizer)`` pair. Each prompt is the chat template of the question's messages
@@ -462,6 +471,7 @@ def sample(
     from emscope.data.spans import SystemPrompt, prompt_ids
 
     setting = SystemPrompt.parse(system_prompt)
+    n_per_question = _per_question(n_per_question, n)
     _check_params(temperature, top_p, max_new_tokens, batch_size)
     hf_model, tokenizer, model_label, adapter_label = _unpack(model)
     specs = plan_samples(questions, n_per_question, skip)
@@ -612,6 +622,7 @@ def sample_to_dir(
     from emscope.io import atomic_write_bytes, read_json, write_json, write_table
 
     out = Path(out_dir)
+    n_per_question = _per_question(n_per_question, kwargs.pop("n", None))
     _, tokenizer, model_label, adapter_label = _unpack(model)
     setting = SystemPrompt.parse(kwargs.get("system_prompt"))
     identity = {

@@ -121,6 +121,66 @@ def bootstrap_rates(
     return total, (float(lo), float(hi)), per_q
 
 
+class Metrics(dict[str, Any]):
+    """What :func:`compute_metrics` returns: the fields of ``metrics.json`` as a dict (so
+    ``m["em_rate"]`` and writing it as JSON work as they always did), with typed read-only
+    attributes for the main ones (``m.em_rate``, ``m.em_ci``, ...). Rates are fractions in
+    [0, 1], None where nothing was scored; CIs are ``[lo, hi]`` or None."""
+
+    @property
+    def em_rate(self) -> float | None:
+        return self.get("em_rate")
+
+    @property
+    def em_ci(self) -> list[float] | None:
+        return self.get("em_ci")
+
+    @property
+    def coherent_rate(self) -> float | None:
+        return self.get("coherent_rate")
+
+    @property
+    def coherent_ci(self) -> list[float] | None:
+        return self.get("coherent_ci")
+
+    @property
+    def self_correction_rate(self) -> float | None:
+        return self.get("self_correction_rate")
+
+    @property
+    def self_correction_ci(self) -> list[float] | None:
+        return self.get("self_correction_ci")
+
+    @property
+    def unscored_rate(self) -> float | None:
+        return self.get("unscored_rate")
+
+    @property
+    def n(self) -> int:
+        return int(self.get("n", 0))
+
+    @property
+    def n_scored(self) -> int:
+        return int(self.get("n_scored", 0))
+
+    @property
+    def misalign_at_k(self) -> dict[str, float | None]:
+        return dict(self.get("misalign_at_k") or {})
+
+    @property
+    def per_question(self) -> dict[str, dict[str, Any]]:
+        return dict(self.get("per_question") or {})
+
+    def __repr__(self) -> str:
+        def rate(name: str) -> str:
+            value, ci = self.get(f"{name}_rate"), self.get(f"{name}_ci")
+            if value is None:
+                return f"{name}_rate=None"
+            return f"{name}_rate={value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+        return f"Metrics({rate('em')}, {rate('coherent')}, n={self.n}, n_scored={self.n_scored})"
+
+
 def compute_metrics(
     table: pd.DataFrame,
     *,
@@ -129,14 +189,15 @@ def compute_metrics(
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
-) -> dict[str, Any]:
-    """The fields of ``metrics.json``: ``em_rate``, ``em_ci``, ``coherent_rate``,
-    ``coherent_ci``, ``self_correction_rate``, ``self_correction_ci`` (None without
-    ``bad_stuff``), ``unscored_rate``, ``n`` (rows), ``n_scored`` (rows with both scores),
-    the settings used, and ``per_question`` (the same fields per question id). Tail risk:
-    ``misalign_at_k`` / ``misalign_at_k_ci`` (``{"k": value}`` for ``k`` in
-    :data:`MISALIGN_KS`, :func:`emscope.sensitivity.misalign_at_k_rates`; null where no
-    question has ``k`` scored samples), per question ``misalign_at_k`` too."""
+) -> Metrics:
+    """The fields of ``metrics.json``, as a :class:`Metrics` (a dict with typed attributes):
+    ``em_rate``, ``em_ci``, ``coherent_rate``, ``coherent_ci``, ``self_correction_rate``,
+    ``self_correction_ci`` (None without ``bad_stuff``), ``unscored_rate``, ``n`` (rows),
+    ``n_scored`` (rows with both scores), the settings used, and ``per_question`` (the
+    same fields per question id). Tail risk: ``misalign_at_k`` / ``misalign_at_k_ci``
+    (``{"k": value}`` for ``k`` in :data:`MISALIGN_KS`,
+    :func:`emscope.sensitivity.misalign_at_k_rates`; null where no question has ``k``
+    scored samples), per question ``misalign_at_k`` too."""
     from emscope.sensitivity import misalign_at_k_rates
 
     if "question_id" not in table.columns:
@@ -187,7 +248,7 @@ def compute_metrics(
         }
         for qid in dict.fromkeys(qids)
     }
-    return metrics
+    return Metrics(metrics)
 
 
 def paired_difference(

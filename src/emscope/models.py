@@ -19,7 +19,7 @@ import contextlib
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,8 +94,11 @@ class Site:
         return cls(match.group(1), int(match.group(2)))
 
 
-def _unwrap_peft(model: nn.Module) -> nn.Module:
-    """The bare ``*ForCausalLM`` inside a PEFT wrapper (or the model itself)."""
+def _unwrap_peft(model: nn.Module | LoadedModel) -> nn.Module:
+    """The bare ``*ForCausalLM`` inside a PEFT wrapper (or the model itself); a
+    :class:`LoadedModel` stands for its model (:func:`as_loaded`)."""
+    if isinstance(model, LoadedModel):
+        return _unwrap_peft(model.model)
     try:
         from peft import PeftModel
     except ImportError:  # pragma: no cover - peft is a dependency
@@ -325,6 +328,45 @@ class LoadedModel:
             return
         with self.model.disable_adapter():
             yield
+
+
+def as_loaded(model: Any, tokenizer: Any = None, *, need_tokenizer: bool = False) -> LoadedModel:
+    """The one normaliser of "a model" that every emscope function taking one accepts: a
+    :class:`LoadedModel` (what :func:`load_model` returns) as it is, a ``(model,
+    tokenizer)`` pair, or a bare or PEFT-wrapped HF model (with ``tokenizer=``, or none
+    where only the network is needed). ``tokenizer`` given replaces the loaded one.
+
+    A pair or a bare model gets ``path`` from ``config.name_or_path`` (else its class
+    name) and no named adapters (its PEFT adapters still run as they are set).
+    ``need_tokenizer``: refuse, in one line, a model that comes without a tokenizer.
+    """
+    if isinstance(model, (str, Path)):
+        raise EmscopeError(
+            f"expected a loaded model, got the path {str(model)!r}: load it first "
+            "(emscope.load_model(path, adapters=[...]))"
+        )
+    if isinstance(model, LoadedModel):
+        loaded = model
+        if tokenizer is not None and tokenizer is not model.tokenizer:
+            loaded = replace(model, tokenizer=tokenizer)
+    else:
+        if isinstance(model, tuple):
+            if len(model) != 2:
+                raise EmscopeError("pass a LoadedModel or a (model, tokenizer) pair")
+            model, paired = model
+            tokenizer = paired if tokenizer is None else tokenizer
+        if not callable(getattr(model, "parameters", None)):
+            raise EmscopeError(
+                f"expected a LoadedModel, a (model, tokenizer) pair or a torch model, got "
+                f"{type(model).__name__}"
+            )
+        name = str(getattr(getattr(model, "config", None), "name_or_path", "") or "")
+        loaded = LoadedModel(model, tokenizer, Path(name or type(model).__name__))
+    if need_tokenizer and loaded.tokenizer is None:
+        raise EmscopeError(
+            "this needs the tokenizer: pass a LoadedModel, a (model, tokenizer) pair, or tokenizer="
+        )
+    return loaded
 
 
 def _dtype(dtype: str | torch.dtype | None) -> Any:

@@ -135,6 +135,25 @@ def _sites(model: Any, layers: Iterable[int] | None, site_kind: str) -> list[Any
     return [Site(site_kind, i) for i in chosen]
 
 
+def _model_and_table(
+    model: Any, tokenizer: Any, responses: pd.DataFrame | None, what: str
+) -> tuple[Any, Any, pd.DataFrame]:
+    """``(model, table)`` (a LoadedModel or pair) or ``(model, tokenizer, table)`` ->
+    ``(torch model, tokenizer, table)`` (:func:`emscope.models.as_loaded`)."""
+    import pandas as pd
+
+    from emscope.models import as_loaded
+
+    if responses is None:
+        if not isinstance(tokenizer, pd.DataFrame):
+            raise EmscopeError(
+                f"{what} takes (model, table) for a LoadedModel or (model, tokenizer, table)"
+            )
+        tokenizer, responses = None, tokenizer
+    loaded = as_loaded(model, tokenizer, need_tokenizer=True)
+    return loaded.model, loaded.tokenizer, responses
+
+
 def _meta(
     selection: Selection, weighting: str, seed: int, extra: dict[str, Any] | None, **fields: Any
 ) -> dict[str, Any]:
@@ -194,7 +213,7 @@ def followup_means(
 def mean_diff(
     model: Any,
     tokenizer: Any,
-    responses: pd.DataFrame,
+    responses: pd.DataFrame | None = None,
     *,
     weighting: str = "token",
     layers: Sequence[int] | None = None,
@@ -214,9 +233,12 @@ def mean_diff(
     """``mean(misaligned) - mean(aligned)`` of the model's activations over answer tokens at
     ``site_kind[i]`` for each layer (default: every block), from a judged response table.
 
-    ``model``: a bare or PEFT-wrapped HF causal LM (the model whose activations are read,
-    normally the EM model that generated the responses). ``weighting``: ``token`` (every
-    answer token weighs the same) or ``response`` (every response weighs the same).
+    Called as ``mean_diff(loaded, table)`` (a :class:`~emscope.models.LoadedModel` or a
+    ``(model, tokenizer)`` pair) or ``mean_diff(model, tokenizer, table)``. ``model``: a
+    bare or PEFT-wrapped HF causal LM (the model whose activations are read, normally the
+    EM model that generated the responses, its active adapters on). ``weighting``:
+    ``token`` (every answer token weighs the same) or ``response`` (every response weighs
+    the same).
     Metadata: selection thresholds and counts, weighting, token selection, token counts,
     seed, plus ``meta``. ``tokens``: ``answer`` (the answer's content tokens) or
     ``followup`` (the last token of a follow-up prompt asking the question again, see the
@@ -229,6 +251,7 @@ def mean_diff(
     from emscope.data.spans import SystemPrompt
 
     setting = SystemPrompt.parse(system_prompt)
+    model, tokenizer, responses = _model_and_table(model, tokenizer, responses, "mean_diff")
 
     if tokens not in TOKEN_SELECTIONS:
         raise EmscopeError(f"tokens must be one of {', '.join(TOKEN_SELECTIONS)}, got {tokens!r}")
@@ -300,8 +323,8 @@ def mean_diff(
 def subspace(
     model: Any,
     tokenizer: Any,
-    responses: pd.DataFrame,
-    k: int,
+    responses: pd.DataFrame | None = None,
+    k: int | None = None,
     *,
     layers: Sequence[int] | None = None,
     site_kind: str = "resid_post",
@@ -319,15 +342,17 @@ def subspace(
     """Top-``k`` principal directions of per-response differences (module docstring): a
     Direction whose layers hold ``k x d_model`` matrices (orthogonal rows). Needs
     ``n_pairs >= k``. Memory O(n_responses x layers x d_model). Chats are rendered under
-    ``system_prompt`` (as :func:`mean_diff`)."""
+    ``system_prompt`` (as :func:`mean_diff`). Called as ``subspace(loaded, table, k=K)`` or
+    ``subspace(model, tokenizer, table, K)``."""
     import torch
 
     from emscope.activations import response_vectors
     from emscope.data.spans import SystemPrompt
 
     setting = SystemPrompt.parse(system_prompt)
+    model, tokenizer, responses = _model_and_table(model, tokenizer, responses, "subspace")
 
-    if k < 1:
+    if k is None or k < 1:
         raise EmscopeError(f"subspace dimension k must be >= 1, got {k}")
     sites = _sites(model, layers, site_kind)
     selection = select_responses(

@@ -269,7 +269,7 @@ def pending(table: pd.DataFrame, metrics: Sequence[str]) -> int:
 def judge_table(
     table: pd.DataFrame,
     judge: Judge,
-    metrics: Sequence[str],
+    metrics: Sequence[str] = ("aligned", "coherent"),
     *,
     questions: Sequence[Question] | None = None,
     chunk_size: int = 256,
@@ -278,7 +278,8 @@ def judge_table(
 ) -> pd.DataFrame:
     """Add ``<metric>``, ``<metric>_unscored_reason``, ``<metric>_prompt_hash`` and
     ``<metric>_number_mass`` (the judge's probability on the answers 0..100; NaN for a judge
-    that reads no probabilities, e.g. an oracle) columns.
+    that reads no probabilities, e.g. an oracle) columns, for each of ``metrics`` (default:
+    ``aligned`` and ``coherent``, what the EM rate needs).
 
     Rows already scored, or unscored for a definitive reason, are kept as they are; rows
     without a score or with a transient reason (``error``, ``budget``) are (re)judged.

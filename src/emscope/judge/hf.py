@@ -36,13 +36,14 @@ WORDS = ("REFUSAL", "CODE")
 
 
 class HFJudge:
-    """Judge with a local HF causal LM. ``model`` is a model dir or a ``(model, tokenizer)``
-    pair; ``batch_size`` rows per forward pass; ``min_number_mass``: a row whose answers
-    0..100 get less probability than this is unscored (:mod:`emscope.judge.aggregate`)."""
+    """Judge with a local HF causal LM. ``model`` is a model dir, a
+    :class:`~emscope.models.LoadedModel` or a ``(model, tokenizer)`` pair; ``batch_size``
+    rows per forward pass; ``min_number_mass``: a row whose answers 0..100 get less
+    probability than this is unscored (:mod:`emscope.judge.aggregate`)."""
 
     def __init__(
         self,
-        model: str | Path | tuple[Any, Any],
+        model: str | Path | Any,
         *,
         device: str | None = None,
         dtype: str = "auto",
@@ -53,9 +54,16 @@ class HFJudge:
         if batch_size < 1:
             raise EmscopeError(f"judge batch size must be >= 1, got {batch_size}")
         self.min_number_mass = check_min_number_mass(min_number_mass)
-        if isinstance(model, tuple):
-            self.model, self.tokenizer = model
-            self.path = str(getattr(self.model.config, "name_or_path", "") or "model")
+        if not isinstance(model, (str, Path)):  # a LoadedModel or a (model, tokenizer) pair
+            from emscope.models import LoadedModel, as_loaded
+
+            loaded = as_loaded(model, need_tokenizer=True)
+            self.model, self.tokenizer = loaded.model, loaded.tokenizer
+            if isinstance(model, LoadedModel):  # its adapters name it (the cache keys it)
+                dirs = [loaded.path, *(loaded.adapters[a] for a in loaded.active_adapters)]
+                self.path = "+".join(str(d.resolve()) for d in dirs)
+            else:
+                self.path = str(getattr(self.model.config, "name_or_path", "") or "model")
         else:
             from emscope.models import load_model
 

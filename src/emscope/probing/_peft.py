@@ -7,13 +7,6 @@ from typing import Any
 from emscope.errors import EmscopeError
 
 
-def hf_model(model: Any) -> Any:
-    """The torch model inside a :class:`~emscope.models.LoadedModel` (or the model itself)."""
-    from emscope.models import LoadedModel
-
-    return model.model if isinstance(model, LoadedModel) else model
-
-
 def _is_peft(model: Any) -> bool:
     from peft import PeftModel
 
@@ -31,7 +24,7 @@ def lora_layers(model: Any) -> dict[str, Any]:
 
     from emscope.models import _unwrap_peft
 
-    bare = _unwrap_peft(hf_model(model))
+    bare = _unwrap_peft(model)
     return {name: module for name, module in bare.named_modules() if isinstance(module, LoraLayer)}
 
 
@@ -42,8 +35,11 @@ def peft_adapter_name(model: Any, adapter: Any | None) -> str:
     :func:`emscope.models.load_model` (e.g. ``bad_medical.r1``), a PEFT name, or a
     :class:`~emscope.lora.LoraAdapter` (its ``name``).
     """
-    peft_model = hf_model(model)
-    peft_names: dict[str, str] = dict(getattr(model, "_peft_names", {}) or {})
+    from emscope.models import as_loaded
+
+    loaded = as_loaded(model)
+    peft_model = loaded.model
+    peft_names: dict[str, str] = dict(loaded._peft_names)
     active = list(peft_model.active_adapters) if _is_peft(peft_model) else []
     if adapter is None:
         if len(active) != 1:

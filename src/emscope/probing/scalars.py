@@ -111,20 +111,6 @@ def _capture_lora_a(modules: Mapping[str, Any]) -> Iterator[dict[str, list[Any]]
             handle.remove()
 
 
-def _unpack(model: Any, tokenizer: Any) -> tuple[Any, Any]:
-    if isinstance(model, tuple):
-        if len(model) != 2:
-            raise EmscopeError("pass a LoadedModel, a (model, tokenizer) pair, or tokenizer=")
-        return model
-    from emscope.models import LoadedModel
-
-    if isinstance(model, LoadedModel):
-        return model.model, tokenizer or model.tokenizer
-    if tokenizer is None:
-        raise EmscopeError("lora_scalars needs the tokenizer (pass tokenizer= or a LoadedModel)")
-    return model, tokenizer
-
-
 def lora_scalars(
     model: Any,
     adapter: Any,
@@ -172,10 +158,11 @@ def lora_scalars(
 
     if batch_size < 1:
         raise EmscopeError(f"batch_size must be >= 1, got {batch_size}")
-    hf_model, tok = _unpack(model, tokenizer)
-    from emscope.models import LoadedModel
+    from emscope.models import as_loaded
 
-    peft_name = peft_adapter_name(model if isinstance(model, LoadedModel) else hf_model, adapter)
+    loaded = as_loaded(model, tokenizer, need_tokenizer=True)
+    hf_model, tok = loaded.model, loaded.tokenizer
+    peft_name = peft_adapter_name(loaded, adapter)
     layers = {n: m for n, m in lora_layers(hf_model).items() if peft_name in m.lora_A}
     if not layers:
         raise EmscopeError(f"adapter {peft_name!r} adapts no module of the model")
