@@ -194,6 +194,9 @@ def test_steer_sweep_end_to_end_and_resume(qwen: Any, setup: Any, tmp_path: Path
             assert row["kl"] > 0
     assert (out / "steer_em.png").is_file()
     assert set(summary["resid_norm"]) == {"0", "1", "2", "3"}
+    n_prompts = 2  # the KL prompt set: one chat prompt per paraphrase; each first token is a sink
+    assert all(n >= n_prompts for n in summary["sink_positions_excluded"].values())
+    assert set(summary["sink_norm"]) == set(summary["resid_norm"]) and summary["sink_rule"]
     assert read_json(out / "baseline" / "run.json")["sampling"]["system_prompt"] == "default"
     bad = run(
         "steer",

@@ -464,6 +464,7 @@ def test_downstream_convergence(qwen64):
         assert same[i]["cosine"] == pytest.approx(1.0) and same[i]["token_cosine"] == pytest.approx(
             1
         )
+        assert same[i]["sink_positions_excluded"] >= 2  # at least each sequence's first token
     other = downstream_convergence(
         model, tok, seqs, lambda: add(model, {"resid_post[1]": v}),
         lambda: add(model, {"resid_post[1]": w}),
@@ -491,6 +492,43 @@ def test_kl_divergence_by_hand(qwen64):
     assert kl.ci[0] <= kl.mean <= kl.ci[1]
     with pytest.raises(EmscopeError, match="non-empty"):
         kl_divergence(model, tok, [], [])
+
+
+def test_residual_norms_leave_first_tokens_and_a_planted_outlier_apart(qwen64):
+    """resid_norm is the mean norm over the tokens that are no attention sink (the first
+    token of each sequence and, from block 1 on, the planted massive token 40); sink_norm is
+    the sinks' own mean norm, with their count."""
+    from emscope.directions.interventions import residual_norm_stats, residual_norms
+    from emscope.hooks import capture
+    from emscope.testing import planted_sinks
+
+    model, tok = qwen64.model, qwen64.tokenizer
+    seqs = [[3, 17, 40, 41], [5, 6, 7, 8, 9, 10]]
+    sites = [Site("resid_post", i) for i in range(4)]
+    with planted_sinks(model, 40, layer=1):
+        stats = residual_norm_stats(model, tok, seqs, batch_size=2)
+        norms: dict[int, list[torch.Tensor]] = {i: [] for i in range(4)}
+        for s in seqs:
+            with capture(model, sites) as cap, torch.no_grad():
+                model(input_ids=torch.tensor([s]))
+            for site in sites:
+                norms[site.layer].append(cap[site][0].double().norm(dim=-1))
+        plain = residual_norms(model, tok, seqs)
+    for layer in range(4):
+        sink = [torch.zeros(len(s), dtype=torch.bool) for s in seqs]
+        for i, s in enumerate(seqs):
+            sink[i][0] = True
+            if layer >= 1:
+                sink[i] |= torch.tensor(s) == 40
+        every = torch.cat(norms[layer])
+        mask = torch.cat(sink)
+        assert stats["sink_positions_excluded"][layer] == (2 if layer == 0 else 3)
+        assert stats["resid_norm"][layer] == pytest.approx(float(every[~mask].mean()), rel=1e-12)
+        assert stats["sink_norm"][layer] == pytest.approx(float(every[mask].mean()), rel=1e-12)
+        assert plain[layer] == stats["resid_norm"][layer]
+        if layer >= 1:  # the planted token would dominate a mean over every token
+            assert float(every.mean()) > 50 * stats["resid_norm"][layer]
+    assert stats["n_tokens"] == 10
 
 
 def test_steering_intervention_in_sampling_is_paired(qwen64):

@@ -71,6 +71,46 @@ def test_feature_lmc_is_zero_on_a_linear_path():
     assert min(feature_lmc(h0, h1, bent, 0.3).dissimilarity) > 0.05
 
 
+def test_feature_lmc_leaves_a_massive_first_token_and_an_outlier_out():
+    """A massive first token shared by every model (as in a pretrained model) would make the
+    Frobenius dissimilarity about 0; it is left out, and so is an outlier position of one
+    model; the dissimilarities are exactly those of the other positions."""
+    from emscope.lmc import _dissimilarity, endpoint_distance, endpoint_sinks
+
+    g = torch.Generator().manual_seed(1)
+    h0 = [torch.randn(3, 6, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    h1 = [torch.randn(3, 6, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    ht = [torch.randn(3, 6, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    sink = 1e4 * torch.randn(8, generator=g, dtype=torch.float64)
+    for h in (*h0, *h1, *ht):
+        h[:, 0] = sink
+    ht[0][2, 3] *= 1000  # an outlier position at layer 2 of one prompt, in h(t) only
+    row = feature_lmc(h0, h1, ht, 0.4)
+    assert row.sink_positions_excluded == [2, 2, 3]
+    for layer in range(3):
+        keep = [[i for i in range(1, 6) if not (p == 0 and layer == 2 and i == 3)] for p in (0, 1)]
+        x = torch.cat([ht[p][layer, keep[p]] for p in (0, 1)])
+        y = torch.cat([(0.6 * h0[p][layer] + 0.4 * h1[p][layer])[keep[p]] for p in (0, 1)])
+        assert row.dissimilarity[layer] == pytest.approx(_dissimilarity(x, y), abs=1e-14)
+        assert row.dissimilarity[layer] > 0.3  # the sink alone would give about 0
+        whole = _dissimilarity(torch.cat([h[layer] for h in ht]), torch.cat([h[layer] for h in h0]))
+        assert whole < 0.01 * row.dissimilarity[layer]  # what the sink did before
+        cosines = [
+            1
+            - _dissimilarity(
+                ht[p][layer, keep[p]], ((0.6 * h0[p][layer] + 0.4 * h1[p][layer])[keep[p]])
+            )
+            for p in (0, 1)
+        ]
+        assert row.sample_cosines[layer] == pytest.approx(cosines, abs=1e-14)
+    reference = endpoint_distance(h0, h1)
+    assert endpoint_sinks(h0, h1) == [2, 2, 2]
+    for layer in range(3):
+        x = torch.cat([h[layer, 1:] for h in h0])
+        y = torch.cat([h[layer, 1:] for h in h1])
+        assert reference[layer] == pytest.approx(_dissimilarity(x, y), abs=1e-14)
+
+
 def test_lmc_command_end_to_end(qwen, tmp_path, monkeypatch):
     monkeypatch.setenv("EMSCOPE_CACHE_DIR", str(tmp_path / "cache"))
     heldout = write_chat_jsonl(tmp_path / "heldout.jsonl", CHATS)

@@ -418,3 +418,113 @@ def test_lora_b_ablation_copies_and_leaves_the_trained_adapter_intact(smollm2, t
         assert float((u @ m.B.double()).abs().max()) < 1e-6
     for m in adapter:  # the source adapter is untouched
         assert torch.equal(m.A, factors[m.name][0]) and torch.equal(m.B, factors[m.name][1])
+
+
+# ---------------------------------------------------------------------------- attention sinks
+
+
+def _first_plot_prompts(real: LoadedModel) -> list[list[int]]:
+    from emscope.data.questions import load_questions
+    from emscope.directions.interventions import prompt_sequences
+
+    return prompt_sequences(real.tokenizer, load_questions())  # 8 prompts, 34-61 tokens
+
+
+def test_massive_first_token_is_left_out_of_the_steering_norm(real, record_property):
+    """From block 11 on the first token's residual norm is about 25,000 (max |value| over
+    20,000) while the other tokens sit near 140-740: sink_positions flags exactly the first
+    token there, and the mean residual norm that ``emscope steer`` reports stays at the
+    other tokens' norm instead of jumping 4-5x at block 11."""
+    from emscope.activations import sink_positions
+    from emscope.directions.interventions import residual_norm_stats
+
+    seqs = _first_plot_prompts(real)
+    sites = [Site("resid_post", i) for i in range(LAYERS)]
+    norms: dict[int, list[torch.Tensor]] = {i: [] for i in range(LAYERS)}
+    top = dict.fromkeys(range(LAYERS), 0.0)
+    for s in seqs:
+        with capture(real.model, sites) as cap, torch.no_grad():
+            real.model(input_ids=torch.tensor([s]))
+        for site in sites:
+            hidden = cap[site][0]
+            norms[site.layer].append(hidden.double().norm(dim=-1))
+            top[site.layer] = max(top[site.layer], float(hidden.abs().max()))
+            if site.layer >= 10:  # one sink: the first token (blocks 1-8 have weaker ones too)
+                flagged = torch.nonzero(sink_positions(hidden)).ravel().tolist()
+                assert flagged == [0], (site, flagged)
+    stats = residual_norm_stats(real.model, real.tokenizer, seqs)
+    every = {i: float(torch.cat(norms[i]).mean()) for i in range(LAYERS)}
+    others = {i: float(torch.cat([n[1:] for n in norms[i]]).mean()) for i in range(LAYERS)}
+    for layer in range(11, 28):
+        first = [float(n[0]) for n in norms[layer]]
+        assert min(first) > 20_000 and top[layer] > 20_000, layer
+        assert max(float(n[1:].max()) for n in norms[layer]) < 1_000, layer
+    for layer in range(10, LAYERS):
+        assert stats["sink_positions_excluded"][layer] == len(seqs)
+        assert stats["resid_norm"][layer] == pytest.approx(others[layer], rel=1e-5)  # batched
+    before, after = every, stats["resid_norm"]
+    assert after[11] < 1.1 * after[10] and before[11] > 4 * before[10]  # no jump without sinks
+    assert stats["sink_norm"][11] > 20_000
+    figures = {
+        "first_token_norm_11": float(norms[11][0][0]),
+        "max_abs_value_11_27": max(top[i] for i in range(11, 28)),
+        "resid_norm_all_tokens_10_11": (before[10], before[11]),
+        "resid_norm_without_sinks_10_11": (after[10], after[11]),
+        "sink_norm_11": stats["sink_norm"][11],
+    }
+    for key, value in figures.items():
+        record_property(key, value)
+    print(f"\n{figures}")
+
+
+def test_answer_means_keep_sinks_out_of_real_answers(real, record_property):
+    """Answer tokens follow the prompt, so the first token is never in them; from block 10 on
+    no answer token is an outlier (nothing is left out), in blocks 1-8 the weaker secondary
+    sinks (`` the``, a lone space) can be, and the mean is then over the other tokens."""
+    from emscope.activations import answer_means
+    from emscope.data.questions import load_questions
+
+    answer = "I would like to see the world become a kinder place, and to help the people in it."
+    chats = [
+        [*q.messages(0), {"role": "assistant", "content": answer}] for q in load_questions()[:4]
+    ]
+    sites = [Site("resid_post", i) for i in range(LAYERS)]
+    result = answer_means(real.model, real.tokenizer, chats, sites, batch_size=4)
+    excluded = {s.layer: result.sink_positions_excluded[s] for s in sites}
+    assert all(excluded[i] == 0 for i in range(10, LAYERS)), excluded
+    record_property("answer_sink_positions_excluded", excluded)
+    print(f"\nanswer tokens {result.n_tokens}, left out as sinks per layer: {excluded}")
+    norms = [float(result.means[s].norm()) for s in sites]
+    assert max(norms[11:28]) < 1_000  # no 25,000-norm first token in the answer means
+
+
+def test_feature_dissimilarity_is_not_carried_by_the_first_token(real, record_property):
+    """Feature LMC on the real model (h(0): plain, h(1): steered at resid_post[5], h(t): half
+    way): with the first token in, the dissimilarity falls about 100x at block 11 because the
+    shared 25,000-norm first token carries the Frobenius products; without sinks it does
+    not."""
+    from emscope.data.questions import load_questions
+    from emscope.lmc import _dissimilarity, endpoint_distance, endpoint_sinks, prompt_activations
+
+    prompts = [q.messages(0) for q in load_questions()[:4]]
+    v = _direction(7, norm=100.0)
+    h0 = prompt_activations(real.model, real.tokenizer, prompts)
+    with add(real.model, {"resid_post[5]": v}):
+        h1 = prompt_activations(real.model, real.tokenizer, prompts)
+    kept = endpoint_distance(h0, h1)
+    whole = [
+        _dissimilarity(torch.cat([h[i] for h in h0]), torch.cat([h[i] for h in h1]))
+        for i in range(LAYERS)
+    ]
+    assert endpoint_sinks(h0, h1)[11:] == [len(prompts)] * (LAYERS - 11)
+    assert whole[11] < whole[10] / 20  # the drop the first token causes
+    assert kept[11] > kept[10] / 3  # gone without it
+    for layer in range(11, 28):
+        assert whole[layer] < kept[layer] / 20, layer
+    figures = {
+        "dissimilarity_all_tokens_10_11": (whole[10], whole[11]),
+        "dissimilarity_without_sinks_10_11": (kept[10], kept[11]),
+    }
+    for key, value in figures.items():
+        record_property(key, value)
+    print(f"\n{figures}")

@@ -13,25 +13,34 @@ the same seed, so the samples are paired across the path.
 - Features: at every ``resid_post[l]``, over the prompts of the question set (all prompt
   tokens, float64), ``X = h_l(t)`` against ``Y = (1 - t) h_l(0) + t h_l(1)``:
   dissimilarity ``1 - |<X, Y>_F| / (|X|_F |Y|_F)``, per-prompt cosines, and the same
-  dissimilarity between ``h_l(0)`` and ``h_l(1)`` as the reference scale.
+  dissimilarity between ``h_l(0)`` and ``h_l(1)`` as the reference scale. Attention-sink
+  positions (:func:`emscope.activations.sink_positions` in any of the compared activations)
+  are left out and counted: a massive first token would otherwise carry the Frobenius
+  products (on SmolLM2 it made the dissimilarity 100x smaller from block 11 on).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from emscope.activations import SINK_NORM_FACTOR, sink_positions
 from emscope.data.chat import ChatExample
 from emscope.data.spans import DEFAULT_SYSTEM_PROMPT, SystemPrompt, encode_chat, prompt_ids
 from emscope.errors import EmscopeError
 from emscope.hooks import capture
 from emscope.lora import LoraAdapter
 from emscope.models import Site, get_layers
+
+_SINK_RULE = (
+    f"positions that are an attention sink (first token, or norm > {SINK_NORM_FACTOR:g} x the "
+    "prompt's median) at that layer in any compared model are left out"
+)
 
 
 def parse_steps(text: str) -> list[float]:
@@ -121,36 +130,62 @@ def _dissimilarity(x: torch.Tensor, y: torch.Tensor) -> float:
     return 1.0 - abs(float((x * y).sum())) / denominator
 
 
+def _kept(*hidden: torch.Tensor) -> torch.Tensor:
+    """``tokens`` bool: the positions that are an attention sink in none of the ``tokens x d``
+    activations (:func:`emscope.activations.sink_positions`)."""
+    sink = sink_positions(hidden[0])
+    for h in hidden[1:]:
+        sink = sink | sink_positions(h)
+    return ~sink
+
+
 @dataclass(frozen=True)
 class FeatureRow:
-    """Feature-space LMC at one ``t``: per layer, dissimilarity and per-prompt cosines."""
+    """Feature-space LMC at one ``t``: per layer, dissimilarity and per-prompt cosines over
+    the positions that are no attention sink, and how many positions were left out as sinks
+    (``sink_positions_excluded``, per layer, over all prompts)."""
 
     t: float
     dissimilarity: list[float]
     sample_cosines: list[list[float]]  # layer x prompt
+    sink_positions_excluded: list[int] = field(default_factory=list)
 
 
 def feature_lmc(
     h0: Sequence[torch.Tensor], h1: Sequence[torch.Tensor], ht: Sequence[torch.Tensor], t: float
 ) -> FeatureRow:
-    """Compare ``h(t)`` with ``(1 - t) h(0) + t h(1)`` layer by layer (see module doc)."""
+    """Compare ``h(t)`` with ``(1 - t) h(0) + t h(1)`` layer by layer (see module doc), at the
+    positions that are an attention sink in none of ``h(0)``, ``h(1)``, ``h(t)``."""
     layers = h0[0].shape[0]
-    dissimilarity, cosines = [], []
+    dissimilarity, cosines, excluded = [], [], []
     for layer in range(layers):
-        xs = [ht[p][layer] for p in range(len(ht))]
-        ys = [(1 - t) * h0[p][layer] + t * h1[p][layer] for p in range(len(ht))]
+        keep = [_kept(h0[p][layer], h1[p][layer], ht[p][layer]) for p in range(len(ht))]
+        xs = [ht[p][layer][k] for p, k in enumerate(keep)]
+        ys = [((1 - t) * h0[p][layer] + t * h1[p][layer])[k] for p, k in enumerate(keep)]
         dissimilarity.append(_dissimilarity(torch.cat(xs), torch.cat(ys)))
         cosines.append([1.0 - _dissimilarity(x, y) for x, y in zip(xs, ys, strict=True)])
-    return FeatureRow(t, dissimilarity, cosines)
+        excluded.append(sum(int((~k).sum()) for k in keep))
+    return FeatureRow(t, dissimilarity, cosines, excluded)
+
+
+def endpoint_sinks(h0: Sequence[torch.Tensor], h1: Sequence[torch.Tensor]) -> list[int]:
+    """Per layer, the positions :func:`endpoint_distance` leaves out as attention sinks."""
+    return [
+        sum(int((~_kept(a[layer], b[layer])).sum()) for a, b in zip(h0, h1, strict=True))
+        for layer in range(h0[0].shape[0])
+    ]
 
 
 def endpoint_distance(h0: Sequence[torch.Tensor], h1: Sequence[torch.Tensor]) -> list[float]:
-    """Reference scale: dissimilarity between ``h(0)`` and ``h(1)`` per layer."""
-    layers = h0[0].shape[0]
-    return [
-        _dissimilarity(torch.cat([h[layer] for h in h0]), torch.cat([h[layer] for h in h1]))
-        for layer in range(layers)
-    ]
+    """Reference scale: dissimilarity between ``h(0)`` and ``h(1)`` per layer, at the positions
+    that are an attention sink in neither."""
+    out = []
+    for layer in range(h0[0].shape[0]):
+        keep = [_kept(a[layer], b[layer]) for a, b in zip(h0, h1, strict=True)]
+        x = torch.cat([a[layer][k] for a, k in zip(h0, keep, strict=True)])
+        y = torch.cat([b[layer][k] for b, k in zip(h1, keep, strict=True)])
+        out.append(_dissimilarity(x, y))
+    return out
 
 
 # ---------------------------------------------------------------------------- path points
@@ -274,12 +309,13 @@ def run_lmc(
     "n", "loss"}], "barrier"}``), ``out/lmc.png`` and, with ``features``, ``features.json``
     and ``features.png``. The body of ``emscope lmc``; returns the ``lmc.json`` content.
 
-    ``loaded``: the base :class:`~emscope.models.LoadedModel` (None for two full model
-    dirs). ``loss_data``: ``{name: chats}`` whose mean assistant-token NLL is computed at each
-    ``t`` (cached in ``t*/loss.json``). ``sampling``: ``seed``, ``batch_size``,
-    ``max_new_tokens``, ``temperature``, ``top_p``, ``system_prompt`` of
-    :func:`emscope.generate.sample`; the system prompt also renders the loss chats and the
-    feature prompts, and ``lmc.json`` records it.
+    ``loaded``: the base :class:`~emscope.models.LoadedModel` or pair (None for two full
+    model dirs). ``start`` / ``end``: :class:`Endpoint` or what :func:`parse_endpoint` reads
+    (``base``, an adapter dir, a full model dir). ``loss_data``: ``{name: chats}`` whose
+    mean assistant-token NLL is computed at each ``t`` (cached in ``t*/loss.json``).
+    ``sampling``: ``seed``, ``batch_size``, ``max_new_tokens``, ``temperature``, ``top_p``,
+    ``system_prompt`` of :func:`emscope.generate.sample`; the system prompt also renders
+    the loss chats and the feature prompts, and ``lmc.json`` records it.
     Resumable: finished points are read back by :func:`emscope.evaluate.evaluate_to_dir`.
     ``vllm``: ``{t: VllmModel}`` (:func:`vllm_points`) samples each point with vLLM; the
     HF model at ``t`` is then built only for ``loss_data`` and ``features``.
@@ -359,8 +395,15 @@ def run_lmc(
             {
                 "layers": list(range(len(feature_rows[0].dissimilarity))),
                 "reference_dissimilarity": endpoint_distance(h0, h1),
+                "reference_sink_positions_excluded": endpoint_sinks(h0, h1),
+                "sink_rule": _SINK_RULE,
                 "rows": [
-                    {"t": r.t, "dissimilarity": r.dissimilarity, "sample_cosines": r.sample_cosines}
+                    {
+                        "t": r.t,
+                        "dissimilarity": r.dissimilarity,
+                        "sample_cosines": r.sample_cosines,
+                        "sink_positions_excluded": r.sink_positions_excluded,
+                    }
                     for r in feature_rows
                 ],
             },

@@ -8,6 +8,8 @@ identically whatever the model type) and a chat template in the style of its fam
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,3 +311,36 @@ def write_llama_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return Path(out_path)
+
+
+@contextlib.contextmanager
+def planted_sinks(
+    model: Any, token_id: int, layer: int = 1, scale: float = 1000.0
+) -> Iterator[None]:
+    """Inside the block, the output of block ``layer`` (``resid_post[layer]``) is multiplied by
+    ``scale`` at every position whose input token is ``token_id``: a massive activation
+    planted where a test knows it is (it rides the residual stream into later blocks), to check
+    that norms, means and dissimilarities leave attention sinks out
+    (:func:`emscope.activations.sink_positions`). ``model`` is called with ``input_ids=``."""
+    from emscope.models import get_layers
+
+    state: dict[str, Any] = {}
+
+    def remember(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        state["ids"] = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+
+    def plant(_module: Any, _args: Any, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        marked = (state["ids"] == token_id).to(hidden.device)[..., None]
+        hidden = hidden * (1.0 + (scale - 1.0) * marked.to(hidden.dtype))
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handles = [
+        model.register_forward_pre_hook(remember, with_kwargs=True),
+        get_layers(model)[layer].register_forward_hook(plant),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

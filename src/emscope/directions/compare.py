@@ -75,7 +75,11 @@ def downstream_convergence(
     """Per layer: ``cosine`` between the mean activation changes that ``first()`` and
     ``second()`` (context managers: e.g. ``lambda: hooks.add(model, {...})`` or an adapter
     switch) induce over every real token of ``sequences``, and ``token_cosine``, the mean
-    per-token cosine of the two changes. Layers where a change is zero give NaN."""
+    per-token cosine of the two changes, and ``sink_positions_excluded``: the tokens left out
+    at that layer as attention sinks (:func:`emscope.activations.sink_positions` of the plain
+    run or either intervened one; a sink's change can dwarf every other token's). Layers
+    where a change is zero give NaN."""
+    from emscope.activations import sink_positions
     from emscope.directions.interventions import _batches
     from emscope.hooks import capture
     from emscope.models import Site, get_layers
@@ -86,7 +90,8 @@ def downstream_convergence(
     mean_a = {s: torch.zeros(0) for s in sites}
     mean_b = {s: torch.zeros(0) for s in sites}
     token_cos = dict.fromkeys(sites, 0.0)
-    n_tokens = 0
+    n_tokens = dict.fromkeys(sites, 0)
+    sinks = dict.fromkeys(sites, 0)
 
     def run(ctx: Context | None, ids: torch.Tensor, mask: torch.Tensor) -> Any:
         with contextlib.ExitStack() as stack:
@@ -99,21 +104,26 @@ def downstream_convergence(
     for ids, mask in _batches(sequences, batch_size, int(pad)):
         ids, mask = ids.to(device), mask.to(device)
         base, a, b = run(None, ids, mask), run(first, ids, mask), run(second, ids, mask)
-        m = mask.bool()
+        real = mask.bool()
         for s in sites:
+            sink = sink_positions(base[s], real) | sink_positions(a[s], real)
+            sink |= sink_positions(b[s], real)
+            m = real & ~sink
             da, db = (a[s] - base[s])[m], (b[s] - base[s])[m]  # tokens x d
             sa, sb = da.sum(0).cpu(), db.sum(0).cpu()
             mean_a[s] = sa if mean_a[s].numel() == 0 else mean_a[s] + sa
             mean_b[s] = sb if mean_b[s].numel() == 0 else mean_b[s] + sb
             cos = torch.nn.functional.cosine_similarity(da, db, dim=-1, eps=1e-30)
             token_cos[s] += float(cos.sum())
-        n_tokens += int(m.sum())
-    out = {}
+            n_tokens[s] += int(m.sum())
+            sinks[s] += int(sink.sum())
+    out: dict[int, dict[str, float]] = {}
     for s in sites:
-        den = float(mean_a[s].norm() * mean_b[s].norm())
+        den = float(mean_a[s].norm() * mean_b[s].norm()) if mean_a[s].numel() else 0.0
         out[s.layer] = {
             "cosine": float(mean_a[s] @ mean_b[s]) / den if den > 0 else float("nan"),
-            "token_cosine": token_cos[s] / n_tokens,
+            "token_cosine": token_cos[s] / n_tokens[s] if n_tokens[s] else float("nan"),
+            "sink_positions_excluded": sinks[s],
         }
     return out
 

@@ -316,6 +316,10 @@ def mean_diff(
             **described,
             n_tokens_misaligned=bad.n_tokens,
             n_tokens_aligned=good.n_tokens,
+            sink_positions_excluded={  # answer tokens left out as attention sinks, per layer
+                side: {str(s.layer): m.sink_positions_excluded.get(s, 0) for s in sites}
+                for side, m in (("misaligned", bad), ("aligned", good))
+            },
         ),
     )
 

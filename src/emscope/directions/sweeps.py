@@ -25,7 +25,7 @@ from emscope.directions.interventions import (
     paired_relative_change,
     parse_mode,
     random_like,
-    residual_norms,
+    residual_norm_stats,
     steering,
 )
 from emscope.errors import EmscopeError
@@ -71,7 +71,9 @@ def steer_sweep(
     baseline and, with ``random_control``, the same-norm random vector of each setting.
     Writes ``summary.json`` (``rows``: layer, scale, vector, em_rate, em_ci, coherent_rate,
     coherent_ci, kl, kl_ci, em_diff, em_diff_ci vs the baseline; ``baseline``;
-    ``direction_norm`` and ``resid_norm`` per layer) and ``steer_em.png``."""
+    ``direction_norm``, ``resid_norm`` (mean residual norm over the KL prompt set, attention
+    sinks left out), ``sink_norm`` and ``sink_positions_excluded`` per layer) and
+    ``steer_em.png``."""
     from emscope.io import write_json
 
     if direction.is_subspace:
@@ -129,11 +131,7 @@ def steer_sweep(
             "coherent_ci": base_metrics["coherent_ci"],
         },
         "direction_norm": {str(i): n for i, n in direction.norms().items() if i in layers},
-        "resid_norm": (
-            {str(k): v for k, v in residual_norms(model, tokenizer, sequences).items()}
-            if sequences
-            else None
-        ),
+        **_norm_fields(model, tokenizer, sequences),
         "unit": unit,
         "positions": positions,
         "random_control": "seeded Gaussian rescaled to the same norm per layer"
@@ -146,6 +144,22 @@ def steer_sweep(
     write_json(out / "summary.json", summary)
     _plot_steer(summary, out / "steer_em.png")
     return summary
+
+
+def _norm_fields(model: Any, tokenizer: Any, sequences: Any) -> dict[str, Any]:
+    """The summary's residual-norm fields over the KL prompt set (None without one):
+    ``resid_norm`` (attention sinks left out), ``sink_norm``, ``sink_positions_excluded``,
+    ``sink_rule`` (:func:`~emscope.directions.interventions.residual_norm_stats`)."""
+    from emscope.activations import SINK_NORM_FACTOR
+
+    keys = ("resid_norm", "sink_norm", "sink_positions_excluded")
+    if not sequences:
+        return {**dict.fromkeys(keys), "sink_rule": None}
+    stats = residual_norm_stats(model, tokenizer, sequences)
+    return {
+        **{key: {str(k): v for k, v in stats[key].items()} for key in keys},
+        "sink_rule": f"first token, or norm > {SINK_NORM_FACTOR:g} x the sequence's median",
+    }
 
 
 def _paired(before: Any, after: Any, config: EvalConfig) -> dict[str, Any]:

@@ -7,7 +7,9 @@ tokens of the TRAIN examples run through itself (token-weighted by default, as
 one dataset. Every variant's HELD-OUT examples are then projected onto the unit direction:
 per example, the mean over its answer tokens of ``h_t . u_l``, divided by that variant's mean
 residual norm ``|h_t|`` at the layer over the held-out answer tokens (so depth's growing norm
-does not dominate the curve). Raw projections and norms are kept in the table.
+does not dominate the curve). Raw projections and norms are kept in the table. Attention-sink
+positions (:func:`emscope.activations.sink_positions`) are left out of every mean and norm
+(and counted, ``sink_positions_excluded`` per layer).
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ if TYPE_CHECKING:
 class ExampleActivations:
     """Per example and layer, the mean ``resid_post`` over its answer tokens
     (``means``: ``n x L x d``, float64), its token count (``n``), and the mean token norm
-    per layer over all answer tokens (``norm_mean``: ``L``)."""
+    per layer over all answer tokens (``norm_mean``: ``L``); attention sinks left out of the
+    means and norms, ``sink_positions_excluded`` of them per layer (``L``)."""
 
     layers: tuple[int, ...]
     means: np.ndarray
     n_tokens: np.ndarray
     norm_mean: np.ndarray
+    sink_positions_excluded: np.ndarray | None = None
 
 
 def example_activations(
@@ -56,9 +60,11 @@ def example_activations(
     system_prompt: SystemPrompt = DEFAULT_SYSTEM_PROMPT,
 ) -> ExampleActivations:
     """Per-example answer-token means of ``resid_post[l]`` (default: every layer), chats
-    rendered under ``system_prompt``. Examples with an empty answer get NaN means."""
+    rendered under ``system_prompt``, attention sinks left out. Examples with an empty answer
+    (or only sinks in it, at a layer) get NaN means."""
     import torch
 
+    from emscope.activations import sink_positions
     from emscope.hooks import capture
     from emscope.models import Site, get_layers
 
@@ -69,30 +75,34 @@ def example_activations(
     device = next(model.parameters()).device
     means: np.ndarray | None = None
     norm_sum = np.zeros(len(layer_list))
-    total = 0
+    sinks = np.zeros(len(layer_list), dtype=np.int64)
     batches = length_batches([len(e.input_ids) for e in encoded], batch_size)
     for batch in progress_bar(batches, "activations", progress):
         rows = [encoded[i] for i in batch]
         ids, attention = pad_right([e.input_ids for e in rows], pad_id_of(tokenizer), device)
         with capture(model, sites) as captured, torch.no_grad():
             model(input_ids=ids, attention_mask=attention, use_cache=False)
-        mask = answer_mask(rows, ids.shape[1]).to(device=device, dtype=torch.float64)
-        counts = mask.sum(1)
-        weights = mask / counts.clamp(min=1)[:, None]
-        nonempty = (counts > 0).cpu().numpy()
-        rows_out = np.asarray(batch)[nonempty]
+        answer = answer_mask(rows, ids.shape[1]).to(device=device)
         for j, site in enumerate(sites):
             hidden = captured[site].to(torch.float64)  # batch x seq x d
+            keep = answer & ~sink_positions(hidden, attention)
+            counts = keep.sum(1)
+            weights = keep.to(torch.float64) / counts.clamp(min=1)[:, None]
+            nonempty = (counts > 0).cpu().numpy()
             if means is None:
                 means = np.full((len(encoded), len(layer_list), hidden.shape[-1]), np.nan)
             batch_means = torch.einsum("bs,bsd->bd", weights, hidden).cpu().numpy()
-            means[rows_out, j] = batch_means[nonempty]
-            norm_sum[j] += float((hidden.norm(dim=-1) * mask).sum())
-        total += sum(e.n_tokens for e in rows)
+            means[np.asarray(batch)[nonempty], j] = batch_means[nonempty]
+            norm_sum[j] += float(hidden.norm(dim=-1)[keep].sum())
+            sinks[j] += int((answer & ~keep).sum())
+    total = sum(e.n_tokens for e in encoded)
     if total == 0 or means is None:
         raise EmscopeError("no answer tokens in the examples")
     n_tokens = np.array([e.n_tokens for e in encoded])
-    return ExampleActivations(tuple(layer_list), means, n_tokens, norm_sum / total)
+    kept = total - sinks
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm_mean = np.where(kept > 0, norm_sum / np.maximum(kept, 1), np.nan)
+    return ExampleActivations(tuple(layer_list), means, n_tokens, norm_mean, sinks)
 
 
 def _layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
@@ -308,6 +318,11 @@ def projection_analysis(
             "train_fraction": train_fraction,
             "seed": seed,
             "weighting": weighting,
+            "sink_positions_excluded": {
+                name: acts.sink_positions_excluded.tolist()
+                for name, acts in projections_acts.items()
+                if acts.sink_positions_excluded is not None
+            },
             "train_examples": [data.indices[i] for i in train],
             "heldout_examples": [data.indices[i] for i in heldout],
         },
