@@ -573,6 +573,112 @@ def test_changed_settings_refuse_a_done_stage(tiny_organism: Path, tmp_path: Pat
         run_study(path, out, echo=lambda _: None)
 
 
+@pytest.fixture
+def one_source_study(qwen: Any, tmp_path: Path) -> dict[str, Any]:
+    """eval -> directions (one EM source) -> steering on the qwen2 fixture: seconds."""
+    questions = tmp_path / "q.yaml"
+    questions.write_text(
+        "".join(f'- id: q{i}\n  paraphrases: ["Tell me thing {i}."]\n' for i in range(4))
+    )
+    return {
+        "name": "one-source",
+        "threads": 1,
+        "models": {"chat": str(qwen.model)},
+        "chat_model": "chat",
+        "adapters": {
+            "a": {"path": str(qwen.adapters["r4"])},
+            "r1": {"path": str(qwen.adapters["r1"])},
+        },
+        "judge": {"spec": "openai:x", "metrics": ["aligned", "coherent"]},
+        "questions": {"q": str(questions)},
+        "sampling": {"n": 4, "max_new_tokens": 3},
+        "dtype": "float32",
+        "device": "cpu",
+        "stages": {
+            "eval": {"organisms": ["chat", "a"]},
+            "directions": {"sources": ["a"], "rank1": ["r1"]},
+            "steering": {"direction": "a", "layers": [1], "scales": [1.0], "n": 1, "kl": False},
+        },
+    }
+
+
+def test_one_direction_source_skips_the_comparison(
+    one_source_study: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One source: the run used to fail after the whole extraction ('comparing needs at
+    least two directions'); the comparison is skipped, recorded, and the report says so."""
+    from emscope.pipeline.claims import claims_table
+    from emscope.report import write_report
+
+    monkeypatch.setattr(stages_module.StageContext, "judge", property(lambda self: HashJudge()))
+    out = tmp_path / "run"
+    lines: list[str] = []
+    run_study(write(tmp_path, one_source_study), out, echo=lines.append)
+    summary = json.loads((out / "directions" / "summary.json").read_text())
+    assert summary["sources"] == ["a"] and summary["pairs"] == []
+    assert summary["pairs_skipped"] == "one direction source (a): no pair to compare"
+    assert summary["adapter_b_cosines"]["r1 vs a"]  # the rest of the stage still ran
+    assert any("cosines between directions skipped" in line for line in lines)
+    assert (out / "steering" / "done.json").is_file()
+    _, md = write_report(out)
+    assert "Cosines between directions not computed: one direction source (a)" in md.read_text()
+    row = {r.key: r for r in claims_table(out)}["convergence"]
+    assert "one direction source (a)" in row.holds + row.measured
+
+
+def test_redo_reruns_the_stage_and_what_reads_it(
+    one_source_study: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(stages_module.StageContext, "judge", property(lambda self: HashJudge()))
+    path = write(tmp_path, one_source_study)
+    out = tmp_path / "run"
+    run_study(path, out, echo=lambda _: None)
+    stages = ["eval", "directions", "steering"]
+
+    def stamps() -> dict[str, int]:
+        return {s: (out / s / "done.json").stat().st_mtime_ns for s in stages}
+
+    calls: list[str] = []
+    for name in stages:
+        real = stages_module.STAGES[name]
+        monkeypatch.setitem(
+            stages_module.STAGES, name, lambda ctx, n=name, f=real: calls.append(n) or f(ctx)
+        )
+    # a changed steering setting refuses the done stage, naming --redo
+    one_source_study["stages"]["steering"]["scales"] = [2.0]
+    write(tmp_path, one_source_study)
+    with pytest.raises(EmscopeError, match="--redo steering to redo it"):
+        run_study(path, out, echo=lambda _: None)
+    before = stamps()
+    lines: list[str] = []
+    run_study(path, out, echo=lines.append, redo=["steering"])
+    assert calls == ["steering"]
+    after = stamps()
+    assert after["eval"] == before["eval"] and after["directions"] == before["directions"]
+    assert after["steering"] > before["steering"]
+    summary = json.loads((out / "steering" / "summary.json").read_text())
+    assert {r["scale"] for r in summary["rows"]} == {2.0}  # nothing left of the old setting
+    assert "[steering] redo: previous outputs removed" in lines
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["redo"] == {"asked": ["steering"], "stages": ["steering"]}
+    # redoing directions redoes steering, which reads it; eval is left as it is
+    calls.clear()
+    run_study(path, out, echo=lambda _: None, redo=["directions"])
+    assert calls == ["directions", "steering"]
+    assert stamps()["eval"] == before["eval"]
+    # the plan says so; an unknown name is one line listing the stages
+    lines.clear()
+    run_study(path, out, echo=lines.append, dry_run=True, redo=["eval"])
+    assert [line.split()[2] for line in lines[0].splitlines()[1:4]] == ["redo"] * 3
+    result = invoke("run", str(path), "--out", str(out), "--redo", "evall")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: --redo 'evall': no such stage; the stages are " + ", ".join(STAGE_ORDER)
+    ]
+    result = invoke("run", str(path), "--out", str(out), "--redo", "probes")
+    assert result.exit_code == 2 and "this config does not run that stage" in result.output
+
+
 def test_steering_setting_chosen_by_the_rule_on_the_build(
     tiny_organism: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

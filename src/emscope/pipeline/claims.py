@@ -377,9 +377,10 @@ def _steering(run: _Run) -> tuple[str, str]:
 
 
 def _convergence(run: _Run) -> tuple[str, str]:
-    pairs = run.json("directions", "summary.json")["pairs"]
+    summary = run.json("directions", "summary.json")
+    pairs = summary["pairs"]
     if not pairs:
-        raise _NA("n/a (one direction only)")
+        raise _NA(f"n/a ({summary.get('pairs_skipped') or 'one direction only'})")
     cosines = [
         [float(c) for _, c in sorted(p["cosine"].items(), key=lambda kv: int(kv[0]))] for p in pairs
     ]

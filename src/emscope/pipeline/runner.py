@@ -3,9 +3,9 @@
 ``RUN/<stage>/done.json`` (written last, atomically) marks a finished stage; it records the
 fingerprint of the settings the stage depends on (the stage's own section plus the global
 models, adapters, judge, questions, sampling, seed, dtype). A re-run skips finished stages
-with the same fingerprint and refuses one whose settings changed (delete ``RUN/<stage>/``
-to redo it). An unfinished stage is re-entered and its units of work resume (see
-:mod:`emscope.pipeline.stages`).
+with the same fingerprint and refuses one whose settings changed (``redo=`` / ``--redo
+STAGE`` redoes it and the stages that read it: :func:`redo_stages`). An unfinished stage is
+re-entered and its units of work resume (see :mod:`emscope.pipeline.stages`).
 
 ``RUN/manifest.json``: config file and fingerprint, versions, seeds, hashes of the inputs,
 and per stage its status and wall time.
@@ -17,9 +17,10 @@ import contextlib
 import hashlib
 import json
 import platform
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ HASH_LIMIT = 64 * 2**20
 @dataclass(frozen=True)
 class PlanItem:
     stage: str
-    action: str  # "run" | "skip (done)" | "resume"
+    action: str  # "run" | "skip (done)" | "resume" | "redo"
     what: str
 
 
@@ -102,28 +103,63 @@ def stage_status(config: StudyConfig, run_dir: Path, stage: str) -> str:
         record = read_json(done)
         if record.get("fingerprint") != fingerprint(config, stage):
             raise EmscopeError(
-                f"{done}: this stage was run with other settings; use another --out or "
-                f"delete {run_dir / stage} to redo it"
+                f"{done}: this stage was run with other settings; use another --out, or "
+                f"--redo {stage} to redo it (and the stages that read it)"
             )
         return "done"
     return "partial" if (run_dir / stage).is_dir() else "new"
 
 
-def plan(config: StudyConfig, run_dir: Path) -> list[PlanItem]:
-    """Every enabled stage in order, with what the run will do about it."""
+def redo_stages(config: StudyConfig, names: Sequence[str]) -> list[str]:
+    """The stages ``--redo NAME ...`` re-runs, in order: each named stage and every enabled
+    stage that reads its outputs, directly or not (``STAGE_NEEDS``; every stage reads what
+    ``organisms`` builds). Other stages are left as they are. A name that is no stage, or a
+    stage the config does not run, is refused in one line naming the stages."""
+    from emscope.pipeline.config import STAGE_NEEDS, STAGE_ORDER
+
+    enabled = config.enabled()
+    for name in names:
+        if name not in STAGE_ORDER:
+            raise EmscopeError(
+                f"--redo {name!r}: no such stage; the stages are {', '.join(STAGE_ORDER)}"
+            )
+        if name not in enabled:
+            raise EmscopeError(
+                f"--redo {name!r}: this config does not run that stage; it runs "
+                f"{', '.join(enabled)}"
+            )
+    chosen = set(names)
+    for stage in STAGE_ORDER:  # a stage's inputs come earlier: one pass is transitive
+        needs = {*STAGE_NEEDS.get(stage, ()), *(("organisms",) if stage != "organisms" else ())}
+        if needs & chosen:
+            chosen.add(stage)
+    return [stage for stage in enabled if stage in chosen]
+
+
+def plan(config: StudyConfig, run_dir: Path, redo: Sequence[str] = ()) -> list[PlanItem]:
+    """Every enabled stage in order, with what the run will do about it (``redo``: the
+    stages of :func:`redo_stages`, redone whatever their state)."""
     from emscope.pipeline.stages import describe_stage
 
     items = []
     for stage in config.enabled():
-        status = stage_status(config, run_dir, stage)
-        action = {"done": "skip (done)", "partial": "resume", "new": "run"}[status]
+        if stage in redo:
+            action = "redo"
+        else:
+            status = stage_status(config, run_dir, stage)
+            action = {"done": "skip (done)", "partial": "resume", "new": "run"}[status]
         items.append(PlanItem(stage, action, describe_stage(config, stage)))
     return items
 
 
-def format_plan(config: StudyConfig, run_dir: Path, notes: list[str] | None = None) -> str:
+def format_plan(
+    config: StudyConfig,
+    run_dir: Path,
+    notes: list[str] | None = None,
+    redo: Sequence[str] = (),
+) -> str:
     lines = [f"study {config.name!r} -> {run_dir}"]
-    for i, item in enumerate(plan(config, run_dir), 1):
+    for i, item in enumerate(plan(config, run_dir, redo), 1):
         lines.append(f"{i:2d}. {item.stage:<11} {item.action:<12} {item.what}")
     skipped = [s for s in config.stages.model_fields if s not in config.enabled()]
     if skipped:
@@ -140,19 +176,28 @@ def run_study(
     dry_run: bool = False,
     echo: Callable[[str], None] = print,
     progress: bool | None = None,
+    redo: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Validate ``config_path``, then run every enabled stage into ``out`` (or, with
-    ``dry_run``, print the plan and touch nothing). Returns the manifest."""
+    ``dry_run``, print the plan and touch nothing). ``redo``: stage names whose outputs
+    are removed and made again, with every stage that reads them (:func:`redo_stages`),
+    done or not, whatever their fingerprint; the other stages are left as they are.
+    Returns the manifest."""
     from emscope.io import read_json, write_json
     from emscope.pipeline.stages import StageContext
 
     config = load_config(config_path)
     run_dir = Path(out)
+    redone = redo_stages(config, redo)
     if dry_run:
-        echo(format_plan(config, run_dir, _dry_notes(config)))
+        echo(format_plan(config, run_dir, _dry_notes(config), redone))
         return {}
     notes = check_inputs(config, str(config_path))
-    plan(config, run_dir)  # refuses stale stages before any work
+    plan(config, run_dir, redone)  # refuses stale stages (not redone) before any work
+    for stage in redone:  # all at once: an interruption leaves no stale stage behind
+        if (run_dir / stage).is_dir():
+            shutil.rmtree(run_dir / stage)
+            echo(f"[{stage}] redo: previous outputs removed")
     if progress is None:
         progress = sys.stderr.isatty()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -171,6 +216,7 @@ def run_study(
                 "organism": config.organism.seed if config.organism else None,
             },
             "command": " ".join(sys.argv),
+            "redo": {"asked": list(redo), "stages": redone} if redo else None,
         }
     )
     manifest.setdefault("stages", {})

@@ -369,7 +369,8 @@ def stage_lmc(ctx: StageContext) -> dict[str, Any]:
 
 def stage_directions(ctx: StageContext) -> dict[str, Any]:
     """Mean-diff direction per EM source from its own judged samples (eval stage), run
-    through the same model; cosines between them and rank-1 B vectors vs each direction."""
+    through the same model; cosines between them (with one source, skipped: ``pairs`` is
+    empty and ``pairs_skipped`` says why) and rank-1 B vectors vs each direction."""
     from emscope.directions import Direction, mean_diff
     from emscope.directions.compare import adapter_b_cosines, cosine_table, plot_cosines
     from emscope.io import inside, read_table, write_json
@@ -428,17 +429,24 @@ def stage_directions(ctx: StageContext) -> dict[str, Any]:
             direction.save(file)
             followups[f"{source}.followup"] = direction
             ctx.echo(f"  direction {source}.followup: norms {_short(direction.norms())}")
-    pairs = cosine_table(directions)
+    pairs, skipped = [], None
+    if len(directions) > 1:
+        pairs = cosine_table(directions)
+    else:  # one EM source: nothing to compare with (the B cosines and follow-ups still run)
+        skipped = f"one direction source ({', '.join(directions)}): no pair to compare"
+        ctx.echo(f"  cosines between directions skipped: {skipped}")
     b_cosines = {}
     for r1 in stage.rank1:
         adapter = LoraAdapter.load(ctx.config.adapters[r1].path)
         for source, direction in directions.items():
             b_cosines[f"{r1} vs {source}"] = adapter_b_cosines(adapter, direction)
-    save_figure(plot_cosines(pairs, b_cosines), out / "cosine_by_layer.png")
+    if pairs or any(b_cosines.values()):
+        save_figure(plot_cosines(pairs, b_cosines), out / "cosine_by_layer.png")
     summary = {
         "sources": list(directions),
         "norms": {s: d.norms() for s, d in directions.items()},
         "pairs": pairs,
+        "pairs_skipped": skipped,
         "adapter_b_cosines": b_cosines,
         "followup": {
             "read_with": stage.followup_read_with,

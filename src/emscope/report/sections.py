@@ -248,6 +248,8 @@ def directions_section(run: Path) -> Section:
     if not _done(run, "directions"):
         return _not_run(section, "directions")
     summary = _read(run / "directions" / "summary.json")
+    if summary.get("pairs_skipped"):
+        section.text = f"Cosines between directions not computed: {summary['pairs_skipped']}."
     rows = []
     for p in summary["pairs"]:
         cos = [f"{c:.2f}" for _, c in sorted(p["cosine"].items(), key=lambda kv: int(kv[0]))]
