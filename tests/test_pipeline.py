@@ -720,3 +720,91 @@ def test_steering_setting_chosen_by_the_rule_on_the_build(
     assert fingerprint(parse_config(plain), "steering") == fingerprint(
         parse_config(with_none), "steering"
     )
+
+
+# ---------------------------------------------------------------------------- replicates
+
+
+def test_pooled_verdicts_and_seed_configs(tmp_path: Path) -> None:
+    from emscope.pipeline.replicate import (
+        organism_dir,
+        parse_seeds,
+        pooled_verdict,
+        seed_config,
+        spread,
+    )
+
+    assert pooled_verdict({0: "yes", 1: "yes", 2: "yes"}) == "yes (every build: 3 of 3)"
+    assert pooled_verdict({0: "yes", 1: "no", 2: "yes"}) == (
+        "no (holds on 2 of 3 builds: seeds 0, 2)"
+    )
+    assert pooled_verdict({0: "no", 1: "no"}) == "no (holds on 0 of 2 builds)"
+    assert pooled_verdict({0: "reported", 1: "reported"}) == "reported"
+    assert pooled_verdict({0: "n/a (stage not run)", 1: "n/a (stage not run)"}) == (
+        "n/a (stage not run)"
+    )
+    assert pooled_verdict({0: "yes", 1: "n/a (x)"}) == (
+        "no (holds on 1 of 2 builds: seed 0); measured on 1"
+    )
+    assert spread([0.2, None, 0.6]) == {"mean": 0.4, "min": 0.2, "max": 0.6, "n": 2}
+    assert spread([None]) is None
+    assert parse_seeds("0, 1,2") == [0, 1, 2]
+    for bad in ("", "0,x", "1,1"):
+        with pytest.raises(EmscopeError, match="--organism-seeds"):
+            parse_seeds(bad)
+    data = tiny_config(tmp_path / "toy")
+    assert organism_dir(data, 0) == str(tmp_path / "toy")
+    assert organism_dir(data, 2) == f"{tmp_path / 'toy'}-seed2"
+    config = parse_config(seed_config(data, 2))
+    assert config.organism is not None and config.organism.seed == 2
+    assert str(config.models["instruct"]).startswith(f"{tmp_path / 'toy'}-seed2")
+    assert data["organism"]["seed"] == 0  # the original is left alone
+    with pytest.raises(EmscopeError, match="organism section"):
+        organism_dir({"models": {}}, 1)
+
+
+def test_study_on_each_organism_build_and_pooled_claims(
+    tiny_organism: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`emscope run --organism-seeds 0,1`: one run per build (seed 0 reuses the config's
+    organism dir, seed 1 builds beside it), claims per build and pooled, the EM table of
+    each build; `emscope report` on the dir writes each build's report and the pooled one."""
+    monkeypatch.setattr(stages_module.StageContext, "judge", property(lambda self: HashJudge()))
+    data = tiny_config(tiny_organism, ["organisms", "eval", "geometry"])
+    path = write(tmp_path, data)
+    out = tmp_path / "rep"
+    dry = invoke("run", path, "--out", out, "--organism-seeds", "0,1", "--dry-run")
+    assert dry.exit_code == 0, dry.output
+    assert f"organism seed 1: build {tiny_organism}-seed1" in dry.output
+    assert not out.exists()
+    result = invoke("run", path, "--out", out, "--organism-seeds", "0,1")
+    assert result.exit_code == 0, result.output
+    assert (Path(f"{tiny_organism}-seed1") / "build.json").is_file()
+    assert json.loads((Path(f"{tiny_organism}-seed1") / "build.json").read_text())["seed"] == 1
+    for seed in (0, 1):
+        manifest = json.loads((out / f"seed-{seed}" / "manifest.json").read_text())
+        assert manifest["seeds"]["organism"] == seed
+        assert (out / f"seed-{seed}" / "geometry" / "done.json").is_file()
+    summary = json.loads((out / "replicates.json").read_text())
+    assert summary["seeds"] == [0, 1]
+    claims = {c["key"]: c for c in summary["claims"]}
+    assert len(claims) == 12
+    cosine = claims["cosine"]
+    assert set(cosine["per_build"]) == {"0", "1"}
+    verdicts = [cosine["per_build"][s]["holds"] for s in ("0", "1")]
+    holding = sum(v == "yes" for v in verdicts)
+    assert cosine["pooled"]["builds_holding"] == holding
+    assert cosine["pooled"]["holds"].startswith("yes" if holding == 2 else "no")
+    spread = cosine["pooled"]["number"]
+    assert spread["min"] <= spread["mean"] <= spread["max"] and spread["n"] == 2
+    assert claims["steering"]["pooled"]["holds"] == "n/a (stage not run)"
+    em = summary["em_table_general"]["instruct"]
+    assert set(em["builds"]) == {"0", "1"} and em["em"]["n"] == 2
+    md = (out / "replicates.md").read_text()
+    assert "| claim | pooled | seed 0 | seed 1 |" in md and "EM on the general questions" in md
+    report = invoke("report", out)
+    assert report.exit_code == 0, report.output
+    assert (out / "seed-1" / "report.md").is_file() and (out / "seed-0" / "claims.json").is_file()
+    spread_out = invoke("toy", "spread", tiny_organism, f"{tiny_organism}-seed1")
+    assert spread_out.exit_code == 0, spread_out.output
+    assert "| instruct |" in spread_out.output and "(seed 1, tiny)" in spread_out.output

@@ -20,8 +20,20 @@ def run_command(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Validate the config and print the plan; run nothing."
     ),
+    organism_seeds: str | None = typer.Option(
+        None,
+        "--organism-seeds",
+        help="Run the study on each build of the synthetic organism with these seeds "
+        "(e.g. 0,1,2) into OUT/seed-<S>/, then OUT/replicates.{json,md}: every claim per "
+        "build and pooled (a claim holds only if it holds on every build).",
+    ),
 ) -> None:
     """Run every stage of the study in dependency order (resumable; stage times printed)."""
+    if organism_seeds is not None:
+        from emscope.pipeline.replicate import parse_seeds, run_replicates
+
+        run_replicates(config, out, parse_seeds(organism_seeds), dry_run=dry_run, echo=typer.echo)
+        return
     from emscope.pipeline.runner import run_study
 
     run_study(config, out, dry_run=dry_run, echo=typer.echo, redo=redo)
@@ -30,8 +42,16 @@ def run_command(
 def report_command(
     directory: Path = typer.Argument(..., help="Run dir of `emscope run`."),
 ) -> None:
-    """Write DIR/report.html (self-contained, figures embedded) and DIR/report.md."""
+    """Write DIR/report.html (self-contained, figures embedded) and DIR/report.md (for a
+    dir of `emscope run --organism-seeds`: each build's report and DIR/replicates.md)."""
+    from emscope.pipeline.replicate import is_replicate_dir, rewrite_replicates
     from emscope.report import write_report
+
+    if is_replicate_dir(directory):
+        json_path, md = rewrite_replicates(directory)
+        typer.echo(f"replicates: {md.resolve()}")
+        typer.echo(f"            {json_path.resolve()}")
+        return
 
     html_path, md_path = write_report(directory)
     typer.echo(f"report: {html_path.resolve()}")

@@ -37,5 +37,63 @@ def build_cmd(
     typer.echo(f"built {out} in {result.record['timings'].get('total_s', 0):.0f} s")
 
 
+@toy.command("spread")
+def spread_cmd(
+    dirs: list[Path] = typer.Argument(..., help="Build dirs of 'emscope toy build'."),
+    questions: str = typer.Option(
+        "general", "--questions", help="Question file of the EM table: general, medical, ..."
+    ),
+) -> None:
+    """Each build's own EM table side by side (Markdown), with the mean and range across
+    builds: the spread of one recipe over seeds and machines, not one build's numbers."""
+    from emscope.errors import EmscopeError
+    from emscope.io import read_json
+    from emscope.pipeline.replicate import pool_em_tables
+
+    records = {}
+    for i, d in enumerate(dirs):
+        if not (d / "build.json").is_file():
+            raise EmscopeError(f"{d}: not a build dir (no build.json)")
+        records[i] = read_json(d / "build.json")
+    tables = {i: r.get("diagnostics", {}).get("em_table", {}) for i, r in records.items()}
+    if not any(tables.values()):
+        raise EmscopeError("no build has an EM table yet (unfinished builds?)")
+    pooled = pool_em_tables(tables, questions)
+    labels = [
+        f"{d} (seed {records[i].get('seed')}, {records[i].get('size')})" for i, d in enumerate(dirs)
+    ]
+    n = next(
+        (
+            r["n"]
+            for t in tables.values()
+            for m in t.values()
+            for f, r in m.items()
+            if f == questions
+        ),
+        None,
+    )
+    typer.echo(f"EM on the {questions} questions (n = {n} per model and build; 95% bootstrap CI)")
+    typer.echo("")
+    typer.echo("| model | " + " | ".join(labels) + " | mean [min, max] across builds |")
+    typer.echo("|---|" + "---|" * len(labels) + "---|")
+    for model, row in pooled.items():
+        cells = []
+        for i in records:
+            r = row["builds"].get(str(i))
+            if r is None:
+                cells.append("-")
+                continue
+            ci = r.get("em_ci")
+            text = f"{100 * r['em']:.1f}%"
+            if ci:
+                text += f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+            cells.append(text + f", coherent {100 * r['coherent']:.1f}%")
+        sp = row["em"]
+        pooled_text = (
+            f"{100 * sp['mean']:.1f}% [{100 * sp['min']:.1f}, {100 * sp['max']:.1f}]" if sp else "-"
+        )
+        typer.echo(f"| {model} | " + " | ".join(cells) + f" | {pooled_text} |")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(toy, name="toy")
