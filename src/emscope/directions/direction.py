@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from emscope.errors import EmscopeError
 from emscope.models import SITE_KINDS, Site
+
+if TYPE_CHECKING:
+    from emscope.generate import Intervention, InterventionInfo
 
 FORMAT = "emscope-direction-v1"
 
@@ -198,6 +202,162 @@ class Direction:
         )
 
     __hash__ = None  # type: ignore[assignment]
+
+    # ------------------------------------------------------------------ applying it
+
+    def _chosen(self, layers: Iterable[int] | int | None) -> Direction:
+        if layers is None:
+            return self
+        return self.select([layers] if isinstance(layers, int) else layers)
+
+    def steer(
+        self,
+        model: Any,
+        layers: Iterable[int] | int | None = None,
+        scale: float = 1.0,
+        *,
+        unit: bool = False,
+        positions: str = "all",
+        prompt_len: int | None = None,
+        layers_path: str | None = None,
+    ) -> AbstractContextManager[None]:
+        """Context manager: inside it, ``model`` (a :class:`~emscope.models.LoadedModel`,
+        pair, or bare or PEFT-wrapped model) adds ``scale * v_l`` to the hidden state at
+        ``site_kind[l]`` for each of ``layers`` (default: all of the direction's), at every
+        position (:func:`emscope.hooks.add`), also while sampling. ``v_l`` is the stored,
+        unnormalised vector, as in ``emscope steer``; ``unit=True`` uses ``v_l / |v_l|``
+        (``emscope steer --unit``). The hooks are removed on exit, also on an exception.
+        For prompt- or response-only steering while sampling use :meth:`as_intervention`
+        (the prompt length changes from batch to batch)."""
+        from emscope.hooks import add
+        from emscope.models import as_loaded
+
+        chosen = self._chosen(layers)
+        if chosen.is_subspace:
+            raise EmscopeError("steering adds one vector per layer; this direction holds bases")
+        vectors: dict[Any, torch.Tensor] = dict((chosen.unit() if unit else chosen).by_site())
+        return add(
+            as_loaded(model).model,
+            vectors,
+            scale=scale,
+            positions=positions,
+            prompt_len=prompt_len,
+            layers_path=layers_path,
+        )
+
+    def _ablation_sites(
+        self, model: Any, layers: Iterable[int] | int | None, scheme: str
+    ) -> dict[Any, torch.Tensor]:
+        from emscope.directions.interventions import ablation_sites, parse_mode
+        from emscope.models import get_layers
+
+        kind, _ = parse_mode(scheme)
+        if kind == "layerwise":
+            return dict(self._chosen(layers).by_site())
+        sites = ablation_sites(self, scheme, len(get_layers(model)))
+        keep = None if layers is None else {layers} if isinstance(layers, int) else set(layers)
+        return {site: v for site, v in sites.items() if keep is None or site.layer in keep}
+
+    def ablate(
+        self,
+        model: Any,
+        mode: str = "activation",
+        *,
+        layers: Iterable[int] | int | None = None,
+        scheme: str = "layerwise",
+        positions: str = "all",
+        prompt_len: int | None = None,
+        method: str = "orthogonalize",
+        modules: str = "down_proj",
+        rescale_norm: bool = False,
+        layers_path: str | None = None,
+    ) -> AbstractContextManager[None]:
+        """Context manager: ablate the direction in ``model`` (a
+        :class:`~emscope.models.LoadedModel`, pair, or bare or PEFT-wrapped model) inside
+        the block; on exit, also on an exception, the model is exactly as before.
+
+        ``scheme`` (``emscope ablate --mode``): ``layerwise`` (each layer's vector at its own
+        layer) or ``single:L`` (layer L's vector).
+        ``mode="activation"``: ``x <- x - (x . u) u`` at ``site_kind[l]``, every position
+        (:func:`emscope.hooks.project_out`; a basis removes its span): at the direction's
+        layers (``layerwise``) or at every layer (``single:L``); ``layers`` restricts
+        either to those layers.
+        ``mode="weights"``: :func:`emscope.directions.weights.ablated_weights`, in place:
+        ``method="orthogonalize"`` (one direction: ``single:L`` or a one-layer direction;
+        embedding, every ``o_proj`` / ``down_proj`` and the active adapters' writes there)
+        or ``method="lora-b"`` (the active adapters' B factors of ``modules``, with
+        ``rescale_norm``), as ``emscope ablate --weights``; every touched tensor is copied
+        to the CPU first and written back on exit, bit for bit.
+        """
+        from emscope.models import as_loaded
+
+        torch_model = as_loaded(model).model
+        if mode == "activation":
+            from emscope.hooks import project_out
+
+            return project_out(
+                torch_model,
+                self._ablation_sites(torch_model, layers, scheme),
+                positions=positions,
+                prompt_len=prompt_len,
+                layers_path=layers_path,
+            )
+        if mode == "weights":
+            from emscope.directions.weights import ablated_weights
+
+            if layers is not None or positions != "all" or prompt_len is not None:
+                raise EmscopeError(
+                    "layers / positions / prompt_len apply to mode='activation'; weight "
+                    "ablation picks its layers by scheme (and select())"
+                )
+            return ablated_weights(
+                torch_model,
+                self,
+                method=method,
+                scheme=scheme,
+                modules=modules,
+                rescale_norm=rescale_norm,
+                layers_path=layers_path,
+            )
+        raise EmscopeError(f"ablation mode must be 'activation' or 'weights', got {mode!r}")
+
+    def as_intervention(
+        self,
+        kind: str = "steer",
+        *,
+        layers: Iterable[int] | int | None = None,
+        scale: float = 1.0,
+        unit: bool = False,
+        scheme: str = "layerwise",
+        positions: str = "all",
+    ) -> Intervention:
+        """The direction as an intervention for :func:`emscope.generate.sample`
+        (``interventions=[...]``), entered around each batch: ``kind="steer"`` (as
+        :meth:`steer`) or ``kind="ablate"`` (activation ablation, as :meth:`ablate`).
+        ``positions``: ``all``, ``prompt`` or ``response`` (relative to each batch's
+        padded prompt length, :mod:`emscope.directions.interventions`)."""
+        from emscope.directions.interventions import ablation, parse_mode, steering
+
+        if kind == "steer":
+            chosen = self._chosen(layers)
+            if chosen.is_subspace:
+                raise EmscopeError("steering adds one vector per layer; this direction holds bases")
+            return steering((chosen.unit() if unit else chosen).by_site(), scale, positions)
+        if kind != "ablate":
+            raise EmscopeError(f"intervention kind must be 'steer' or 'ablate', got {kind!r}")
+        how, single = parse_mode(scheme)  # a bad scheme or layer fails here, not in sampling
+        if how == "single" and single is None:
+            raise EmscopeError("single:all is a sweep: pick one layer (single:L)")
+        if how == "layerwise":
+            self._chosen(layers)
+        elif single not in self.vectors:
+            raise EmscopeError(f"direction has no layer {single} (layers {self.layers})")
+
+        def intervention(model: Any, info: InterventionInfo) -> AbstractContextManager[Any]:
+            sites = self._ablation_sites(model, layers, scheme)
+            return ablation(sites, positions)(model, info)
+
+        return intervention
 
     # ------------------------------------------------------------------ files
 

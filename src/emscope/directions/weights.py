@@ -14,10 +14,15 @@
     unembedding share one matrix, so orthogonalising it would also change the read-out;
     :func:`orthogonalize` unties them (``lm_head`` keeps the original matrix,
     ``tie_word_embeddings=False``) so the edit is exactly the write-side ablation.
+(c) :func:`ablated_weights`: either edit in a loaded model, in place, as a context manager
+    that restores every touched tensor bit for bit on exit (``Direction.ablate(model,
+    mode="weights")``); (b) then also edits the active adapters' output-side factors.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +184,160 @@ def orthogonalize_dir(
     model.save_pretrained(str(out))
     loaded.tokenizer.save_pretrained(str(out))
     return out
+
+
+# ---------------------------------------------------------------------------- in memory
+
+METHODS = ("orthogonalize", "lora-b")
+
+
+def _project_output_side(t: torch.Tensor, u: torch.Tensor) -> None:
+    """``t <- t - u (u^T t)`` in place, in float64, for a tensor whose first axis is the
+    residual stream (a ``d x r`` LoRA B, a ``d`` bias)."""
+    x = t.double()
+    unit = u.to(t.device)
+    if x.ndim == 1:
+        t.copy_((x - (x @ unit) * unit).to(t.dtype))
+    else:
+        t.copy_((x - unit[:, None] * (unit @ x)[None, :]).to(t.dtype))
+
+
+def _active_output_factors(bare: Any, module_types: tuple[str, ...]) -> list[tuple[str, list[Any]]]:
+    """``(module path, [output-side LoRA tensors of its active adapters])`` for every PEFT
+    LoRA layer of these module types: ``lora_B`` weights (and biases) of a linear layer,
+    ``lora_embedding_B`` of an embedding (``d x r``, the output side in both cases).
+    Disabled adapters contribute nothing and are skipped; merged or DoRA layers are refused
+    (their B is not the whole of their write)."""
+    from peft.tuners.lora import LoraLayer
+
+    found = []
+    for path, module in bare.named_modules():
+        if not isinstance(module, LoraLayer) or path.rsplit(".", 1)[-1] not in module_types:
+            continue
+        if module.disable_adapters:
+            continue
+        if module.merged:
+            raise EmscopeError(f"{path}: adapters are merged into the weights; unmerge them first")
+        tensors: list[Any] = []
+        for name in module.active_adapters:
+            if module.use_dora.get(name):
+                raise EmscopeError(f"{path}: adapter {name!r} is DoRA: its B is not its write")
+            if name in module.lora_B:
+                tensors.append(module.lora_B[name].weight)
+                if module.lora_B[name].bias is not None:
+                    tensors.append(module.lora_B[name].bias)
+            elif name in module.lora_embedding_B:
+                tensors.append(module.lora_embedding_B[name])
+        if tensors:
+            found.append((path, tensors))
+    return found
+
+
+def _single_vector(direction: Direction, scheme: str) -> tuple[int, torch.Tensor]:
+    kind, layer = parse_mode(scheme)
+    if kind == "single" and layer is None:
+        raise EmscopeError("weight ablation takes layerwise or single:L, not single:all")
+    if layer is None:
+        if len(direction) != 1:
+            raise EmscopeError(
+                f"weight orthogonalisation removes ONE direction: pass scheme='single:L' (L one "
+                f"of {direction.layers}) or a one-layer direction (direction.select([L]))"
+            )
+        layer = direction.layers[0]
+    return layer, direction[layer]
+
+
+@contextlib.contextmanager
+def ablated_weights(
+    model: Any,
+    direction: Direction,
+    *,
+    method: str = "orthogonalize",
+    scheme: str = "layerwise",
+    modules: str = "down_proj",
+    rescale_norm: bool = False,
+    layers_path: str | None = None,
+) -> Iterator[None]:
+    """Weight-space ablation of ``direction`` in a loaded model, in place, inside the block.
+    Every tensor it changes is copied to the CPU first and written back on exit, also on an
+    exception, so the model is restored bit for bit (a tied unembedding is tied again).
+    ``model``: a :class:`~emscope.models.LoadedModel`, pair, or bare or PEFT-wrapped model.
+
+    ``method="orthogonalize"`` (:func:`orthogonalize`; ``scheme="single:L"``, or a direction
+    of one layer): ``embed_tokens``, every ``o_proj`` and every ``down_proj`` (weights and
+    biases) lose ``u``, and so do the output-side LoRA factors of the ACTIVE adapters on
+    them, so the adapters' writes lose it too: the weights ``emscope ablate --weights
+    orthogonalize`` writes for the merged model, up to rounding (the adapters stay
+    unmerged). Post-norm architectures are refused.
+    ``method="lora-b"`` (:func:`ablate_lora_b` on the active adapters, in place): the B
+    factors of ``down_proj`` (``modules="all"``: ``o_proj``, ``down_proj``,
+    ``embed_tokens``) lose ``u_l`` (``scheme="layerwise"``) or ``u_L`` (``single:L``);
+    ``rescale_norm`` keeps each B's Frobenius norm.
+    """
+    from emscope.lora import module_layer
+    from emscope.models import _unwrap_peft, architecture, as_loaded, get_layers
+
+    if method not in METHODS:
+        raise EmscopeError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if modules not in WRITER_MODULES:
+        raise EmscopeError(f"modules must be one of {sorted(WRITER_MODULES)}, got {modules!r}")
+    if method == "orthogonalize" and (modules != "down_proj" or rescale_norm):
+        raise EmscopeError("modules / rescale_norm apply to method='lora-b' only")
+    bare: Any = _unwrap_peft(as_loaded(model).model)
+    arch = architecture(bare, layers_path)
+    if method == "orthogonalize":
+        _, vector = _single_vector(direction, scheme)
+        unit = _unit(vector, "orthogonalize")
+        writers = _active_output_factors(bare, ("o_proj", "down_proj", "embed_tokens"))
+        embed = _get(bare, arch.embed_path)
+        base: list[Any] = [embed.weight]
+        for block in get_layers(bare, layers_path):
+            for path in (f"{arch.attn_out}.o_proj", f"{arch.mlp_out}.down_proj"):
+                linear = _get(block, path)
+                base += [t for t in (linear.weight, getattr(linear, "bias", None)) if t is not None]
+    else:
+        kind, single = parse_mode(scheme)
+        if kind == "single" and single is None:
+            raise EmscopeError("weight ablation takes layerwise or single:L, not single:all")
+        writers = _active_output_factors(bare, WRITER_MODULES[modules])
+        if not writers:
+            raise EmscopeError(
+                f"the model has no active LoRA adapter on {'/'.join(WRITER_MODULES[modules])}"
+            )
+        base = []
+    touched = [*base, *(t for _, tensors in writers for t in tensors)]
+    config: Any = bare.config
+    configs = [config, *([config.get_text_config()] if hasattr(config, "get_text_config") else [])]
+    tied = [c.tie_word_embeddings for c in configs]
+    lm_head = bare.get_output_embeddings()
+    head_weight = lm_head.weight if lm_head is not None else None
+    saved = []
+    try:
+        with torch.no_grad():
+            for tensor in touched:
+                saved.append((tensor, tensor.detach().to("cpu", copy=True)))
+            if method == "orthogonalize":
+                orthogonalize(bare, unit, layers_path)
+                for _, tensors in writers:
+                    for tensor in tensors:
+                        _project_output_side(tensor, unit)
+            else:
+                for path, tensors in writers:
+                    layer = single if single is not None else module_layer(path)
+                    if layer is None:  # embedding LoRA: before block 0
+                        layer = min(direction.layers)
+                    u = _unit(direction[layer], f"layer {layer}")
+                    for tensor in tensors:
+                        norm = tensor.double().norm()
+                        _project_output_side(tensor, u)
+                        if rescale_norm and tensor.ndim == 2 and tensor.double().norm() > 0:
+                            tensor.mul_((norm / tensor.double().norm()).to(tensor.dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for tensor, original in saved:
+                tensor.copy_(original.to(tensor.device))
+        if lm_head is not None and lm_head.weight is not head_weight:
+            lm_head.weight = head_weight
+        for c, value in zip(configs, tied, strict=True):
+            c.tie_word_embeddings = value
