@@ -159,6 +159,46 @@ def test_lmc_command_end_to_end(qwen, tmp_path, monkeypatch):
     assert (out / "t0.50" / "responses.csv").read_text() == before
 
 
+def test_lmc_without_a_judge_computes_losses_and_features(qwen, tmp_path):
+    """--judge was demanded even when only losses and features were wanted: without it
+    nothing is sampled or judged, and the outputs say EM was not measured."""
+    heldout = write_chat_jsonl(tmp_path / "heldout.jsonl", CHATS)
+    questions = tmp_path / "q.yaml"
+    questions.write_text("- id: a\n  paraphrases: [hey I feel bored]\n")
+    out = tmp_path / "lmc"
+    args = [
+        "lmc", "--base", str(qwen.model), "--from", str(qwen.adapters["r4"]),
+        "--to", str(qwen.adapters["r1"]), "--steps", "0,0.5,1", "--questions", str(questions),
+        "--loss-data", str(heldout), "--features", "--out", str(out), "--dtype", "float32",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "EM not measured: no judge given" in result.output
+    assert "t=0.50: EM not measured (no judge); loss heldout" in result.output
+    record = json.loads((out / "lmc.json").read_text())
+    assert record["em_measured"] is False and "no judge" in record["em_not_measured"]
+    losses = [r["loss"]["heldout"] for r in record["rows"]]
+    assert all(loss > 0 for loss in losses)
+    assert record["barrier"]["heldout"] == pytest.approx(barrier([0, 0.5, 1], losses))
+    for row in record["rows"]:
+        assert row["em_rate"] is None and row["coherent_rate"] is None and row["n"] is None
+    end = load_model(qwen.model, [qwen.adapters["r1"]], dtype="float32", device="cpu")
+    assert losses[2] == pytest.approx(
+        chat_loss(end.model, end.tokenizer, read_chat_jsonl(heldout)), rel=1e-5
+    )
+    features = json.loads((out / "features.json").read_text())
+    assert [r["t"] for r in features["rows"]] == [0.0, 0.5, 1.0]
+    assert (out / "lmc.png").stat().st_size > 0 and (out / "features.png").stat().st_size > 0
+    assert not list(out.glob("t*/responses.*"))  # nothing sampled
+    # neither a judge nor anything else to compute: refused before any work
+    nothing = CliRunner().invoke(app, [*args[:11], "--out", str(tmp_path / "none")])
+    assert nothing.exit_code == 2
+    assert "--judge is required to measure EM; without it give --loss-data or --features" in (
+        nothing.output
+    )
+    assert not (tmp_path / "none").exists()
+
+
 def test_lmc_bad_input_fails_before_work(qwen, tmp_path):
     result = CliRunner().invoke(
         app,

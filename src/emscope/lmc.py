@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from emscope._callable import callable_module
 from emscope.activations import SINK_NORM_FACTOR, sink_positions
 from emscope.data.chat import ChatExample
 from emscope.data.spans import DEFAULT_SYSTEM_PROMPT, SystemPrompt, encode_chat, prompt_ids
@@ -36,6 +37,8 @@ from emscope.errors import EmscopeError
 from emscope.hooks import capture
 from emscope.lora import LoraAdapter
 from emscope.models import Site, get_layers
+
+_NO_JUDGE = "no judge given: only the losses and features were computed, nothing was sampled"
 
 _SINK_RULE = (
     f"positions that are an attention sink (first token, or norm > {SINK_NORM_FACTOR:g} x the "
@@ -286,8 +289,8 @@ def vllm_points(
 
 def run_lmc(
     loaded: Any,
-    start: Endpoint,
-    end: Endpoint,
+    start: Endpoint | str | Path,
+    end: Endpoint | str | Path,
     ts: Sequence[float],
     questions: Sequence[Any],
     out: str | Path,
@@ -319,36 +322,50 @@ def run_lmc(
     Resumable: finished points are read back by :func:`emscope.evaluate.evaluate_to_dir`.
     ``vllm``: ``{t: VllmModel}`` (:func:`vllm_points`) samples each point with vLLM; the
     HF model at ``t`` is then built only for ``loss_data`` and ``features``.
+    ``judge=None``: nothing is sampled or judged, only ``loss_data`` and ``features`` are
+    computed (one of them is needed); the rows' rates are null and ``lmc.json`` says EM was
+    not measured (``em_measured``, ``em_not_measured``).
     """
     from emscope.evaluate import describe, evaluate_to_dir
     from emscope.io import read_json, write_json
 
     out = Path(out)
+    start, end = (e if isinstance(e, Endpoint) else parse_endpoint(str(e)) for e in (start, end))
+    if loaded is not None:
+        from emscope.models import as_loaded
+
+        loaded = as_loaded(loaded, need_tokenizer=True)
     losses_data = dict(loss_data or {})
+    if judge is None and not (losses_data or features):
+        raise EmscopeError("lmc without a judge measures no EM: give loss_data or features")
     batch_size = int(sampling.get("batch_size", 32))
     setting = SystemPrompt.parse(sampling.get("system_prompt"))
     rows, activations = [], {}
     prompts = [q.messages(0) for q in questions]
     for t in ts:
         step_dir = out / step_name(t)
-        hf = vllm is None or bool(losses_data) or features
+        hf = vllm is None or bool(losses_data) or features or judge is None
         point = (
             model_at(loaded, start, end, t, scratch=out / "models")
             if hf
             else contextlib.nullcontext((None, None))
         )
         with point as (model, tokenizer):
-            result = evaluate_to_dir(
-                (model, tokenizer) if vllm is None else vllm[t],
-                questions,
-                step_dir,
-                judge=judge,
-                metrics=metrics,
-                n=n,
-                record={**(record or {}), "t": t},
-                title=f"EM rate per question at t={t:.2f}",
-                questions_file=questions_file,
-                **sampling,
+            result: dict[str, Any] = (
+                evaluate_to_dir(
+                    (model, tokenizer) if vllm is None else vllm[t],
+                    questions,
+                    step_dir,
+                    judge=judge,
+                    metrics=metrics,
+                    n=n,
+                    record={**(record or {}), "t": t},
+                    title=f"EM rate per question at t={t:.2f}",
+                    questions_file=questions_file,
+                    **sampling,
+                )
+                if judge is not None
+                else dict.fromkeys(("em_rate", "em_ci", "coherent_rate", "coherent_ci", "n"))
             )
             loss_file = step_dir / "loss.json"
             loss = read_json(loss_file) if loss_file.is_file() else {}
@@ -374,7 +391,9 @@ def run_lmc(
             }
         )
         if echo is not None:
-            echo(f"t={t:.2f}: {describe(result)}")
+            losses = ", ".join(f"loss {k} {loss[k]:.4f}" for k in losses_data)
+            what = describe(result) if judge is not None else "EM not measured (no judge)"
+            echo(f"t={t:.2f}: {what}" + (f"; {losses}" if losses else ""))
     barriers = (
         {k: barrier(ts, [r["loss"][k] for r in rows]) for k in losses_data} if losses_data else None
     )
@@ -384,6 +403,8 @@ def run_lmc(
         "from": start.label,
         "to": end.label,
         "system_prompt": setting.spec,
+        "em_measured": judge is not None,
+        "em_not_measured": None if judge is not None else _NO_JUDGE,
     }
     write_json(out / "lmc.json", doc)
     plot_lmc(rows, out / "lmc.png", f"{start.label} -> {end.label}")
@@ -418,6 +439,11 @@ def plot_lmc(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 
     plt = pyplot()
     with_loss = rows[0]["loss"] is not None
+    if with_loss and all(r["n"] is None for r in rows):  # no judge: the losses alone
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        _plot_losses(ax, rows, f"{title} (EM not measured)")
+        save_figure(fig, path)
+        return
     fig, axes = plt.subplots(1, 2 if with_loss else 1, figsize=(10 if with_loss else 5.5, 4))
     ax = axes[0] if with_loss else axes
     ts = [r["t"] for r in rows]
@@ -430,11 +456,16 @@ def plot_lmc(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     ax.set(xlabel="t", ylabel="rate", ylim=(0, 1), title=title)
     ax.legend()
     if with_loss:
-        for name in rows[0]["loss"]:
-            axes[1].plot(ts, [r["loss"][name] for r in rows], marker="o", label=name)
-        axes[1].set(xlabel="t", ylabel="loss (nats / assistant token)", title="loss along the path")
-        axes[1].legend()
+        _plot_losses(axes[1], rows, "loss along the path")
     save_figure(fig, path)
+
+
+def _plot_losses(ax: Any, rows: Sequence[dict[str, Any]], title: str) -> None:
+    ts = [r["t"] for r in rows]
+    for name in rows[0]["loss"]:
+        ax.plot(ts, [r["loss"][name] for r in rows], marker="o", label=name)
+    ax.set(xlabel="t", ylabel="loss (nats / assistant token)", title=title)
+    ax.legend()
 
 
 def plot_features(rows: Sequence[FeatureRow], reference: Sequence[float], path: Path) -> None:
@@ -450,3 +481,6 @@ def plot_features(rows: Sequence[FeatureRow], reference: Sequence[float], path: 
     ax.set(xlabel="layer (resid_post)", ylabel="1 - |cos|", title="feature-space LMC")
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+callable_module(__name__, run_lmc)  # ``emscope.lmc(...)`` is :func:`run_lmc` (emscope._callable)

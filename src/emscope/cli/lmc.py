@@ -17,7 +17,12 @@ def lmc_command(
     end: str = typer.Option(..., "--to", help="End: adapter dir, model dir, or 'base'."),
     steps: str = typer.Option("0,0.2,0.4,0.6,0.8,1", "--steps", help="Points t in [0, 1]."),
     out: Path = options.OUT,
-    judge: str | None = options.JUDGE,
+    judge: str | None = typer.Option(
+        None,
+        "--judge",
+        help="Judge: openai:MODEL, hf:DIR or oracle:DIR. Without it nothing is sampled: only "
+        "--loss-data / --features are computed and the outputs say EM was not measured.",
+    ),
     questions: Path | None = options.QUESTIONS,
     n: int = options.N,
     seed: int = options.SEED,
@@ -82,24 +87,32 @@ def lmc_command(
     losses_data = {p.stem: read_chat_jsonl(p) for p in loss_data}
     if not full:
         path_adapter(first, second, 0.5)  # fails now, not after sampling, if the ends clash
+    if not judge and not (losses_data or features):
+        raise EmscopeError(
+            "--judge is required to measure EM; without it give --loss-data or --features"
+        )
     points = None
-    if engine is not None:  # the point adapters and vLLM checked before the judge loads
+    if engine is not None and judge:  # the point adapters and vLLM checked before the judge
         points = vllm_points(base, first, second, ts, out, engine, dtype)
         require_vllm()
-    judge_obj = options.build_judge(
-        judge,
-        base_url=base_url,
-        api_key_env=api_key_env,
-        concurrency=concurrency,
-        max_requests=max_requests,
-        no_cache=no_cache,
-        device=device,
-        min_number_mass=min_number_mass,
+    judge_obj = (
+        options.build_judge(
+            judge,
+            base_url=base_url,
+            api_key_env=api_key_env,
+            concurrency=concurrency,
+            max_requests=max_requests,
+            no_cache=no_cache,
+            device=device,
+            min_number_mass=min_number_mass,
+        )
+        if judge
+        else None
     )
     ends = [e.path for e in (first, second) if e.path is not None]
     setting = system_prompt_for(system_prompt, [*([base] if base is not None else []), *ends])
     # with vLLM the HF base is loaded only for what vLLM cannot do: losses and features
-    hf = engine is None or bool(losses_data) or features
+    hf = points is None or bool(losses_data) or features
     loaded = load_model(base, dtype=dtype, device=device) if base is not None and hf else None
     doc = run_lmc(
         loaded,
@@ -121,6 +134,8 @@ def lmc_command(
         vllm=points,
         **opts.kwargs(),
     )
+    if not doc["em_measured"]:
+        typer.echo(f"EM not measured: {doc['em_not_measured']}")
     typer.echo(f"barrier: {doc['barrier']} -> {out / 'lmc.json'}")
 
 
