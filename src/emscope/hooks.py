@@ -22,6 +22,13 @@ decoder in 5.24). A ``cache_position`` argument, where given, must agree with it
 no cache starts at column 0. Anything cache-like that cannot be read raises
 :class:`~emscope.errors.EmscopeError` naming the transformers version; it never reads as 0.
 
+Models spread over several devices (``load_model(..., device="auto")``, accelerate's
+``device_map``): every vector an edit adds or projects out is moved to the device and dtype
+of the hidden state it edits on each call (nothing is kept on one device), and
+:func:`capture` gathers what it records on one device, the model's first
+(:func:`gather_device`, where its inputs go), so read-outs combine with masks and weights
+made there.
+
 Raw hooks on HF modules are used instead of TransformerLens/nnsight: they are exact, cheap,
 and work on any HF model without conversion (docs/architecture.md).
 """
@@ -236,6 +243,28 @@ def _vectors_by_site(vectors: Mapping[SiteLike, torch.Tensor]) -> dict[Site, tor
     return out
 
 
+def _shift(vector: torch.Tensor, scale: float) -> Edit:
+    """``hidden + scale * vector``, the vector moved to the hidden state's device and dtype
+    on every call."""
+
+    def edit(hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + (scale * vector).to(hidden.device, hidden.dtype)
+
+    return edit
+
+
+def _projector(basis: torch.Tensor) -> Edit:
+    """``x - (x Q) Q^T`` for an orthonormal ``d x k`` basis ``Q``, in float32 on the hidden
+    state's device (moved there on every call), cast back to its dtype."""
+
+    def edit(hidden: torch.Tensor) -> torch.Tensor:
+        q = basis.to(hidden.device)
+        x = hidden.to(torch.float32)
+        return (x - (x @ q) @ q.T).to(hidden.dtype)
+
+    return edit
+
+
 def add(
     model: nn.Module,
     vectors: Mapping[SiteLike, torch.Tensor],
@@ -248,15 +277,8 @@ def add(
     hidden state's dtype, at the selected positions. Steering: ``add(model,
     {"resid_post[12]": v}, scale=8)``."""
     by_site = _vectors_by_site(vectors)
-
-    def make(vector: torch.Tensor) -> Edit:
-        def edit(hidden: torch.Tensor) -> torch.Tensor:
-            return hidden + (scale * vector).to(hidden.device, hidden.dtype)
-
-        return edit
-
     return _edit_sites(
-        model, {s: make(v) for s, v in by_site.items()}, positions, prompt_len, layers_path
+        model, {s: _shift(v, scale) for s, v in by_site.items()}, positions, prompt_len, layers_path
     )
 
 
@@ -279,17 +301,8 @@ def project_out(
             raise EmscopeError(f"direction for {key} is zero or not finite")
         q, _ = torch.linalg.qr(matrix.detach().to(torch.float32).T)  # d x k, orthonormal
         bases[as_site(key)] = q
-
-    def make(q: torch.Tensor) -> Edit:
-        def edit(hidden: torch.Tensor) -> torch.Tensor:
-            basis = q.to(hidden.device)
-            x = hidden.to(torch.float32)
-            return (x - (x @ basis) @ basis.T).to(hidden.dtype)
-
-        return edit
-
     return _edit_sites(
-        model, {s: make(q) for s, q in bases.items()}, positions, prompt_len, layers_path
+        model, {s: _projector(q) for s, q in bases.items()}, positions, prompt_len, layers_path
     )
 
 
@@ -312,6 +325,16 @@ class Captured:
             values.clear()
 
 
+def gather_device(model: nn.Module) -> torch.device | None:
+    """Where :func:`capture` gathers a model spread over several devices: the device of its
+    first parameter (the embedding, where inputs go); None for a model on one device.
+    Parameters on ``meta`` (offloaded by accelerate) do not count."""
+    devices = [p.device for p in _unwrap_peft(model).parameters() if p.device.type != "meta"]
+    if len(set(devices)) < 2:
+        return None
+    return devices[0]
+
+
 @contextlib.contextmanager
 def capture(
     model: nn.Module,
@@ -321,8 +344,10 @@ def capture(
     dtype: torch.dtype | None = None,
 ) -> Iterator[Captured]:
     """Record the hidden state at each site for every forward call inside the block
-    (detached; optionally moved to CPU and/or cast)."""
+    (detached; optionally moved to CPU and/or cast). On a model spread over several devices
+    every recording is moved to one, :func:`gather_device` (or the CPU with ``to_cpu``)."""
     captured = Captured()
+    target = torch.device("cpu") if to_cpu else gather_device(model)
     with contextlib.ExitStack() as stack:
         for site in dict.fromkeys(as_site(s) for s in sites):  # unique, in order
             captured.calls[site] = []
@@ -332,7 +357,7 @@ def capture(
                 value = hidden.detach()
                 if dtype is not None:
                     value = value.to(dtype)
-                captured.calls[site].append(value.cpu() if to_cpu else value)
+                captured.calls[site].append(value if target is None else value.to(target))
 
             if site.kind == "resid_pre":
 

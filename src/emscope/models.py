@@ -472,7 +472,7 @@ def load_model(
     *,
     dtype: str | torch.dtype | None = "auto",
     device: str | None = None,
-    device_map: str | None = None,
+    device_map: str | dict[str, Any] | None = None,
     layers_path: str | None = None,
 ) -> LoadedModel:
     """Load a local HF model dir with zero, one or several PEFT LoRA adapter dirs.
@@ -483,7 +483,10 @@ def load_model(
     its snapshot in the HF cache, fetched unless ``HF_HUB_OFFLINE=1`` (:mod:`emscope.hub`).
     Each adapter is checked against the model before PEFT sees it: a module it names must
     exist in the model with matching shapes. The first adapter is active.
-    ``device_map="auto"`` spreads a large model over the available GPUs (accelerate).
+    ``device_map="auto"`` (or ``device="auto"``, what ``--device auto`` passes) spreads a
+    large model over the available GPUs (accelerate; what does not fit goes to the CPU);
+    hooks, directions, ablations and read-outs work on such a model (:mod:`emscope.hooks`).
+    ``device`` and ``device_map`` together are refused.
     """
     path = resolve_hub(path, "model")
     check_model_dir(path, layers_path)
@@ -497,6 +500,10 @@ def load_model(
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
+    if device == "auto":
+        device, device_map = None, device_map or "auto"
+    if device is not None and device_map is not None:
+        raise EmscopeError(f"pass device ({device!r}) or device_map ({device_map!r}), not both")
     if device is None and device_map is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device is not None:

@@ -67,7 +67,12 @@ MIN_NUMBER_MASS = typer.Option(
 )
 OUT = typer.Option(..., "--out", help="Output dir (resumable: re-run to continue).")
 DTYPE = typer.Option("auto", "--dtype", help="Model dtype: auto, float32, bfloat16, float16.")
-DEVICE = typer.Option(None, "--device", help="Device (default: cuda if available, else cpu).")
+DEVICE = typer.Option(
+    None,
+    "--device",
+    help="Device (default: cuda if available, else cpu); auto: spread a model too large for "
+    "one GPU over all of them (device_map='auto').",
+)
 SCALE_ADAPTER = typer.Option(
     [],
     "--scale-adapter",

@@ -130,14 +130,15 @@ def orthogonalize(model: Any, u: torch.Tensor, layers_path: str | None = None) -
             "(post-norms), so weight orthogonalisation is not exact there; use activation "
             "ablation (emscope ablate without --weights)"
         )
-    unit = _unit(u, "orthogonalize")
+    unit_cpu = _unit(u, "orthogonalize")
 
+    # each weight is edited on its own device (a model spread by device_map="auto")
     def project_rows(weight: torch.Tensor) -> None:  # E: vocab x d, rows live in R^d
-        w = weight.double()
+        w, unit = weight.double(), unit_cpu.to(weight.device)
         weight.copy_((w - (w @ unit)[:, None] * unit[None, :]).to(weight.dtype))
 
     def project_out_side(linear: Any) -> None:  # W: d x d_in, output side R^d
-        w = linear.weight.double()
+        w, unit = linear.weight.double(), unit_cpu.to(linear.weight.device)
         linear.weight.copy_((w - unit[:, None] * (unit @ w)[None, :]).to(linear.weight.dtype))
         if getattr(linear, "bias", None) is not None:
             b = linear.bias.double()
@@ -151,7 +152,6 @@ def orthogonalize(model: Any, u: torch.Tensor, layers_path: str | None = None) -
         config.tie_word_embeddings = False
         if hasattr(config, "get_text_config"):
             config.get_text_config().tie_word_embeddings = False
-    unit = unit.to(embed.weight.device)
     project_rows(embed.weight)
     for block in get_layers(model, layers_path):
         project_out_side(_get(block, f"{arch.attn_out}.o_proj"))
