@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from emscope._callable import callable_module
 from emscope.activations import SINK_NORM_FACTOR, sink_positions
 from emscope.data.chat import ChatExample
 from emscope.data.spans import DEFAULT_SYSTEM_PROMPT, SystemPrompt, encode_chat, prompt_ids
@@ -480,3 +481,6 @@ def plot_features(rows: Sequence[FeatureRow], reference: Sequence[float], path: 
     ax.set(xlabel="layer (resid_post)", ylabel="1 - |cos|", title="feature-space LMC")
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+callable_module(__name__, run_lmc)  # ``emscope.lmc(...)`` is :func:`run_lmc` (emscope._callable)

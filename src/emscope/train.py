@@ -69,6 +69,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from emscope._callable import callable_module
 from emscope.errors import EmscopeError
 
 if TYPE_CHECKING:
@@ -1565,6 +1566,8 @@ class _Writer:
             write_json(self.out / RECORD, record)
         self.runtime.barrier()
 
+
+callable_module(__name__, train)  # ``emscope.train(...)`` is :func:`train` (emscope._callable)
 
 if __name__ == "__main__":  # ``accelerate launch -m emscope.train BASE_DIR --data ...``
     from emscope.cli.train import main

@@ -7,6 +7,7 @@ adapters with aggregation and chance baselines (:mod:`.analysis`, :mod:`.baselin
 one-module-at-a-time reading (:mod:`.sources`), summary and figures (:mod:`.report`).
 """
 
+from emscope._callable import callable_module
 from emscope.geometry.analysis import (
     FIELDS,
     Geometry,
@@ -48,3 +49,6 @@ __all__ = [
     "random_comparisons",
     "singular_subspace",
 ]
+
+# ``emscope.geometry(adapters)`` is :func:`compare_adapters` (emscope._callable)
+callable_module(__name__, compare_adapters)
