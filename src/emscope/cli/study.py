@@ -32,7 +32,9 @@ def run_command(
     if organism_seeds is not None:
         from emscope.pipeline.replicate import parse_seeds, run_replicates
 
-        run_replicates(config, out, parse_seeds(organism_seeds), dry_run=dry_run, echo=typer.echo)
+        run_replicates(
+            config, out, parse_seeds(organism_seeds), dry_run=dry_run, echo=typer.echo, redo=redo
+        )
         return
     from emscope.pipeline.runner import run_study
 

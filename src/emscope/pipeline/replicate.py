@@ -69,10 +69,12 @@ def run_replicates(
     *,
     dry_run: bool = False,
     echo: Callable[[str], None] = print,
+    redo: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run the study of ``config_path`` once per organism seed into ``out/seed-<S>/`` (the
     per-seed config is written to ``out/configs/seed-<S>.yaml`` and is what that run
-    records), then write ``out/replicates.{json,md}``. Every per-seed config is validated
+    records; ``redo``: :func:`~emscope.pipeline.runner.run_study`'s, on every build), then
+    write ``out/replicates.{json,md}``. Every per-seed config is validated
     before the first build. Returns the replicate summary (``{}`` for ``dry_run``)."""
     import yaml
 
@@ -106,12 +108,15 @@ def run_replicates(
 
             echo(format_plan(parse, runs[s]))
         return {}
-    for s in seeds:
+    summary: dict[str, Any] = {}
+    for i, s in enumerate(seeds):
         echo(f"=== organism seed {s} ({organism_dir(data, s)}) -> {runs[s]}")
-        run_study(paths[s], runs[s], echo=echo)
-    summary = replicate_summary(runs)
-    summary["config_file"] = str(config_path)
-    write_replicates(out, summary)
+        run_study(paths[s], runs[s], echo=echo, redo=list(redo))
+        # the builds finished so far, rewritten after each (an interrupted series keeps them)
+        summary = replicate_summary({t: runs[t] for t in seeds[: i + 1]})
+        summary["config_file"] = str(config_path)
+        summary["seeds_requested"] = list(seeds)
+        write_replicates(out, summary)
     echo(f"replicates: {out / 'replicates.md'}")
     return summary
 
