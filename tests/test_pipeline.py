@@ -800,6 +800,7 @@ def test_study_on_each_organism_build_and_pooled_claims(
     assert claims["steering"]["pooled"]["holds"] == "n/a (stage not run)"
     em = summary["em_table_general"]["instruct"]
     assert set(em["builds"]) == {"0", "1"} and em["em"]["n"] == 2
+    assert summary["probes"] == {"0": {}, "1": {}}  # the probes stage did not run
     md = (out / "replicates.md").read_text()
     assert "| claim | pooled | seed 0 | seed 1 |" in md and "EM on the general questions" in md
     report = invoke("report", out)
@@ -808,3 +809,34 @@ def test_study_on_each_organism_build_and_pooled_claims(
     spread_out = invoke("toy", "spread", tiny_organism, f"{tiny_organism}-seed1")
     assert spread_out.exit_code == 0, spread_out.output
     assert "| instruct |" in spread_out.output and "(seed 1, tiny)" in spread_out.output
+
+
+def test_geometry_stage_flags_shared_init_and_reads_same_seed_controls(
+    tiny_organism: Path, tmp_path: Path
+) -> None:
+    """The build trains its *.all adapters from one seed: the geometry summary flags every
+    pair as sharing its LoRA initialisation, gives each EM-EM pair its same-seed EM-control
+    cosines, and the report's geometry section warns."""
+    from emscope.report.sections import geometry_section
+
+    out = tmp_path / "run"
+    lines: list[str] = []
+    run_study(write(tmp_path, tiny_config(tiny_organism, ["organisms", "geometry"])), out,
+              echo=lines.append)  # fmt: skip
+    summary = json.loads((out / "geometry" / "summary.json").read_text())
+    pairs = summary["pairs"]
+    assert summary["shared_init_threshold"] == 0.5
+    assert all(p["shared_init"] and p["a_row_cosine"] > 0.9 for p in pairs.values())
+    em_em = pairs["bad_medical.all|bad_sport.all"]
+    assert em_em["same_seed_controls"] == {
+        "bad_medical.all|good_medical.all": pairs["bad_medical.all|good_medical.all"]["cosine"],
+        "bad_sport.all|good_medical.all": pairs["bad_sport.all|good_medical.all"]["cosine"],
+    }
+    assert "same_seed_controls" not in pairs["bad_medical.all|good_medical.all"]
+    assert (
+        sum("warning: bad_medical.all|bad_sport.all: the adapters share" in x for x in lines) == 1
+    )
+    section = geometry_section(out)
+    assert section.text.startswith("Warning: 3 pair(s) share their LoRA initialisation")
+    row = next(r for r in section.tables[0].rows if r[0] == "bad_medical.all | bad_sport.all")
+    assert row[6].startswith("yes (") and row[7] != "-"

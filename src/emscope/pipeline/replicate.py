@@ -267,6 +267,25 @@ def headline_numbers(run_dir: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def probe_numbers(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Per probe test of the probes stage: token AUC and shuffled AUC (mean, sd over
+    seeds), responses and tokens per class, constant fits; {} if the stage did not run."""
+    run = Path(run_dir)
+    if not (run / "probes" / "done.json").is_file():
+        return {}
+    result = _read(run / "probes" / "probe.json") or {}
+    out = {}
+    for name, t in result.get("tests", {}).items():
+        if "skipped" in t:
+            out[name] = {"skipped": t["skipped"]}
+            continue
+        out[name] = {
+            k: t.get(k)
+            for k in ("auc", "shuffled_auc", "n_responses", "n_tokens", "constant", "C_chosen")
+        }
+    return out
+
+
 def em_table_of(run_dir: Path) -> dict[str, dict[str, Any]]:
     """The organisms stage's EM table (``{model: {question file: row}}``), or {}."""
     stage = _read(Path(run_dir) / "organisms" / "stage.json") or {}
@@ -337,6 +356,7 @@ def replicate_summary(runs: dict[int, Path]) -> dict[str, Any]:
         "the spread (mean, min-max) is across builds",
         "claims": claims,
         "em_table_general": pool_em_tables({s: em_table_of(d) for s, d in runs.items()}),
+        "probes": {str(s): probe_numbers(d) for s, d in runs.items()},
     }
 
 
@@ -421,6 +441,42 @@ def replicates_markdown(summary: dict[str, Any]) -> str:
                 if sp
                 else f"| {model} | " + " | ".join(cells) + " | - |"
             )
+    probes = summary.get("probes") or {}
+    names = list(dict.fromkeys(n for per in probes.values() for n in per))
+    if names:
+        lines += [
+            "",
+            "Probes (token AUC, mean +- sd over seeds; shuffled; responses / tokens per class):",
+            "",
+            "| test | " + " | ".join(f"seed {s}" for s in seeds) + " | mean [min, max] |",
+            "|---|" + "---|" * len(seeds) + "---|",
+        ]
+        for name in names:
+            cells, aucs = [], []
+            for s in seeds:
+                t = probes.get(str(s), {}).get(name)
+                if not t or "skipped" in t:
+                    cells.append("skipped" if t else "-")
+                    continue
+                aucs.append(t["auc"]["mean"])
+                counts = ", ".join(
+                    f"{k} {v} / {(t.get('n_tokens') or {}).get(k, '?')}"
+                    for k, v in (t.get("n_responses") or {}).items()
+                )
+                const = t.get("constant") or {}
+                flag = (
+                    f"; constant fits {const.get('probe')} / {const.get('shuffled')}"
+                    if const.get("probe") or const.get("shuffled")
+                    else ""
+                )
+                cells.append(
+                    f"{t['auc']['mean']:.3f} +- {t['auc']['sd']:.3f} (shuffled "
+                    f"{t['shuffled_auc']['mean']:.3f} +- {t['shuffled_auc']['sd']:.3f}; "
+                    f"{counts}{flag})"
+                )
+            sp = spread(aucs)
+            tail = f"{sp['mean']:.3f} [{sp['min']:.3f}, {sp['max']:.3f}]" if sp else "-"
+            lines.append(f"| {name} | " + " | ".join(cells) + f" | {tail} |")
     return "\n".join(lines) + "\n"
 
 
