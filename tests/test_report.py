@@ -307,6 +307,15 @@ def test_choose_steering_rule() -> None:
     assert choose_steering(rows, 0.95) is None
 
 
+def test_claims_section_says_one_build_is_an_example(run_dir: Path) -> None:
+    assert "ONE build" not in build_sections(run_dir)[0].text  # no organism in this config
+    config = json.loads((run_dir / "config.json").read_text())
+    _write(run_dir / "config.json", {**config, "organism": {"dir": "runs/toy", "seed": 3}})
+    text = build_sections(run_dir)[0].text
+    assert "ONE build of the synthetic organism (seed 3, runs/toy)" in text
+    assert "--organism-seeds" in text
+
+
 def test_steering_claim_names_the_setting_the_rule_chose(run_dir: Path) -> None:
     summary = json.loads((run_dir / "steering" / "summary.json").read_text())
     selection = {
