@@ -303,6 +303,115 @@ def test_baselines() -> None:
     assert emp_angle == pytest.approx(an["mean_principal_angle_deg"], abs=1.0)
 
 
+# ---------------------------------------------------------------- shared initialisation
+
+SHARED_D_OUT, SHARED_D_IN, SHARED_RANK = 48, 64, 4
+
+
+def _pair_sharing_a(a_seed_1: int, a_seed_2: int, drift: float = 0.1) -> list[LoraAdapter]:
+    """Two adapters over four down_proj modules with independent B; A drawn from
+    ``a_seed_1`` / ``a_seed_2`` (equal seeds: the same A init), each moved by ``drift`` x
+    an independent Gaussian (what training does to A)."""
+    adapters = []
+    for k, a_seed in enumerate((a_seed_1, a_seed_2)):
+        g = torch.Generator().manual_seed(100 + k)  # B and the drift: independent per adapter
+        modules = {}
+        for layer in range(4):
+            a0 = torch.randn(
+                SHARED_RANK,
+                SHARED_D_IN,
+                generator=torch.Generator().manual_seed(1000 * a_seed + layer),
+                dtype=torch.float64,
+            )
+            noise = torch.randn(a0.shape, generator=g, dtype=torch.float64)
+            B = torch.randn(SHARED_D_OUT, SHARED_RANK, generator=g, dtype=torch.float64)
+            name = f"model.layers.{layer}.mlp.down_proj"
+            modules[name] = LoraModule(name, a0 + drift * noise, B, 1.0, alpha=SHARED_RANK)
+        adapters.append(LoraAdapter(modules=modules, config={}, name=f"s{a_seed}_{k}"))
+    return adapters
+
+
+def test_shared_a_init_is_flagged_and_independent_inits_are_not() -> None:
+    from emscope.geometry.analysis import SHARED_INIT_COSINE
+
+    same = compare_adapters(_pair_sharing_a(1, 1), random_draws=0, dense=True)
+    other = compare_adapters(_pair_sharing_a(1, 2), random_draws=0, dense=True)
+    for result in (same, other):
+        (pair,) = result.pairs.values()
+        adapters = _pair_sharing_a(1, 1 if result is same else 2)
+        for name, c in pair.modules.items():
+            A1, A2 = adapters[0][name].A, adapters[1][name].A
+            dense = float(torch.nn.functional.cosine_similarity(A1, A2, dim=1).mean())
+            assert c.a_row_cosine == pytest.approx(dense, abs=1e-12)
+            assert pair.dense is not None
+            assert pair.dense[name].a_row_cosine == pytest.approx(dense, abs=1e-12)
+            rows = _scipy_angles(A1.numpy().T, A2.numpy().T)  # row spaces, dense
+            np.testing.assert_allclose(c.row_principal_angles_deg, rows, atol=1e-8)
+            if result is same:
+                assert max(rows) < 15.0  # the same row space, up to the drift
+            else:
+                assert min(rows) > 45.0
+    flagged = same.shared_init()["s1_0|s1_1"]
+    clean = other.shared_init()["s1_0|s2_1"]
+    assert flagged["shared_init"] and not clean["shared_init"]
+    assert flagged["a_row_cosine"] > 0.9 > SHARED_INIT_COSINE
+    sd = math.sqrt(4 / (SHARED_RANK * SHARED_D_IN)) / 4
+    assert clean["a_row_cosine_chance_sd"] == pytest.approx(sd)
+    assert abs(clean["a_row_cosine"]) < 4 * sd
+    assert flagged["row_overlap"] > 0.95 and clean["row_overlap"] < 0.3
+    assert clean["row_overlap_chance"] == pytest.approx(SHARED_RANK / SHARED_D_IN)
+    assert flagged["modules"] == clean["modules"] == 4
+    (warning,) = same.shared_init_warnings()
+    assert warning.startswith("s1_0|s1_1: the adapters share their LoRA initialisation")
+    assert other.shared_init_warnings() == []
+    assert same.to_json()["shared_init"]["pairs"]["s1_0|s1_1"]["shared_init"] is True
+    # unequal ranks: no corresponding rows, so no statistic
+    m1, m2 = _module(2, 1), _module(3, 1)
+    assert math.isnan(compare_modules(m1, m2).a_row_cosine)
+
+
+def test_same_seed_control_baseline() -> None:
+    """Random factor pairs that share ONE A (the same seed on unrelated tasks): row angles 0,
+    A rows cosine 1, cosine 0 on average with sd about 1/sqrt(d_out r)."""
+    sig = (200, 300, 4, 4, 4)
+    an = analytic_signature(sig)
+    assert an["cosine_sd_same_seed"] == pytest.approx(1 / math.sqrt(200 * 4))
+    assert analytic_signature((200, 300, 2, 4, 2))["cosine_sd_same_seed"] is None
+    draws = random_comparisons([sig, (200, 300, 2, 4, 2)], draws=40, seed=3, shared_a=True)
+    assert set(draws) == {sig}  # unequal ranks cannot share A
+    for d in draws[sig]:
+        assert d.a_row_cosine == pytest.approx(1.0)
+        assert max(d.row_principal_angles_deg) < 1e-6
+    cos = np.array([d.cosine for d in draws[sig]])
+    assert abs(cos.mean()) < 4 * cos.std() / math.sqrt(40)
+    assert 0.5 < cos.std() / an["cosine_sd_same_seed"] < 1.6
+    independent = random_comparisons([sig], draws=40, seed=3)[sig]
+    assert np.std([d.cosine for d in independent]) < cos.std() / 3  # shared A widens chance
+    result = compare_adapters(_pair_sharing_a(1, 2), random_draws=3, seed=0)
+    same_seed = result.baseline()["same_seed"]
+    (key,) = result.pairs
+    assert same_seed["empirical"]["draws"] == 3
+    assert same_seed["empirical"]["pairs"][key]["a_row_cosine"]["mean"] == pytest.approx(1.0)
+    assert same_seed["analytic"]["pairs"][key]["cosine"] == 0.0
+    assert 0 < same_seed["analytic"]["pairs"][key]["cosine_sd"] < 1
+
+
+def test_cli_warns_about_shared_init(tmp_path: Path) -> None:
+    shared = _pair_sharing_a(1, 1)
+    dirs = [a.save(tmp_path / name) for a, name in zip(shared, ("bad", "good"), strict=True)]
+    independent = _pair_sharing_a(1, 2)[1].save(tmp_path / "other")
+    res = _invoke(str(dirs[0]), str(dirs[1]), str(independent), "--random-draws", "2")
+    assert res.exit_code == 0, res.output
+    assert "warning: bad|good: the adapters share their LoRA initialisation" in res.stderr
+    assert "bad|other" not in res.stderr and "good|other" not in res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["shared_init"]["pairs"]["bad|good"]["shared_init"] is True
+    assert doc["shared_init"]["pairs"]["bad|other"]["shared_init"] is False
+    assert "bad|good" in doc["baseline"]["same_seed"]["empirical"]["pairs"]
+    table = _invoke(str(dirs[0]), str(dirs[1]), "--format", "table")
+    assert table.exit_code == 0 and "WARNING shared init: A rows cosine" in table.stdout
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -316,7 +425,7 @@ def test_cli_json_layout_and_files(qwen, tmp_path: Path) -> None:
     res = _invoke(r4, r1, pat, "--base", str(qwen.model), "--out", str(out), "--random-draws", "3")
     assert res.exit_code == 0, res.output
     doc = json.loads((out / "geometry.json").read_text())
-    assert set(doc) == {"pairs", "baseline", "base_cosine"}
+    assert set(doc) == {"pairs", "baseline", "base_cosine", "shared_init"}
     assert set(doc["pairs"]) == {"r4|r1", "r4|pattern", "r1|pattern"}
     pair = doc["pairs"]["r4|r1"]
     assert set(pair) == {"aggregate", "per_module", "unmatched"}
@@ -327,7 +436,9 @@ def test_cli_json_layout_and_files(qwen, tmp_path: Path) -> None:
     for entry in pair["per_module"].values():
         assert set(entry) == set(FIELDS)
         assert entry["principal_angles_deg"] == sorted(entry["principal_angles_deg"])
-    assert set(doc["baseline"]) == {"analytic", "empirical"}
+    assert set(doc["baseline"]) == {"analytic", "empirical", "same_seed"}
+    assert set(doc["shared_init"]["pairs"]) == set(doc["pairs"])
+    assert not any(p["shared_init"] for p in doc["shared_init"]["pairs"].values())
     assert doc["baseline"]["empirical"]["draws"] == 3
     # base cosine against a dense reference from the model's own weights
     from safetensors.torch import load_file

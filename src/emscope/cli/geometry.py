@@ -53,6 +53,8 @@ def geometry(
     )
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
+    for warning in result.shared_init_warnings():
+        typer.echo(f"warning: {warning}", err=True)
     if dense:
         table = result.module_table()
         if len(table):

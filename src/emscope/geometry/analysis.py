@@ -13,6 +13,11 @@ Aggregation over the modules both adapters of a pair have:
   element-wise over the first min-rank entries), with an ``unweighted`` copy (plain means,
   ``cosine`` = mean per-module cosine). Weights follow update size, so on a usual decoder the
   MLP modules (the largest, and usually with the largest updates) dominate the aggregate.
+
+Shared initialisation (:meth:`Geometry.shared_init`): two adapters trained with the same seed
+start from the same ``A`` matrices, and any cosine between them mixes task similarity with
+that shared start; pairs whose corresponding ``A`` rows are still aligned
+(:data:`SHARED_INIT_COSINE`) are flagged, in ``geometry.json`` and as warnings.
 """
 
 from __future__ import annotations
@@ -58,6 +63,19 @@ FIELDS = (
     "energy_overlap_ba",
 )
 """Fields of every ``aggregate`` / ``per_module`` entry of ``geometry.json``."""
+
+SHARED_INIT_COSINE = 0.5
+"""A pair shares its LoRA initialisation when the mean over its shared modules of equal rank
+of ``a_row_cosine`` (the mean cosine between corresponding rows of the two ``A`` factors, see
+:mod:`emscope.geometry.core`) exceeds this. Independently initialised adapters give 0 with sd
+``1/sqrt(r d_in)`` per module (0.036 for rank 8 on a width of 96, 0.003 for rank 32 on 3584;
+smaller still over many modules), whatever their training, because corresponding rows only
+correspond through a common draw. Adapters trained from the same seed start at 1 and stay
+near it: ``A``'s gradient is ``B^T dL/dW`` with ``B = 0`` at the start, so ``A`` moves little
+(measured on the synthetic organism: see docs/geometry.md). 0.5 is far from both; a flagged
+pair's cosine, principal angles and overlaps include the shared start, so compare it with a
+same-seed control (an adapter trained with the same seed on a different task), not with
+independently seeded pairs."""
 
 _SCALARS = ("mean_principal_angle_deg", "overlap", "energy_overlap_ab", "energy_overlap_ba")
 _LISTS = ("principal_angles_deg", "row_principal_angles_deg")
@@ -161,6 +179,7 @@ class Geometry:
     random_draws: int = 0
     seed: int = 0
     notes: tuple[str, ...] = ()
+    random_same_seed: Mapping[Signature, Sequence[ModuleComparison]] = field(default_factory=dict)
 
     # -------------------------------------------------------------- baselines
     def baseline(self) -> dict[str, Any]:
@@ -217,7 +236,111 @@ class Geometry:
                 "per_signature": em_sig,
                 "pairs": em_pairs,
             },
+            "same_seed": self._same_seed_baseline(analytic),
         }
+
+    def _same_seed_baseline(
+        self, analytic: Mapping[Signature, Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """The same-seed control (:mod:`.baselines`): chance levels for two unrelated updates
+        that share one random ``A``, per pair whose shared modules all have equal ranks (per
+        pair: the analytic cosine sd, and the empirical draws aggregated with the pair's own
+        weights), and per signature."""
+        an_pairs: dict[str, Any] = {}
+        em_pairs: dict[str, Any] = {}
+        for key, pair in self.pairs.items():
+            comps = list(pair.modules.values())
+            if not comps or any(c.rank_a != c.rank_b for c in comps):
+                continue
+            na = np.array([c.norm_a for c in comps])
+            nb = np.array([c.norm_b for c in comps])
+            tot = math.sqrt(float(np.sum(na**2) * np.sum(nb**2)))
+            var = sum(
+                (a * b) ** 2 * float(analytic[signature(c)]["cosine_sd_same_seed"]) ** 2
+                for a, b, c in zip(na, nb, comps, strict=True)
+            )
+            an_pairs[key] = {"cosine": 0.0, "cosine_sd": math.sqrt(var) / tot if tot else math.nan}
+            if self.random_draws and all(signature(c) in self.random_same_seed for c in comps):
+                per_draw = []
+                for j in range(self.random_draws):
+                    rand = [self.random_same_seed[signature(c)][j] for c in comps]
+                    inners = [r.cosine * a * b for r, a, b in zip(rand, na, nb, strict=True)]
+                    fields = aggregate_fields([r.fields() for r in rand], na, nb, inners)
+                    fields["a_row_cosine"] = float(np.mean([r.a_row_cosine for r in rand]))
+                    per_draw.append(fields)
+                em_pairs[key] = {
+                    **_summarise_fields(per_draw),
+                    "a_row_cosine": summarise(d["a_row_cosine"] for d in per_draw),
+                }
+        em_sig = {}
+        for sig, draws in sorted(self.random_same_seed.items()):
+            em_sig[signature_key(sig)] = {
+                **_summarise_fields([r.fields() for r in draws]),
+                "a_row_cosine": summarise(r.a_row_cosine for r in draws),
+            }
+        return {
+            "what": "two unrelated updates (independent B) that share one random A: the same "
+            "seed on different tasks",
+            "analytic": {"pairs": an_pairs},
+            "empirical": {
+                "draws": self.random_draws,
+                "seed": self.seed,
+                "per_signature": em_sig,
+                "pairs": em_pairs,
+            },
+        }
+
+    # -------------------------------------------------------------- shared initialisation
+    def shared_init(self) -> dict[str, dict[str, Any]]:
+        """Per pair: ``a_row_cosine`` (mean over the shared modules of equal rank of the mean
+        cosine between corresponding ``A`` rows) with its chance sd ``a_row_cosine_chance_sd``
+        (independent inits), ``row_overlap`` (mean over modules of the mean squared cosine of
+        the row-space principal angles: 1 = the same A row space) with its chance
+        ``row_overlap_chance`` (``max(r1, r2) / d_in``), ``modules`` (how many had equal
+        ranks) and ``shared_init`` (``a_row_cosine > SHARED_INIT_COSINE``)."""
+        out: dict[str, dict[str, Any]] = {}
+        for key, pair in self.pairs.items():
+            comps = list(pair.modules.values())
+            equal = [c for c in comps if c.rank_a == c.rank_b and math.isfinite(c.a_row_cosine)]
+            rows = [c for c in comps if c.row_principal_angles_deg]
+            stat = float(np.mean([c.a_row_cosine for c in equal])) if equal else None
+            sd = (
+                math.sqrt(sum(1.0 / (c.rank_a * c.d_in) for c in equal)) / len(equal)
+                if equal
+                else None
+            )
+            overlap = [
+                float(np.mean(np.cos(np.radians(c.row_principal_angles_deg)) ** 2)) for c in rows
+            ]
+            out[key] = {
+                "a_row_cosine": stat,
+                "a_row_cosine_chance_sd": sd,
+                "row_overlap": float(np.mean(overlap)) if overlap else None,
+                "row_overlap_chance": float(
+                    np.mean([max(c.rank_a, c.rank_b) / c.d_in for c in rows])
+                )
+                if rows
+                else None,
+                "modules": len(equal),
+                "shared_init": stat is not None and stat > SHARED_INIT_COSINE,
+            }
+        return out
+
+    def shared_init_warnings(self) -> list[str]:
+        """One line per pair flagged by :meth:`shared_init`."""
+        lines = []
+        for key, entry in self.shared_init().items():
+            if entry["shared_init"]:
+                cosine = self.pairs[key].aggregate()["cosine"]
+                lines.append(
+                    f"{key}: the adapters share their LoRA initialisation (same seed?): "
+                    f"corresponding A rows have mean cosine {entry['a_row_cosine']:.3f} "
+                    f"(> {SHARED_INIT_COSINE:g}; independent inits: 0 +- "
+                    f"{entry['a_row_cosine_chance_sd']:.1e}), so the update cosine "
+                    f"{cosine:.3f} mixes task similarity with the shared start; compare it "
+                    "with a same-seed control, not with independently seeded pairs"
+                )
+        return lines
 
     # -------------------------------------------------------------- outputs
     def base_json(self) -> dict[str, Any] | None:
@@ -250,6 +373,12 @@ class Geometry:
         base = self.base_json()
         if base is not None:
             doc["base_cosine"] = base
+        doc["shared_init"] = {
+            "statistic": "mean cosine between corresponding rows of the two A factors, over "
+            "the shared modules of equal rank",
+            "threshold": SHARED_INIT_COSINE,
+            "pairs": self.shared_init(),
+        }
         return doc
 
     def cosine_matrix(self) -> np.ndarray:
@@ -292,6 +421,7 @@ class Geometry:
                     "overlap": c.overlap,
                     "energy_overlap_ab": c.energy_overlap_ab,
                     "energy_overlap_ba": c.energy_overlap_ba,
+                    "a_row_cosine": c.a_row_cosine,
                 }
                 if pair.dense is not None:
                     d = pair.dense[name]
@@ -436,6 +566,9 @@ def compare_adapters(
     sigs = {signature(c) for cs in comps.values() for c in cs.values()}
     with blas_limit(blas_threads):
         random = random_comparisons(sigs, random_draws, seed) if random_draws else {}
+        same_seed = (
+            random_comparisons(sigs, random_draws, seed, shared_a=True) if random_draws else {}
+        )
     return Geometry(
         adapters=tuple(names),
         pairs=pairs,
@@ -444,4 +577,5 @@ def compare_adapters(
         random_draws=random_draws,
         seed=seed,
         notes=tuple(notes),
+        random_same_seed=same_seed,
     )

@@ -14,6 +14,12 @@ Analytic (independent uniformly random subspaces; large-``d`` limit for the angl
 Empirical: random Gaussian factors with the same shapes and ranks, drawn once per distinct
 ``(d_out, d_in, rank)`` and draw index and reused for every module and pair of that shape
 (norms enter only through the aggregate weights, which are the real pair's).
+
+Same-seed control (``shared_a=True``, equal ranks only): the two sides share ONE random ``A``
+and draw their ``B`` independently, i.e. two unrelated updates trained from the same LoRA
+initialisation. Row angles are then 0 and ``a_row_cosine`` 1, while the cosine is still 0 on
+average, with the wider sd ``1/sqrt(d_out r)`` (analytic ``cosine_sd_same_seed``: with a shared
+``A`` the cosine is that of the ``d_out x r`` matrices ``B1``, ``B2`` in the metric ``A A^T``).
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ def analytic_signature(sig: Signature) -> dict[str, object]:
         "k": k,
         "cosine": 0.0,
         "cosine_sd": 1.0 / math.sqrt(d_out * d_in),
+        "cosine_sd_same_seed": 1.0 / math.sqrt(d_out * r1) if r1 == r2 else None,
         "principal_angles_deg": col,
         "row_principal_angles_deg": row,
         "mean_principal_angle_deg": float(np.mean(col)),
@@ -79,16 +86,20 @@ def _seed_for(seed: int, d_out: int, d_in: int, rank: int, draw: int, side: int)
 
 
 def random_comparisons(
-    signatures: Iterable[Signature], draws: int, seed: int = 0
+    signatures: Iterable[Signature], draws: int, seed: int = 0, shared_a: bool = False
 ) -> dict[Signature, list[ModuleComparison]]:
     """``draws`` comparisons of random Gaussian factor pairs for each signature.
 
     Draw ``j`` of shape ``(d_out, d_in, rank)`` on side ``a`` (resp. ``b``) is the same array
     for every signature that needs it (seeded from ``seed``, the shape, rank, ``j`` and side);
-    one draw per shape is alive at a time.
+    one draw per shape is alive at a time. ``shared_a``: the same-seed control (module
+    docstring): side ``b`` keeps its own ``B`` but takes side ``a``'s ``A``; signatures of
+    unequal ranks are left out.
     """
     by_shape: dict[tuple[int, int], list[Signature]] = {}
     for sig in set(signatures):
+        if shared_a and sig[2] != sig[3]:
+            continue
         by_shape.setdefault((sig[0], sig[1]), []).append(sig)
     out: dict[Signature, list[ModuleComparison]] = {
         sig: [] for sigs in by_shape.values() for sig in sigs
@@ -102,7 +113,10 @@ def random_comparisons(
                 A = rng.standard_normal((rank, d_in))
                 cache[side, rank] = factors_from_arrays("random", B, A, 1.0)
             for sig in sigs:
-                out[sig].append(compare_factors(cache[0, sig[2]], cache[1, sig[3]], sig[4]))
+                a, b = cache[0, sig[2]], cache[1, sig[3]]
+                if shared_a:
+                    b = factors_from_arrays("random", b.B, a.A, 1.0)
+                out[sig].append(compare_factors(a, b, sig[4]))
     return out
 
 

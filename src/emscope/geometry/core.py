@@ -17,6 +17,11 @@ r1 r2)`` per pair):
   ``dW = s Q_b (T_b T_a^T) Q_a^T``; the SVD of the small core gives ``U = B W_b U_c`` etc.
 - Subspace overlap ``|U1^T U2|_F^2 / k`` of the top-k left singular subspaces, and the energy
   overlap ``|P_{U2} dW1|_F^2 / |dW1|_F^2`` (and the reverse).
+- ``a_row_cosine``: the mean cosine between CORRESPONDING rows of ``A1`` and ``A2`` (row ``i``
+  with row ``i``; equal ranks only), the fingerprint of a shared LoRA initialisation (same
+  seed: PEFT draws ``A`` from the seed and ``B = 0``, and ``A`` moves little in training);
+  independent adapters give 0 with sd ``1/sqrt(r d_in)``. See
+  :data:`emscope.geometry.analysis.SHARED_INIT_COSINE`.
 
 Written here because no library computes these on factored matrices: scipy's
 ``subspace_angles`` QR-factorises the tall ``d x r`` matrices (too slow on 7B shapes); it is
@@ -86,6 +91,8 @@ class ModuleComparison:
 
     Angles in degrees, ascending; ``k`` = dimension of the top-k subspaces used by
     ``overlap`` / ``energy_overlap_*`` (NaN measures when an update is zero).
+    ``a_row_cosine``: mean cosine of corresponding rows of the two ``A`` factors (NaN for
+    unequal ranks or a zero row; see the module docstring).
     """
 
     module: str
@@ -103,6 +110,7 @@ class ModuleComparison:
     overlap: float
     energy_overlap_ab: float
     energy_overlap_ba: float
+    a_row_cosine: float = math.nan
 
     @property
     def mean_principal_angle_deg(self) -> float:
@@ -230,6 +238,17 @@ def _angles_deg(
     return tuple(float(a) for a in np.sort(np.degrees(angles)))
 
 
+def row_cosine(a1: np.ndarray, a2: np.ndarray) -> float:
+    """Mean cosine between corresponding rows of two ``r x d_in`` factors (NaN for unequal
+    shapes or a zero row)."""
+    if a1.shape != a2.shape or a1.shape[0] == 0:
+        return math.nan
+    n1, n2 = np.linalg.norm(a1, axis=1), np.linalg.norm(a2, axis=1)
+    if not (np.all(n1 > 0) and np.all(n2 > 0)):
+        return math.nan
+    return float(np.mean(np.sum(a1 * a2, axis=1) / (n1 * n2)))
+
+
 def compare_factors(f1: ModuleFactors, f2: ModuleFactors, k: int | None = None) -> ModuleComparison:
     """All pair measures of one module from two prepared adapters.
 
@@ -279,7 +298,18 @@ def compare_factors(f1: ModuleFactors, f2: ModuleFactors, k: int | None = None) 
         overlap=overlap,
         energy_overlap_ab=energy_ab,
         energy_overlap_ba=energy_ba,
+        a_row_cosine=_row_cosine_from_grams(cross_a, f1.gram_a, f2.gram_a),
     )
+
+
+def _row_cosine_from_grams(cross: np.ndarray, gram_1: np.ndarray, gram_2: np.ndarray) -> float:
+    """:func:`row_cosine` from ``A1 A2^T`` and the two Gram matrices (``r x r``)."""
+    if cross.shape[0] != cross.shape[1] or cross.shape[0] == 0:
+        return math.nan
+    n1, n2 = np.sqrt(np.diag(gram_1)), np.sqrt(np.diag(gram_2))
+    if not (np.all(n1 > 0) and np.all(n2 > 0)):
+        return math.nan
+    return float(np.mean(np.diag(cross) / (n1 * n2)))
 
 
 def compare_modules(
@@ -398,4 +428,5 @@ def dense_compare(
         overlap=overlap,
         energy_overlap_ab=e_ab,
         energy_overlap_ba=e_ba,
+        a_row_cosine=row_cosine(m1.A.double().numpy(), m2.A.double().numpy()),
     )

@@ -35,6 +35,7 @@ def per_type_cosine(geometry: Geometry) -> dict[str, dict[str, float]]:
 def summary_text(geometry: Geometry) -> str:
     """A plain-text table: one line per pair, per-type cosines, baselines, base cosines."""
     doc_baseline = geometry.baseline()
+    shared = geometry.shared_init()
     lines = [
         f"{'pair':<32} {'modules':>7} {'cosine':>8} {'angle°':>7} {'overlap':>8} "
         f"{'E(a|b)':>7} {'E(b|a)':>7} {'unmatched':>9}"
@@ -58,6 +59,12 @@ def summary_text(geometry: Geometry) -> str:
                 )
             rnd += f" (analytic angle {_fmt(an['mean_principal_angle_deg'], 1)}°)"
             lines.append(rnd)
+        if shared[key]["shared_init"]:
+            same = doc_baseline["same_seed"]["analytic"]["pairs"].get(key)
+            lines.append(
+                f"  WARNING shared init: A rows cosine {_fmt(shared[key]['a_row_cosine'], 3)}"
+                + (f"; same-seed chance: cosine 0 ± {same['cosine_sd']:.1e}" if same else "")
+            )
     types = per_type_cosine(geometry)
     if types:
         all_types = sorted({t for v in types.values() for t in v})

@@ -265,7 +265,7 @@ def stage_geometry(ctx: StageContext) -> dict[str, Any]:
     import numpy as np
 
     from emscope.geometry import aggregate_fields, compare_adapters, open_adapter
-    from emscope.geometry.analysis import signature
+    from emscope.geometry.analysis import SHARED_INIT_COSINE, signature
     from emscope.geometry.report import write_outputs
     from emscope.io import write_json
 
@@ -283,6 +283,9 @@ def stage_geometry(ctx: StageContext) -> dict[str, Any]:
         progress=ctx.progress,
     )
     doc = write_outputs(result, out)
+    shared = result.shared_init()
+    for warning in result.shared_init_warnings():
+        ctx.echo(f"  warning: {warning}")
     # Per-draw aggregate mean angle of the random baseline, for the 5th-percentile test.
     pairs = {}
     for key, pair in result.pairs.items():
@@ -306,13 +309,37 @@ def stage_geometry(ctx: StageContext) -> dict[str, Any]:
             "mean_angle_deg": agg.get("mean_principal_angle_deg"),
             "random_angle_draws": draws,
             "random_angle_p5": float(np.percentile(draws, 5)) if draws else None,
+            "a_row_cosine": shared[key]["a_row_cosine"],
+            "shared_init": shared[key]["shared_init"],
         }
+    _same_seed_controls(pairs)
     base = {}
     for name, entry in (doc.get("base_cosine") or {}).items():
         base[name] = entry["aggregate"]["cosine"]
-    summary = {"adapters": names, "pairs": pairs, "base_cosine": base}
+    summary = {
+        "adapters": names,
+        "pairs": pairs,
+        "base_cosine": base,
+        "shared_init_threshold": SHARED_INIT_COSINE,
+    }
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _same_seed_controls(pairs: dict[str, dict[str, Any]]) -> None:
+    """To every EM-EM pair that shares its LoRA initialisation, add ``same_seed_controls``:
+    ``{EM-control pair: cosine}`` for the controls that share it with either EM adapter (the
+    same-seed, different-task control its cosine should be read against)."""
+    for pair in pairs.values():
+        if pair["roles"] != ["em", "em"] or not pair.get("shared_init"):
+            continue
+        pair["same_seed_controls"] = {
+            key: other["cosine"]
+            for key, other in pairs.items()
+            if sorted(other["roles"]) == ["control", "em"]
+            and other.get("shared_init")
+            and ({other["a"], other["b"]} & {pair["a"], pair["b"]})
+        }
 
 
 def stage_lmc(ctx: StageContext) -> dict[str, Any]:

@@ -129,15 +129,6 @@ def claims_section(run: Path) -> Section:
         text="'Holds' is the qualitative test of each row (last column); rates compared with "
         "'above' need non-overlapping 95% CIs. Each paper's value names its source by arXiv id.",
     )
-    organism = (_read(run / "config.json") or {}).get("organism")
-    if isinstance(organism, dict):
-        section.text += (
-            f" These numbers come from ONE build of the synthetic organism (seed "
-            f"{organism.get('seed')}, {organism.get('dir')}): builds differ by seed and are not "
-            "bit-reproducible across machines and thread counts, so they are an example, not "
-            "the result; `emscope run CONFIG --organism-seeds 0,1,2` gives every claim per "
-            "build and pooled (docs/pipeline.md)."
-        )
     section.tables.append(
         Table(
             ("claim", "paper's value", "measured here", "holds?", "test"),
@@ -188,7 +179,9 @@ def geometry_section(run: Path) -> Section:
         return _not_run(section, "geometry")
     summary = _read(run / "geometry" / "summary.json")
     rows = []
+    shared = []
     for p in summary["pairs"].values():
+        controls = [c for c in (p.get("same_seed_controls") or {}).values() if c is not None]
         rows.append(
             (
                 f"{p['a']} | {p['b']}",
@@ -197,14 +190,39 @@ def geometry_section(run: Path) -> Section:
                 _f(p["overlap"]),
                 _f(p["mean_angle_deg"], 1),
                 _f(p["random_angle_p5"], 1),
+                ("yes " if p.get("shared_init") else "no ") + f"({_f(p.get('a_row_cosine'))})"
+                if "shared_init" in p
+                else "-",
+                _f(max(controls, key=abs)) if controls else "-",
             )
         )
+        if p.get("shared_init"):
+            shared.append(f"{p['a']} | {p['b']}")
     section.tables.append(
         Table(
-            ("pair", "roles", "cosine", "overlap", "mean angle (deg)", "random p5 (deg)"),
+            (
+                "pair",
+                "roles",
+                "cosine",
+                "overlap",
+                "mean angle (deg)",
+                "random p5 (deg)",
+                "shared init (A rows cos)",
+                "same-seed control cos",
+            ),
             tuple(rows),
         )
     )
+    if shared:
+        section.text = (
+            f"Warning: {len(shared)} pair(s) share their LoRA initialisation (same seed: "
+            "corresponding A rows still aligned, mean cosine above "
+            f"{summary.get('shared_init_threshold')}): {', '.join(shared)}. Their cosines, "
+            "angles and overlaps mix task similarity with the shared start; read an EM-EM "
+            "pair against its same-seed controls (last column: the EM-control cosine of "
+            "largest size among the controls sharing its initialisation), not against "
+            "independently seeded pairs."
+        )
     if summary.get("base_cosine"):
         section.tables.append(
             Table(
