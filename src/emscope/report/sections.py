@@ -129,6 +129,15 @@ def claims_section(run: Path) -> Section:
         text="'Holds' is the qualitative test of each row (last column); rates compared with "
         "'above' need non-overlapping 95% CIs. Each paper's value names its source by arXiv id.",
     )
+    organism = (_read(run / "config.json") or {}).get("organism")
+    if isinstance(organism, dict):
+        section.text += (
+            f" These numbers come from ONE build of the synthetic organism (seed "
+            f"{organism.get('seed')}, {organism.get('dir')}): builds differ by seed and are not "
+            "bit-reproducible across machines and thread counts, so they are an example, not "
+            "the result; `emscope run CONFIG --organism-seeds 0,1,2` gives every claim per "
+            "build and pooled (docs/pipeline.md)."
+        )
     section.tables.append(
         Table(
             ("claim", "paper's value", "measured here", "holds?", "test"),
