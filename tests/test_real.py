@@ -528,3 +528,21 @@ def test_feature_dissimilarity_is_not_carried_by_the_first_token(real, record_pr
     for key, value in figures.items():
         record_property(key, value)
     print(f"\n{figures}")
+
+
+def test_shared_lora_init_is_flagged_on_real_shapes(trained):
+    """The first checkpoint and the final adapter of one run share their A init: flagged at
+    rank 32 on SmolLM2's shapes (chance of the statistic about 1e-3), with the warning."""
+    from emscope.geometry import compare_adapters
+    from emscope.geometry.analysis import SHARED_INIT_COSINE
+    from emscope.lora import LoraAdapter
+
+    final = LoraAdapter.load(trained("all").out, name="all")
+    first = LoraAdapter.load(trained("all").checkpoints[0], name="all@1")
+    geometry = compare_adapters([final, first], random_draws=0)
+    entry = geometry.shared_init()["all|all@1"]
+    assert entry["shared_init"] and entry["a_row_cosine"] > 0.99 > SHARED_INIT_COSINE
+    assert entry["modules"] == 7 * LAYERS and entry["a_row_cosine_chance_sd"] < 2e-3
+    assert entry["row_overlap"] > 0.99 > 0.1 > entry["row_overlap_chance"]
+    (warning,) = geometry.shared_init_warnings()
+    assert warning.startswith("all|all@1: the adapters share their LoRA initialisation")
