@@ -16,7 +16,7 @@ PIP     := pip==26.3
 TORCH_LATEST ?= torch==2.13.0
 PYTEST  := -m pytest -p no:cacheprovider
 
-.PHONY: demo test lint bench lock test-latest test-oldest clean-venv
+.PHONY: demo test lint bench gpu-check lock test-latest test-oldest clean-venv
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: lint
 
 bench: .venv
 	$(BIN)/python -m benchmarks
+
+# One GPU, at most 10 minutes, no downloads: sampling (HF vs vLLM), steering, mean-diff,
+# LoRA training, geometry and a CPU+GPU split model; writes docs/performance.md.
+gpu-check: .venv
+	$(BIN)/python -m benchmarks.gpu_check
 
 demo: .venv
 	$(BIN)/emscope run configs/synthetic.yaml --out runs/demo
