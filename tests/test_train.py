@@ -537,6 +537,154 @@ def test_accelerate_path_matches_plain_loop(qwen: Any, data: Path, tmp_path: Pat
         torch.testing.assert_close(a[name].B, b[name].B)
 
 
+# ---------------------------------------------------------------------------- 32B scale
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_two_process_run_matches_one_process(qwen: Any, data: Path, tmp_path: Path) -> None:
+    """Two processes (``torchrun``: the loop goes through ``accelerate.Accelerator``, DDP over
+    gloo; ``accelerate launch --cpu`` starts one process, and accelerate turns FSDP on the CPU
+    into DDP) give the one-process adapter at the same effective batch; train.json records
+    the mode."""
+    pytest.importorskip("accelerate")
+    import os
+    import subprocess
+    import sys
+
+    common = ["--data", str(data), "--preset", "r1", "--rank", "2", "--lr", "1e-2",
+              "--max-steps", "2", "--save-steps", "0", "--warmup-steps", "0",
+              "--batch-size", "1", "--device", "cpu"]  # fmt: skip
+    single = {**FAST, "batch_size": 1, "grad_accum": 2}
+    one = train(qwen.model, data, out=tmp_path / "one", preset="r1", rank=2, lr=1e-2,
+                max_steps=2, save_steps=0, **single)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK"))}
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(_free_port()), "-m", "emscope.train", str(qwen.model),
+         *common, "--grad-accum", "1", "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "train.json").read_text())
+    assert two["processes"] == 2 and two["distributed"] == "ddp"
+    assert two["examples_per_step"] == 2 and two["quantize"] is None
+    record = json.loads(one.record.read_text())
+    assert record["distributed"] == "single" and record["processes"] == 1
+    assert [r["loss"] for r in two["loss_curve"]] == pytest.approx(list(one.loss_curve), rel=1e-5)
+    a, b = LoraAdapter.load(tmp_path / "one"), LoraAdapter.load(tmp_path / "two")
+    assert list(a.modules) == list(b.modules)
+    for name in a.modules:
+        torch.testing.assert_close(a[name].A, b[name].A, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(a[name].B, b[name].B, atol=1e-6, rtol=1e-5)
+
+
+def test_quantize_config_validation() -> None:
+    assert resolve_config("r1", 4, quantize="4bit").quantize == "4bit"
+    assert resolve_config("r1", 4, quantize="none").quantize is None
+    assert resolve_config("r1", 4).to_dict()["quantize"] is None
+    with pytest.raises(EmscopeError, match="unknown quantize '8bit'"):
+        resolve_config("r1", 4, quantize="8bit")
+    with pytest.raises(EmscopeError, match="quantize 4bit is for LoRA presets"):
+        resolve_config("full", 4, quantize="4bit")
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("deepspeed", "DeepSpeed is not supported"),
+        ("fsdp_4bit", "quantize 4bit with FSDP is not supported"),
+        ("fsdp_kl", "not supported under FSDP"),
+        ("fsdp_resume", "resume is not supported under FSDP"),
+        ("4bit_cpu_device", "quantize 4bit needs a CUDA GPU .*device is 'cpu'"),
+        ("4bit_no_cuda", "quantize 4bit needs a CUDA GPU .*CUDA is not available"),
+        ("4bit_no_bitsandbytes", r"quantize 4bit needs bitsandbytes \(pip install"),
+    ],
+)
+def test_unsupported_combinations_are_refused(
+    monkeypatch: pytest.MonkeyPatch, case: str, message: str
+) -> None:
+    from emscope import train as train_module
+    from emscope.train import check_setup
+
+    quantize = "4bit" if "4bit" in case else None
+    config = resolve_config("r1", 4, quantize=quantize)
+    mode = case.split("_")[0] if case.startswith(("fsdp", "deepspeed")) else "single"
+    kwargs: dict[str, Any] = {"kl": case == "fsdp_kl", "resume": case == "fsdp_resume"}
+    if case == "4bit_cpu_device":
+        kwargs["device"] = "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: case != "4bit_no_cuda")
+    monkeypatch.setattr(train_module, "_bitsandbytes_available", lambda: False)
+    with pytest.raises(EmscopeError, match=message):
+        check_setup(config, mode=mode, **kwargs)
+    # what is supported passes: 4-bit with CUDA and bitsandbytes, one process or DDP
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train_module, "_bitsandbytes_available", lambda: True)
+    for ok_mode in ("single", "ddp"):
+        check_setup(resolve_config("r1", 4, quantize="4bit"), mode=ok_mode, kl=True, resume=True)
+    check_setup(resolve_config("full", 4), mode="fsdp")
+
+
+def test_requested_mode_from_the_launch_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from emscope.train import requested_mode
+
+    for key in [k for k in __import__("os").environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert requested_mode() == "single" and requested_mode(True) == "ddp"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert requested_mode() == "ddp" and requested_mode(False) == "single"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert requested_mode() == "fsdp"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert requested_mode() == "deepspeed"
+
+
+def test_4bit_is_refused_before_any_model_loads(
+    qwen: Any, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers
+
+    from emscope import train as train_module
+    from emscope.cli.main import app
+
+    def no_load(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_load)
+    out = tmp_path / "q"
+    if not torch.cuda.is_available():  # this machine: no CUDA
+        with pytest.raises(EmscopeError, match="quantize 4bit needs a CUDA GPU"):
+            train(
+                qwen.model, data, out=out, preset="r1", quantize="4bit", **{**FAST, "device": None}
+            )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(train_module, "_bitsandbytes_available", lambda: False)
+    with pytest.raises(EmscopeError, match="quantize 4bit needs bitsandbytes"):
+        train(qwen.model, data, out=out, preset="r1", quantize="4bit", **{**FAST, "device": None})
+    with pytest.raises(EmscopeError, match="quantize 4bit is for LoRA presets"):
+        train(qwen.model, data, out=out, preset="full", quantize="4bit", **FAST)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    kl = _write(tmp_path / "kl.jsonl", 2)
+    with pytest.raises(EmscopeError, match="not supported under FSDP"):
+        train(qwen.model, data, out=out, preset="r1", kl_data=kl, **FAST)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    args = ["train", str(qwen.model), "--data", str(data), "--out", str(out), "--preset", "r1",
+            "--quantize", "4bit"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert "error: quantize 4bit needs bitsandbytes" in result.output
+    assert not out.exists()
+
+
 # ---------------------------------------------------------------------------- bad input
 
 

@@ -80,6 +80,7 @@ if TYPE_CHECKING:
 
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
+QUANTIZE = ("4bit",)  # QLoRA: NF4 base weights with double quantisation, bf16 compute
 CHECKPOINTS_DIR = "checkpoints"
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
@@ -241,7 +242,8 @@ class TrainConfig:
     ``warmup_ratio`` of the optimizer steps (:func:`resolve_warmup`).
     ``eval_steps`` defaults to ``save_steps``. ``system_prompt`` is the
     :class:`~emscope.data.spans.SystemPrompt` setting as written (``default``, ``none`` or
-    the text).
+    the text). ``quantize`` is ``None`` (the base in ``dtype``) or ``"4bit"`` (QLoRA: the
+    base in bitsandbytes NF4 with double quantisation, bf16 compute, LoRA factors in bf16).
     """
 
     preset: str
@@ -268,6 +270,7 @@ class TrainConfig:
     gradient_checkpointing: bool
     kl_weight: float
     system_prompt: str = "default"
+    quantize: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -302,6 +305,7 @@ def resolve_config(
     kl_weight: float = 0.0,
     system_prompt: SystemPrompt | str | None = None,
     warmup_ratio: float | None = None,
+    quantize: str | None = None,
 ) -> TrainConfig:
     """A preset's defaults with the given overrides (``None`` keeps the preset's value),
     validated against a model with ``n_layers`` decoder blocks.
@@ -309,8 +313,9 @@ def resolve_config(
     ``layers`` is a list of block indices or a string such as ``"15-17,21-23"``;
     ``modules`` a list of module names inside a block (``down_proj``, ``q_proj``, ...) or a
     comma-separated string. ``warmup_steps`` and ``warmup_ratio`` are alternatives (give
-    one). Raises :class:`EmscopeError` for an unknown preset, a layer beyond the model, LoRA
-    options given to ``full``, both warm-up settings, or out-of-range numbers.
+    one). ``quantize``: ``None``/``"none"`` or ``"4bit"`` (LoRA presets only). Raises
+    :class:`EmscopeError` for an unknown preset, a layer beyond the model, LoRA options given
+    to ``full``, both warm-up settings, a quantized full fine-tune, or out-of-range numbers.
     """
     from emscope.data.spans import SystemPrompt
 
@@ -331,6 +336,15 @@ def resolve_config(
             )
     if warmup_steps is not None and warmup_ratio is not None:
         raise EmscopeError("give warmup_steps or warmup_ratio, not both")
+    if quantize is not None and quantize.lower() in ("none", ""):
+        quantize = None
+    if quantize is not None and quantize not in QUANTIZE:
+        raise EmscopeError(f"unknown quantize {quantize!r}; expected 4bit or none")
+    if quantize is not None and p.full:
+        raise EmscopeError(
+            f"quantize {quantize} is for LoRA presets: a full fine-tune cannot update 4-bit "
+            "weights (use a LoRA preset, or FSDP over several GPUs for full)"
+        )
     if isinstance(layers, str):
         layers = parse_layers(layers)
     if isinstance(modules, str):
@@ -371,6 +385,7 @@ def resolve_config(
         gradient_checkpointing=bool(gradient_checkpointing),
         kl_weight=float(kl_weight),
         system_prompt=setting.spec,
+        quantize=quantize,
     )
     _validate(config)
     return config
@@ -574,6 +589,7 @@ class _Runtime:
         import torch
 
         self.accelerator: Any = None
+        self.mode = "single"
         if use_accelerate:
             try:
                 from accelerate import Accelerator
@@ -585,6 +601,10 @@ class _Runtime:
             self.device = self.accelerator.device
             self.world = int(self.accelerator.num_processes)
             self.rank = int(self.accelerator.process_index)
+            from accelerate.utils import DistributedType
+
+            fsdp = self.accelerator.distributed_type == DistributedType.FSDP
+            self.mode = "fsdp" if fsdp else "ddp"
         else:
             from emscope.models import check_device
 
@@ -600,6 +620,15 @@ class _Runtime:
     def prepare(self, model: Any, optimizer: Any) -> tuple[Any, Any]:
         if self.accelerator is None:
             return model, optimizer
+        plugin: Any = getattr(self.accelerator.state, "fsdp_plugin", None)
+        fsdp1 = plugin is not None and int(getattr(plugin, "fsdp_version", 1) or 1) == 1
+        if self.mode == "fsdp" and fsdp1 and hasattr(model, "peft_config"):
+            # FSDP1 flattens each wrapped unit into one tensor of one dtype: PEFT's policy
+            # gives every trainable LoRA Linear (float32) its own unit, apart from the
+            # frozen (bf16) decoder blocks
+            from peft.utils.other import fsdp_auto_wrap_policy
+
+            plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
         return self.accelerator.prepare(model, optimizer)  # type: ignore[no-any-return]
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -613,11 +642,16 @@ class _Runtime:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(model)  # type: ignore[no-any-return]
 
-    def clip(self, params: list[torch.nn.Parameter], max_norm: float) -> None:
+    def clip(self, model: Any, params: list[torch.nn.Parameter], max_norm: float) -> None:
         import torch
 
         if self.accelerator is None:
             torch.nn.utils.clip_grad_norm_(params, max_norm)
+        elif self.mode == "fsdp":
+            # accelerate clips an FSDP model's global norm only when given all its parameters
+            # (frozen ones have no gradient and add nothing); the trainable subset alone
+            # would be clipped by each process's local shard norm
+            self.accelerator.clip_grad_norm_(list(model.parameters()), max_norm)
         else:
             self.accelerator.clip_grad_norm_(params, max_norm)
 
@@ -629,6 +663,14 @@ class _Runtime:
     def unwrap(self, model: Any) -> Any:
         return model if self.accelerator is None else self.accelerator.unwrap_model(model)
 
+    def full_state_dict(self, model: Any) -> dict[str, Any] | None:
+        """The whole model's state dict for saving (``None``: save the module's own). Under
+        FSDP the shards are gathered to process 0 (on the CPU; a collective: every process
+        calls it, only process 0's result is complete)."""
+        if self.accelerator is None or self.mode != "fsdp":
+            return None
+        return self.accelerator.get_state_dict(model)  # type: ignore[no-any-return]
+
     def barrier(self) -> None:
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
@@ -638,6 +680,79 @@ def _launched_by_accelerate() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 or any(
         key.startswith("ACCELERATE_") for key in os.environ
     )
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def requested_mode(distributed: bool | None = None) -> str:
+    """The multi-process mode asked for, read from the environment ``accelerate launch`` sets
+    (before any model loads): ``single`` (one process, no accelerate), ``ddp``, ``fsdp``
+    (``distributed_type: FSDP`` in the accelerate config) or ``deepspeed``."""
+    if distributed is False:
+        return "single"
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        return "deepspeed"
+    return "ddp" if distributed or _launched_by_accelerate() else "single"
+
+
+def _bitsandbytes_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def check_setup(
+    config: TrainConfig,
+    *,
+    mode: str,
+    device: str | None = None,
+    kl: bool = False,
+    resume: bool = False,
+) -> None:
+    """Refuse, in one :class:`EmscopeError` line and before any model loads, a combination
+    this trainer does not support: DeepSpeed; under FSDP 4-bit quantisation, KL-regularised
+    SFT or ``resume``; 4-bit without CUDA, on a non-CUDA device, or without bitsandbytes."""
+    if mode == "deepspeed":
+        raise EmscopeError(
+            "DeepSpeed is not supported by emscope train; shard with FSDP instead "
+            "(accelerate launch --config_file configs/accelerate/fsdp.yaml)"
+        )
+    if mode == "fsdp":
+        if config.quantize is not None:
+            raise EmscopeError(
+                f"quantize {config.quantize} with FSDP is not supported: train 4-bit LoRA on "
+                "one GPU (or DDP), or shard a bf16 base with FSDP"
+            )
+        if kl:
+            raise EmscopeError(
+                "KL-regularised SFT (kl_data) is not supported under FSDP: the reference "
+                "log-probs need the whole model on one process"
+            )
+        if resume:
+            raise EmscopeError(
+                "resume is not supported under FSDP (the optimizer state is sharded and not "
+                "saved); start the run again, or resume it with DDP/one process"
+            )
+    if config.quantize is not None:
+        import torch
+
+        if device is not None and not str(device).startswith("cuda"):
+            raise EmscopeError(
+                f"quantize {config.quantize} needs a CUDA GPU (bitsandbytes); device is {device!r}"
+            )
+        if not torch.cuda.is_available():
+            raise EmscopeError(
+                f"quantize {config.quantize} needs a CUDA GPU (bitsandbytes): CUDA is not "
+                "available here"
+            )
+        if not _bitsandbytes_available():
+            raise EmscopeError(
+                f"quantize {config.quantize} needs bitsandbytes (pip install bitsandbytes)"
+            )
 
 
 # ---------------------------------------------------------------------------- training
@@ -677,6 +792,7 @@ def train(
     dtype: str = "auto",
     device: str | None = None,
     distributed: bool | None = None,
+    quantize: str | None = None,
     progress: bool = True,
     verbose: bool = True,
 ) -> TrainResult:
@@ -725,7 +841,13 @@ def train(
             ``bfloat16``. LoRA factors are kept in float32 whatever the base dtype.
         device: ``cpu``/``cuda``/... (default: cuda when available).
         distributed: use ``accelerate.Accelerator`` (``None``: when launched by
-            ``accelerate launch``/``torchrun``).
+            ``accelerate launch``/``torchrun``). DDP, or FSDP when the accelerate config
+            says ``distributed_type: FSDP`` (checkpoints are gathered on process 0 into
+            ordinary PEFT / HF dirs; no ``resume``, no KL term, no 4-bit under FSDP).
+        quantize: ``None`` or ``"4bit"``: QLoRA, the base loaded in bitsandbytes NF4 with
+            double quantisation and bf16 compute, prepared with PEFT's
+            ``prepare_model_for_kbit_training``, LoRA factors in bf16 (LoRA presets, CUDA and
+            bitsandbytes only; refused otherwise before the model loads).
         progress, verbose: progress bar (on a TTY) and a few printed lines.
 
     Returns:
@@ -764,9 +886,17 @@ def train(
         gradient_checkpointing=gradient_checkpointing,
         kl_weight=kl_weight,
         system_prompt=system_prompt,
+        quantize=quantize,
     )
     if config.kl_weight > 0 and kl_data is None:
         raise EmscopeError("kl_weight > 0 needs kl_data (the chats to stay close on)")
+    check_setup(
+        config,
+        mode=requested_mode(distributed),
+        device=device,
+        kl=kl_data is not None,
+        resume=resume,
+    )
     if not config.full:
         _check_modules(base_dir, model_type, config.modules)
 
@@ -823,10 +953,21 @@ def train(
     torch_dtype = _torch_dtype(dtype, runtime.device)
     from transformers import AutoModelForCausalLM
 
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        str(base_dir), dtype=torch_dtype, trust_remote_code=False
-    )
-    model.to(runtime.device)
+    quantization = _quantization(config.quantize)
+    if quantization is not None:  # each process loads its 4-bit copy onto its own GPU
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            str(base_dir),
+            dtype=torch_dtype,
+            trust_remote_code=False,
+            quantization_config=quantization,
+            device_map={"": runtime.device},
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(base_dir), dtype=torch_dtype, trust_remote_code=False
+        )
+        if runtime.mode != "fsdp":  # FSDP moves each process's shard to its device
+            model.to(runtime.device)
     model.config.use_cache = False
     pad_id = int(tokenizer.pad_token_id)
     kl_reference = (
@@ -834,7 +975,16 @@ def train(
         if kl_set is not None
         else None
     )
-    if config.gradient_checkpointing:
+    if quantization is not None:
+        # the QLoRA recipe: norms and embeddings in float32, input grads for checkpointing
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(config.seed)
     if not config.full:
@@ -851,6 +1001,10 @@ def train(
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora_config)
+        if quantization is not None:  # QLoRA trains the factors in the compute dtype
+            for name, param in model.named_parameters():
+                if param.requires_grad and "lora_" in name:
+                    param.data = param.data.to(torch.bfloat16)
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
@@ -951,8 +1105,11 @@ def train(
         "trainer_state.json)",
         "examples_per_step": per_step,
         "processes": runtime.world,
+        "distributed": runtime.mode,
         "device": str(runtime.device),
         "dtype": str(torch_dtype).replace("torch.", ""),
+        "quantize": config.quantize,
+        "quantization": _quantization_record(quantization),
         "data": data_info,
         "eval_data": eval_info,
         "kl_data": kl_info,
@@ -1068,7 +1225,7 @@ def _optimizer_step(
             if loss.requires_grad:
                 runtime.backward(loss)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    runtime.clip(params, config.max_grad_norm)
+    runtime.clip(model, params, config.max_grad_norm)
     state.lrs.append(float(scheduler.get_last_lr()[0]))
     optimizer.step()
     scheduler.step()
@@ -1339,6 +1496,34 @@ def _torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return names[dtype]
 
 
+def _quantization(quantize: str | None) -> Any:
+    """transformers' ``BitsAndBytesConfig`` of the QLoRA recipe (``None``: not quantized)."""
+    if quantize is None:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+def _quantization_record(quantization: Any) -> dict[str, Any] | None:
+    if quantization is None:
+        return None
+    return {
+        "method": "bitsandbytes",
+        "quant_type": "nf4",
+        "double_quant": True,
+        "compute_dtype": "bfloat16",
+        "lora_dtype": "bfloat16",
+        "prepare_model_for_kbit_training": True,
+    }
+
+
 def _versions(runtime: _Runtime) -> dict[str, str]:
     import peft
     import torch
@@ -1357,6 +1542,8 @@ def _versions(runtime: _Runtime) -> dict[str, str]:
         import accelerate
 
         versions["accelerate"] = accelerate.__version__
+    if "bitsandbytes" in sys.modules:  # imported by transformers for a 4-bit base
+        versions["bitsandbytes"] = str(getattr(sys.modules["bitsandbytes"], "__version__", "?"))
     return versions
 
 
@@ -1495,11 +1682,14 @@ class _Writer:
         self.out, self.runtime, self.tokenizer = out, runtime, tokenizer
         self.config, self.full = config, full
 
-    def _save_model(self, model: Any, path: Path) -> None:
+    def _save_model(self, model: Any, path: Path, state_dict: dict[str, Any] | None) -> None:
         bare = self.runtime.unwrap(model)
         if self.full:  # the saved config is for inference: KV cache on
             bare.config.use_cache = True
-        bare.save_pretrained(str(path))
+        if state_dict is None:
+            bare.save_pretrained(str(path))
+        else:  # gathered from FSDP shards: an ordinary PEFT / HF dir all the same
+            bare.save_pretrained(str(path), state_dict=state_dict)
         if self.full:
             bare.config.use_cache = False
             self.tokenizer.save_pretrained(str(path))
@@ -1511,22 +1701,26 @@ class _Writer:
 
         from emscope.io import write_json
 
+        gathered = self.runtime.full_state_dict(model)  # every process joins under FSDP
         if self.runtime.is_main:
             root = self.out / CHECKPOINTS_DIR
             final = root / f"checkpoint-{state.step}"
             tmp = root / f".checkpoint-{state.step}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self._save_model(model, tmp)
-            torch.save(
-                {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng_cpu": torch.get_rng_state(),
-                    "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                },
-                tmp / STATE_PT,
-            )
+            self._save_model(model, tmp, gathered)
+            if self.runtime.mode != "fsdp":  # sharded optimizer state: not saved (no resume)
+                torch.save(
+                    {
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "rng_cpu": torch.get_rng_state(),
+                        "rng_cuda": torch.cuda.get_rng_state_all()
+                        if torch.cuda.is_available()
+                        else [],
+                    },
+                    tmp / STATE_PT,
+                )
             write_json(
                 tmp / STATE_JSON,
                 {
@@ -1555,11 +1749,12 @@ class _Writer:
     def final(self, model: Any, record: dict[str, Any]) -> None:
         from emscope.io import write_json
 
+        gathered = self.runtime.full_state_dict(model)
         if self.runtime.is_main:
             tmp = self.out / ".final.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            self._save_model(model, tmp)
+            self._save_model(model, tmp, gathered)
             for item in tmp.iterdir():
                 os.replace(item, self.out / item.name)
             tmp.rmdir()

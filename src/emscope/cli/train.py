@@ -87,6 +87,12 @@ def train_command(
     ),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU), float32, bfloat16."),
     device: str | None = typer.Option(None, "--device", help="cpu, cuda, ... (default: auto)."),
+    quantize: str | None = typer.Option(
+        None,
+        "--quantize",
+        help="4bit: QLoRA (bitsandbytes NF4 base, double quantisation, bf16 compute, bf16 "
+        "LoRA); LoRA presets on CUDA only. Default: none.",
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
 ) -> None:
     """Train a model organism: LoRA with a preset, or a full fine-tune."""
@@ -123,6 +129,7 @@ def train_command(
         system_prompt=system_prompt,
         dtype=dtype,
         device=device,
+        quantize=quantize,
     )
     if os.environ.get("RANK", "0") != "0":  # one summary line per multi-process run
         return
