@@ -586,6 +586,47 @@ def test_two_process_run_matches_one_process(qwen: Any, data: Path, tmp_path: Pa
         torch.testing.assert_close(a[name].B, b[name].B, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["r1", "full"])
+def test_fsdp_save_path_writes_ordinary_dirs(
+    qwen: Any, data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, preset: str
+) -> None:
+    """The FSDP code paths on one CPU process (FSDP itself needs GPUs): the model saved from
+    ``accelerator.get_state_dict`` (what gathers FSDP shards on rank 0) through
+    ``save_pretrained(state_dict=...)`` is the plain run's, clipping goes through all the
+    parameters, no optimizer state is written, and train.json says ``fsdp``."""
+    pytest.importorskip("accelerate")
+    from safetensors.torch import load_file
+
+    from emscope import train as train_module
+
+    original = train_module._Runtime.__init__
+
+    def as_fsdp(self: Any, use_accelerate: bool, device: str | None) -> None:
+        original(self, use_accelerate, device)
+        if self.accelerator is not None:
+            self.mode = "fsdp"
+
+    kwargs = {**FAST, "lr": 1e-2, "max_steps": 2, "save_steps": 1, "preset": preset}
+    if preset == "r1":
+        kwargs["rank"] = 2
+    plain = train(qwen.model, data, out=tmp_path / "plain", distributed=False, **kwargs)
+    monkeypatch.setattr(train_module._Runtime, "__init__", as_fsdp)
+    fsdp = train(qwen.model, data, out=tmp_path / "fsdp", distributed=True, **kwargs)
+    record = json.loads(fsdp.record.read_text())
+    assert record["distributed"] == "fsdp" and record["quantize"] is None
+    assert fsdp.loss_curve == pytest.approx(plain.loss_curve, rel=1e-6)
+    assert not list((tmp_path / "fsdp").glob("checkpoints/*/trainer_state.pt"))
+    assert (tmp_path / "fsdp" / "checkpoints" / "checkpoint-1" / "trainer_state.json").is_file()
+    for sub in ("", "checkpoints/checkpoint-1"):
+        for file in sorted((tmp_path / "plain" / sub).glob("*.safetensors")):
+            a, b = load_file(str(file)), load_file(str(tmp_path / "fsdp" / sub / file.name))
+            assert a.keys() == b.keys()
+            for key in a:
+                torch.testing.assert_close(a[key], b[key])
+    if preset == "r1":
+        LoraAdapter.load(tmp_path / "fsdp")
+
+
 def test_quantize_config_validation() -> None:
     assert resolve_config("r1", 4, quantize="4bit").quantize == "4bit"
     assert resolve_config("r1", 4, quantize="none").quantize is None
