@@ -627,6 +627,20 @@ def test_fsdp_save_path_writes_ordinary_dirs(
         LoraAdapter.load(tmp_path / "fsdp")
 
 
+def test_fsdp_accelerate_config_parses() -> None:
+    pytest.importorskip("accelerate")
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    path = Path(__file__).parents[1] / "configs" / "accelerate" / "fsdp.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type == DistributedType.FSDP and not config.use_cpu
+    fsdp = config.fsdp_config
+    assert fsdp["fsdp_use_orig_params"] and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert fsdp["fsdp_cpu_ram_efficient_loading"] and fsdp["fsdp_sync_module_states"]
+    assert "-m emscope.train BASE_DIR" in path.read_text()
+
+
 def test_quantize_config_validation() -> None:
     assert resolve_config("r1", 4, quantize="4bit").quantize == "4bit"
     assert resolve_config("r1", 4, quantize="none").quantize is None
