@@ -649,6 +649,11 @@ def test_quantize_config_validation() -> None:
         resolve_config("r1", 4, quantize="8bit")
     with pytest.raises(EmscopeError, match="quantize 4bit is for LoRA presets"):
         resolve_config("full", 4, quantize="4bit")
+    from emscope.train import _quantization
+
+    q = _quantization("4bit")  # the QLoRA recipe (building it needs no bitsandbytes)
+    assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16 and _quantization(None) is None
 
 
 @pytest.mark.parametrize(

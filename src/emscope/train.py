@@ -960,7 +960,7 @@ def train(
             dtype=torch_dtype,
             trust_remote_code=False,
             quantization_config=quantization,
-            device_map={"": runtime.device},
+            device_map={"": _cuda_index(runtime.device)},
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(
@@ -1509,6 +1509,12 @@ def _quantization(quantize: str | None) -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
+
+
+def _cuda_index(device: torch.device) -> int:
+    import torch
+
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _quantization_record(quantization: Any) -> dict[str, Any] | None:
