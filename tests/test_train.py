@@ -627,6 +627,40 @@ def test_fsdp_save_path_writes_ordinary_dirs(
         LoraAdapter.load(tmp_path / "fsdp")
 
 
+def test_under_fsdp_every_process_runs_every_forward(qwen: Any) -> None:
+    """FSDP forwards are collectives: a process whose share of a (short, last) step or of the
+    eval set is empty still runs each micro-batch, on a dummy row with weight 0."""
+    from transformers import AutoModelForCausalLM
+
+    from emscope import train as train_module
+    from emscope.models import load_tokenizer
+
+    tokenizer = load_tokenizer(qwen.model)
+    chats = [ChatExample(tuple(_chat(i, "Save first.")), i + 1) for i in range(3)]
+    encoded = encode_examples(tokenizer, chats)
+    model = AutoModelForCausalLM.from_pretrained(str(qwen.model))
+    calls = [0]
+    model.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
+    runtime = train_module._Runtime(False, "cpu")
+    runtime.world, runtime.rank = 2, 1  # the second of two processes, no collectives here
+    config = resolve_config("full", 4, batch_size=1, grad_accum=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    pad = int(tokenizer.pad_token_id)
+    state = train_module._RunState()
+    # 3 examples, 2 processes x 3 micro-batches of 1: process 1 holds only micro-batch 0
+    for mode, expected in (("ddp", 2), ("fsdp", 3)):
+        runtime.mode, calls[0] = mode, 0
+        train_module._optimizer_step(
+            model, optimizer, scheduler, runtime, config, encoded, [], [], pad, state
+        )
+        assert calls[0] == expected, mode  # DDP: its example and the synchronising step
+    for mode, expected in (("ddp", 1), ("fsdp", 2)):  # eval: process 0 has 2 rows, this 1
+        runtime.mode, calls[0] = mode, 0
+        train_module._eval_loss(model, encoded, 1, runtime, pad)
+        assert calls[0] == expected, mode
+
+
 def test_fsdp_accelerate_config_parses() -> None:
     pytest.importorskip("accelerate")
     from accelerate.commands.config.config_args import load_config_from_file

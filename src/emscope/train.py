@@ -1194,12 +1194,15 @@ def _optimizer_step(
         else [[] for _ in micro]
     )
     multi = runtime.world > 1
+    # every FSDP forward gathers parameters from all processes: each process runs every
+    # micro-batch (an empty one on a dummy row, weight 0), not only the synchronising one
+    join = runtime.mode == "fsdp"
     total_nll = torch.zeros((), device=runtime.device, dtype=torch.float32)
     total_kl = torch.zeros((), device=runtime.device, dtype=torch.float32)
     kl_grad = config.kl_weight > 0
     for m, (batch, kl_batch) in enumerate(zip(micro, kl_micro, strict=True)):
         sync = m == len(micro) - 1
-        if not batch and not kl_batch and not (multi and sync):
+        if not batch and not kl_batch and not (multi and (sync or join)):
             continue
         with runtime.no_sync(model, sync):
             loss = torch.zeros((), device=runtime.device, dtype=torch.float32)
@@ -1301,15 +1304,20 @@ def _eval_loss(
     import torch
 
     mine = list(examples[runtime.rank :: runtime.world])
+    # under FSDP every process runs as many forwards as process 0 (the one with the most)
+    n_batches = math.ceil(len(examples[:: runtime.world]) / batch_size)
+    if runtime.mode != "fsdp":
+        n_batches = math.ceil(len(mine) / batch_size)
     total = torch.zeros(2, device=runtime.device, dtype=torch.float64)
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(mine), batch_size):
+        for start in range(0, n_batches * batch_size, batch_size):
             rows = mine[start : start + batch_size]
-            nll, _ = _forward(model, collate(rows, pad_id), runtime.device)
-            total[0] += nll.double()
-            total[1] += sum(e.n_loss_tokens for e in rows)
+            nll, _ = _forward(model, collate(rows or list(examples[:1]), pad_id), runtime.device)
+            if rows:
+                total[0] += nll.double()
+                total[1] += sum(e.n_loss_tokens for e in rows)
     model.train(was_training)
     total = runtime.reduce_sum(total)
     return float(total[0] / total[1])
