@@ -44,7 +44,9 @@ itself is ~100 lines of standard AdamW + ``transformers.get_scheduler``. Everyth
 maintained library: PEFT builds and saves the adapters, transformers the schedules, and
 accelerate (optional) does the multi-process work: when launched under ``accelerate launch``
 (or with ``distributed=True``) the loop goes through ``accelerate.Accelerator`` (DDP, gradient
-sync only at the end of each accumulation), otherwise it runs on one device without it.
+sync only at the end of each accumulation; FSDP when the accelerate config says so, with
+checkpoints gathered on process 0 into ordinary PEFT / HF dirs), otherwise it runs on one
+device without it. ``quantize="4bit"`` trains LoRA on a bitsandbytes NF4 base (QLoRA).
 
 Data order: the examples of epoch ``e`` are visited in ``numpy.random.default_rng([seed,
 e]).permutation(n)`` order, cut into optimizer steps of ``batch_size x grad_accum x
