@@ -291,3 +291,23 @@ def test_parse_model_spec():
     for bad in ("models/base", "=x", "name="):
         with pytest.raises(EmscopeError, match="bad model spec"):
             parse_model_spec(bad)
+
+
+def test_parse_layers_forms_and_errors():
+    from emscope.models import parse_layers, resolve_layers
+
+    assert parse_layers("3") == [3]
+    assert parse_layers("3,5, 1") == [3, 5, 1]
+    assert parse_layers("3-5") == [3, 4, 5]
+    assert parse_layers("5,3-5,3") == [5, 3, 4]
+    assert parse_layers("-1,0") == [-1, 0]
+    assert parse_layers("-1,0,3", n_layers=4) == [3, 0]
+    assert parse_layers("-3--2") == [-3, -2]
+    for bad in ("a", "3-1", "", ",", "1-", "3:6", "1.5"):
+        with pytest.raises(EmscopeError, match="bad layer list"):
+            parse_layers(bad)
+    with pytest.raises(EmscopeError, match=r"layer 4 out of range: the model has 4 layers"):
+        parse_layers("1,4", n_layers=4)
+    with pytest.raises(EmscopeError, match=r"layer -5 out of range"):
+        resolve_layers([-5], 4)
+    assert resolve_layers([1, -3, 2], 4) == [1, 2]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -234,6 +234,47 @@ def parse_model_spec(text: str) -> ModelSpec:
     if not model_dir:
         raise EmscopeError(f"bad model spec {text!r}: empty model dir")
     return ModelSpec(Path(model_dir), tuple(Path(a) for a in adapters if a), name)
+
+
+_LAYER_PART_RE = re.compile(r"(-?\d+)(?:-(-?\d+))?")
+
+
+def parse_layers(text: str, n_layers: int | None = None) -> list[int]:
+    """Parse a layer list such as ``"15-17,21,-1"``: commas, inclusive ranges ``a-b``,
+    negative indices (resolved against ``n_layers`` when given), duplicates removed in order.
+
+    Raises a one-line :class:`EmscopeError` for bad text, and, given ``n_layers``, for a layer
+    outside the model (:func:`resolve_layers`)."""
+    layers: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        match = _LAYER_PART_RE.fullmatch(part)
+        first = int(match.group(1)) if match else 0
+        last = int(match.group(2)) if match and match.group(2) is not None else first
+        if match is None or last < first:
+            raise EmscopeError(
+                f"bad layer list {text!r}: expected e.g. '15-17,21-23' or '3,5' or '-1'"
+            )
+        layers.extend(range(first, last + 1))
+    if not layers:
+        raise EmscopeError(f"bad layer list {text!r}: no layers")
+    if n_layers is not None:
+        return resolve_layers(layers, n_layers)
+    return list(dict.fromkeys(layers))
+
+
+def resolve_layers(layers: Iterable[int], n_layers: int) -> list[int]:
+    """``layers`` as indices ``0..n_layers-1`` (negative ones count from the end), duplicates
+    removed in order; an :class:`EmscopeError` for one outside the model."""
+    out = []
+    for layer in layers:
+        if not -n_layers <= layer < n_layers:
+            raise EmscopeError(
+                f"layer {layer} out of range: the model has {n_layers} layers (0..{n_layers - 1})"
+            )
+        out.append(layer % n_layers)
+    return list(dict.fromkeys(out))
 
 
 def list_checkpoints(adapter_dir: str | Path) -> list[tuple[int, Path]]:

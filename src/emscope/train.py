@@ -199,27 +199,11 @@ def preset_layers(preset: str, n_layers: int) -> list[int]:
 
 
 def parse_layers(text: str) -> list[int]:
-    """Parse a layer list such as ``"15-17,21-23,27"`` (inclusive ranges, from 0)."""
-    layers: list[int] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        lo, sep, hi = part.partition("-")
-        try:
-            if sep:
-                first, last = int(lo), int(hi)
-                if last < first:
-                    raise ValueError
-                layers.extend(range(first, last + 1))
-            else:
-                layers.append(int(part))
-        except ValueError:
-            raise EmscopeError(
-                f"bad layer list {text!r}: expected e.g. '15-17,21-23' or '3,5'"
-            ) from None
-    if not layers:
-        raise EmscopeError(f"bad layer list {text!r}: no layers")
-    return sorted(set(layers))
+    """Parse a layer list such as ``"15-17,21-23,27"`` (inclusive ranges, from 0), sorted
+    (:func:`emscope.models.parse_layers`)."""
+    from emscope.models import parse_layers as parse_layer_list
+
+    return sorted(parse_layer_list(text))
 
 
 def _preset(name: str) -> Preset:

@@ -20,15 +20,6 @@ directions_app = typer.Typer(
 )
 
 
-def _ints(text: str, what: str) -> list[int]:
-    from emscope.errors import EmscopeError
-
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise EmscopeError(f"{what} must be comma-separated integers, got {text!r}") from None
-
-
 def _floats(text: str, what: str) -> list[float]:
     from emscope.errors import EmscopeError
 
@@ -92,7 +83,7 @@ def extract_command(
     table = read_table(responses, "responses")
     loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
     setting = system_prompt_for(system_prompt, [loaded.path, *loaded.adapters.values()], responses)
-    layer_list = _ints(layers, "--layers") if layers else None
+    layer_list = options.layer_list(layers)
     meta = {
         "model": str(model_dir),
         "adapter": [str(a) for a in adapter],
@@ -285,7 +276,7 @@ def steer_command(
 
     if positions not in POSITIONS:
         raise EmscopeError(f"--positions must be all, prompt or response, got {positions!r}")
-    layer_list = _ints(layers, "--layers")
+    layer_list = options.layer_list(layers) or []
     scale_list = _floats(scales, "--scales")
     vec = Direction.load(direction)
     config = _eval_config(

@@ -23,6 +23,15 @@ if TYPE_CHECKING:
 
 DEFAULT_METRICS = "aligned,coherent,bad_stuff"
 
+
+def layer_list(text: str | None) -> list[int] | None:
+    """A ``--layers`` value (``"2,3"``, ``"0-2,-1"``: :func:`emscope.models.parse_layers`), or
+    None when not given."""
+    from emscope.models import parse_layers
+
+    return parse_layers(text) if text is not None and text.strip() else None
+
+
 MODEL_DIR = typer.Argument(
     ..., help="HF model dir (with its tokenizer), or a hub id Org/Name (via the HF cache)."
 )

@@ -106,16 +106,9 @@ def example_activations(
 
 
 def _layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
-    if layers is None:
-        return list(range(n_layers))
-    out = []
-    for layer in layers:
-        if not -n_layers <= layer < n_layers:
-            raise EmscopeError(
-                f"layer {layer}: the model has {n_layers} layers (0..{n_layers - 1})"
-            )
-        out.append(layer % n_layers)
-    return list(dict.fromkeys(out))
+    from emscope.models import resolve_layers
+
+    return list(range(n_layers)) if layers is None else resolve_layers(layers, n_layers)
 
 
 def split_indices(n: int, train_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
