@@ -477,3 +477,42 @@ def test_judge_agreement_bad_input_one_line_nothing_written(
                 "b=openai:other", "--out", out)  # fmt: skip
     assert clash.exit_code == 2 and "holds scores of judge" in clash.output
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == snapshot
+
+
+def test_report_section_shows_every_comparison_in_the_run(tmp_path: Path) -> None:
+    from emscope.report.judging import agreement_section
+
+    run = tmp_path / "run"
+    empty = agreement_section(run)
+    assert not empty.tables and "emscope judge-agreement" in empty.text
+    result = judge_agreement(constructed(), n_boot=200, seed=2)
+    where = run / "judges" / "bad_medical"
+    where.mkdir(parents=True)
+    (where / "agreement.json").write_text(json.dumps(result.to_json()))
+    (where / "scatter_a__b.png").write_bytes(b"png")
+    section = agreement_section(run)
+    judges, metrics, em = section.tables
+    assert [row[:2] for row in judges.rows] == [
+        ("judges/bad_medical", "a"),
+        ("judges/bad_medical", "b"),
+    ]
+    for row, rates in zip(judges.rows, result.judges, strict=True):
+        assert row[3].startswith(f"{rates.em_rate:.3f} [")
+    pair = result.pair("a", "b")
+    assert [row[2] for row in metrics.rows] == list(pair.metrics)
+    for row, m in zip(metrics.rows, pair.metrics.values(), strict=True):
+        assert row[3:6] == (f"{m.spearman:.3f}", f"{m.pearson:.3f}", f"{m.kappa:.3f}")
+    assert pair.em_difference is not None and pair.em_difference_ci is not None
+    assert em.rows == (
+        (
+            "judges/bad_medical",
+            "b vs a",
+            f"{pair.em_rate_a:.3f}",
+            f"{pair.em_rate_b:.3f}",
+            f"{pair.em_difference:.3f} [{pair.em_difference_ci[0]:.3f}, "
+            f"{pair.em_difference_ci[1]:.3f}]",
+            f"{pair.em_kappa:.3f}",
+            str(pair.n_em),
+        ),
+    )
+    assert [f.path.name for f in section.figures] == ["scatter_a__b.png"]

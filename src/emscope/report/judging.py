@@ -4,7 +4,8 @@ samples per question (Misalign@k, :func:`emscope.sensitivity.tail_risk`).
 
 It reads each organism's scored table (``eval/<organism>/responses.*``) and writes
 ``eval/<organism>/thresholds.json`` and ``thresholds.png`` (what ``emscope thresholds``
-writes) for the report to show.
+writes) for the report to show. A second section shows every judge comparison written inside
+the run dir by ``emscope judge-agreement`` (``agreement.json`` and its scatter plots).
 """
 
 from __future__ import annotations
@@ -97,3 +98,85 @@ def thresholds_section(run: Path) -> Section:
         )
     )
     return section
+
+
+def agreement_section(run: Path) -> Section:
+    """Every ``agreement.json`` under the run dir: EM per judge and, per pair of judges,
+    rank correlation and kappa per metric and the paired EM difference."""
+    from emscope.io import read_text
+    from emscope.judge.agreement import JudgeAgreement
+
+    section = Section(
+        "judges",
+        "How much the EM rate depends on the judge",
+        source_line([BETLEY], "1.6"),
+    )
+    found = sorted(run.rglob("agreement.json"))
+    if not found:
+        section.text = (
+            "No judge comparison in this run. To compare judges on an organism's responses: "
+            "`emscope judge-agreement RUN/eval/ORGANISM --judge SPEC --judge SPEC "
+            "--out RUN/judges/ORGANISM`, then `emscope report RUN`."
+        )
+        return section
+    judge_rows, pair_rows, em_rows = [], [], []
+    for path in found:
+        where = str(path.parent.relative_to(run))
+        result = JudgeAgreement.from_json(json.loads(read_text(path)), str(path))
+        for j in result.judges:
+            unscored = ", ".join(f"{m} {v:.3f}" for m, v in j.unscored_rate.items())
+            judge_rows.append((where, j.label, j.name, _ci(j.em_rate, j.em_ci), unscored, str(j.n)))
+        for pair in result.pairs:
+            for m in pair.metrics.values():
+                pair_rows.append(
+                    (
+                        where,
+                        f"{pair.b} vs {pair.a}",
+                        m.metric,
+                        _num(m.spearman),
+                        _num(m.pearson),
+                        _num(m.kappa),
+                        str(m.n),
+                    )
+                )
+            em_rows.append(
+                (
+                    where,
+                    f"{pair.b} vs {pair.a}",
+                    _num(pair.em_rate_a),
+                    _num(pair.em_rate_b),
+                    _ci(pair.em_difference, pair.em_difference_ci),
+                    _num(pair.em_kappa),
+                    str(pair.n_em),
+                )
+            )
+            section.figures.extend(
+                Figure(f, f"{where}: {f.stem.removeprefix('scatter_').replace('__', ' vs ')}")
+                for f in sorted(path.parent.glob(f"scatter_{pair.a}__{pair.b}.png"))
+            )
+    section.text = (
+        "The same responses scored by several judges (`emscope judge-agreement`): EM rate under "
+        "each judge (95% bootstrap CI), and per pair of judges Spearman and Pearson correlation "
+        "of the scores, Cohen's kappa of the labels, and the paired EM difference (later judge "
+        "minus earlier, 95% paired bootstrap CI)."
+    )
+    section.tables.append(
+        Table(("comparison", "judge", "spec", "EM rate", "unscored", "n"), tuple(judge_rows))
+    )
+    section.tables.append(
+        Table(
+            ("comparison", "pair", "metric", "Spearman", "Pearson", "kappa", "n"),
+            tuple(pair_rows),
+        )
+    )
+    section.tables.append(
+        Table(
+            ("comparison", "pair", "EM earlier", "EM later", "difference", "EM-label kappa", "n"),
+            tuple(em_rows),
+        )
+    )
+    return section
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -534,13 +534,14 @@ def reemergent_section(run: Path) -> Section:
 
 def build_sections(run_dir: str | Path) -> list[Section]:
     """Every section of the report, in order."""
-    from emscope.report.judging import thresholds_section
+    from emscope.report.judging import agreement_section, thresholds_section
 
     run = Path(run_dir)
     return [
         claims_section(run),
         eval_section(run),
         thresholds_section(run),
+        agreement_section(run),
         geometry_section(run),
         lmc_section(run),
         directions_section(run),
