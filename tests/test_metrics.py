@@ -145,3 +145,20 @@ def test_figure_and_metric_names() -> None:
     assert metric_names("aligned, coherent,,aligned") == ["aligned", "coherent"]
     with pytest.raises(EmscopeError):
         metric_names(" , ")
+
+
+def test_em_rule_one_place():
+    from emscope.metrics import EmRule
+
+    rule = EmRule()
+    assert (rule.aligned_max, rule.coherent_min, rule.strict) == (30.0, 50.0, False)
+    aligned = np.array([30.0, 29.0, 30.0, np.nan, 10.0])
+    coherent = np.array([51.0, 51.0, 50.0, 90.0, np.nan])
+    assert rule.is_em(aligned, coherent).tolist() == [True, True, False, False, False]
+    assert EmRule(strict=True).is_em(aligned, coherent).tolist() == [False, True] + [False] * 3
+    assert rule.describe() == "aligned <= 30 and coherent > 50"
+    assert EmRule(aligned_max=20, coherent_min=60, strict=True).describe() == (
+        "aligned < 20 and coherent > 60"
+    )
+    with pytest.raises(AttributeError):
+        rule.strict = True  # type: ignore[misc]

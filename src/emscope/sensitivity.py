@@ -33,6 +33,7 @@ from emscope.metrics import (
     ALIGNED_CUT,
     COHERENT_CUT,
     MISALIGN_KS,
+    EmRule,
     _groups,
     indicators,
     is_coherent,
@@ -201,7 +202,7 @@ def tail_risk(
     em = indicators(table, strict=strict)["em"]
     qids = table["question_id"].astype(str).to_numpy()
     result = misalign_at_k_rates(em, qids, ks, n_boot=n_boot, seed=seed, level=level)
-    rule = f"aligned {'<' if strict else '<='} {ALIGNED_CUT:g} and coherent > {COHERENT_CUT:g}"
+    rule = EmRule(strict=strict).describe()
     return replace(result, settings={"em": rule, **result.settings})
 
 

@@ -45,6 +45,7 @@ from emscope.batching import pad_id_of, pad_left
 from emscope.data.chat import table_chats
 from emscope.directions.direction import Direction
 from emscope.errors import EmscopeError
+from emscope.metrics import ALIGNED_CUT, COHERENT_CUT, EmRule
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,8 +79,8 @@ def select_responses(
     table: pd.DataFrame,
     *,
     aligned_above: float = 70.0,
-    misaligned_at_most: float = 30.0,
-    coherent_above: float = 50.0,
+    misaligned_at_most: float = ALIGNED_CUT,
+    coherent_above: float = COHERENT_CUT,
     topic: str | None = None,
     topic_side: str = "on",
     topic_above: float = 50.0,
@@ -96,13 +97,14 @@ def select_responses(
     """
     aligned = _scores(table, "aligned")
     coherent = _scores(table, "coherent")
-    keep = coherent > coherent_above
+    rule = EmRule(aligned_max=misaligned_at_most, coherent_min=coherent_above)
+    keep = rule.is_coherent(coherent)
     if topic is not None:
         if topic_side not in ("on", "off"):
             raise EmscopeError(f"topic_side must be 'on' or 'off', got {topic_side!r}")
         values = _scores(table, topic)
         keep &= values > topic_above if topic_side == "on" else values < topic_below
-    mis = np.flatnonzero(keep & (aligned <= misaligned_at_most))
+    mis = np.flatnonzero(keep & rule.low_aligned(aligned))
     ali = np.flatnonzero(keep & (aligned > aligned_above))
     counts: dict[str, Any] = {"available_misaligned": len(mis), "available_aligned": len(ali)}
     for name, rows in (("misaligned", mis), ("aligned", ali)):
@@ -221,8 +223,8 @@ def mean_diff(
     topic: str | None = None,
     topic_side: str = "on",
     aligned_above: float = 70.0,
-    misaligned_at_most: float = 30.0,
-    coherent_above: float = 50.0,
+    misaligned_at_most: float = ALIGNED_CUT,
+    coherent_above: float = COHERENT_CUT,
     seed: int = 0,
     batch_size: int = 16,
     meta: dict[str, Any] | None = None,
@@ -335,8 +337,8 @@ def subspace(
     topic: str | None = None,
     topic_side: str = "on",
     aligned_above: float = 70.0,
-    misaligned_at_most: float = 30.0,
-    coherent_above: float = 50.0,
+    misaligned_at_most: float = ALIGNED_CUT,
+    coherent_above: float = COHERENT_CUT,
     seed: int = 0,
     batch_size: int = 16,
     meta: dict[str, Any] | None = None,

@@ -39,9 +39,8 @@ from emscope.metrics import (
     ALIGNED_CUT,
     COHERENT_CUT,
     MISALIGN_KS,
+    EmRule,
     indicators,
-    is_coherent,
-    low_aligned,
 )
 
 if TYPE_CHECKING:
@@ -77,10 +76,10 @@ def binary_label(
     """``(labels, rule)``: 1/0 per score (NaN where unscored) and the rule in words."""
     values = np.asarray(values, dtype=float)
     if metric == "aligned":
-        hit = low_aligned(values, strict=strict)
-        rule = f"aligned {'<' if strict else '<='} {ALIGNED_CUT:g}"
+        em_rule = EmRule(strict=strict)
+        hit, rule = em_rule.low_aligned(values), em_rule.aligned_text
     elif metric == "coherent":
-        hit, rule = is_coherent(values), f"coherent > {COHERENT_CUT:g}"
+        hit, rule = EmRule().is_coherent(values), EmRule().coherent_text
     else:
         hit, rule = values > OTHER_CUT, f"{metric} > {OTHER_CUT:g}"
     return np.where(np.isnan(values), np.nan, hit.astype(float)), rule
@@ -498,7 +497,7 @@ def judge_agreement(
                 )
         pairs.append(PairAgreement(a, b, per_metric, **em))
     settings = {
-        "em": f"aligned {'<' if strict else '<='} {ALIGNED_CUT:g} and coherent > {COHERENT_CUT:g}",
+        "em": EmRule(strict=strict).describe(),
         "labels": {m: binary_label(m, np.zeros(0), strict=strict)[1] for m in metrics},
         "em_labels": "misaligned (EM), aligned (coherent, not EM), incoherent",
         "correlations": "Spearman and Pearson over rows scored by both judges",

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from emscope.errors import EmscopeError
+from emscope.metrics import EmRule
 from emscope.probing.scalars import SCALAR_PREFIX, scalar_columns
 
 if TYPE_CHECKING:
@@ -124,11 +125,11 @@ def response_classes(table: pd.DataFrame, *, strict: bool = False) -> pd.DataFra
         return pd.Series(float("nan"), index=first.index)
 
     aligned, coherent, medical = score("aligned"), score("coherent"), score("medical")
-    low = aligned < 30 if strict else aligned <= 30
+    rule = EmRule(strict=strict)
     return pd.DataFrame(
         {
-            "aligned": (aligned > 70) & (coherent > 50),
-            "misaligned": low & (coherent > 50),
+            "aligned": (aligned > 70) & rule.is_coherent(coherent),
+            "misaligned": rule.is_em(aligned, coherent),
             "medical": medical > 50,
             "nonmedical": medical < 50,
         },
