@@ -107,8 +107,8 @@ def main() -> None:
     import numpy as np
 
     from emscope.geometry import compare_factors, dense_compare, module_factors
-    from emscope.geometry.analysis import blas_limit
     from emscope.lora import LoraAdapter
+    from emscope.threads import limit_threads
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_geometry_"))
     try:
@@ -124,7 +124,7 @@ def main() -> None:
         a, b = LoraAdapter.load(dirs[0]), LoraAdapter.load(dirs[1])
         t = time.perf_counter()
         fact_cos = {}
-        with blas_limit(1):  # as compare_adapters does
+        with limit_threads(1):  # as compare_adapters does
             for name in a.modules:
                 c = compare_factors(module_factors(a[name]), module_factors(b[name]))
                 fact_cos[name] = c
@@ -135,7 +135,7 @@ def main() -> None:
         dense_compare(a[k_name], b[k_name])
         threaded = time.perf_counter() - t
         t = time.perf_counter()
-        with blas_limit(1):
+        with limit_threads(1):
             dense_compare(a[k_name], b[k_name])
         dense_threads: int | None = 1 if time.perf_counter() - t < threaded else None
         print(f"# dense route BLAS threads: {dense_threads or 'default'}", flush=True)
@@ -147,7 +147,7 @@ def main() -> None:
         for t_name in sample:
             name = f"model.layers.0.{PARENT[t_name]}.{t_name}"
             t = time.perf_counter()
-            with blas_limit(dense_threads):
+            with limit_threads(dense_threads):
                 d = dense_compare(a[name], b[name])
             dense_time[t_name] = time.perf_counter() - t
             f = fact_cos[name]

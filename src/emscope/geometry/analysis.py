@@ -47,6 +47,7 @@ from emscope.geometry.core import (
     module_factors,
 )
 from emscope.lora import LoraAdapter, _natural_key, module_layer
+from emscope.threads import limit_threads
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -476,19 +477,6 @@ def _summarise_fields(entries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def blas_limit(threads: int | None) -> Any:
-    """Context manager limiting BLAS threads (threadpoolctl, a scikit-learn dependency)."""
-    from contextlib import nullcontext
-
-    if threads is None:
-        return nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - installed with scikit-learn
-        return nullcontext()
-    return threadpool_limits(limits=threads, user_api="blas")
-
-
 def compare_adapters(
     adapters: Sequence[LoraAdapter],
     *,
@@ -508,7 +496,8 @@ def compare_adapters(
     ``random_draws``: empirical baseline draws per distinct shape (0 = analytic only).
     ``dense``: also compute every pair by the dense route (memory ``d_out x d_in``), kept in
     :attr:`PairGeometry.dense` for checking.
-    ``blas_threads``: BLAS threads during the computation (``None`` = leave as is). The
+    ``blas_threads``: BLAS (and torch) threads during the computation
+    (:func:`emscope.threads.limit_threads`; ``None`` = leave as is). The
     matrices are tall-skinny or ``r x r``: one thread is fastest, and multi-threaded BLAS
     on tiny LAPACK calls is up to 100x slower on a busy machine.
     """
@@ -536,7 +525,7 @@ def compare_adapters(
         from tqdm import tqdm
 
         iterator = tqdm(all_modules, desc="geometry", unit="module")
-    with blas_limit(blas_threads):
+    with limit_threads(blas_threads):
         for module in iterator:
             present = [i for i in range(n) if module in adapters[i].modules]
             lora = {i: adapters[i].modules[module] for i in present}
@@ -564,7 +553,7 @@ def compare_adapters(
         )
         pairs[pg.key] = pg
     sigs = {signature(c) for cs in comps.values() for c in cs.values()}
-    with blas_limit(blas_threads):
+    with limit_threads(blas_threads):
         random = random_comparisons(sigs, random_draws, seed) if random_draws else {}
         same_seed = (
             random_comparisons(sigs, random_draws, seed, shared_a=True) if random_draws else {}

@@ -224,26 +224,22 @@ def run_study(
     ctx = StageContext(config, run_dir, echo=echo, progress=progress)
     for note in notes:
         echo(f"note: {note}")
-    import torch
-
-    previous_threads = torch.get_num_threads()
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
     import warnings
 
     import transformers
 
     if not progress:
         transformers.utils.logging.disable_progress_bar()
+    from emscope.threads import limit_threads
+
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), limit_threads(config.threads):
             # transformers' own deprecation notices, raised inside its code on every load
             warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
             total = _run_stages(config, run_dir, ctx, manifest, echo, progress)
     finally:
         if not progress:
             transformers.utils.logging.enable_progress_bar()
-        torch.set_num_threads(previous_threads)
         ctx.release()
     _hash_inputs(config, manifest)
     write_json(manifest_path, manifest)

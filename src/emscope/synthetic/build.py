@@ -701,15 +701,10 @@ def build(
     much faster than oversubscribed ones); None leaves torch's setting.
     """
 
-    import torch
+    from emscope.threads import limit_threads
 
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with limit_threads(threads):
         return _build(out, size, seed, verbose, adapters, diagnostics, config, system_prompt)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _build(
