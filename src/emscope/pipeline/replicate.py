@@ -200,7 +200,8 @@ def headline_numbers(run_dir: Path) -> dict[str, dict[str, Any]]:
             out["steering"] = {
                 "value": best["em_rate"],
                 "ci": best.get("em_ci"),
-                "what": f"steered EM (layer {best['layer']} x{best['scale']:g})",
+                "what": "steered EM at the best (or the rule's) setting",
+                "setting": f"layer {best['layer']} x{best['scale']:g}",
                 "random": random[0]["em_rate"] if random else None,
             }
     if done("transfer"):
@@ -371,6 +372,8 @@ def _num(n: dict[str, Any] | None) -> str:
     text = f"{v:.3g}"
     if n.get("ci"):
         text += f" [{n['ci'][0]:.3g}, {n['ci'][1]:.3g}]"
+    if n.get("setting"):
+        text += f" at {n['setting']}"
     if n.get("random") is not None:
         text += f" (random {n['random']:.3g})"
     return text
