@@ -84,3 +84,17 @@ def test_full_disk_and_read_only_dir_are_one_line_and_change_nothing(
     with pytest.raises(EmscopeError, match=r"new\.json: cannot write \(Read-only file system\)"):
         write_json(tmp_path / "new.json", {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_versions_one_lookup():
+    import platform
+    from importlib.metadata import version
+
+    from emscope.io import package_version, versions
+
+    assert package_version("python") == platform.python_version()
+    assert package_version("numpy") == version("numpy")
+    assert package_version("no-such-dist-emscope") is None
+    found = versions("numpy", "python", "no-such-dist-emscope")
+    assert list(found) == ["numpy", "python"]
+    assert versions("no-such-dist-emscope", absent="absent") == {"no-such-dist-emscope": "absent"}

@@ -311,3 +311,15 @@ def test_parse_layers_forms_and_errors():
     with pytest.raises(EmscopeError, match=r"layer -5 out of range"):
         resolve_layers([-5], 4)
     assert resolve_layers([1, -3, 2], 4) == [1, 2]
+
+
+def test_list_checkpoints_all_dirs(tmp_path):
+    for name in ("checkpoint-20", "checkpoint-3", ".checkpoint-9.tmp", "checkpoint-x", "other"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    (tmp_path / "checkpoints" / "checkpoint-20" / "adapter_config.json").write_text("{}")
+    assert list_checkpoints(tmp_path, adapters_only=False) == [
+        (3, tmp_path / "checkpoints" / "checkpoint-3"),
+        (20, tmp_path / "checkpoints" / "checkpoint-20"),
+    ]
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [20]
+    assert list_checkpoints(tmp_path / "missing", adapters_only=False) == []

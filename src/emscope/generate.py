@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import platform
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -557,16 +556,13 @@ def sort_responses(table: pd.DataFrame, questions: Sequence[Question]) -> pd.Dat
 
 
 def versions() -> dict[str, str]:
-    """Versions of emscope and the libraries that determine its numbers."""
-    import importlib.metadata as md
+    """Versions of emscope and the libraries that determine its numbers
+    (:func:`emscope.io.versions`)."""
+    from emscope.io import versions as package_versions
 
-    found = {"python": platform.python_version()}
-    for name in ("emscope", "torch", "transformers", "peft", "numpy", "openai"):
-        try:
-            found[name] = md.version(name)
-        except md.PackageNotFoundError:
-            found[name] = "absent"
-    return found
+    return package_versions(
+        "python", "emscope", "torch", "transformers", "peft", "numpy", "openai", absent="absent"
+    )
 
 
 def _parts(parts_dir: Path) -> list[Path]:

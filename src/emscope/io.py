@@ -82,6 +82,32 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
 
 
+def package_version(name: str) -> str | None:
+    """The installed version of distribution ``name`` (``"python"``: the interpreter's), or
+    None when it is not installed."""
+    import importlib.metadata as md
+    import platform
+
+    if name == "python":
+        return platform.python_version()
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+def versions(*names: str, absent: str | None = None) -> dict[str, str]:
+    """``{name: version}`` of the named distributions (and ``"python"``), in the given order,
+    as recorded in run records (the one place that looks versions up); a package that is not
+    installed is left out, or recorded as ``absent`` when that is given."""
+    found = {}
+    for name in names:
+        version = package_version(name)
+        if version is not None or absent is not None:
+            found[name] = version if version is not None else str(absent)
+    return found
+
+
 def read_text(path: str | Path) -> str:
     """A text file's content, decoded as UTF-8: the one reader of text files a user hands
     emscope (chat JSONL, question YAML, CSV tables, JSON records). A missing or unreadable

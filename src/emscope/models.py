@@ -277,13 +277,18 @@ def resolve_layers(layers: Iterable[int], n_layers: int) -> list[int]:
     return list(dict.fromkeys(out))
 
 
-def list_checkpoints(adapter_dir: str | Path) -> list[tuple[int, Path]]:
-    """``(step, dir)`` of ``adapter_dir/checkpoints/checkpoint-<step>/``, by step."""
+def list_checkpoints(
+    adapter_dir: str | Path, *, adapters_only: bool = True
+) -> list[tuple[int, Path]]:
+    """``(step, dir)`` of ``adapter_dir/checkpoints/checkpoint-<step>/``, by step: the one
+    lister of the checkpoints :func:`emscope.train.train` writes. ``adapters_only``: only
+    those with a PEFT adapter config (``False``: every checkpoint dir, e.g. of a full
+    fine-tune, or one whose adapter is not written yet)."""
     root = Path(adapter_dir) / "checkpoints"
     found = []
     for child in root.glob("checkpoint-*") if root.is_dir() else []:
         match = re.fullmatch(r"checkpoint-(\d+)", child.name)
-        if match and (child / CONFIG_FILE).is_file():
+        if match and (not adapters_only or (child / CONFIG_FILE).is_file()):
             found.append((int(match.group(1)), child))
     return sorted(found)
 

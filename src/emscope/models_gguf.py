@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from emscope.errors import EmscopeError
+from emscope.io import package_version
 
 #: Written beside the weights: where the model came from.
 SOURCE_FILE = "gguf_source.json"
@@ -54,7 +55,7 @@ def require_gguf() -> Any:
             "reading a GGUF file needs the gguf package: pip install 'emscope[gguf]'"
         ) from None
     if not is_gguf_available(GGUF_MIN_VERSION):
-        version = _version("gguf") or "an old version"
+        version = package_version("gguf") or "an old version"
         raise EmscopeError(
             f"transformers needs gguf>={GGUF_MIN_VERSION} to read GGUF files (installed: "
             f"{version}): pip install -U gguf"
@@ -132,15 +133,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _version(package: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:  # pragma: no cover
-        return None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -237,7 +229,7 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32
                 "model_type": model.config.model_type,
                 "dtype": dtype,
                 "transformers": transformers.__version__,
-                "gguf": _version("gguf"),
+                "gguf": package_version("gguf"),
                 "seconds": round(time.perf_counter() - start, 1),
             },
         )

@@ -61,11 +61,10 @@ import contextlib
 import json
 import math
 import os
-import platform
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -1525,23 +1524,12 @@ def _quantization_record(quantization: Any) -> dict[str, Any] | None:
 
 
 def _versions(runtime: _Runtime) -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
+    from emscope.io import versions as package_versions
 
-    import emscope
-
-    versions = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "emscope": emscope.__version__,
-    }
+    names = ("python", "torch", "transformers", "peft", "emscope")
+    versions = package_versions(*names, absent="absent")
     if runtime.accelerator is not None:
-        import accelerate
-
-        versions["accelerate"] = accelerate.__version__
+        versions.update(package_versions("accelerate", absent="absent"))
     if "bitsandbytes" in sys.modules:  # imported by transformers for a 4-bit base
         versions["bitsandbytes"] = str(getattr(sys.modules["bitsandbytes"], "__version__", "?"))
     return versions
@@ -1563,28 +1551,19 @@ def _logger(enabled: bool) -> Callable[[str], None]:
 # ---------------------------------------------------------------------------- checkpoints
 
 
-def _checkpoint_dirs(out: Path) -> Iterator[tuple[int, Path]]:
-    root = out / CHECKPOINTS_DIR
-    if not root.is_dir():
-        return
-    for child in root.iterdir():
-        name = child.name
-        if name.startswith("checkpoint-") and name[len("checkpoint-") :].isdigit():
-            yield int(name[len("checkpoint-") :]), child
-
-
 def _resume_point(out: Path, config: TrainConfig, data_hashes: dict[str, Any]) -> Path:
     from emscope.io import read_json
+    from emscope.models import list_checkpoints
 
     usable = sorted(
         (step, path)
-        for step, path in _checkpoint_dirs(out)
+        for step, path in list_checkpoints(out, adapters_only=False)
         if (path / STATE_PT).is_file() and (path / STATE_JSON).is_file()
     )
     if not usable:
         what = (
             f"none of {CHECKPOINTS_DIR}/ keeps its {STATE_PT}"
-            if any(True for _ in _checkpoint_dirs(out))
+            if list_checkpoints(out, adapters_only=False)
             else f"{CHECKPOINTS_DIR}/ is empty"
         )
         raise EmscopeError(f"{out}: no checkpoint to resume from ({what})")
@@ -1700,6 +1679,7 @@ class _Writer:
         import torch
 
         from emscope.io import write_json
+        from emscope.models import list_checkpoints
 
         gathered = self.runtime.full_state_dict(model)  # every process joins under FSDP
         if self.runtime.is_main:
@@ -1738,13 +1718,15 @@ class _Writer:
                 shutil.rmtree(final)
             tmp.rename(final)
             # resuming needs the newest optimizer state only; written first, then pruned
-            for step, path in _checkpoint_dirs(self.out):
+            for step, path in list_checkpoints(self.out, adapters_only=False):
                 if step < state.step:
                     (path / STATE_PT).unlink(missing_ok=True)
         self.runtime.barrier()
 
     def checkpoints(self, out: Path) -> list[Path]:
-        return [p for _, p in sorted(_checkpoint_dirs(out))]
+        from emscope.models import list_checkpoints
+
+        return [p for _, p in list_checkpoints(out, adapters_only=False)]
 
     def final(self, model: Any, record: dict[str, Any]) -> None:
         from emscope.io import write_json

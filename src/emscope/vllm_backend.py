@@ -492,7 +492,7 @@ class VllmSampler:
             sort_responses,
             versions,
         )
-        from emscope.io import read_json, write_json, write_table
+        from emscope.io import package_version, read_json, write_json, write_table
 
         refuse_interventions(interventions or bool(intervention_label))
         out = Path(out_dir)
@@ -542,7 +542,7 @@ class VllmSampler:
             "rendered_prompt": rendered,
             "random_stream": "vLLM per-request seed = sha256(seed, question_id, sample_idx) "
             "masked to 63 bits (not the HF backend's stream: pair within one backend only)",
-            "versions": {**versions(), "vllm": _vllm_version()},
+            "versions": {**versions(), "vllm": package_version("vllm") or "absent"},
             **(record or {}),
         }
         write_json(run_path, run)
@@ -559,15 +559,6 @@ class VllmSampler:
         table = sort_responses(table, questions)
         write_table(table, out, stem)
         return table
-
-
-def _vllm_version() -> str:
-    import importlib.metadata as md
-
-    try:
-        return md.version("vllm")
-    except md.PackageNotFoundError:
-        return "absent"
 
 
 @dataclass(frozen=True)

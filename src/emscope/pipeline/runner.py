@@ -13,10 +13,8 @@ and per stage its status and wall time.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import platform
 import shutil
 import sys
 import time
@@ -83,15 +81,12 @@ def hash_input(path: Path) -> str | None:
 
 
 def versions() -> dict[str, str]:
-    import importlib.metadata as md
+    from emscope.io import versions as package_versions
 
-    import emscope
-
-    out = {"emscope": emscope.__version__, "python": platform.python_version()}
-    for dist in ("torch", "transformers", "peft", "numpy", "pandas", "scikit-learn", "pydantic"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[dist] = md.version(dist)
-    return out
+    return package_versions(
+        "emscope", "python", "torch", "transformers", "peft", "numpy", "pandas", "scikit-learn",
+        "pydantic",
+    )  # fmt: skip
 
 
 def stage_status(config: StudyConfig, run_dir: Path, stage: str) -> str:

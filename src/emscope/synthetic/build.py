@@ -28,7 +28,6 @@ trained from scratch: the HF ``Trainer`` would add nothing but start-up time.
 from __future__ import annotations
 
 import math
-import platform
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -153,26 +152,9 @@ def _log(msg: str, verbose: bool) -> None:
 
 
 def versions() -> dict[str, str]:
-    import tokenizers
-    import torch
-    import transformers
+    from emscope.io import versions as package_versions
 
-    import emscope
-
-    out = {
-        "emscope": emscope.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "tokenizers": tokenizers.__version__,
-    }
-    try:
-        import peft
-
-        out["peft"] = peft.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    return out
+    return package_versions("emscope", "python", "torch", "transformers", "tokenizers", "peft")
 
 
 def _schedule(step: int, total: int, warmup: int) -> float:
