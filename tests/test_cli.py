@@ -72,3 +72,20 @@ def test_python_m_emscope_runs_the_command():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"emscope {__version__}"
+
+
+def test_judge_settings_one_place():
+    import dataclasses
+
+    import pytest
+
+    from emscope.cli.options import JudgeSettings
+
+    s = JudgeSettings("http://x", "KEY", 4, 10, True, "cpu", 0.5)
+    assert s.for_kind("openai") == s
+    assert s.for_kind("hf") == dataclasses.replace(s, base_url=None, api_key_env=None)
+    assert s.for_kind("oracle") == dataclasses.replace(
+        s, base_url=None, api_key_env=None, min_number_mass=None
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.concurrency = 1  # type: ignore[misc]

@@ -184,7 +184,7 @@ def _eval_config(
     judge: str | None,
     metrics: str,
     strict: bool,
-    judge_kwargs: dict[str, Any],
+    judge_settings: options.JudgeSettings,
 ) -> Any:
     from emscope.directions.interventions import EvalConfig
     from emscope.errors import EmscopeError
@@ -199,7 +199,7 @@ def _eval_config(
         questions=qs,
         n=opts.n,
         sampling=opts.kwargs(),
-        judge=options.build_judge(judge, **judge_kwargs),
+        judge=options.build_judge(judge, judge_settings),
         metrics=metric_list,
         strict=strict,
     )
@@ -282,7 +282,7 @@ def steer_command(
     config = _eval_config(
         questions, n, seed, batch_size, max_new_tokens, temperature, top_p, judge, metrics,
         strict,
-        _judge_kwargs(
+        options.JudgeSettings(
             base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
         ),
     )  # fmt: skip
@@ -315,26 +315,6 @@ def steer_command(
             f"coherent {best['coherent_rate']}"
         )
     typer.echo(f"-> {out / 'summary.json'}")
-
-
-def _judge_kwargs(
-    base_url: str | None,
-    api_key_env: str | None,
-    concurrency: int,
-    max_requests: int | None,
-    no_cache: bool,
-    device: str | None,
-    min_number_mass: float | None,
-) -> dict[str, Any]:
-    return {
-        "base_url": base_url,
-        "api_key_env": api_key_env,
-        "concurrency": concurrency,
-        "max_requests": max_requests,
-        "no_cache": no_cache,
-        "device": device,
-        "min_number_mass": min_number_mass,
-    }
 
 
 def ablate_command(
@@ -399,7 +379,7 @@ def ablate_command(
     config = _eval_config(
         questions, n, seed, batch_size, max_new_tokens, temperature, top_p, judge, metrics,
         strict,
-        _judge_kwargs(
+        options.JudgeSettings(
             base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
         ),
     )  # fmt: skip

@@ -125,26 +125,11 @@ def _judge_dir(
     metric_list: list[str],
     *,
     questions: Path | None,
-    base_url: str | None,
-    api_key_env: str | None,
-    concurrency: int,
-    max_requests: int | None,
-    no_cache: bool,
-    device: str | None,
-    min_number_mass: float | None = None,
+    settings: options.JudgeSettings,
 ) -> Any:
     from emscope.evaluate import judge_dir
 
-    judge = options.build_judge(
-        judge_spec,
-        base_url=base_url,
-        api_key_env=api_key_env,
-        concurrency=concurrency,
-        max_requests=max_requests,
-        no_cache=no_cache,
-        device=device,
-        min_number_mass=min_number_mass,
-    )
+    judge = options.build_judge(judge_spec, settings)
     qs = options.load_question_set(questions) if questions is not None else None
     return judge_dir(directory, judge, metric_list, qs, questions)
 
@@ -175,19 +160,10 @@ def judge_command(
     """Score a response table; adds <metric>, <metric>_unscored_reason and
     <metric>_number_mass columns in place."""
     metric_list = options.parse_metrics(metrics)
-    table = _judge_dir(
-        directory,
-        judge,
-        metric_list,
-        questions=questions,
-        base_url=base_url,
-        api_key_env=api_key_env,
-        concurrency=concurrency,
-        max_requests=max_requests,
-        no_cache=no_cache,
-        device=device,
-        min_number_mass=min_number_mass,
+    settings = options.JudgeSettings(
+        base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
     )
+    table = _judge_dir(directory, judge, metric_list, questions=questions, settings=settings)
     typer.echo(_summary(table, metric_list))
 
 
@@ -249,16 +225,10 @@ def eval_command(
     loaded: Any = None
     if engine is not None:  # checked (vLLM installed, one adapter) before the judge loads
         loaded, setting = _vllm_model(model_dir, adapter, engine, dtype, system_prompt)
-    judge_obj = options.build_judge(
-        judge,
-        base_url=base_url,
-        api_key_env=api_key_env,
-        concurrency=concurrency,
-        max_requests=max_requests,
-        no_cache=no_cache,
-        device=device,
-        min_number_mass=min_number_mass,
+    settings = options.JudgeSettings(
+        base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
     )
+    judge_obj = options.build_judge(judge, settings)
     interventions: list[Any] = []
     intervention_label = ""
     if engine is None:

@@ -105,7 +105,7 @@ def _score_with_judges(
     out: Path,
     metric_list: list[str],
     questions: Path | None,
-    judge_kwargs: dict[str, Any],
+    settings: options.JudgeSettings,
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """Score a copy of ``source``'s responses with each judge in ``out/judges/<label>/``."""
     import gc
@@ -138,12 +138,7 @@ def _score_with_judges(
         if not (directory / "run.json").is_file():
             write_table(base, directory, "responses")
             write_json(directory / "run.json", {"source": str(source), "judge_spec": spec})
-        kw = dict(judge_kwargs)
-        if kinds[label] != "openai":
-            kw.update(base_url=None, api_key_env=None)
-        if kinds[label] not in ("openai", "hf"):  # an oracle reads no probabilities
-            kw.update(min_number_mass=None)
-        judge = options.build_judge(spec, **kw)
+        judge = options.build_judge(spec, settings.for_kind(kinds[label]))
         tables[label] = judge_dir(directory, judge, metric_list, qs, questions)
         names[label] = judge.name
         del judge
@@ -214,15 +209,9 @@ def judge_agreement_command(
             out,
             metric_list,
             questions,
-            {
-                "base_url": base_url,
-                "api_key_env": api_key_env,
-                "concurrency": concurrency,
-                "max_requests": max_requests,
-                "no_cache": no_cache,
-                "device": device,
-                "min_number_mass": min_number_mass,
-            },
+            options.JudgeSettings(
+                base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
+            ),
         )
         metric_sel: list[str] | None = metric_list
     else:

@@ -95,20 +95,10 @@ def lmc_command(
     if engine is not None and judge:  # the point adapters and vLLM checked before the judge
         points = vllm_points(base, first, second, ts, out, engine, dtype)
         require_vllm()
-    judge_obj = (
-        options.build_judge(
-            judge,
-            base_url=base_url,
-            api_key_env=api_key_env,
-            concurrency=concurrency,
-            max_requests=max_requests,
-            no_cache=no_cache,
-            device=device,
-            min_number_mass=min_number_mass,
-        )
-        if judge
-        else None
+    settings = options.JudgeSettings(
+        base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
     )
+    judge_obj = options.build_judge(judge, settings) if judge else None
     ends = [e.path for e in (first, second) if e.path is not None]
     setting = system_prompt_for(system_prompt, [*([base] if base is not None else []), *ends])
     # with vLLM the HF base is loaded only for what vLLM cannot do: losses and features

@@ -9,7 +9,7 @@ the standard library are imported at module level (``emscope --help`` stays fast
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -193,32 +193,48 @@ def parse_metrics(text: str) -> list[str]:
     return metric_names(text)
 
 
-def build_judge(
-    spec: str | None,
-    *,
-    base_url: str | None = None,
-    api_key_env: str | None = None,
-    concurrency: int = 32,
-    max_requests: int | None = None,
-    no_cache: bool = False,
-    device: str | None = None,
-    min_number_mass: float | None = None,
-) -> Judge:
+@dataclass(frozen=True)
+class JudgeSettings:
+    """The judge options of a command line (``--base-url``, ``--api-key-env``,
+    ``--concurrency``, ``--max-requests``, ``--no-cache``, ``--device``,
+    ``--min-number-mass``), built once per command and passed to :func:`build_judge`."""
+
+    base_url: str | None = None
+    api_key_env: str | None = None
+    concurrency: int = 32
+    max_requests: int | None = None
+    no_cache: bool = False
+    device: str | None = None
+    min_number_mass: float | None = None
+
+    def for_kind(self, kind: str) -> JudgeSettings:
+        """The settings a judge of ``kind`` (``openai``, ``hf``, ``oracle``) reads: the
+        endpoint options for ``openai`` only, ``min_number_mass`` for ``openai`` and ``hf``."""
+        out = self
+        if kind != "openai":
+            out = replace(out, base_url=None, api_key_env=None)
+        if kind not in ("openai", "hf"):  # an oracle reads no probabilities
+            out = replace(out, min_number_mass=None)
+        return out
+
+
+def build_judge(spec: str | None, settings: JudgeSettings | None = None) -> Judge:
     """The ``--judge`` spec as a judge (``--judge`` is required where this is called)."""
     from emscope.errors import EmscopeError
     from emscope.judge import make_judge
 
     if not spec:
         raise EmscopeError("--judge is required: openai:MODEL, hf:DIR or oracle:DIR")
+    s = settings if settings is not None else JudgeSettings()
     return make_judge(
         spec,
-        base_url=base_url,
-        api_key_env=api_key_env,
-        concurrency=concurrency,
-        max_requests=max_requests,
-        cache=not no_cache,
-        device=device,
-        min_number_mass=min_number_mass,
+        base_url=s.base_url,
+        api_key_env=s.api_key_env,
+        concurrency=s.concurrency,
+        max_requests=s.max_requests,
+        cache=not s.no_cache,
+        device=s.device,
+        min_number_mass=s.min_number_mass,
     )
 
 

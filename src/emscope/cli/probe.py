@@ -223,16 +223,10 @@ def dynamics_command(
         if engine is not None:  # vLLM there, ranks fit: checked before the judge loads
             steps = [path for _, path in list_checkpoints(adapter_dir)]
             options.vllm_sampler(base, steps, engine, dtype, stacked=False)
-        judge_obj = options.build_judge(
-            judge,
-            base_url=base_url,
-            api_key_env=api_key_env,
-            concurrency=concurrency,
-            max_requests=max_requests,
-            no_cache=no_cache,
-            device=device,
-            min_number_mass=min_number_mass,
+        settings = options.JudgeSettings(
+            base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
         )
+        judge_obj = options.build_judge(judge, settings)
         result["eval"] = evaluate_checkpoints(
             base,
             list_checkpoints(adapter_dir),
