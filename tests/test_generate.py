@@ -400,3 +400,31 @@ def test_vllm_lora_requests_and_refusals(tiny_models: Any, tmp_path: Path) -> No
     if importlib.util.find_spec("vllm") is None:
         with pytest.raises(EmscopeError, match="emscope\\[vllm\\]"):
             sample_vllm(tiny_models["qwen2"].model, QUESTIONS, 1)
+
+
+def test_decoding_passes_the_cache_under_the_models_own_keyword(qwen):
+    """transformers 5.24 renamed the causal LM's cache keyword (past_key_values -> cache,
+    the old name warns and goes in 5.40): decoding must use whichever the model takes."""
+    import inspect
+    import warnings
+
+    from emscope.generate import cache_keyword
+    from emscope.models import load_model
+    from emscope.shared_prefix import available
+
+    loaded = load_model(qwen.model, [qwen.adapters["r4"]], dtype="float32", device="cpu")
+    takes = inspect.signature(type(loaded.model.base_model.model).forward).parameters
+    assert cache_keyword(loaded.model) == ("cache" if "cache" in takes else "past_key_values")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for shared_prefix in (False, True):
+            generate_batch(
+                loaded.model,
+                [[3, 17, 40]] * 2,
+                [sample_key(0, "q", i) for i in range(2)],
+                max_new_tokens=4,
+                eos_ids=[],
+                pad_id=0,
+                shared_prefix=shared_prefix and available(),
+            )
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -269,7 +269,7 @@ def generate_batch(
             use_cache=True,
             logits_to_keep=1,
         )
-        cache = out.past_key_values
+        cache = output_cache(out)
         logits = out.logits[:, -1, :]
         index = torch.tensor(distinct_of, dtype=torch.long, device=device)
         share = shared_prefix
@@ -287,6 +287,7 @@ def generate_batch(
                 )
             share = False
         decode_kwargs: dict[str, Any] = {}
+        cache_kw = cache_keyword(model)
         if share and cascade is not None:  # the prompt part stays one row per distinct prompt
             cache = cascade.SharedPrefixCache.from_prefill(cache, mask, index, max_new_tokens)
             decode_kwargs[cascade.CACHE_KEYWORD] = cache
@@ -325,11 +326,11 @@ def generate_batch(
             out = model(
                 input_ids=tokens.unsqueeze(-1),
                 position_ids=next_pos.unsqueeze(-1),
-                past_key_values=cache,
                 use_cache=True,
+                **{cache_kw: cache},
                 **decode_kwargs,
             )
-            cache = out.past_key_values
+            cache = output_cache(out)
             logits = out.logits[:, -1, :]
             next_pos = next_pos + 1
     # a row that never stopped ran all max_new_tokens steps (the loop ends early only when
@@ -339,6 +340,25 @@ def generate_batch(
         Generation(tuple(row[:n]), n < max_new_tokens)
         for row, n in zip(token_log.tolist(), n_tokens, strict=True)
     ]
+
+
+def cache_keyword(model: Any) -> str:
+    """The keyword a causal LM's ``forward`` takes its KV cache under: ``cache`` from
+    transformers 5.24 on (``past_key_values`` still works there with a FutureWarning, and is
+    removed in 5.40), ``past_key_values`` before. Read from the bare model's signature."""
+    import inspect
+
+    from emscope.models import _unwrap_peft
+
+    forward = type(_unwrap_peft(model)).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a forward returned: ``output.cache`` (transformers >= 5.24) or
+    ``output.past_key_values``."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 # ---------------------------------------------------------------------------- question sets
