@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from emscope.errors import EmscopeError
+from emscope.generate import output_cache
 from emscope.hooks import add, call_offset, capture, project_out
 from emscope.models import get_layers, load_model
 
@@ -137,7 +138,7 @@ def test_cached_generation_equals_uncached_steered_forward(loaded, positions):
 def _cache_with(model, n_tokens: int):
     """A DynamicCache holding the first ``n_tokens`` of IDS."""
     with torch.no_grad():
-        return model(IDS[:, :n_tokens], use_cache=True).past_key_values
+        return output_cache(model(IDS[:, :n_tokens], use_cache=True))
 
 
 def test_call_offset_finds_the_cache_whatever_its_keyword(loaded):

@@ -10,7 +10,13 @@ import torch
 
 from emscope.data.questions import Question
 from emscope.errors import EmscopeError
-from emscope.generate import eos_token_ids, generate_batch, sample_key
+from emscope.generate import (
+    cache_keyword,
+    eos_token_ids,
+    generate_batch,
+    output_cache,
+    sample_key,
+)
 from emscope.shared_prefix import (
     ATTENTION_NAME,
     CACHE_KEYWORD,
@@ -58,7 +64,7 @@ def _prefill(model: Any, prompts: list[list[int]]) -> tuple[Any, torch.Tensor, t
 
     ids, mask, positions = pad_left(prompts, 0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    return out.past_key_values, mask, positions[:, -1]
+    return output_cache(out), mask, positions[:, -1]
 
 
 def test_row_groups_grid_round_trip() -> None:
@@ -110,9 +116,8 @@ def test_decoding_logits_equal_uncached_forwards(
                 out = model(
                     input_ids=tokens[:, None],
                     position_ids=positions[:, None],
-                    past_key_values=cache,
                     use_cache=True,
-                    **{CACHE_KEYWORD: cache},
+                    **{cache_keyword(model): cache, CACHE_KEYWORD: cache},
                 )
                 positions = positions + 1
                 for row, token in zip(rows, tokens.tolist(), strict=True):

@@ -200,9 +200,9 @@ class SharedPrefixLayer(CacheLayerMixin):
 class SharedPrefixCache(Cache):
     """A KV cache holding each distinct prompt once and each row's generated tokens.
 
-    Build it with :meth:`from_prefill` after the prompt forward; pass it as
-    ``past_key_values`` *and* as the ``emscope_shared_prefix`` keyword of every decoding
-    forward, inside :func:`decoding_with_shared_prefix`.
+    Build it with :meth:`from_prefill` after the prompt forward; pass it as the model's cache
+    (:func:`emscope.generate.cache_keyword`) *and* as the ``emscope_shared_prefix`` keyword of
+    every decoding forward, inside :func:`decoding_with_shared_prefix`.
     """
 
     def __init__(self, layers: list[SharedPrefixLayer], groups: RowGroups) -> None:
