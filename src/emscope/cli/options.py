@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from emscope.sampling import SamplingSettings
+
 if TYPE_CHECKING:
     from emscope.data.questions import Question
     from emscope.judge import Judge
@@ -122,27 +124,6 @@ MAX_MODEL_LEN = typer.Option(
 )
 
 
-@dataclass(frozen=True)
-class SamplingOptions:
-    """The sampling settings of a command line, as :func:`emscope.generate.sample` takes them."""
-
-    n: int
-    seed: int
-    batch_size: int
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-
-    def kwargs(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-        }
-
-
 def sampling_kwargs(
     n: int,
     seed: int,
@@ -150,8 +131,9 @@ def sampling_kwargs(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-) -> SamplingOptions:
-    """Validated :class:`SamplingOptions` (bad values raise one-line errors)."""
+) -> SamplingSettings:
+    """The command line's validated :class:`~emscope.sampling.SamplingSettings` (bad values
+    raise one-line errors)."""
     from emscope.errors import EmscopeError
 
     if n < 1:
@@ -164,7 +146,7 @@ def sampling_kwargs(
         raise EmscopeError(f"--temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
         raise EmscopeError(f"--top-p must be in (0, 1], got {top_p}")
-    return SamplingOptions(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    return SamplingSettings(n, seed, batch_size, max_new_tokens, temperature, top_p)
 
 
 def load_for_sampling(

@@ -42,6 +42,7 @@ from pydantic import (
 )
 
 from emscope.errors import EmscopeError
+from emscope.sampling import SamplingSettings
 
 #: Every stage, in the order they run (each stage's inputs come earlier in this list).
 STAGE_ORDER = (
@@ -149,15 +150,15 @@ class SamplingConfig(_Model):
     seed: int = 0
     backend: Literal["hf", "vllm"] = "hf"
 
+    def settings(self) -> SamplingSettings:
+        """This block as the :class:`~emscope.sampling.SamplingSettings` the CLI builds too."""
+        return SamplingSettings(
+            self.n, self.seed, self.batch_size, self.max_new_tokens, self.temperature, self.top_p
+        )
+
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`emscope.generate.sample` (without ``n``)."""
-        return {
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-        }
+        return self.settings().kwargs()
 
 
 class _Stage(_Model):
