@@ -3,8 +3,10 @@ and later ``steer``, ``ablate``, ``lmc``), so they read the same everywhere.
 
 Use the constants as parameter defaults in a typer command, e.g.
 ``n: int = options.N``, then build the library arguments with :func:`sampling_kwargs`,
-:func:`load_for_sampling`, :func:`load_question_set` and :func:`build_judge`. Only typer and
-the standard library are imported at module level (``emscope --help`` stays fast).
+:func:`load_for_sampling`, :func:`load_question_set` and :func:`build_judge` (with one
+:class:`JudgeSettings` per command). Only typer, the standard library and
+:mod:`emscope.sampling` (standard library only) are imported at module level
+(``emscope --help`` stays fast).
 """
 
 from __future__ import annotations
