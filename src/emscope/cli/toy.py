@@ -48,7 +48,7 @@ def spread_cmd(
     builds: the spread of one recipe over seeds and machines, not one build's numbers."""
     from emscope.errors import EmscopeError
     from emscope.io import read_json
-    from emscope.pipeline.replicate import pool_em_tables
+    from emscope.pipeline.replicate import em_table_markdown, pool_em_tables
 
     records = {}
     for i, d in enumerate(dirs):
@@ -74,25 +74,8 @@ def spread_cmd(
     )
     typer.echo(f"EM on the {questions} questions (n = {n} per model and build; 95% bootstrap CI)")
     typer.echo("")
-    typer.echo("| model | " + " | ".join(labels) + " | mean [min, max] across builds |")
-    typer.echo("|---|" + "---|" * len(labels) + "---|")
-    for model, row in pooled.items():
-        cells = []
-        for i in records:
-            r = row["builds"].get(str(i))
-            if r is None:
-                cells.append("-")
-                continue
-            ci = r.get("em_ci")
-            text = f"{100 * r['em']:.1f}%"
-            if ci:
-                text += f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-            cells.append(text + f", coherent {100 * r['coherent']:.1f}%")
-        sp = row["em"]
-        pooled_text = (
-            f"{100 * sp['mean']:.1f}% [{100 * sp['min']:.1f}, {100 * sp['max']:.1f}]" if sp else "-"
-        )
-        typer.echo(f"| {model} | " + " | ".join(cells) + f" | {pooled_text} |")
+    for line in em_table_markdown(pooled, [str(i) for i in records], labels):
+        typer.echo(line)
 
 
 def register(app: typer.Typer) -> None:

@@ -379,6 +379,34 @@ def _num(n: dict[str, Any] | None) -> str:
     return text
 
 
+def em_table_markdown(
+    pooled: dict[str, dict[str, Any]], keys: Sequence[str], labels: Sequence[str]
+) -> list[str]:
+    """Markdown lines of a pooled EM table (:func:`pool_em_tables`): a row per model, a
+    column per build (``keys`` into each row's ``builds``, headed ``labels``) with its EM rate,
+    95% CI and coherent rate, and the mean [min, max] across builds."""
+    lines = [
+        "| model | " + " | ".join(labels) + " | mean [min, max] across builds |",
+        "|---|" + "---|" * len(labels) + "---|",
+    ]
+    for model, row in pooled.items():
+        cells = []
+        for key in keys:
+            r = row["builds"].get(key)
+            if r is None:
+                cells.append("-")
+                continue
+            ci = r.get("em_ci")
+            text = _pct(r["em"]) + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+            cells.append(text + f", coherent {_pct(r['coherent'])}")
+        sp = row["em"]
+        spread_text = (
+            f"{_pct(sp['mean'])} [{100 * sp['min']:.1f}, {100 * sp['max']:.1f}]" if sp else "-"
+        )
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {spread_text} |")
+    return lines
+
+
 def replicates_markdown(summary: dict[str, Any]) -> str:
     """``replicates.md``: the pooled claims table, per-build verdicts, the EM table."""
     seeds = summary["seeds"]
@@ -420,30 +448,8 @@ def replicates_markdown(summary: dict[str, Any]) -> str:
             "",
             "EM on the general questions in each build's own EM table (organisms stage):",
             "",
-            "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean [min, max] |",
-            "|---|" + "---|" * len(seeds) + "---|",
+            *em_table_markdown(table, [str(s) for s in seeds], [f"seed {s}" for s in seeds]),
         ]
-        for model, row in table.items():
-            cells = []
-            for s in seeds:
-                r = row["builds"].get(str(s))
-                if r is None:
-                    cells.append("-")
-                    continue
-                ci = r.get("em_ci")
-                cells.append(
-                    f"{_pct(r['em'])}"
-                    + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
-                    + f" (coh. {_pct(r['coherent'])})"
-                )
-            sp = row["em"]
-            lines.append(
-                f"| {model} | "
-                + " | ".join(cells)
-                + f" | {_pct(sp['mean'])} [{_pct(sp['min'])}, {_pct(sp['max'])}] |"
-                if sp
-                else f"| {model} | " + " | ".join(cells) + " | - |"
-            )
     probes = summary.get("probes") or {}
     names = list(dict.fromkeys(n for per in probes.values() for n in per))
     if names:
