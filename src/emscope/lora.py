@@ -59,42 +59,22 @@ def _pattern_value(patterns: Mapping[str, Any], name: str) -> Any | None:
 
 def config_targets(config: Mapping[str, Any], name: str) -> bool:
     """Whether PEFT, loading an adapter with this config, puts a LoRA layer on module
-    ``name`` (``target_modules``, ``layers_to_transform``/``layers_pattern`` and
-    ``exclude_modules`` read as PEFT reads them). A module it does not target gets no LoRA
-    layer, so its saved factors are silently dropped."""
-    exclude = config.get("exclude_modules")
-    if isinstance(exclude, str) and re.fullmatch(exclude, name):
-        return False
-    if isinstance(exclude, (list, tuple, set)) and any(
-        name == e or name.endswith(f".{e}") for e in exclude
-    ):
-        return False
-    targets = config.get("target_modules")
-    if targets is None:  # PEFT's default targets for the architecture
-        return True
-    if isinstance(targets, str):
-        return targets.lower() == "all-linear" or re.fullmatch(targets, name) is not None
-    if name in targets:
-        return True
-    if not any(name.endswith(f".{t}") for t in targets):
-        return False
-    layers = config.get("layers_to_transform")
-    if layers is None or layers == []:
-        return True
-    patterns = config.get("layers_pattern") or None
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    if patterns is None:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    else:
-        match = next(
-            (m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name))),
-            None,
-        )
-    if match is None:
-        return False
-    index = int(match.group("idx"))
-    return index == layers if isinstance(layers, int) else index in layers
+    ``name``: PEFT's own matcher (``check_target_module_exists``, which reads
+    ``target_modules``, ``layers_to_transform`` / ``layers_pattern`` and ``exclude_modules``)
+    on the config, so the answer is the installed PEFT's (its rules changed between releases).
+    A module it does not target gets no LoRA layer, so its saved factors are silently dropped.
+    A config PEFT cannot read raises EmscopeError."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    known = {k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}
+    try:
+        peft_config = LoraConfig(**known)
+    except (TypeError, ValueError) as exc:
+        raise EmscopeError(f"{CONFIG_FILE}: PEFT cannot read this LoRA config ({exc})") from None
+    found = check_target_module_exists(peft_config, name)
+    # newer PEFT marks an excluded module with a truthy _ExcludedModule sentinel
+    return bool(found) and type(found).__name__ != "_ExcludedModule"
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
