@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -641,31 +641,15 @@ def sample_to_dir(
     n_per_question = _per_question(n_per_question, kwargs.pop("n", None))
     _, tokenizer, model_label, adapter_label = _unpack(model)
     setting = SystemPrompt.parse(kwargs.get("system_prompt"))
-    identity = {
-        "model": model_label,
-        "adapter": adapter_label,
-        "seed": int(kwargs.get("seed", 0)),
-        "temperature": float(kwargs.get("temperature", 1.0)),
-        "top_p": float(kwargs.get("top_p", 1.0)),
-        "max_new_tokens": int(kwargs.get("max_new_tokens", 600)),
-        "intervention": str(kwargs.get("intervention_label", "")),
-        "system_prompt": setting.spec,
-        "questions_sha256": questions_hash(questions),
-    }
+    identity = sampling_identity(
+        model_label, adapter_label, kwargs, questions, str(kwargs.get("intervention_label", ""))
+    )
     run_path = out / "run.json"
     run: dict[str, Any] = read_json(run_path) if run_path.is_file() else {}
-    previous = run.get("sampling", {}).get("identity")
-    if previous is not None:  # a dir sampled before the setting existed: the template's own
-        previous = {"system_prompt": "default", **previous}
     # the prompt as the model sees it (before anything is written: a template that cannot
     # render the setting fails here)
     rendered = render(tokenizer, questions[0].messages(0), True, setting) if questions else None
-    if previous is not None and previous != identity:
-        changed = sorted(k for k in {**previous, **identity} if previous.get(k) != identity.get(k))
-        raise EmscopeError(
-            f"{run_path}: this dir holds a run with different settings ({', '.join(changed)}); "
-            "use a fresh --out dir"
-        )
+    check_same_run(run_path, run, identity)
     done = load_partial(out, stem)
     if done is not None:
         _check_not_fewer(out, done, questions, n_per_question)
@@ -713,6 +697,55 @@ def sample_to_dir(
     with contextlib.suppress(OSError):
         parts_dir.rmdir()
     return table
+
+
+def sampling_identity(
+    model_label: str,
+    adapter_label: str,
+    settings: Mapping[str, Any],
+    questions: Sequence[Question],
+    intervention: str = "",
+    backend: str | None = None,
+) -> dict[str, Any]:
+    """What a sample dir's answers depend on (``run.json``'s ``sampling.identity``): a re-run
+    into the dir must have the same. ``backend`` is recorded for vLLM only (older and HF dirs
+    have no key, read as ``hf``)."""
+    from emscope.data.spans import SystemPrompt
+
+    identity: dict[str, Any] = {"backend": backend} if backend else {}
+    identity.update(
+        {
+            "model": model_label,
+            "adapter": adapter_label,
+            "seed": int(settings.get("seed", 0)),
+            "temperature": float(settings.get("temperature", 1.0)),
+            "top_p": float(settings.get("top_p", 1.0)),
+            "max_new_tokens": int(settings.get("max_new_tokens", 600)),
+            "intervention": intervention,
+            "system_prompt": SystemPrompt.parse(settings.get("system_prompt")).spec,
+            "questions_sha256": questions_hash(questions),
+        }
+    )
+    return identity
+
+
+def check_same_run(run_path: Path, run: Mapping[str, Any], identity: Mapping[str, Any]) -> None:
+    """Refuse (one line naming the settings that differ) to add to a dir whose ``run.json``
+    records another sampling identity. A dir sampled before a setting existed has its default:
+    ``system_prompt`` the template's own, ``backend`` HF (compared only when ``identity`` has
+    one)."""
+    previous = run.get("sampling", {}).get("identity")
+    if previous is None:
+        return
+    previous = {"system_prompt": "default", **previous}
+    if "backend" in identity:
+        previous.setdefault("backend", "hf")
+    if previous != identity:
+        changed = sorted(k for k in {**previous, **identity} if previous.get(k) != identity.get(k))
+        raise EmscopeError(
+            f"{run_path}: this dir holds a run with different settings ({', '.join(changed)}); "
+            "use a fresh --out dir"
+        )
 
 
 def _check_not_fewer(

@@ -487,8 +487,9 @@ class VllmSampler:
         from emscope.generate import (
             _check_not_fewer,
             _empty_table,
+            check_same_run,
             load_partial,
-            questions_hash,
+            sampling_identity,
             sort_responses,
             versions,
         )
@@ -498,29 +499,10 @@ class VllmSampler:
         out = Path(out_dir)
         setting = SystemPrompt.parse(sampling.get("system_prompt"))
         model_label, adapter_name = self.labels(adapter)
-        identity = {
-            "backend": "vllm",
-            "model": model_label,
-            "adapter": adapter_name,
-            "seed": int(sampling.get("seed", 0)),
-            "temperature": float(sampling.get("temperature", 1.0)),
-            "top_p": float(sampling.get("top_p", 1.0)),
-            "max_new_tokens": int(sampling.get("max_new_tokens", 600)),
-            "intervention": "",
-            "system_prompt": setting.spec,
-            "questions_sha256": questions_hash(questions),
-        }
+        identity = sampling_identity(model_label, adapter_name, sampling, questions, backend="vllm")
         run_path = out / "run.json"
         run: dict[str, Any] = read_json(run_path) if run_path.is_file() else {}
-        previous = run.get("sampling", {}).get("identity")
-        if previous is not None:
-            previous = {"system_prompt": "default", "backend": "hf", **previous}
-            if previous != identity:
-                changed = sorted(k for k in identity if previous.get(k) != identity[k])
-                raise EmscopeError(
-                    f"{run_path}: this dir holds a run with different settings "
-                    f"({', '.join(changed)}); use a fresh --out dir"
-                )
+        check_same_run(run_path, run, identity)
         rendered = (
             render(self.tokenizer, questions[0].messages(0), True, setting) if questions else None
         )
