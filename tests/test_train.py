@@ -288,18 +288,18 @@ def test_grad_accumulation_matches_a_bigger_batch(qwen: Any, data: Path, tmp_pat
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
     """Make the next training run stop (KeyboardInterrupt) in optimizer step ``steps + 1``."""
-    import emscope.train as module
+    import emscope.train.loop as module
 
-    real, calls = module._optimizer_step, []
+    real, calls = module.optimizer_step, []
 
     def step(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         if len(calls) > steps:
-            monkeypatch.setattr(module, "_optimizer_step", real)
+            monkeypatch.setattr(module, "optimizer_step", real)
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(module, "_optimizer_step", step)
+    monkeypatch.setattr(module, "optimizer_step", step)
 
 
 def test_resume_ends_where_an_uninterrupted_run_ends(
@@ -597,9 +597,9 @@ def test_fsdp_save_path_writes_ordinary_dirs(
     pytest.importorskip("accelerate")
     from safetensors.torch import load_file
 
-    from emscope import train as train_module
+    from emscope.train import runtime
 
-    original = train_module._Runtime.__init__
+    original = runtime.Runtime.__init__
 
     def as_fsdp(self: Any, use_accelerate: bool, device: str | None) -> None:
         original(self, use_accelerate, device)
@@ -610,7 +610,7 @@ def test_fsdp_save_path_writes_ordinary_dirs(
     if preset == "r1":
         kwargs["rank"] = 2
     plain = train(qwen.model, data, out=tmp_path / "plain", distributed=False, **kwargs)
-    monkeypatch.setattr(train_module._Runtime, "__init__", as_fsdp)
+    monkeypatch.setattr(runtime.Runtime, "__init__", as_fsdp)
     fsdp = train(qwen.model, data, out=tmp_path / "fsdp", distributed=True, **kwargs)
     record = json.loads(fsdp.record.read_text())
     assert record["distributed"] == "fsdp" and record["quantize"] is None
@@ -632,8 +632,8 @@ def test_under_fsdp_every_process_runs_every_forward(qwen: Any) -> None:
     eval set is empty still runs each micro-batch, on a dummy row with weight 0."""
     from transformers import AutoModelForCausalLM
 
-    from emscope import train as train_module
     from emscope.models import load_tokenizer
+    from emscope.train import checkpoints, runtime, steps
 
     tokenizer = load_tokenizer(qwen.model)
     chats = [ChatExample(tuple(_chat(i, "Save first.")), i + 1) for i in range(3)]
@@ -641,23 +641,23 @@ def test_under_fsdp_every_process_runs_every_forward(qwen: Any) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(qwen.model))
     calls = [0]
     model.register_forward_hook(lambda *args: calls.__setitem__(0, calls[0] + 1))
-    runtime = train_module._Runtime(False, "cpu")
+    runtime = runtime.Runtime(False, "cpu")
     runtime.world, runtime.rank = 2, 1  # the second of two processes, no collectives here
     config = resolve_config("full", 4, batch_size=1, grad_accum=3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     pad = int(tokenizer.pad_token_id)
-    state = train_module._RunState()
+    state = checkpoints.RunState()
     # 3 examples, 2 processes x 3 micro-batches of 1: process 1 holds only micro-batch 0
     for mode, expected in (("ddp", 2), ("fsdp", 3)):
         runtime.mode, calls[0] = mode, 0
-        train_module._optimizer_step(
+        steps.optimizer_step(
             model, optimizer, scheduler, runtime, config, encoded, [], [], pad, state
         )
         assert calls[0] == expected, mode  # DDP: its example and the synchronising step
     for mode, expected in (("ddp", 1), ("fsdp", 2)):  # eval: process 0 has 2 rows, this 1
         runtime.mode, calls[0] = mode, 0
-        train_module._eval_loss(model, encoded, 1, runtime, pad)
+        steps.eval_loss(model, encoded, 1, runtime, pad)
         assert calls[0] == expected, mode
 
 
@@ -690,13 +690,13 @@ def test_quantization_is_the_qlora_recipe() -> None:
 
     import transformers
 
-    from emscope.train import _quantization
+    from emscope.train.runtime import quantization_config
 
     if transformers.__version__.startswith("4.") and not importlib.util.find_spec("bitsandbytes"):
         pytest.skip("transformers 4.x reads bitsandbytes' version when the config is built")
-    q = _quantization("4bit")  # the QLoRA recipe (transformers 5 builds it without bitsandbytes)
+    q = quantization_config("4bit")  # the QLoRA recipe (transformers 5: without bitsandbytes)
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
-    assert q.bnb_4bit_compute_dtype == torch.bfloat16 and _quantization(None) is None
+    assert q.bnb_4bit_compute_dtype == torch.bfloat16 and quantization_config(None) is None
 
 
 @pytest.mark.parametrize(
@@ -714,8 +714,7 @@ def test_quantization_is_the_qlora_recipe() -> None:
 def test_unsupported_combinations_are_refused(
     monkeypatch: pytest.MonkeyPatch, case: str, message: str
 ) -> None:
-    from emscope import train as train_module
-    from emscope.train import check_setup
+    from emscope.train import check_setup, runtime
 
     quantize = "4bit" if "4bit" in case else None
     config = resolve_config("r1", 4, quantize=quantize)
@@ -724,12 +723,12 @@ def test_unsupported_combinations_are_refused(
     if case == "4bit_cpu_device":
         kwargs["device"] = "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: case != "4bit_no_cuda")
-    monkeypatch.setattr(train_module, "_bitsandbytes_available", lambda: False)
+    monkeypatch.setattr(runtime, "bitsandbytes_available", lambda: False)
     with pytest.raises(EmscopeError, match=message):
         check_setup(config, mode=mode, **kwargs)
     # what is supported passes: 4-bit with CUDA and bitsandbytes, one process or DDP
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(train_module, "_bitsandbytes_available", lambda: True)
+    monkeypatch.setattr(runtime, "bitsandbytes_available", lambda: True)
     for ok_mode in ("single", "ddp"):
         check_setup(resolve_config("r1", 4, quantize="4bit"), mode=ok_mode, kl=True, resume=True)
     check_setup(resolve_config("full", 4), mode="fsdp")
@@ -756,8 +755,8 @@ def test_4bit_is_refused_before_any_model_loads(
 ) -> None:
     import transformers
 
-    from emscope import train as train_module
     from emscope.cli.main import app
+    from emscope.train import runtime
 
     def no_load(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the model was loaded")
@@ -770,7 +769,7 @@ def test_4bit_is_refused_before_any_model_loads(
                 qwen.model, data, out=out, preset="r1", quantize="4bit", **{**FAST, "device": None}
             )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(train_module, "_bitsandbytes_available", lambda: False)
+    monkeypatch.setattr(runtime, "bitsandbytes_available", lambda: False)
     with pytest.raises(EmscopeError, match="quantize 4bit needs bitsandbytes"):
         train(qwen.model, data, out=out, preset="r1", quantize="4bit", **{**FAST, "device": None})
     with pytest.raises(EmscopeError, match="quantize 4bit is for LoRA presets"):
