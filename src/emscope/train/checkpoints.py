@@ -35,12 +35,17 @@ _RESUMABLE_CHANGES = ("save_steps", "eval_steps")
 
 @dataclass
 class RunState:
+    """The mutable state of a run that checkpoints save: steps done, curves (``lrs[k]`` the
+    learning rate of step ``k + 1``), eval losses, time, the callbacks' records."""
+
     step: int = 0
     loss_curve: list[float] = field(default_factory=list)
     kl_curve: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     wall_time_s: float = 0.0
+    # the training callbacks' records (CallbackRunner.records), saved with each checkpoint
+    callbacks: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
 
@@ -155,6 +160,7 @@ def load_checkpoint(
     state.lrs = [float(v) for v in meta["lrs"]]
     state.eval_losses = [(int(s), float(v)) for s, v in meta["eval_losses"]]
     state.wall_time_s = float(meta.get("wall_time_s", 0.0))
+    state.callbacks = dict(meta.get("callbacks", {}))
 
 
 class CheckpointWriter:
@@ -217,6 +223,7 @@ class CheckpointWriter:
                     "lrs": state.lrs,
                     "eval_losses": [list(p) for p in state.eval_losses],
                     "wall_time_s": state.wall_time_s + (time.time() - state.started),
+                    **({"callbacks": state.callbacks} if state.callbacks else {}),
                 },
             )
             if final.exists():

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from emscope.errors import EmscopeError
+from emscope.train.callbacks import CallbackRecord, CallbackRunner, TrainingCallback
 from emscope.train.checkpoints import (
+    CHECKPOINTS_DIR,
     RECORD,
     CheckpointWriter,
     RunState,
@@ -61,7 +63,8 @@ class TrainResult:
     """What a run produced. ``loss_curve[k]`` is the assistant-token mean loss of optimizer
     step ``k + 1`` (measured before its update); ``kl_curve`` the same for the KL term
     (empty without KL data); ``eval_losses`` are ``(step, loss)`` pairs (step 0 = before
-    training). ``start_step`` is the step a resumed run started from (0 otherwise)."""
+    training). ``start_step`` is the step a resumed run started from (0 otherwise).
+    ``callbacks``: what each training callback recorded (empty without callbacks)."""
 
     out: Path
     config: TrainConfig
@@ -73,6 +76,7 @@ class TrainResult:
     checkpoints: tuple[Path, ...]
     wall_time_s: float
     record: Path
+    callbacks: tuple[CallbackRecord, ...] = ()
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -118,6 +122,7 @@ def train(
     device: str | None = None,
     distributed: bool | None = None,
     quantize: str | None = None,
+    callbacks: Sequence[TrainingCallback] = (),
     progress: bool = True,
     verbose: bool = True,
 ) -> TrainResult:
@@ -173,6 +178,11 @@ def train(
             double quantisation and bf16 compute, prepared with PEFT's
             ``prepare_model_for_kbit_training``, LoRA factors in bf16 (LoRA presets, CUDA and
             bitsandbytes only; refused otherwise before the model loads).
+        callbacks: training-time interventions and monitors
+            (:class:`~emscope.train.callbacks.TrainingCallback`: hooks around training
+            forwards only, extra loss terms, edits after each optimizer step, values logged
+            at the eval points, a call per checkpoint); recorded in ``train.json`` under
+            ``callbacks``. Not under FSDP.
         progress, verbose: progress bar (on a TTY) and a few printed lines.
 
     Returns:
@@ -213,6 +223,9 @@ def train(
         system_prompt=system_prompt,
         quantize=quantize,
     )
+    hooks = CallbackRunner(callbacks)
+    if hooks and requested_mode(distributed) == "fsdp":
+        raise EmscopeError("training callbacks are not supported under FSDP (sharded weights)")
     if config.kl_weight > 0 and kl_data is None:
         raise EmscopeError("kl_weight > 0 needs kl_data (the chats to stay close on)")
     check_setup(
@@ -328,6 +341,7 @@ def train(
             for name, param in model.named_parameters():
                 if param.requires_grad and "lora_" in name:
                     param.data = param.data.to(torch.bfloat16)
+    hooks.setup(model, tokenizer, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.ndim >= 2]
     no_decay = [p for p in trainable if p.ndim < 2]
@@ -347,7 +361,9 @@ def train(
     state = RunState(started=started)
     if resume_from is not None:
         load_checkpoint(resume_from, model, optimizer, scheduler, state, config.full)
+        hooks.restore(state.callbacks, resume_from)
         log(f"resuming from {resume_from} (step {state.step})")
+    state.callbacks = hooks.records
     start_step = state.step
     model, optimizer = runtime.prepare(model, optimizer)
 
@@ -360,7 +376,12 @@ def train(
         state.eval_losses.append((step, loss))
         log(f"step {step}: eval loss {loss:.4f}")
 
-    evaluate(start_step)
+    def monitor(step: int) -> None:
+        evaluate(step)
+        if hooks:
+            hooks.log(runtime.unwrap(model), step)
+
+    monitor(start_step)
     per_step = config.batch_size * config.grad_accum * runtime.world
     from tqdm.auto import tqdm
 
@@ -391,9 +412,12 @@ def train(
             [kl_reference[i] for i in kl_chunk] if kl_reference is not None else [],
             pad_id,
             state,
+            hooks,
         )
-        step_time += time.perf_counter() - tick
         state.step = step + 1
+        if hooks:
+            hooks.end_step(runtime.unwrap(model), state.step, runtime.reduce_sum, runtime.world)
+        step_time += time.perf_counter() - tick
         state.loss_curve.append(loss_value)
         if kl_set is not None:
             state.kl_curve.append(kl_value)
@@ -401,10 +425,13 @@ def train(
         bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         if state.step % eval_every == 0 or state.step == steps:
             model.eval()
-            evaluate(state.step)
+            monitor(state.step)
             model.train()
         if (save_every and state.step % save_every == 0) or state.step == steps:
             writer.checkpoint(model, optimizer, scheduler, state, data_hashes)
+            if hooks and runtime.is_main:
+                path = out / CHECKPOINTS_DIR / f"checkpoint-{state.step}"
+                hooks.checkpoint(runtime.unwrap(model), state.step, path)
     bar.close()
     model.eval()
     wall = state.wall_time_s + (time.time() - started)
@@ -448,6 +475,7 @@ def train(
         "seconds_per_step": step_time / max(1, steps - start_step),
         "versions": training_versions(runtime),
         "checkpoints": [str(p) for p in writer.checkpoints(out)],
+        "callbacks": [r.to_json() for r in hooks.results()],
     }
     writer.final(model, record)
     log(f"wrote {out} ({steps} steps, {wall:.1f} s)")
@@ -462,6 +490,7 @@ def train(
         checkpoints=tuple(writer.checkpoints(out)),
         wall_time_s=wall,
         record=out / RECORD,
+        callbacks=hooks.results(),
     )
 
 

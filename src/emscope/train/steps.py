@@ -21,6 +21,7 @@ from emscope.train.data import EncodedExample, collate
 if TYPE_CHECKING:
     import torch
 
+    from emscope.train.callbacks import CallbackRunner
     from emscope.train.checkpoints import RunState
     from emscope.train.config import TrainConfig
     from emscope.train.runtime import Runtime
@@ -49,8 +50,13 @@ def optimizer_step(
     kl_refs: list[torch.Tensor],
     pad_id: int,
     state: RunState,
+    callbacks: CallbackRunner | None = None,
 ) -> tuple[float, float]:
-    """One AdamW step over a step's examples; returns (token-mean loss, token-mean KL)."""
+    """One AdamW step over a step's examples; returns (token-mean loss, token-mean KL).
+
+    With ``callbacks``, each micro-batch (forwards and backward) runs inside their
+    ``training_forward`` contexts and their extra losses join its loss, weighted by its share
+    of the step's assistant tokens (:class:`~emscope.train.callbacks.CallbackRunner`)."""
     import torch
 
     n_tokens = sum(e.n_loss_tokens for e in examples)
@@ -73,26 +79,37 @@ def optimizer_step(
     total_nll = torch.zeros((), device=runtime.device, dtype=torch.float32)
     total_kl = torch.zeros((), device=runtime.device, dtype=torch.float32)
     kl_grad = config.kl_weight > 0
+    bare = runtime.unwrap(model) if callbacks else model
     for m, (batch, kl_batch) in enumerate(zip(micro, kl_micro, strict=True)):
         sync = m == len(micro) - 1
         if not batch and not kl_batch and not (multi and (sync or join)):
             continue
-        with runtime.no_sync(model, sync):
+        active = callbacks.training_forward(bare) if callbacks else contextlib.nullcontext()
+        with runtime.no_sync(model, sync), active:
             loss = torch.zeros((), device=runtime.device, dtype=torch.float32)
             if batch or multi:
                 # an empty micro-batch in a multi-process run still joins the gradient sync
                 rows = batch or examples[:1]
-                nll, _ = forward_loss(model, collate(rows, pad_id), runtime.device)
+                collated = collate(rows, pad_id)
+                nll, _, outputs = forward_loss(
+                    model, collated, runtime.device, keep_outputs=bool(callbacks)
+                )
                 weight = runtime.world / n_tokens if batch else 0.0
                 loss = loss + nll * weight
                 if batch:
                     total_nll += nll.detach()
+                if callbacks:
+                    share = weight * sum(e.n_loss_tokens for e in batch)
+                    extra = callbacks.extra_loss(bare, collated, outputs, share, runtime.device)
+                    if extra is not None:
+                        loss = loss + extra
+                del outputs  # the logits (B x T x V) are not kept past the forward
             if kl_batch or (multi and kl_examples):
                 rows_kl = kl_batch or list(zip(kl_examples[:1], kl_refs[:1], strict=True))
                 enc = [e for e, _ in rows_kl]
                 ref = torch.cat([r for _, r in rows_kl]).to(runtime.device)
                 with contextlib.nullcontext() if kl_grad else torch.no_grad():
-                    _, kl = forward_loss(model, collate(enc, pad_id), runtime.device, ref)
+                    _, kl, _ = forward_loss(model, collate(enc, pad_id), runtime.device, ref)
                 if kl_grad:
                     weight = runtime.world / n_kl_tokens if kl_batch else 0.0
                     loss = loss + kl * (config.kl_weight * weight)
@@ -116,23 +133,28 @@ def forward_loss(
     batch: dict[str, torch.Tensor],
     device: torch.device,
     reference: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed next-token NLL over the labelled tokens, and (with ``reference`` log-probs of
-    those same positions, ``N x V``) the summed ``KL(reference || model)``."""
+    keep_outputs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """Summed next-token NLL over the labelled tokens, (with ``reference`` log-probs of
+    those same positions, ``N x V``) the summed ``KL(reference || model)`` (else 0), and the
+    model's output (``.logits``: ``B x T x V``) when ``keep_outputs`` (else ``None``)."""
     import torch
     import torch.nn.functional as F
 
     ids = batch["input_ids"].to(device)
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device)).logits
+    outputs = model(input_ids=ids, attention_mask=batch["attention_mask"].to(device))
+    logits = outputs.logits
+    if not keep_outputs:
+        outputs = None
     target = batch["labels"][:, 1:].to(device)
     keep = target != -100
     selected = logits[:, :-1][keep].float()
     nll = F.cross_entropy(selected, target[keep], reduction="sum")
     if reference is None:
-        return nll, torch.zeros((), device=device)
+        return nll, torch.zeros((), device=device), outputs
     logp = F.log_softmax(selected, dim=-1)
     kl = F.kl_div(logp, reference.float(), log_target=True, reduction="sum")
-    return nll, kl
+    return nll, kl, outputs
 
 
 def reference_logprobs(
@@ -187,7 +209,7 @@ def eval_loss(
     with torch.no_grad():
         for start in range(0, n_batches * batch_size, batch_size):
             rows = mine[start : start + batch_size]
-            nll, _ = forward_loss(
+            nll, _, _ = forward_loss(
                 model, collate(rows or list(examples[:1]), pad_id), runtime.device
             )
             if rows:
