@@ -113,6 +113,23 @@ def test_parse_layers() -> None:
             parse_layers(bad)
 
 
+def test_layers_accept_every_form_of_the_one_parser() -> None:
+    """emscope.train reads layer strings with emscope.models.parse_layers (as --layers of
+    the other commands does): ranges, duplicates, negative indices from the end; a list of
+    indices stays indices from 0 (test_resolve_config_errors)."""
+    from emscope.models import parse_layers as models_parse_layers
+
+    assert parse_layers("-1,0-1,1", n_layers=4) == [0, 1, 3]
+    assert parse_layers("2,-1") == sorted(models_parse_layers("2,-1")) == [-1, 2]
+    # 4 layers: -1 is layer 3, -4 layer 0, as the other commands read them
+    assert resolve_config("r1", 4, layers="-1,0-1").layers == (0, 1, 3)
+    assert resolve_config("r1", 4, layers="-4,2").layers == (0, 2)
+    with pytest.raises(EmscopeError, match="layer -5 is beyond the model: it has 4 layers"):
+        resolve_config("r1", 4, layers="-5")
+    with pytest.raises(EmscopeError, match="layer 4 out of range: the model has 4 layers"):
+        parse_layers("1,4", n_layers=4)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -981,3 +998,19 @@ def test_module_entry_point_help() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0
+
+
+def test_run_records_share_one_versions_function() -> None:
+    """train.json and the study record take their versions from emscope.io.run_versions."""
+    from importlib.metadata import version
+
+    from emscope.io import RUN_LIBRARIES, run_versions
+    from emscope.pipeline.runner import versions as study_versions
+    from emscope.train.runtime import Runtime, training_versions
+
+    study, trained = study_versions(), training_versions(Runtime(False, "cpu"))
+    assert tuple(study)[: len(RUN_LIBRARIES)] == tuple(trained)[: len(RUN_LIBRARIES)]
+    assert tuple(trained)[: len(RUN_LIBRARIES)] == RUN_LIBRARIES
+    assert trained["peft"] == study["peft"] == version("peft")
+    assert study["scikit-learn"] == version("scikit-learn")
+    assert run_versions("no-such-distribution")["no-such-distribution"] == "absent"

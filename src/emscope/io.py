@@ -108,6 +108,16 @@ def versions(*names: str, absent: str | None = None) -> dict[str, str]:
     return found
 
 
+RUN_LIBRARIES = ("python", "emscope", "torch", "transformers", "peft")
+
+
+def run_versions(*extra: str, absent: str = "absent") -> dict[str, str]:
+    """The ``versions`` of a run record: :data:`RUN_LIBRARIES` (the libraries that determine
+    every model computation) and the ``extra`` distributions a step also depends on, one not
+    installed recorded as ``absent`` (:func:`versions`)."""
+    return versions(*RUN_LIBRARIES, *(n for n in extra if n not in RUN_LIBRARIES), absent=absent)
+
+
 def read_text(path: str | Path) -> str:
     """A text file's content, decoded as UTF-8: the one reader of text files a user hands
     emscope (chat JSONL, question YAML, CSV tables, JSON records). A missing or unreadable

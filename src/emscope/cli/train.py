@@ -41,7 +41,7 @@ def train_command(
         None, "--rslora/--no-rslora", help="Scale alpha/sqrt(r) (rsLoRA) or alpha/r."
     ),
     layers: str | None = typer.Option(
-        None, "--layers", help="Layers to adapt, from 0, e.g. '15-17,21-23'."
+        None, "--layers", help="Layers to adapt, from 0 (-1: the last), e.g. '15-17,21-23'."
     ),
     modules: str | None = typer.Option(
         None, "--modules", help="Block modules to adapt, e.g. 'down_proj' or 'q_proj,v_proj'."

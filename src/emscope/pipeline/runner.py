@@ -81,12 +81,10 @@ def hash_input(path: Path) -> str | None:
 
 
 def versions() -> dict[str, str]:
-    from emscope.io import versions as package_versions
+    """The study record's library versions (:func:`emscope.io.run_versions`)."""
+    from emscope.io import run_versions
 
-    return package_versions(
-        "emscope", "python", "torch", "transformers", "peft", "numpy", "pandas", "scikit-learn",
-        "pydantic",
-    )  # fmt: skip
+    return run_versions("numpy", "pandas", "scikit-learn", "pydantic")
 
 
 def stage_status(config: StudyConfig, run_dir: Path, stage: str) -> str:

@@ -100,7 +100,8 @@ def resolve_config(
     """A preset's defaults with the given overrides (``None`` keeps the preset's value),
     validated against a model with ``n_layers`` decoder blocks.
 
-    ``layers`` is a list of block indices or a string such as ``"15-17,21-23"``;
+    ``layers`` is a list of block indices from 0 or a string such as ``"15-17,21-23,-1"``
+    (:func:`emscope.models.parse_layers`: in a string a negative index counts from the end);
     ``modules`` a list of module names inside a block (``down_proj``, ``q_proj``, ...) or a
     comma-separated string. ``warmup_steps`` and ``warmup_ratio`` are alternatives (give
     one). ``quantize``: ``None``/``"none"`` or ``"4bit"`` (LoRA presets only). Raises
@@ -135,8 +136,8 @@ def resolve_config(
             f"quantize {quantize} is for LoRA presets: a full fine-tune cannot update 4-bit "
             "weights (use a LoRA preset, or FSDP over several GPUs for full)"
         )
-    if isinstance(layers, str):
-        layers = parse_layers(layers)
+    if isinstance(layers, str):  # as --layers elsewhere: a negative index counts from the end
+        layers = [n_layers + i if -n_layers <= i < 0 else i for i in parse_layers(layers)]
     if isinstance(modules, str):
         modules = [m.strip() for m in modules.split(",") if m.strip()]
     chosen_layers = sorted(set(layers)) if layers is not None else preset_layers(p.name, n_layers)

@@ -125,12 +125,14 @@ def preset_layers(preset: str, n_layers: int) -> list[int]:
     return []
 
 
-def parse_layers(text: str) -> list[int]:
-    """Parse a layer list such as ``"15-17,21-23,27"`` (inclusive ranges, from 0), sorted
-    (:func:`emscope.models.parse_layers`)."""
+def parse_layers(text: str, n_layers: int | None = None) -> list[int]:
+    """A layer list such as ``"15-17,21-23,-1"`` sorted and without duplicates: the one
+    parser, :func:`emscope.models.parse_layers` (commas, inclusive ranges ``a-b``, negative
+    indices counting from the end, resolved and range-checked against ``n_layers`` when
+    given), whose errors are one :class:`EmscopeError` line."""
     from emscope.models import parse_layers as parse_layer_list
 
-    return sorted(parse_layer_list(text))
+    return sorted(parse_layer_list(text, n_layers))
 
 
 def get_preset(name: str) -> Preset:

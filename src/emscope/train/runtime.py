@@ -294,12 +294,11 @@ def quantization_record(quantization: Any) -> dict[str, Any] | None:
 
 
 def training_versions(runtime: Runtime) -> dict[str, str]:
-    from emscope.io import versions as package_versions
+    """``train.json``'s library versions (:func:`emscope.io.run_versions`), with accelerate
+    when it ran the loop and bitsandbytes when a 4-bit base loaded it."""
+    from emscope.io import run_versions
 
-    names = ("python", "torch", "transformers", "peft", "emscope")
-    versions = package_versions(*names, absent="absent")
-    if runtime.accelerator is not None:
-        versions.update(package_versions("accelerate", absent="absent"))
+    versions = run_versions(*(("accelerate",) if runtime.accelerator is not None else ()))
     if "bitsandbytes" in sys.modules:  # imported by transformers for a 4-bit base
         versions["bitsandbytes"] = str(getattr(sys.modules["bitsandbytes"], "__version__", "?"))
     return versions
