@@ -46,6 +46,7 @@ run the ``emscope train`` command (:mod:`emscope.train.__main__`).
 from __future__ import annotations
 
 from emscope._callable import callable_module
+from emscope.train.callbacks import CallbackRecord, TrainingCallback
 from emscope.train.checkpoints import CHECKPOINTS_DIR, RECORD, STATE_JSON, STATE_PT
 from emscope.train.config import QUANTIZE, SCHEDULES, TrainConfig, resolve_config
 from emscope.train.data import EncodedExample, collate, encode_examples
@@ -71,10 +72,12 @@ __all__ = [
     "SCHEDULES",
     "STATE_JSON",
     "STATE_PT",
+    "CallbackRecord",
     "EncodedExample",
     "Preset",
     "TrainConfig",
     "TrainResult",
+    "TrainingCallback",
     "block_linear_modules",
     "check_setup",
     "collate",
