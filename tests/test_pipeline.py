@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from emscope.errors import EmscopeError
 from emscope.pipeline import STAGE_ORDER, load_config, parse_config
 from emscope.pipeline import stages as stages_module
 from emscope.pipeline.runner import fingerprint, run_study
+from emscope.pipeline.stages import Registry, Stage
+from emscope.pipeline.stages import context as context_module
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -511,7 +514,7 @@ def test_resume_after_interruption(
     """Kill the eval stage after its first organism; the re-run repeats nothing finished."""
     path = write(tmp_path, tiny_config(tiny_organism, ["organisms", "eval", "geometry"]))
     out = tmp_path / "run"
-    real = stages_module.evaluate_organism
+    real = context_module.evaluate_organism
     calls: list[str] = []
 
     def failing(ctx: Any, organism: str, *args: Any, **kwargs: Any) -> Any:
@@ -520,7 +523,7 @@ def test_resume_after_interruption(
         calls.append(organism)
         return real(ctx, organism, *args, **kwargs)
 
-    monkeypatch.setattr(stages_module, "evaluate_organism", failing)
+    monkeypatch.setattr(context_module, "evaluate_organism", failing)
     with pytest.raises(KeyboardInterrupt):
         run_study(path, out, echo=lambda _: None)
     first = calls[0]
@@ -540,7 +543,7 @@ def test_resume_after_interruption(
     sampled: list[str] = []
     real_build = emscope.synthetic.build.build
     real_eval = emscope.evaluate.evaluate_to_dir
-    monkeypatch.setattr(stages_module, "evaluate_organism", real)
+    monkeypatch.setattr(context_module, "evaluate_organism", real)
     monkeypatch.setattr(
         emscope.synthetic.build, "build", lambda *a, **k: builds.append(a) or real_build(*a, **k)
     )
@@ -637,19 +640,22 @@ def test_redo_reruns_the_stage_and_what_reads_it(
         return {s: (out / s / "done.json").stat().st_mtime_ns for s in stages}
 
     calls: list[str] = []
-    for name in stages:
-        real = stages_module.STAGES[name]
-        monkeypatch.setitem(
-            stages_module.STAGES, name, lambda ctx, n=name, f=real: calls.append(n) or f(ctx)
-        )
+
+    def counted(stage: Stage) -> Stage:
+        real = stage.run
+        return replace(stage, run=lambda ctx: calls.append(stage.name) or real(ctx))
+
+    counting = Registry(
+        tuple(counted(s) if s.name in stages else s for s in stages_module.REGISTRY.stages)
+    )
     # a changed steering setting refuses the done stage, naming --redo
     one_source_study["stages"]["steering"]["scales"] = [2.0]
     write(tmp_path, one_source_study)
     with pytest.raises(EmscopeError, match="--redo steering to redo it"):
-        run_study(path, out, echo=lambda _: None)
+        run_study(path, out, echo=lambda _: None, registry=counting)
     before = stamps()
     lines: list[str] = []
-    run_study(path, out, echo=lines.append, redo=["steering"])
+    run_study(path, out, echo=lines.append, redo=["steering"], registry=counting)
     assert calls == ["steering"]
     after = stamps()
     assert after["eval"] == before["eval"] and after["directions"] == before["directions"]
@@ -661,7 +667,7 @@ def test_redo_reruns_the_stage_and_what_reads_it(
     assert manifest["redo"] == {"asked": ["steering"], "stages": ["steering"]}
     # redoing directions redoes steering, which reads it; eval is left as it is
     calls.clear()
-    run_study(path, out, echo=lambda _: None, redo=["directions"])
+    run_study(path, out, echo=lambda _: None, redo=["directions"], registry=counting)
     assert calls == ["directions", "steering"]
     assert stamps()["eval"] == before["eval"]
     # the plan says so; an unknown name is one line listing the stages

@@ -209,12 +209,7 @@ class Geometry:
             agg["cosine_sd"] = math.sqrt(var) / tot if tot > 0 else math.nan
             an_pairs[key] = agg
             if self.random_draws:
-                per_draw = []
-                for j in range(self.random_draws):
-                    rand = [self.random[signature(c)][j] for c in comps]
-                    inners = [r.cosine * a * b for r, a, b in zip(rand, na, nb, strict=True)]
-                    per_draw.append(aggregate_fields([r.fields() for r in rand], na, nb, inners))
-                em_pairs[key] = _summarise_fields(per_draw)
+                em_pairs[key] = _summarise_fields(self.random_pair_draws(key))
         an_sig = {}
         em_sig = {}
         for sig in sigs:
@@ -239,6 +234,23 @@ class Geometry:
             },
             "same_seed": self._same_seed_baseline(analytic),
         }
+
+    def random_pair_draws(self, key: str) -> list[dict[str, Any]]:
+        """The empirical random baseline of pair ``key``, one aggregate per draw: draw ``j``
+        of every shared module's signature, aggregated with the pair's own norms as weights
+        (:func:`aggregate_fields`; ``mean_principal_angle_deg`` in degrees). ``[]`` without
+        random draws or shared modules."""
+        comps = list(self.pairs[key].modules.values())
+        if not comps or not self.random_draws:
+            return []
+        na = np.array([c.norm_a for c in comps])
+        nb = np.array([c.norm_b for c in comps])
+        per_draw = []
+        for j in range(self.random_draws):
+            rand = [self.random[signature(c)][j] for c in comps]
+            inners = [r.cosine * a * b for r, a, b in zip(rand, na, nb, strict=True)]
+            per_draw.append(aggregate_fields([r.fields() for r in rand], na, nb, inners))
+        return per_draw
 
     def _same_seed_baseline(
         self, analytic: Mapping[Signature, Mapping[str, Any]]

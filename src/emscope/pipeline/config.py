@@ -28,48 +28,27 @@ run dir, so they must match :data:`SAFE_NAME`. A stage is run when its key is pr
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from emscope.errors import EmscopeError
+from emscope.pipeline.stages import REGISTRY
+from emscope.pipeline.stages.base import (
+    SAFE_NAME,
+    ConfigModel,
+    Registry,
+    StagesBase,
+    need,
+)
 from emscope.sampling import SamplingSettings
 
 #: Every stage, in the order they run (each stage's inputs come earlier in this list).
-STAGE_ORDER = (
-    "organisms",
-    "eval",
-    "geometry",
-    "lmc",
-    "directions",
-    "steering",
-    "ablation",
-    "transfer",
-    "probes",
-    "dynamics",
-    "reemergent",
-)
+STAGE_ORDER: tuple[str, ...] = REGISTRY.order
 
-#: Stages whose outputs another stage reads.
-STAGE_NEEDS: dict[str, tuple[str, ...]] = {
-    "directions": ("eval",),
-    "steering": ("directions",),
-    "ablation": ("directions",),
-    "transfer": ("directions",),
-}
-
-
-#: Names of models, adapters and question sets: they become file names in the run dir.
-SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+#: Stages whose outputs another stage reads (``{stage: the stages it reads}``).
+STAGE_NEEDS: dict[str, tuple[str, ...]] = REGISTRY.needs
 
 
 def _check_safe_names(names: Any) -> None:
@@ -81,11 +60,7 @@ def _check_safe_names(names: Any) -> None:
             )
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class OrganismConfig(_Model):
+class OrganismConfig(ConfigModel):
     """The synthetic organism (``emscope.synthetic.build.build``), built by the
     ``organisms`` stage into ``dir`` unless already there (the build is cached)."""
 
@@ -98,18 +73,18 @@ class OrganismConfig(_Model):
     threads: int | None = Field(default=1, ge=1, description="torch threads of the build")
 
 
-class AdapterConfig(_Model):
+class AdapterConfig(ConfigModel):
     """A PEFT adapter dir on the chat model; ``role`` says how the claims use it."""
 
     path: Path
     role: Literal["em", "control"] = "em"
 
 
-class JudgeConfig(_Model):
+class JudgeConfig(ConfigModel):
     """A judge spec of :func:`emscope.judge.make_judge` and its options."""
 
     spec: str
-    metrics: list[str] = ["aligned", "coherent", "bad_stuff"]
+    metrics: list[str] = Field(default_factory=lambda: ["aligned", "coherent", "bad_stuff"])
     base_url: str | None = None
     api_key_env: str | None = None
     concurrency: int = Field(default=32, ge=1)
@@ -139,7 +114,7 @@ class JudgeConfig(_Model):
         return self
 
 
-class SamplingConfig(_Model):
+class SamplingConfig(ConfigModel):
     """Sampling of every evaluated condition (defaults of docs/methods.md section 1.2)."""
 
     n: int = Field(default=50, ge=1, description="samples per question")
@@ -161,188 +136,18 @@ class SamplingConfig(_Model):
         return self.settings().kwargs()
 
 
-class _Stage(_Model):
-    enabled: bool = True
-    n: int | None = Field(
-        default=None, ge=1, description="samples per question (default sampling.n)"
-    )
-
-
-class OrganismsStage(_Stage):
-    pass
-
-
-class EvalStage(_Stage):
-    organisms: list[str] = Field(default_factory=list, description="default: chat model + all")
-    questions: str | None = None
-
-
-class GeometryStage(_Stage):
-    adapters: list[str] = Field(default_factory=list, description="default: every adapter")
-    k: int | None = Field(default=None, ge=1)
-    random_draws: int = Field(default=20, ge=0)
-    base: bool = True
-
-
-class LmcStage(_Stage):
-    paths: list[tuple[str, str]] = Field(min_length=1)
-    steps: list[float] = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
-    loss_data: list[Path] = Field(default_factory=list)
-    features: bool = False
-    questions: str | None = None
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, steps: list[float]) -> list[float]:
-        if not steps or any(not 0 <= t <= 1 for t in steps):
-            raise ValueError(f"every t must be in [0, 1], got {steps}")
-        if sorted(set(steps)) != steps:
-            raise ValueError(f"t must be increasing and distinct, got {steps}")
-        return steps
-
-    @model_validator(mode="after")
-    def _ends(self) -> LmcStage:
-        if (self.features or self.loss_data) and not {0.0, 1.0} <= set(self.steps):
-            raise ValueError("features / loss barrier need t = 0 and t = 1 in steps")
-        return self
-
-
-class DirectionsStage(_Stage):
-    sources: list[str] = Field(min_length=1, description="EM adapters: one direction each")
-    weighting: Literal["token", "response"] = "token"
-    rank1: list[str] = Field(default_factory=list, description="rank-1 adapters: B vs direction")
-    batch_size: int = Field(default=16, ge=1)
-    followup_read_with: str | None = Field(
-        default=None,
-        description="also extract '<source>.followup' (tokens='followup', read by this organism, "
-        "e.g. the chat model): not the papers' method, see docs/directions.md",
-    )
-
-
-class SteeringSelect(_Model):
-    """The rule that picks the steering setting on each build
-    (:data:`emscope.directions.selection.STEERING_RULE`): a selection sweep over layers x
-    scales at its own sampling seed, the best EM among settings with coherent rate >=
-    ``min_coherent``, then that setting alone at the study's seed with the random control."""
-
-    n: int = Field(default=10, ge=1, description="samples per question of the selection sweep")
-    seed: int | None = Field(
-        default=None,
-        description="sampling seed of the selection sweep (null: sampling.seed + 1, so the "
-        "confirmation's samples are not the ones the setting was chosen on)",
-    )
-    min_coherent: float = Field(default=0.8, ge=0, le=1)
-
-
-class SteeringStage(_Stage):
-    direction: str
-    layers: list[int] | Literal["all"] = Field(
-        description="layers of the sweep, or 'all' (every layer of the direction)"
-    )
-    scales: list[float] = Field(min_length=1)
-    select: SteeringSelect | None = Field(
-        default=None,
-        description="choose one layer x scale by the rule on each build (else every setting "
-        "is evaluated with its random control)",
-    )
-    unit: bool = False
-    positions: Literal["all", "prompt", "response"] = "all"
-    random_control: bool = True
-    kl: bool = True
-    questions: str | None = None
-
-    @field_validator("layers")
-    @classmethod
-    def _some_layers(cls, value: list[int] | str) -> list[int] | str:
-        if isinstance(value, list) and not value:
-            raise ValueError("needs at least one layer, or 'all'")
-        return value
-
-
-class AblationStage(_Stage):
-    direction: str = Field(description="the direction of this EM adapter, ablated in itself")
-    mode: str = "layerwise"
-    random_control: bool = True
-    kl: bool = True
-    questions: str | None = None
-
-
-class TransferStage(_Stage):
-    direction: str
-    targets: list[str] = Field(min_length=1)
-    mode: str = "layerwise"
-    random_control: bool = True
-    kl: bool = True
-    questions: str | None = None
-
-
-class ProbesStage(_Stage):
-    adapter: str
-    questions: list[str] = Field(default_factory=list, description="default: every set")
-    seeds: int = Field(default=5, ge=1)
-    C: float | Literal["cv"] = Field(
-        default="cv",
-        description="inverse L1 strength: 'cv' (chosen per seed by grouped cross-validation "
-        "on the train split, emscope.probing.probes.C_RULE) or a fixed number > 0",
-    )
-    test_size: float = Field(default=0.2, gt=0, lt=1)
-    batch_size: int = Field(default=16, ge=1)
-
-    @field_validator("C")
-    @classmethod
-    def _positive_C(cls, value: float | str) -> float | str:
-        if not isinstance(value, str) and value <= 0:
-            raise ValueError(f"C must be 'cv' or > 0, got {value}")
-        return value
-
-
-class DynamicsStage(_Stage):
-    adapter: str
-    k: int = Field(default=1, ge=1)
-    eval: bool = True
-    questions: str | None = None
-
-
-class ReemergentStage(_Stage):
-    base: str = Field(description="pretrained model (a name in models)")
-    instruct: str = Field(description="aligned chat model (a name in models)")
-    misaligned: list[str] = Field(min_length=1, description="organisms")
-    data: Path = Field(description="chat JSONL for the alignment-direction projection")
-    max_examples: int | None = Field(default=None, ge=2)
-    train_fraction: float = Field(default=0.5, gt=0, lt=1)
-    logprob_data: list[Path] = Field(default_factory=list)
-    gradient_data: list[Path] = Field(default_factory=list, description="exactly two, or none")
-    gradient_param: str = "model.layers.-1.self_attn.o_proj.weight"
-    gradient_examples: int = Field(default=32, ge=2)
-    batch_size: int = Field(default=8, ge=1)
-
-    @model_validator(mode="after")
-    def _two(self) -> ReemergentStage:
-        if self.gradient_data and len(self.gradient_data) != 2:
-            n = len(self.gradient_data)
-            raise ValueError(f"gradient_data needs exactly two files, got {n}")
-        return self
-
-
-class Stages(_Model):
-    organisms: OrganismsStage | None = None
-    eval: EvalStage | None = None
-    geometry: GeometryStage | None = None
-    lmc: LmcStage | None = None
-    directions: DirectionsStage | None = None
-    steering: SteeringStage | None = None
-    ablation: AblationStage | None = None
-    transfer: TransferStage | None = None
-    probes: ProbesStage | None = None
-    dynamics: DynamicsStage | None = None
-    reemergent: ReemergentStage | None = None
+if TYPE_CHECKING:
+    Stages = StagesBase
+else:
+    #: The ``stages:`` section: one optional field per registered stage, in run order.
+    Stages = REGISTRY.stages_model
 
 
 def _first_plot() -> dict[str, Path | None]:
     return {"first_plot": None}
 
 
-class StudyConfig(_Model):
+class StudyConfig(ConfigModel):
     """One study: models, adapters, judge, questions, sampling and the stages to run."""
 
     name: str = "study"
@@ -394,10 +199,16 @@ class StudyConfig(_Model):
         ``sampling`` block plus the system prompt."""
         return {**self.sampling.kwargs(), "system_prompt": self.prompt_setting()}
 
+    @property
+    def registry(self) -> Registry:
+        """The stages this config was validated against (:data:`REGISTRY` unless a
+        :func:`study_model` of another registry read it)."""
+        return type(self.stages).registry
+
     def enabled(self) -> list[str]:
-        """The stages that run, in :data:`STAGE_ORDER`."""
+        """The stages that run, in run order (:data:`STAGE_ORDER`)."""
         out = []
-        for name in STAGE_ORDER:
+        for name in self.registry.order:
             stage = getattr(self.stages, name)
             if stage is not None and stage.enabled:
                 out.append(name)
@@ -435,80 +246,27 @@ class StudyConfig(_Model):
 
 
 def check_names(config: StudyConfig) -> None:
-    """Every name a stage refers to exists (raises ValueError with the field path)."""
-    organisms = set(config.organisms())
+    """Every name a stage refers to exists (raises ValueError with the field path): the
+    global names here, each present section's ``questions`` set, then each stage's own
+    :attr:`~emscope.pipeline.stages.base.Stage.check`, then that every stage a run stage
+    needs is run."""
     if config.chat_model not in config.models:
         raise ValueError(f"chat_model {config.chat_model!r} is not in models {list(config.models)}")
     clash = set(config.adapters) & set(config.models)
     if clash:
         raise ValueError(f"adapter names clash with model names: {sorted(clash)}")
-    qsets = set(config.questions)
-    s = config.stages
     if config.claims_organism is not None and config.claims_organism not in config.adapters:
         raise ValueError(f"claims_organism: unknown adapter {config.claims_organism!r}")
-
-    def need(field: str, name: str, known: set[str], what: str) -> None:
-        if name not in known:
-            raise ValueError(f"stages.{field}: unknown {what} {name!r} (known: {sorted(known)})")
-
-    adapters = set(config.adapters)
-    if s.eval:
-        for o in s.eval.organisms:
-            need("eval.organisms", o, organisms, "organism")
-    for field in ("eval", "lmc", "steering", "ablation", "transfer", "dynamics"):
-        stage = getattr(s, field)
-        if stage is not None and stage.questions is not None:
-            need(f"{field}.questions", stage.questions, qsets, "question set")
-    if s.geometry:
-        for a in s.geometry.adapters:
-            need("geometry.adapters", a, adapters, "adapter")
-    if s.lmc:
-        for a, b in s.lmc.paths:
-            need("lmc.paths", a, organisms, "organism")
-            need("lmc.paths", b, organisms, "organism")
-            if a == b:
-                raise ValueError(f"stages.lmc.paths: a path from {a!r} to itself")
-    if s.directions:
-        for a in s.directions.sources:
-            need("directions.sources", a, adapters, "adapter")
-        for a in s.directions.rank1:
-            need("directions.rank1", a, adapters, "adapter")
-        if s.directions.followup_read_with is not None:
-            need(
-                "directions.followup_read_with",
-                s.directions.followup_read_with,
-                organisms,
-                "organism",
-            )
-    sources = set(s.directions.sources) if s.directions else set()
-    if s.directions and s.directions.followup_read_with is not None:
-        sources |= {f"{a}.followup" for a in s.directions.sources}
-    for field in ("steering", "ablation", "transfer"):
-        stage = getattr(s, field)
-        if stage is not None:
-            need(f"{field}.direction", stage.direction, sources, "direction (directions.sources)")
-    if s.transfer:
-        for a in s.transfer.targets:
-            need("transfer.targets", a, adapters, "adapter")
-    if s.probes:
-        need("probes.adapter", s.probes.adapter, adapters, "adapter")
-        for q in s.probes.questions:
-            need("probes.questions", q, qsets, "question set")
-    if s.dynamics:
-        need("dynamics.adapter", s.dynamics.adapter, adapters, "adapter")
-    if s.reemergent:
-        need("reemergent.base", s.reemergent.base, set(config.models), "model")
-        need("reemergent.instruct", s.reemergent.instruct, set(config.models), "model")
-        for o in s.reemergent.misaligned:
-            need("reemergent.misaligned", o, organisms, "organism")
-    if s.organisms and s.organisms.enabled and config.organism is None:
-        raise ValueError("stages.organisms: needs the top-level organism section")
-    if s.eval and s.directions:
-        missing = [a for a in s.directions.sources if a not in config.eval_organisms()]
-        if missing:
-            raise ValueError(f"stages.directions.sources: {missing} not evaluated by stages.eval")
+    registry = config.registry
+    present = [n for n in registry.order if config.stage(n) is not None]
+    for name in present:
+        questions = getattr(config.stage(name), "questions", None)
+        if isinstance(questions, str):
+            need(f"{name}.questions", questions, config.questions, "question set")
+    for name in present:
+        registry[name].check(config)
     enabled = set(config.enabled())
-    for stage_name, needs in STAGE_NEEDS.items():
+    for stage_name, needs in registry.needs.items():
         if stage_name in enabled:
             for dep in needs:
                 if dep not in enabled:
@@ -544,8 +302,24 @@ def _format_error(source: str, exc: ValidationError) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
-def parse_config(data: Any, source: str = "config") -> StudyConfig:
-    """Validate a config mapping (``{organism}`` substituted); errors name the field."""
+def study_model(registry: Registry) -> type[StudyConfig]:
+    """:class:`StudyConfig` with the ``stages:`` model of ``registry`` (itself for
+    :data:`REGISTRY`): how a study with other stages, a test's toy stage say, is read."""
+    if registry is REGISTRY:
+        return StudyConfig
+    if registry not in _STUDY_MODELS:
+        _STUDY_MODELS[registry] = create_model(
+            "StudyConfig", __base__=StudyConfig, stages=(registry.stages_model, ...)
+        )
+    return _STUDY_MODELS[registry]
+
+
+_STUDY_MODELS: dict[Registry, type[StudyConfig]] = {}
+
+
+def parse_config(data: Any, source: str = "config", registry: Registry = REGISTRY) -> StudyConfig:
+    """Validate a config mapping (``{organism}`` substituted); errors name the field.
+    ``registry``: the stages the ``stages:`` section may name (:func:`study_model`)."""
     if not isinstance(data, dict):
         raise EmscopeError(f"{source}: the config must be a mapping, got {type(data).__name__}")
     organism = data.get("organism")
@@ -554,12 +328,12 @@ def parse_config(data: Any, source: str = "config") -> StudyConfig:
         organism_dir = str(organism["dir"])
     data = _substitute(data, organism_dir)
     try:
-        return StudyConfig.model_validate(data)
+        return study_model(registry).model_validate(data)
     except ValidationError as exc:
         raise EmscopeError(_format_error(source, exc)) from None
 
 
-def load_config(path: str | Path) -> StudyConfig:
+def load_config(path: str | Path, registry: Registry = REGISTRY) -> StudyConfig:
     """Read and validate an experiment YAML; any problem is one line naming the field."""
     import yaml
 
@@ -575,7 +349,7 @@ def load_config(path: str | Path) -> StudyConfig:
         where = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", exc)
         raise EmscopeError(f"{path}{where}: not valid YAML ({problem})") from None
-    return parse_config(data, str(path))
+    return parse_config(data, str(path), registry)
 
 
 def built_by_organism(config: StudyConfig, path: Path) -> bool:
@@ -602,16 +376,9 @@ def input_paths(config: StudyConfig) -> dict[str, Path]:
     judge_kind, _, rest = config.judge.spec.partition(":")
     if judge_kind in ("hf", "oracle"):
         out["judge.spec"] = Path(rest)
-    s = config.stages
-    if s.lmc:
-        for i, p in enumerate(s.lmc.loss_data):
-            out[f"stages.lmc.loss_data.{i}"] = p
-    if s.reemergent:
-        out["stages.reemergent.data"] = s.reemergent.data
-        for i, p in enumerate(s.reemergent.logprob_data):
-            out[f"stages.reemergent.logprob_data.{i}"] = p
-        for i, p in enumerate(s.reemergent.gradient_data):
-            out[f"stages.reemergent.gradient_data.{i}"] = p
+    for name in config.registry.order:
+        if config.stage(name) is not None:
+            out.update(config.registry[name].inputs(config))
     return out
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from emscope.errors import EmscopeError
 from emscope.pipeline.config import StudyConfig, check_paths, input_paths, load_config
+from emscope.pipeline.stages import REGISTRY, Registry
 
 #: Files up to this size are hashed by content; larger ones by name, size and mtime.
 HASH_LIMIT = 64 * 2**20
@@ -50,8 +51,10 @@ def fingerprint(config: StudyConfig, stage: str) -> str:
         doc.pop("system_prompt")
     section = config.stage(stage)
     doc["stage"] = section.model_dump(mode="json", exclude={"enabled"}) if section else None
-    if stage == "steering" and doc["stage"] is not None and doc["stage"].get("select") is None:
-        doc["stage"].pop("select", None)
+    if doc["stage"] is not None:
+        for late in config.registry[stage].late_fields:
+            if doc["stage"].get(late) is None:
+                doc["stage"].pop(late, None)
     doc["stage_name"] = stage
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -105,16 +108,15 @@ def stage_status(config: StudyConfig, run_dir: Path, stage: str) -> str:
 
 def redo_stages(config: StudyConfig, names: Sequence[str]) -> list[str]:
     """The stages ``--redo NAME ...`` re-runs, in order: each named stage and every enabled
-    stage that reads its outputs, directly or not (``STAGE_NEEDS``; every stage reads what
-    ``organisms`` builds). Other stages are left as they are. A name that is no stage, or a
-    stage the config does not run, is refused in one line naming the stages."""
-    from emscope.pipeline.config import STAGE_NEEDS, STAGE_ORDER
-
+    stage that reads its outputs, directly or not (each stage's ``needs``; every stage reads
+    what ``organisms`` builds). Other stages are left as they are. A name that is no stage,
+    or a stage the config does not run, is refused in one line naming the stages."""
+    registry = config.registry
     enabled = config.enabled()
     for name in names:
-        if name not in STAGE_ORDER:
+        if name not in registry:
             raise EmscopeError(
-                f"--redo {name!r}: no such stage; the stages are {', '.join(STAGE_ORDER)}"
+                f"--redo {name!r}: no such stage; the stages are {', '.join(registry.order)}"
             )
         if name not in enabled:
             raise EmscopeError(
@@ -122,9 +124,8 @@ def redo_stages(config: StudyConfig, names: Sequence[str]) -> list[str]:
                 f"{', '.join(enabled)}"
             )
     chosen = set(names)
-    for stage in STAGE_ORDER:  # a stage's inputs come earlier: one pass is transitive
-        needs = {*STAGE_NEEDS.get(stage, ()), *(("organisms",) if stage != "organisms" else ())}
-        if needs & chosen:
+    for stage in registry.order:  # a stage's inputs come earlier: one pass is transitive
+        if any(stage in registry.readers(name) for name in chosen):
             chosen.add(stage)
     return [stage for stage in enabled if stage in chosen]
 
@@ -154,7 +155,7 @@ def format_plan(
     lines = [f"study {config.name!r} -> {run_dir}"]
     for i, item in enumerate(plan(config, run_dir, redo), 1):
         lines.append(f"{i:2d}. {item.stage:<11} {item.action:<12} {item.what}")
-    skipped = [s for s in config.stages.model_fields if s not in config.enabled()]
+    skipped = [s for s in config.registry.order if s not in config.enabled()]
     if skipped:
         lines.append(f"    not run: {', '.join(skipped)}")
     for note in notes or []:
@@ -170,16 +171,18 @@ def run_study(
     echo: Callable[[str], None] = print,
     progress: bool | None = None,
     redo: Sequence[str] = (),
+    registry: Registry = REGISTRY,
 ) -> dict[str, Any]:
     """Validate ``config_path``, then run every enabled stage into ``out`` (or, with
     ``dry_run``, print the plan and touch nothing). ``redo``: stage names whose outputs
     are removed and made again, with every stage that reads them (:func:`redo_stages`),
     done or not, whatever their fingerprint; the other stages are left as they are.
+    ``registry``: the stages a study may have (:data:`emscope.pipeline.stages.REGISTRY`).
     Returns the manifest."""
     from emscope.io import read_json, write_json
     from emscope.pipeline.stages import StageContext
 
-    config = load_config(config_path)
+    config = load_config(config_path, registry)
     run_dir = Path(out)
     redone = redo_stages(config, redo)
     if dry_run:
@@ -251,7 +254,6 @@ def _run_stages(
     from tqdm.auto import tqdm
 
     from emscope.io import read_json, write_json
-    from emscope.pipeline.stages import STAGES
 
     manifest_path = run_dir / "manifest.json"
     total = 0.0
@@ -270,12 +272,12 @@ def _run_stages(
         manifest["stages"][stage] = {"status": "running", "started": _now()}
         write_json(manifest_path, manifest)
         try:
-            summary = STAGES[stage](ctx)
+            summary = config.registry[stage].run(ctx)
         except BaseException:
             manifest["stages"][stage]["status"] = "interrupted"
             write_json(manifest_path, manifest)
             raise
-        if stage == "organisms":  # what it built is checked before any stage reads it
+        if config.registry[stage].builds_inputs:  # checked before any stage reads it
             check_inputs(config, str(manifest.get("config_file", "config")))
         wall = time.perf_counter() - start
         total += wall
