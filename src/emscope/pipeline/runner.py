@@ -300,11 +300,11 @@ def check_inputs(config: StudyConfig, source: str = "config") -> list[str]:
     """Every input the config names, checked before the first stage so that a bad one fails
     in one line at once, not when a stage reaches it: :func:`check_paths` (missing paths),
     then each existing input read as far as needed to refuse it (model dirs: config and
-    weights; adapter dirs: every factor and its target_modules; question files; chat data
-    files; the device; the system prompt: the chat template renders it, and every adapter
-    whose ``train.json`` records a training setting was trained on prompts rendered alike).
+    weights; adapter dirs: every factor and its target_modules; question files; each stage's
+    inputs by its ``check_input`` (chat data files); the device; the system prompt: the chat
+    template renders it, and every adapter whose ``train.json`` records a training setting
+    was trained on prompts rendered alike).
     Inputs the organisms stage will build are checked after it."""
-    from emscope.data.chat import read_chat_jsonl
     from emscope.data.questions import load_questions
     from emscope.lora import LoraAdapter
     from emscope.models import (
@@ -343,7 +343,9 @@ def check_inputs(config: StudyConfig, source: str = "config") -> list[str]:
             elif field.startswith("questions."):
                 load_questions(path)
             elif field.startswith("stages."):
-                read_chat_jsonl(path)
+                check_input = config.registry[field.split(".")[1]].check_input
+                if check_input is not None:
+                    check_input(path)
             elif field == "judge.spec" and judge_kind == "hf":
                 read_model_config(path)
         except EmscopeError as exc:

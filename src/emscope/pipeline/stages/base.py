@@ -61,6 +61,13 @@ def _no_check(config: StudyConfig) -> None:
     return None
 
 
+def read_chat_data(path: Path) -> None:
+    """A stage's chat JSONL input, read in full (the first bad line raises)."""
+    from emscope.data.chat import read_chat_jsonl
+
+    read_chat_jsonl(path)
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of ``emscope run``.
@@ -73,6 +80,9 @@ class Stage:
     - ``describe(config) -> str``: one line for ``--dry-run``;
     - ``inputs(config) -> {field path: Path}``: files its section names (checked before any
       work, hashed into the manifest);
+    - ``check_input(path)``: reads one of them far enough to refuse a bad one (raises
+      EmscopeError), before any work (:func:`read_chat_data` for chat JSONL); None: that it
+      exists is enough;
     - ``check(config)``: raises ValueError (``stages.<field>: ...``) for a name its section
       refers to that the config lacks; called while validating, when the section is present;
     - ``builds_inputs``: it makes files other stages read without naming it in ``needs`` (the
@@ -88,6 +98,7 @@ class Stage:
     needs: tuple[str, ...] = ()
     inputs: Callable[[StudyConfig], dict[str, Path]] = _no_inputs
     check: Callable[[StudyConfig], None] = _no_check
+    check_input: Callable[[Path], None] | None = None
     builds_inputs: bool = False
     late_fields: tuple[str, ...] = ()
 

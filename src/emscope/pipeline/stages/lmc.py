@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from emscope.pipeline.stages.base import Stage, StageSettings, need
+from emscope.pipeline.stages.base import Stage, StageSettings, need, read_chat_data
 
 if TYPE_CHECKING:
     from emscope.pipeline.config import StudyConfig
@@ -109,4 +109,6 @@ def check(config: StudyConfig) -> None:
             raise ValueError(f"stages.lmc.paths: a path from {a!r} to itself")
 
 
-STAGE = Stage("lmc", LmcStage, run, describe, inputs=inputs, check=check)
+STAGE = Stage(
+    "lmc", LmcStage, run, describe, inputs=inputs, check=check, check_input=read_chat_data
+)

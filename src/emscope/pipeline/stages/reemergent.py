@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
-from emscope.pipeline.stages.base import Stage, StageSettings, need
+from emscope.pipeline.stages.base import Stage, StageSettings, need, read_chat_data
 
 if TYPE_CHECKING:
     from emscope.pipeline.config import StudyConfig
@@ -191,4 +191,12 @@ def check(config: StudyConfig) -> None:
         need("reemergent.misaligned", o, config.organisms(), "organism")
 
 
-STAGE = Stage("reemergent", ReemergentStage, run, describe, inputs=inputs, check=check)
+STAGE = Stage(
+    "reemergent",
+    ReemergentStage,
+    run,
+    describe,
+    inputs=inputs,
+    check=check,
+    check_input=read_chat_data,
+)
