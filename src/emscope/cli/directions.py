@@ -112,6 +112,77 @@ def extract_command(
     )
 
 
+@directions_app.command("persona")
+def persona_command(
+    model_dir: Path = options.MODEL_DIR,
+    adapter: list[Path] = options.ADAPTER,
+    out: Path = typer.Option(..., "--out", help="Output dir (persona.safetensors, ...)."),
+    organism: Path | None = typer.Option(
+        None, "--organism", help="Organism build dir: contexts from its world, oracle judge."
+    ),
+    prompts: Path | None = typer.Option(
+        None, "--prompts", help="Persona YAML (default: the shipped evil/misaligned one)."
+    ),
+    contexts: int = typer.Option(8, "--contexts", help="With --organism: context turns per side."),
+    selection: str = typer.Option("sides", "--selection", help="sides or any."),
+    compare: list[Path] = typer.Option(
+        [], "--compare", help="Direction file to compare with, cosine per layer (repeatable)."
+    ),
+    judge: str | None = options.JUDGE,
+    n: int = typer.Option(4, "-n", "--n", help="Samples per (context, question)."),
+    seed: int = options.SEED,
+    layers: str | None = typer.Option(None, "--layers", help="Layers (default: all)."),
+    batch_size: int = options.BATCH_SIZE,
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Answer length (tokens)."),
+    temperature: float = options.TEMPERATURE,
+    top_p: float = options.TOP_P,
+    dtype: str = options.DTYPE,
+    device: str | None = options.DEVICE,
+    system_prompt: str | None = options.SYSTEM_PROMPT,
+) -> None:
+    """A priori persona direction of the chat model (contrasting contexts, judged)."""
+    from emscope.directions import persona
+    from emscope.directions.direction import Direction
+    from emscope.errors import EmscopeError
+    from emscope.train import system_prompt_for
+
+    opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    others: dict[str, Direction] = {}
+    if organism is not None:
+        from emscope.synthetic.world import load_world
+
+        if prompts is not None:
+            raise EmscopeError("--prompts and --organism exclude each other")
+        contrast = persona.organism_prompts(load_world(organism / "world.json"), contexts, seed)
+        judge = judge or f"oracle:{organism}"
+        probe = organism / "diagnostics" / "disposition_probe.safetensors"
+        if probe.is_file():
+            others["disposition_probe"] = Direction.load(probe)
+    else:
+        contrast = persona.load_persona_prompts(prompts)
+    for f in compare:
+        others[Path(f).name.removesuffix(".safetensors").removesuffix(".json")] = Direction.load(f)
+    loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
+    setting = system_prompt_for(system_prompt, [loaded.path, *loaded.adapters.values()])
+    result, table = persona.persona_direction(
+        loaded, contrast, options.build_judge(judge), n=opts.n, seed=opts.seed,
+        temperature=opts.temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
+        selection=selection, layers=options.layer_list(layers), batch_size=opts.batch_size,
+        system_prompt=setting,
+        provenance={"model_dir": str(model_dir), "adapter": [str(a) for a in adapter]},
+        progress=True,
+    )  # fmt: skip
+    cosines = persona.compare(result.direction, others)
+    paths = persona.write_persona(result, table, out, cosines)
+    c = result.counts
+    typer.echo(
+        f"{c['n_expressing']} expressing vs {c['n_not_expressing']} not expressing responses "
+        f"-> {paths['direction']}"
+    )
+    for name, cos in cosines.items():
+        typer.echo(f"vs {name}: " + ", ".join(f"{i}:{v:.2f}" for i, v in sorted(cos.items())))
+
+
 @directions_app.command("compare")
 def compare_command(
     files: list[Path] = typer.Argument(..., help="Direction files (a probe file works too)."),
