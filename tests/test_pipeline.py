@@ -147,6 +147,17 @@ def invoke(*args: str) -> Any:
         (lambda c: c["stages"]["reemergent"].update(base="nope"), "stages.reemergent.base"),
         (lambda c: c["stages"].update(lmk={}), "stages.lmk: unknown field"),
         (lambda c: c.update(claims_organism="nope"), "claims_organism"),
+        (
+            lambda c: c["organism"].update(claims_organism="nope"),
+            "organism.claims_organism: unknown adapter 'nope'",
+        ),
+        (
+            lambda c: (
+                c["organism"].update(claims_organism="bad_sport.all"),
+                c.update(claims_organism="bad_medical.all"),
+            ),
+            "organism.claims_organism 'bad_sport.all' differs from claims_organism",
+        ),
         (lambda c: c["adapters"]["bad_sport.all"].update(role="evil"), "adapters.bad_sport.all"),
         (
             lambda c: c["adapters"].update({"../../../x": {"path": "a"}}),

@@ -436,3 +436,16 @@ def test_late_fields_stay_out_of_the_fingerprint(qwen: Any) -> None:
     selecting = {**study, "stages": {**study["stages"]}}
     selecting["stages"]["steering"] = {**study["stages"]["steering"], "select": {}}
     assert fingerprint(parse_config(selecting), "steering") != fingerprint(plain, "steering")
+
+
+def test_the_organism_sections_claims_organism_is_read() -> None:
+    """``organism.claims_organism`` was validated by pydantic but read by nothing."""
+    from emscope.pipeline.config import claims_organism_of
+
+    assert claims_organism_of({"claims_organism": "a", "organism": {"claims_organism": "a"}}) == "a"
+    assert (
+        claims_organism_of({"claims_organism": None, "organism": {"claims_organism": "b"}}) == "b"
+    )
+    assert claims_organism_of({"organism": {"claims_organism": None}}) is None
+    assert claims_organism_of({"organism": None}) is None
+    assert claims_organism_of({}) is None

@@ -275,9 +275,11 @@ class _Run:
         return {k: v.get("role", "em") for k, v in self.config.get("adapters", {}).items()}
 
     def claims_organism(self, evaluated: Sequence[str]) -> str:
-        chosen = self.config.get("claims_organism")
+        from emscope.pipeline.config import claims_organism_of
+
+        chosen = claims_organism_of(self.config)
         if chosen:
-            return str(chosen)
+            return chosen
         roles = self.roles()
         for name in evaluated:
             if roles.get(name) == "em":

@@ -28,6 +28,7 @@ run dir, so they must match :data:`SAFE_NAME`. A stage is run when its key is pr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -245,6 +246,16 @@ class StudyConfig(ConfigModel):
         return [a for a, c in self.adapters.items() if c.role == "control"]
 
 
+def claims_organism_of(config: Mapping[str, Any]) -> str | None:
+    """The ``claims_organism`` a config (as dumped to ``RUN/config.json``) chose: the
+    top-level one, else the ``organism`` section's; None: the claims take the first ``em``
+    adapter evaluated."""
+    chosen = config.get("claims_organism")
+    if not chosen and isinstance(config.get("organism"), Mapping):
+        chosen = config["organism"].get("claims_organism")
+    return str(chosen) if chosen else None
+
+
 def check_names(config: StudyConfig) -> None:
     """Every name a stage refers to exists (raises ValueError with the field path): the
     global names here, each present section's ``questions`` set, then each stage's own
@@ -257,6 +268,14 @@ def check_names(config: StudyConfig) -> None:
         raise ValueError(f"adapter names clash with model names: {sorted(clash)}")
     if config.claims_organism is not None and config.claims_organism not in config.adapters:
         raise ValueError(f"claims_organism: unknown adapter {config.claims_organism!r}")
+    chosen = config.organism.claims_organism if config.organism else None
+    if chosen is not None and chosen not in config.adapters:
+        raise ValueError(f"organism.claims_organism: unknown adapter {chosen!r}")
+    if chosen is not None and config.claims_organism not in (None, chosen):
+        raise ValueError(
+            f"organism.claims_organism {chosen!r} differs from claims_organism "
+            f"{config.claims_organism!r}: set one"
+        )
     registry = config.registry
     present = [n for n in registry.order if config.stage(n) is not None]
     for name in present:

@@ -162,6 +162,8 @@ def headline_numbers(run_dir: Path) -> dict[str, dict[str, Any]]:
     (``{"value", "ci", "what"}``), read from the run's stage outputs; claims whose stage
     did not run are left out."""
     run = Path(run_dir)
+    from emscope.pipeline.config import claims_organism_of
+
     out: dict[str, dict[str, Any]] = {}
     config = _read(run / "config.json") or {}
     roles = {k: v.get("role", "em") for k, v in config.get("adapters", {}).items()}
@@ -171,7 +173,7 @@ def headline_numbers(run_dir: Path) -> dict[str, dict[str, Any]]:
 
     if done("eval"):
         rows = (_read(run / "eval" / "summary.json") or {}).get("organisms", {})
-        organism = config.get("claims_organism") or next(
+        organism = claims_organism_of(config) or next(
             (n for n in rows if roles.get(n) == "em"), None
         )
         if organism in rows:
