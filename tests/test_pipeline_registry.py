@@ -412,6 +412,37 @@ def test_dynamics_passes_judge_strict(
     assert seen["max_new_tokens"] == 3 and seen["dtype"] == "float32"
 
 
+def test_lmc_passes_judge_strict(
+    qwen: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import emscope.lmc
+
+    seen: dict[str, Any] = {}
+
+    def run_lmc(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        seen.update(kwargs)
+        return {"rows": [], "barrier": None}
+
+    monkeypatch.setattr(emscope.lmc, "run_lmc", run_lmc)
+    monkeypatch.setattr(StageContext, "judge", property(lambda self: "judge"))
+    study = {
+        "name": "lmc",
+        "threads": 1,
+        "models": {"chat": str(qwen.model)},
+        "chat_model": "chat",
+        "adapters": {"a": {"path": str(qwen.adapters["r4"])}},
+        "judge": {"spec": "openai:x", "metrics": ["aligned", "coherent"], "strict": True},
+        "sampling": {"n": 2, "max_new_tokens": 3, "batch_size": 5, "seed": 7},
+        "dtype": "float32",
+        "device": "cpu",
+        "stages": {"lmc": {"paths": [["chat", "a"]], "steps": [0.0, 1.0], "n": 1}},
+    }
+    run_study(_write(tmp_path, study), tmp_path / "run", echo=lambda _: None)
+    assert seen["strict"] is True
+    assert seen["n"] == 1 and seen["seed"] == 7 and seen["batch_size"] == 5
+    assert seen["max_new_tokens"] == 3 and seen["features"] is False
+
+
 def test_late_fields_stay_out_of_the_fingerprint(qwen: Any) -> None:
     """A field listed in a stage's late_fields counts only when set (steering.select)."""
     study = {

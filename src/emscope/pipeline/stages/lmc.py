@@ -78,6 +78,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             features=stage.features,
             record={"from": a, "to": b, "model_dir": str(config.chat_model_dir())},
             questions_file=ctx.questions_file(stage.questions),
+            strict=config.judge.strict,  # forwarded to evaluate_to_dir
             **config.sampling_kwargs(),
         )
         ctx.echo(f"  lmc {a} -> {b}: done")
