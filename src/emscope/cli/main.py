@@ -60,6 +60,8 @@ COMMAND_MODULES = (
     "geometry",
     "lmc",
     "directions",
+    "monitor",
+    "screen",
     "probe",
     "reemergent",
     "study",

@@ -94,8 +94,15 @@ def train_command(
         "LoRA); LoRA presets on CUDA only. Default: none.",
     ),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
+    monitor: Path | None = typer.Option(
+        None,
+        "--monitor",
+        help="Direction file: record the projection of the first 64 "
+        "training chats on it at every logged step (train.json, OUT/monitor/).",
+    ),
 ) -> None:
     """Train a model organism: LoRA with a preset, or a full fine-tune."""
+    from emscope.cli.monitor import training_monitor, write_training_monitor
     from emscope.train import train
 
     result = train(
@@ -130,7 +137,9 @@ def train_command(
         dtype=dtype,
         device=device,
         quantize=quantize,
+        callbacks=training_monitor(monitor, data),
     )
+    write_training_monitor(monitor, result.record, out)
     if os.environ.get("RANK", "0") != "0":  # one summary line per multi-process run
         return
     last = f", final loss {result.loss_curve[-1]:.4f}" if result.loss_curve else ""
