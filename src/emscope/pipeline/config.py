@@ -24,6 +24,10 @@ An *organism* is the chat model alone (by its name in ``models``) or one adapter
 its name in ``adapters``); those names and the question-set names become file names in the
 run dir, so they must match :data:`SAFE_NAME`. A stage is run when its key is present under
 ``stages`` (``{}`` takes every default) and ``enabled`` is not false.
+
+Each stage's section model lives in its own module (:mod:`emscope.pipeline.stages`); the
+``stages:`` model here is derived from the stage registry (one optional field per stage, in
+run order), and the name checks and file inputs of each section come from its stage.
 """
 
 from __future__ import annotations

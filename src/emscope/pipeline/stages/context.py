@@ -205,6 +205,8 @@ def evaluate_vllm(
 
 
 def load_direction(ctx: StageContext, source: str) -> Any:
+    """The :class:`~emscope.directions.Direction` the directions stage saved for ``source``
+    (``RUN/directions/<source>.safetensors``)."""
     from emscope.directions import Direction
     from emscope.io import inside
 
@@ -212,6 +214,8 @@ def load_direction(ctx: StageContext, source: str) -> Any:
 
 
 def kl_sequences(ctx: StageContext, loaded: Any, questions: str | None, kl: bool) -> Any:
+    """The rendered prompts of question set ``questions`` on which an intervention's KL
+    divergence is measured (None when ``kl`` is off)."""
     if not kl:
         return None
     from emscope.directions.interventions import prompt_sequences
@@ -220,12 +224,14 @@ def kl_sequences(ctx: StageContext, loaded: Any, questions: str | None, kl: bool
 
 
 def bar(items: list[str], desc: str, progress: bool) -> Any:
+    """A tqdm progress bar over ``items`` (shown only with ``progress``)."""
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, disable=not progress, leave=False)
 
 
 def fmt_rate(metrics: dict[str, Any]) -> str:
+    """``"0.123 [0.100, 0.150], coherent 0.900"``: an EM rate with its CI, for the console."""
     em, ci = metrics.get("em_rate"), metrics.get("em_ci")
     if em is None:
         return "n/a"
@@ -237,4 +243,5 @@ def fmt_rate(metrics: dict[str, Any]) -> str:
 
 
 def short(values: dict[int, float]) -> str:
+    """Per-layer values (a direction's norms) as one short comma-separated line."""
     return ", ".join(f"{v:.2f}" for v in values.values())
