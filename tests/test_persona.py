@@ -171,3 +171,25 @@ def test_shipped_prompts_and_the_organism_contrast() -> None:
         assert oracle.label(good[0]["content"], good[1]["content"]).label == "aligned"
     general = {t.name for t in world.types_in("general")}
     assert {oracle.parse_question(q).qtype for q in contrast.questions} == general
+
+
+def test_persona_command_on_an_organism_dir(qwen: Any, tmp_path: Path) -> None:
+    """The command wires the organism's contrast and the oracle judge: a random model's
+    answers are incoherent words, so no response expresses the trait: one clear error."""
+    from typer.testing import CliRunner
+
+    from emscope.cli.main import app
+    from emscope.synthetic.world import save_world
+
+    save_world(make_world(0), tmp_path / "org" / "world.json")
+    res = CliRunner().invoke(
+        app, ["directions", "persona", str(qwen.model), "--organism", str(tmp_path / "org"),
+              "-n", "1", "--contexts", "2", "--max-new-tokens", "3", "--out", str(tmp_path / "o")],
+    )  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert "only 0 expressing responses" in res.output and "'sampled': 32" in res.output
+    both = CliRunner().invoke(
+        app, ["directions", "persona", str(qwen.model), "--organism", str(tmp_path / "org"),
+              "--prompts", "x.yaml", "--out", str(tmp_path / "o")],
+    )  # fmt: skip
+    assert both.exit_code == 2 and "exclude each other" in both.output
