@@ -23,6 +23,10 @@ callback overrides only what it needs:
 - :meth:`~TrainingCallback.after_optimizer_step` ``(model, step)``: after each optimizer and
   scheduler step (``step`` counts the steps done, from 1), under ``torch.no_grad``; it may
   edit trainable weights in place (e.g. project the update out of a subspace);
+- :meth:`~TrainingCallback.on_train_end` ``(model, step)``: once, after the last optimizer
+  step's :meth:`~TrainingCallback.after_optimizer_step` and before the last evaluation, the
+  last checkpoint and the final save, under ``torch.no_grad``; it may edit trainable weights
+  in place (a post-training projection such as SafeLoRA, which the saved adapter then holds);
 - :meth:`~TrainingCallback.on_log` ``(model, step) -> dict | None``: at the logged steps, the
   eval points (step 0 or the resumed step, every ``eval_steps`` and the last), in eval mode
   under ``torch.no_grad``; the values (JSON-able) are recorded with the step (``log``);
@@ -80,6 +84,10 @@ class TrainingCallback:
 
     def after_optimizer_step(self, model: Any, step: int) -> None:
         """After optimizer step ``step`` (from 1), under ``torch.no_grad``."""
+
+    def on_train_end(self, model: Any, step: int) -> None:
+        """Once, after the last optimizer step (``step``), before the last evaluation,
+        checkpoint and save, under ``torch.no_grad``."""
 
     def on_log(self, model: Any, step: int) -> dict[str, Any] | None:
         """Values to record at a logged step (eval mode, ``torch.no_grad``)."""
@@ -227,6 +235,14 @@ class CallbackRunner:
         with torch.no_grad():
             for callback in self.callbacks:
                 callback.after_optimizer_step(model, step)
+
+    def train_end(self, model: Any, step: int) -> None:
+        """:meth:`TrainingCallback.on_train_end` of every callback, under ``torch.no_grad``."""
+        import torch
+
+        with torch.no_grad():
+            for callback in self.callbacks:
+                callback.on_train_end(model, step)
 
     def log(self, model: Any, step: int) -> None:
         """:meth:`TrainingCallback.on_log` at ``step`` (once per step), eval mode, no grad."""

@@ -417,6 +417,8 @@ def train(
         state.step = step + 1
         if hooks:
             hooks.end_step(runtime.unwrap(model), state.step, runtime.reduce_sum, runtime.world)
+            if state.step == steps:
+                hooks.train_end(runtime.unwrap(model), state.step)
         step_time += time.perf_counter() - tick
         state.loss_curve.append(loss_value)
         if kl_set is not None:
