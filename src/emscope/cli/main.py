@@ -55,6 +55,7 @@ def _root(
 COMMAND_MODULES = (
     "toy",
     "train",
+    "defences",
     "evaluation",
     "judges",
     "geometry",

@@ -100,10 +100,19 @@ def train_command(
         help="Direction file: record the projection of the first 64 "
         "training chats on it at every logged step (train.json, OUT/monitor/).",
     ),
+    defence: list[str] = typer.Option(
+        [],
+        "--defence",
+        help="A defence as NAME:key=value,... (repeatable; composes): ldifs, steer, caft, "
+        "interleave, safelora, project-update (keys: docs/defences.md). KL: --kl-data.",
+    ),
 ) -> None:
     """Train a model organism: LoRA with a preset, or a full fine-tune."""
     from emscope.cli.monitor import training_monitor, write_training_monitor
+    from emscope.defences.spec import build_defences
     from emscope.train import train
+
+    defences = build_defences(defence, base_dir, system_prompt=system_prompt, device=device)
 
     result = train(
         base_dir,
@@ -137,7 +146,7 @@ def train_command(
         dtype=dtype,
         device=device,
         quantize=quantize,
-        callbacks=training_monitor(monitor, data),
+        callbacks=[*training_monitor(monitor, data), *defences],
     )
     write_training_monitor(monitor, result.record, out)
     if os.environ.get("RANK", "0") != "0":  # one summary line per multi-process run
