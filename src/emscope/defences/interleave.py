@@ -85,14 +85,10 @@ def mean_token_nll(
                 attention_mask=batch["attention_mask"].to(device),
             ).logits
             target = batch["labels"][:, 1:].to(device)
-            nll = F.cross_entropy(
-                logits[:, :-1].double().transpose(1, 2),
-                target.clamp(min=0),
-                reduction="none",
-            )
             keep = target != -100
-            for r in range(len(rows)):
-                out.append(float(nll[r][keep[r]].mean()))
+            for r in range(len(rows)):  # only the labelled positions' logits, in float64
+                chosen = logits[r, :-1][keep[r]].double()
+                out.append(float(F.cross_entropy(chosen, target[r][keep[r]], reduction="mean")))
     model.train(was_training)
     return np.asarray(out, dtype=np.float64)
 

@@ -134,16 +134,8 @@ class LDIFS(TrainingCallback):
         self.source: dict[str, Any] = {}
 
     def settings(self) -> dict[str, Any]:
-        from emscope.data.chat import ChatExample
-
         data = self.data
-        where = (
-            str(data)
-            if isinstance(data, (str, Path))
-            else f"<{len(data)} chats>"
-            if all(isinstance(c, ChatExample) for c in data)
-            else "?"
-        )
+        where = str(data) if isinstance(data, (str, Path)) else f"<{len(data)} chats>"
         return {
             "weight": self.weight,
             "layers": self.layers,
