@@ -519,3 +519,26 @@ def test_defence_specs_parse_and_refuse_bad_input(tmp_path: Path, qwen: Any) -> 
             build_defences([bad], qwen.model)
     with pytest.raises(EmscopeError, match="at most once"):
         build_defences([f"caft:direction={path}", f"caft:direction={path}"], qwen.model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gemma2"])
+def test_caft_equals_hand_written_hooks_on_other_families(
+    arch: str, data: Path, tmp_path: Path, tiny_models: dict[str, Any]
+) -> None:
+    from transformers import AutoConfig
+
+    fixture = tiny_models[arch]
+    width = AutoConfig.from_pretrained(str(fixture.model)).hidden_size
+    g = torch.Generator().manual_seed(9)
+    direction = Direction({0: torch.randn(2, width, generator=g)})
+    m = direction[0].double()
+    dense = torch.eye(width, dtype=torch.float64) - m.T @ torch.linalg.pinv(m.T)
+    hand = HandHooks({0: lambda h: (h.double() @ dense.T).to(h.dtype)})
+    common = dict(max_steps=2, **FAST)
+    ours = train(fixture.model, data, out=tmp_path / "ours", callbacks=[CAFT(direction)], **common)
+    ref = train(fixture.model, data, out=tmp_path / "hand", callbacks=[hand], **common)
+    plain = train(fixture.model, data, out=tmp_path / "plain", **common)
+    w_ours, w_ref, w_plain = (_weights(r.out) for r in (ours, ref, plain))
+    for key in w_ours:
+        torch.testing.assert_close(w_ours[key], w_ref[key], rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(w_ours[k], w_plain[k], atol=1e-5) for k in w_ours)
