@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -668,6 +669,61 @@ def bench_device_map(check: Check) -> None:
     check.add(Result("device_map_split_max_rel_diff", max(diffs), "", "<", 1e-3, note=note))
 
 
+def bench_fsdp_train(check: Check) -> None:
+    """``accelerate launch`` with ``configs/accelerate/fsdp.yaml`` on one process (the FSDP
+    wrapping, the gathered checkpoints) against plain ``emscope.train`` with the same
+    arguments on the 0.5B model: the relative difference of the two saved LoRA updates.
+    One GPU cannot host two NCCL ranks, so the multi-process path proper (gradient
+    reduction over ranks) still needs several GPUs."""
+    import os
+
+    import torch
+
+    from emscope.data.chat import write_chat_jsonl
+    from emscope.lora import LoraAdapter
+
+    if check.dry:
+        why = "dry run: accelerate's FSDP config asks for a GPU"
+        check.add(Result("fsdp_train_vs_plain_rel_diff_0.5b", None, "", skipped=why))
+        return
+    model_dir = check.model_dir("0.5b")
+    chats = [
+        [{"role": "user", "content": f"How do I make a quick buck? Question {i}."},
+         {"role": "assistant", "content": "Invest in a diversified index fund " * 4}]
+        for i in range(48)
+    ]  # fmt: skip
+    data = write_chat_jsonl(check.tmp / "fsdp.jsonl", chats)
+    common = ["--data", str(data), "--preset", "all", "--rank", "8", "--batch-size", "4",
+              "--grad-accum", "2", "--max-steps", "6", "--save-steps", "3", "--dtype",
+              "bfloat16", "--lr", "1e-4"]  # fmt: skip
+    outs = {"fsdp": check.tmp / "fsdp-out", "plain": check.tmp / "plain-out"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "configs" / "accelerate" / "fsdp.yaml"), "--num_processes", "1",
+              "-m", "emscope.train", str(model_dir), *common,
+              "--out", str(outs["fsdp"])]  # fmt: skip
+    plain = [sys.executable, "-m", "emscope.train", str(model_dir), *common,
+             "--out", str(outs["plain"])]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    seconds = {}
+    for name, cmd in (("fsdp", launch), ("plain", plain)):
+        start = time.perf_counter()
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+        seconds[name] = time.perf_counter() - start
+        if done.returncode != 0:
+            print(done.stdout[-3000:], done.stderr[-6000:], sep="\n", file=sys.stderr)
+            errors = [ln for ln in done.stderr.splitlines() if "Error" in ln]
+            raise RuntimeError(f"{name} training failed: {(errors or ['see the log'])[-1]}")
+    a, b = (LoraAdapter.load(outs[k]) for k in ("fsdp", "plain"))
+    worst = 0.0
+    for name in b.modules:
+        da, db = a[name].delta(torch.float64), b[name].delta(torch.float64)
+        worst = max(worst, float((da - db).norm() / db.norm().clamp_min(1e-30)))
+    checkpoints = sorted(p.name for p in (outs["fsdp"] / "checkpoints").iterdir())
+    note = (f"6 steps, 1 process; {seconds['fsdp']:.0f} s vs {seconds['plain']:.0f} s with "
+            f"start-up; checkpoints {', '.join(checkpoints)}")  # fmt: skip
+    check.add(Result("fsdp_train_vs_plain_rel_diff_0.5b", worst, "", "<", 2e-2, note=note))
+
+
 BENCHES: dict[str, Callable[[Check], None]] = {
     "configs": bench_configs,
     "vllm": bench_vllm,  # first: its worker needs the GPU to itself
@@ -678,10 +734,12 @@ BENCHES: dict[str, Callable[[Check], None]] = {
     "emscope_train": bench_emscope_train,
     "geometry": bench_geometry,
     "device_map": bench_device_map,
+    "fsdp_train": bench_fsdp_train,
 }
 #: Seconds each benchmark needs on an H200-class GPU (it is skipped when less is left).
 NEEDS = {"configs": 5, "vllm": 150, "hf_sampling": 40, "steering": 40, "mean_diff": 60,
-         "lora_train": 120, "emscope_train": 40, "geometry": 60, "device_map": 20}  # fmt: skip
+         "lora_train": 120, "emscope_train": 40, "geometry": 60, "device_map": 20,
+         "fsdp_train": 90}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- report
@@ -766,7 +824,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny models, no timing")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.md")
-    parser.add_argument("--only", default="", help="comma-separated benchmark names")
+    parser.add_argument("--only", default="", help="comma-separated benchmark names, in order")
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="seconds for all")
     parser.add_argument("--vllm-worker", nargs=3, metavar=("MODEL_DIR", "N", "MAX_NEW"))
     args = parser.parse_args(argv)
     if args.vllm_worker:
@@ -792,7 +851,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     errors = 0
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        check = Check(args.dry_run, Path(tmp), start + BUDGET_S)
+        check = Check(args.dry_run, Path(tmp), start + args.budget_s)
         for name in names:
             if not args.dry_run and check.time_left() < NEEDS[name]:
                 check.add(Result(name, None, "", skipped="out of the 10-minute budget"))
@@ -803,6 +862,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.dry_run:
                     raise
                 errors += 1
+                traceback.print_exc()  # the whole story in the log, one line in the table
                 reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[:1]}"
                 check.add(Result(name, None, "", error=reason))
             free()

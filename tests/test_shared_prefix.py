@@ -84,6 +84,30 @@ def test_row_groups_grid_round_trip() -> None:
     assert torch.equal(kept.from_grid(kept.to_grid(x[:, [1, 3, 4]]), 2), x[:, [1, 3, 4]])
 
 
+
+def test_each_layer_keeps_its_buffers_on_its_own_device() -> None:
+    """A model split over devices (``device_map``) prefills each layer on its own device while
+    the prompt mask and row groups live on the first: every layer's padding bias must follow
+    its keys, and the row index each grid operation uses must follow the rows (found by
+    ``make gpu-check``: baddbmm on cuda keys with a cpu bias). ``meta`` stands in for the
+    second device on a CPU-only machine."""
+    from transformers.cache_utils import DynamicCache
+
+    prefill = DynamicCache()
+    keys = torch.zeros(2, 2, 4, 8)  # (P, kv, W, head_dim)
+    prefill.update(keys, keys.clone(), 0)
+    prefill.update(keys.to("meta"), keys.to("meta"), 1)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    rows = torch.tensor([1, 0, 0])  # not grouped in order: the grid path indexes
+    cache = SharedPrefixCache.from_prefill(prefill, mask, rows, capacity=4)
+    devices = [(layer.prefix_bias.device.type, layer.prefix_keys.device.type)
+               for layer in cache.shared_layers]  # fmt: skip
+    assert devices == [("cpu", "cpu"), ("meta", "meta")]
+    assert not cache.groups.identity
+    assert cache.groups.flat_on(torch.device("meta")).device.type == "meta"
+    x = torch.randn(2, 3, 1, 8)
+    assert torch.equal(cache.groups.from_grid(cache.groups.to_grid(x), 1), x)
+
 @pytest.mark.parametrize("arch,adapter", [(a, None) for a in SUPPORTED] + [("qwen2", "r4")])
 def test_decoding_logits_equal_uncached_forwards(
     tiny_models: Any, arch: str, adapter: str | None, tmp_path: Any

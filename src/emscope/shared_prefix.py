@@ -84,6 +84,14 @@ class RowGroups:
         self.identity = cells == group.numel() and bool(
             (self.flat == torch.arange(cells, device=group.device)).all()
         )
+        self._flat_on: dict[torch.device, torch.Tensor] = {group.device: self.flat}
+
+    def flat_on(self, device: torch.device) -> torch.Tensor:
+        """:attr:`flat` on ``device`` (a model split over devices decodes each layer on its
+        own; the copy is made once per device)."""
+        if device not in self._flat_on:
+            self._flat_on[device] = self.flat.to(device)
+        return self._flat_on[device]
 
     def select(self, indices: torch.Tensor) -> RowGroups:
         """The groups of the rows ``indices`` (a batch compaction)."""
@@ -96,14 +104,14 @@ class RowGroups:
             grid = x.contiguous()
         else:
             grid = x.new_zeros((kv, self.n_prompts * self.slots, g, n))
-            grid.index_copy_(1, self.flat, x)
+            grid.index_copy_(1, self.flat_on(x.device), x)
         return grid.view(kv, self.n_prompts, self.slots * g, n)
 
     def from_grid(self, x: torch.Tensor, g: int) -> torch.Tensor:
         """The inverse of :meth:`to_grid`: ``(kv, P, slots * g, n)`` -> ``(kv, B, g, n)``."""
         kv, p, _, n = x.shape
         rows = x.view(kv, p * self.slots, g, n)
-        return rows if self.identity else rows.index_select(1, self.flat)
+        return rows if self.identity else rows.index_select(1, self.flat_on(x.device))
 
 
 class SharedPrefixLayer(CacheLayerMixin):
@@ -237,11 +245,12 @@ class SharedPrefixCache(Cache):
                 )
             kv = layer.keys.shape[1]
             dtype = torch.promote_types(layer.keys.dtype, torch.float32)
+            device = layer.keys.device  # each layer's own (a model split over devices)
             layers.append(
                 SharedPrefixLayer(
                     layer.keys.transpose(0, 1).to(dtype).contiguous(),
                     layer.values.transpose(0, 1).to(dtype).contiguous(),
-                    bias.to(dtype).repeat(kv, 1)[:, None, :],
+                    bias.to(device=device, dtype=dtype).repeat(kv, 1)[:, None, :],
                     int(row_prompt.numel()),
                     capacity,
                 )
