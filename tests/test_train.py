@@ -723,6 +723,7 @@ def test_quantization_is_the_qlora_recipe() -> None:
         ("fsdp_4bit", "quantize 4bit with FSDP is not supported"),
         ("fsdp_kl", "not supported under FSDP"),
         ("fsdp_resume", "resume is not supported under FSDP"),
+        ("fsdp_tied", "ties its output layer to its embeddings"),
         ("4bit_cpu_device", "quantize 4bit needs a CUDA GPU .*device is 'cpu'"),
         ("4bit_no_cuda", "quantize 4bit needs a CUDA GPU .*CUDA is not available"),
         ("4bit_no_bitsandbytes", r"quantize 4bit needs bitsandbytes \(pip install"),
@@ -737,6 +738,8 @@ def test_unsupported_combinations_are_refused(
     config = resolve_config("r1", 4, quantize=quantize)
     mode = case.split("_")[0] if case.startswith(("fsdp", "deepspeed")) else "single"
     kwargs: dict[str, Any] = {"kl": case == "fsdp_kl", "resume": case == "fsdp_resume"}
+    kwargs["tied_embeddings"] = case == "fsdp_tied"
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
     if case == "4bit_cpu_device":
         kwargs["device"] = "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: case != "4bit_no_cuda")
@@ -749,6 +752,29 @@ def test_unsupported_combinations_are_refused(
     for ok_mode in ("single", "ddp"):
         check_setup(resolve_config("r1", 4, quantize="4bit"), mode=ok_mode, kl=True, resume=True)
     check_setup(resolve_config("full", 4), mode="fsdp")
+    check_setup(config if quantize is None else resolve_config("r1", 4), mode="ddp",
+                tied_embeddings=True)  # fmt: skip
+    monkeypatch.setenv("FSDP_VERSION", "2")  # FSDP2 is not refused (not run here either)
+    check_setup(resolve_config("r1", 4), mode="fsdp", tied_embeddings=True)
+
+
+def test_tied_embeddings_read_with_the_class_default(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    from emscope.train import ties_embeddings
+
+    for model_type, tied in (("qwen2", True), ("qwen2", False), ("llama", None)):
+        config = AutoConfig.for_model(model_type, num_hidden_layers=1, hidden_size=8,
+                                      intermediate_size=16, num_attention_heads=2)  # fmt: skip
+        config.save_pretrained(tmp_path / model_type)
+        text = (tmp_path / model_type / "config.json").read_text()
+        data = json.loads(text)
+        if tied is None:
+            data.pop("tie_word_embeddings", None)  # the class default (llama: False)
+        else:
+            data["tie_word_embeddings"] = tied
+        (tmp_path / model_type / "config.json").write_text(json.dumps(data))
+        assert ties_embeddings(tmp_path / model_type) is bool(tied)
 
 
 def test_requested_mode_from_the_launch_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -61,7 +61,12 @@ from emscope.train.presets import (
     r1x3_layers,
 )
 from emscope.train.prompts import sampled_system_prompt, system_prompt_for, trained_system_prompt
-from emscope.train.runtime import block_linear_modules, check_setup, requested_mode
+from emscope.train.runtime import (
+    block_linear_modules,
+    check_setup,
+    requested_mode,
+    ties_embeddings,
+)
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -92,6 +97,7 @@ __all__ = [
     "sampled_system_prompt",
     "step_examples",
     "system_prompt_for",
+    "ties_embeddings",
     "total_steps",
     "train",
     "trained_system_prompt",

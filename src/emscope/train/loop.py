@@ -49,6 +49,7 @@ from emscope.train.runtime import (
     quantization_record,
     requested_mode,
     resolve_dtype,
+    ties_embeddings,
     training_versions,
 )
 from emscope.train.steps import eval_loss, optimizer_step, reference_logprobs
@@ -234,6 +235,7 @@ def train(
         device=device,
         kl=kl_data is not None,
         resume=resume,
+        tied_embeddings=requested_mode(distributed) == "fsdp" and ties_embeddings(base_dir),
     )
     if not config.full:
         check_modules(base_dir, model_type, config.modules)

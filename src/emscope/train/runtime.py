@@ -157,10 +157,20 @@ def check_setup(
     device: str | None = None,
     kl: bool = False,
     resume: bool = False,
+    tied_embeddings: bool = False,
 ) -> None:
     """Refuse, in one :class:`EmscopeError` line and before any model loads, a combination
     this trainer does not support: DeepSpeed; under FSDP 4-bit quantisation, KL-regularised
-    SFT or ``resume``; 4-bit without CUDA, on a non-CUDA device, or without bitsandbytes."""
+    SFT, ``resume``, or (FSDP1) a model whose output layer shares the embedding's weight
+    (``tied_embeddings``); 4-bit without CUDA, on a non-CUDA device, or without
+    bitsandbytes.
+
+    The tied-embedding refusal is measured, not precautionary: on an H200 (torch 2.11,
+    accelerate 1.15, ``configs/accelerate/fsdp.yaml``) FSDP1 with ``use_orig_params``
+    stopped at the first training forward of a tied Qwen2.5-0.5B-shaped model with
+    ``AssertionError: as_params=True type(prim_param)=<class 'torch.Tensor'>``
+    (``make gpu-check``, docs/performance.md). Tied models are small; train them on one GPU
+    or with DDP."""
     if mode == "deepspeed":
         raise EmscopeError(
             "DeepSpeed is not supported by emscope train; shard with FSDP instead "
@@ -182,6 +192,12 @@ def check_setup(
                 "resume is not supported under FSDP (the optimizer state is sharded and not "
                 "saved); start the run again, or resume it with DDP/one process"
             )
+        if tied_embeddings and os.environ.get("FSDP_VERSION", "1") == "1":
+            raise EmscopeError(
+                "the model ties its output layer to its embeddings (tie_word_embeddings), "
+                "which FSDP1 does not train (it fails at the first forward); train it on one "
+                "GPU or with DDP (accelerate launch --multi_gpu)"
+            )
     if config.quantize is not None:
         import torch
 
@@ -198,6 +214,16 @@ def check_setup(
             raise EmscopeError(
                 f"quantize {config.quantize} needs bitsandbytes (pip install bitsandbytes)"
             )
+
+
+def ties_embeddings(base_dir: Path) -> bool:
+    """Whether the model in ``base_dir`` ties its output layer to its input embeddings (read
+    with ``AutoConfig``, so a ``config.json`` without the key gets its class's default)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(base_dir))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return bool(getattr(text, "tie_word_embeddings", False) or config.tie_word_embeddings)
 
 
 def model_depth(base_dir: Path) -> tuple[int, str]:
