@@ -84,7 +84,6 @@ def test_row_groups_grid_round_trip() -> None:
     assert torch.equal(kept.from_grid(kept.to_grid(x[:, [1, 3, 4]]), 2), x[:, [1, 3, 4]])
 
 
-
 def test_each_layer_keeps_its_buffers_on_its_own_device() -> None:
     """A model split over devices (``device_map``) prefills each layer on its own device while
     the prompt mask and row groups live on the first: every layer's padding bias must follow
@@ -107,6 +106,7 @@ def test_each_layer_keeps_its_buffers_on_its_own_device() -> None:
     assert cache.groups.flat_on(torch.device("meta")).device.type == "meta"
     x = torch.randn(2, 3, 1, 8)
     assert torch.equal(cache.groups.from_grid(cache.groups.to_grid(x), 1), x)
+
 
 @pytest.mark.parametrize("arch,adapter", [(a, None) for a in SUPPORTED] + [("qwen2", "r4")])
 def test_decoding_logits_equal_uncached_forwards(
