@@ -21,9 +21,16 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from emscope.errors import EmscopeError
 from emscope.papers import CONVERGENT, REEMERGENT, SHARED_SUBSPACES, Paper
+
+if TYPE_CHECKING:
+    from emscope.directions.results import AblationResult
+    from emscope.geometry.result import GeometryPair
+
+R = TypeVar("R")
 
 #: A rate with its 95% CI: ``(value, (low, high))``.
 Rate = tuple[float, tuple[float, float]]
@@ -236,7 +243,8 @@ def _yes(value: bool) -> str:
     return "yes" if value else "no"
 
 
-def _rate(metrics: dict[str, Any], key: str = "em") -> Rate:
+def _rate(metrics: Any, key: str = "em") -> Rate:
+    """The ``{key}_rate`` with its CI of a dict or a result row (anything with ``get``)."""
     value, ci = metrics.get(f"{key}_rate"), metrics.get(f"{key}_ci")
     if value is None or ci is None:
         raise _NA(f"n/a (no {key} rate)")
@@ -262,6 +270,17 @@ class _Run:
         if data is None:
             raise _NA(f"n/a ({stage}/{name} missing)")
         return data
+
+    def result(self, stage: str, name: str, cls: type[R]) -> R:
+        """``stage/name`` read through ``cls.from_json``: a missing field is an
+        EmscopeError naming the file and the field (reported in the row)."""
+        from emscope.results import read_result
+
+        if not self.done(stage):
+            raise _NA(NOT_RUN)
+        if not (self.dir / stage / name).is_file():
+            raise _NA(f"n/a ({stage}/{name} missing)")
+        return read_result(cls, self.dir / stage / name, label=f"{stage}/{name}")
 
     def option(self, stage: str, key: str) -> Any:
         """A stage's setting from the run's config (None when absent)."""
@@ -318,18 +337,18 @@ def _narrow_em(run: _Run) -> tuple[str, str]:
 
 
 def _transfer(run: _Run) -> tuple[str, str]:
-    targets = run.json("transfer", "stage.json")["targets"]
+    targets = _transfer_targets(run)
     reductions, changes, parts = [], [], []
     for name, s in targets.items():
-        red, ci = s.get("relative_reduction"), s.get("relative_reduction_ci")
+        red, ci = s.relative_reduction, s.relative_reduction_ci
         if red is None:
-            why = s.get("relative_reduction_na")
+            why = s.relative_reduction_na
             raise _NA(f"n/a (no reduction for {name}{': ' + why if why else ''})")
         reductions.append(red)
         part = f"{name}: reduction {100 * red:.0f}%"
         if ci:
             part += f" [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
-        change = s.get("random_relative_change")
+        change = s.random_relative_change
         if change is not None:
             changes.append(change)
             part += f", random {100 * change:+.0f}%"
@@ -338,36 +357,49 @@ def _transfer(run: _Run) -> tuple[str, str]:
     return text, _yes(holds_transfer(reductions, changes))
 
 
+def _transfer_targets(run: _Run) -> dict[str, AblationResult]:
+    """The ablation result of each target of ``transfer/stage.json``."""
+    from emscope.directions.results import AblationResult
+    from emscope.results import mapping
+
+    label = "transfer/stage.json"
+    doc = run.json("transfer", "stage.json")
+    targets = mapping(doc, "targets", "AblationResult", label)
+    return {
+        name: AblationResult.from_json(s, source=label, at=f"targets.{name}.")
+        for name, s in targets.items()
+    }
+
+
 def _steering(run: _Run) -> tuple[str, str]:
-    summary = run.json("steering", "summary.json")
-    rows = summary["rows"]
-    selection = summary.get("selection")
+    from emscope.directions.results import SteerResult
+
+    summary = run.result("steering", "summary.json", SteerResult)
+    rows = summary.rows
+    selection = summary.selection
     if selection is not None and selection.get("chosen") is None:
         text = (
             f"no setting of the selection sweep kept coherent >= "
             f"{100 * selection['min_coherent']:.0f}% ({len(selection['rows'])} settings)"
         )
         return text, "no"
-    direction = [r for r in rows if r["vector"] == "direction" and r["em_rate"] is not None]
-    if not direction:
+    best = summary.best("direction")
+    if best is None:
         raise _NA("n/a (no steered rate)")
-    best = max(direction, key=lambda r: r["em_rate"])
     random = [
-        r
-        for r in rows
-        if r["vector"] == "random" and r["layer"] == best["layer"] and r["scale"] == best["scale"]
+        r for r in rows if r.vector == "random" and r.layer == best.layer and r.scale == best.scale
     ]
     name = run.option("steering", "direction") or "?"
-    coherent = best.get("coherent_rate")
+    coherent = best.coherent_rate
     coherent_text = "" if coherent is None else f", coherent {100 * coherent:.0f}%"
     text = (
         f"direction {name}: best {_pct(_rate(best))} "
-        f"(layer {best['layer']}, x{best['scale']:g}{coherent_text})"
+        f"(layer {best.layer}, x{best.scale:g}{coherent_text})"
     )
     if selection is not None:
         text = (
-            f"direction {name}: {_pct(_rate(best))} at layer {best['layer']} "
-            f"x{best['scale']:g}{coherent_text}, the setting the rule chose on this build "
+            f"direction {name}: {_pct(_rate(best))} at layer {best.layer} "
+            f"x{best.scale:g}{coherent_text}, the setting the rule chose on this build "
             f"(best EM with coherent >= {100 * selection['min_coherent']:.0f}% over "
             f"{len(selection['rows'])} settings at {selection['n']}/question, seed "
             f"{selection['seed']}), re-sampled at the study's seed"
@@ -405,17 +437,26 @@ def _b_vector(run: _Run) -> tuple[str, str]:
     return text, _yes(holds_b_vector(values))
 
 
-def _pairs(run: _Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    pairs = run.json("geometry", "summary.json")["pairs"].values()
-    em_em = [p for p in pairs if p["roles"] == ["em", "em"]]
-    em_ctl = [p for p in pairs if sorted(p["roles"]) == ["control", "em"]]
+def _geometry(run: _Run) -> Any:
+    from emscope.geometry.result import GeometryResult
+
+    return run.result("geometry", "summary.json", GeometryResult)
+
+
+def _pairs(run: _Run) -> tuple[list[GeometryPair], list[GeometryPair]]:
+    pairs = _geometry(run).pairs.values()
+    em_em = [p for p in pairs if list(p.roles) == ["em", "em"]]
+    em_ctl = [p for p in pairs if sorted(p.roles) == ["control", "em"]]
     return em_em, em_ctl
 
 
 def _subspace(run: _Run) -> tuple[str, str]:
     em_em, _ = _pairs(run)
-    values = [(p["mean_angle_deg"], p["random_angle_p5"]) for p in em_em]
-    values = [(a, p5) for a, p5 in values if a is not None and p5 is not None]
+    values = [
+        (p.mean_angle_deg, p.random_angle_p5)
+        for p in em_em
+        if p.mean_angle_deg is not None and p.random_angle_p5 is not None
+    ]
     if not values:
         raise _NA("n/a (no EM-EM pair with a random baseline)")
     angles = [a for a, _ in values]
@@ -429,8 +470,8 @@ def _subspace(run: _Run) -> tuple[str, str]:
 def _above_controls(field: str) -> Callable[[_Run], tuple[str, str]]:
     def measure(run: _Run) -> tuple[str, str]:
         em_em, em_ctl = _pairs(run)
-        a = [float(p[field]) for p in em_em if p[field] is not None]
-        b = [float(p[field]) for p in em_ctl if p[field] is not None]
+        a = [float(v) for p in em_em if (v := getattr(p, field)) is not None]
+        b = [float(v) for p in em_ctl if (v := getattr(p, field)) is not None]
         if not a or not b:
             raise _NA("n/a (needs EM-EM and EM-control pairs)")
         text = f"EM-EM {min(a):.3f}-{max(a):.3f} vs EM-control {min(b):.3f}-{max(b):.3f}"
@@ -440,7 +481,7 @@ def _above_controls(field: str) -> Callable[[_Run], tuple[str, str]]:
 
 
 def _base_orthogonal(run: _Run) -> tuple[str, str]:
-    base = run.json("geometry", "summary.json")["base_cosine"]
+    base = _geometry(run).base_cosine
     roles = run.roles()
     values = {n: float(c) for n, c in base.items() if roles.get(n) == "em" and c is not None}
     if not values:
@@ -452,12 +493,15 @@ def _base_orthogonal(run: _Run) -> tuple[str, str]:
 
 
 def _interpolation(run: _Run) -> tuple[str, str]:
-    paths = run.json("lmc", "summary.json")["paths"]
+    from emscope.lmc_result import LmcResult
+
+    label = "lmc/summary.json"
+    paths = LmcResult.paths_from_json(run.json("lmc", "summary.json"), source=label)
     roles = run.roles()
     cross = {
         n: p
         for n, p in paths.items()
-        if roles.get(p["from"]) == "em" and roles.get(p["to"]) == "em"
+        if roles.get(str(p.start)) == "em" and roles.get(str(p.end)) == "em"
     }
     if not cross:
         raise _NA("n/a (no EM -> EM path)")
@@ -467,14 +511,14 @@ def _interpolation(run: _Run) -> tuple[str, str]:
     instruct = _rate(evals[run.chat_model])
     interior, coherent, parts = [], [], []
     for p in cross.values():
-        rows = p["rows"]
+        rows = [r.to_json() for r in p.rows]
         inner = [_rate(r) for r in rows if 0 < r["t"] < 1]
         coh = [float(r["coherent_rate"]) for r in rows if r["coherent_rate"] is not None]
         interior += inner
         coherent += coh
         ems = [100 * r["em_rate"] for r in rows if r["em_rate"] is not None]
         parts.append(
-            f"{p['from']} -> {p['to']}: EM {min(ems):.1f}-{max(ems):.1f}%, "
+            f"{p.start} -> {p.end}: EM {min(ems):.1f}-{max(ems):.1f}%, "
             f"coherent >= {100 * min(coh):.0f}%"
         )
     text = "; ".join(parts) + f"; {run.chat_model} {_pct(instruct)}"
@@ -498,11 +542,12 @@ def _drift(run: _Run) -> tuple[str, str]:
     return "; ".join(parts), _yes(all(holds))
 
 
-def rank1_split(result: dict[str, Any]) -> dict[str, list[str]]:
-    """Adapters of a probe result split into ``general`` (larger mean |coefficient| in the
+def rank1_split(result: Any) -> dict[str, list[str]]:
+    """Adapters of a probe result (a :class:`~emscope.probing.result.ProbeResult` or its
+    JSON) split into ``general`` (larger mean |coefficient| in the
     non-medical aligned-vs-misaligned test) and ``medical`` (larger in the misaligned
     non-medical-vs-medical test)."""
-    tests = result.get("tests", {})
+    tests = result.tests if hasattr(result, "tests") else result.get("tests", {})
     general = tests.get("nonmedical_aligned_vs_misaligned", {})
     medical = tests.get("misaligned_nonmedical_vs_medical", {})
     if "coefficients" not in general or "coefficients" not in medical:
@@ -520,8 +565,9 @@ def rank1_split(result: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def _rank1_split(run: _Run) -> tuple[str, str]:
-    result = run.json("probes", "probe.json")
-    split = rank1_split(result)
+    from emscope.probing.result import ProbeResult
+
+    split = rank1_split(run.result("probes", "probe.json", ProbeResult))
     if not split:
         raise _NA("n/a (probe tests skipped: too few responses)")
     text = (
@@ -556,6 +602,8 @@ def claims_table(run_dir: str | Path) -> list[ClaimRow]:
             measured, holds = MEASURES[claim.key](run)
         except _NA as exc:
             measured, holds = "-", str(exc)
+        except EmscopeError as exc:  # a result file without a field it needs
+            measured, holds = "-", f"n/a ({exc})"
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             measured, holds = "-", f"n/a (unreadable output: {type(exc).__name__} {exc})"
         source = f"arXiv {claim.source.arxiv}"

@@ -1,0 +1,218 @@
+"""Typed results of steering sweeps and ablation runs (:mod:`emscope.directions.sweeps`):
+:class:`SteerResult` (``steering/summary.json``) and :class:`AblationResult`
+(``ablation/summary.json``, each target of ``transfer/stage.json``).
+
+Rates are fractions in [0, 1] (None where nothing was scored), CIs ``[lo, hi]`` 95%
+intervals or None; the JSON layout is the one :mod:`emscope.results` describes (typed fields
+plus the untouched ``extra``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from emscope.results import mapping, need, need_all, rest, sequence
+
+RATE_FIELDS = ("em_rate", "em_ci", "coherent_rate", "coherent_ci")
+"""The fields of an evaluated setting (the baseline of a sweep)."""
+
+
+@dataclass(frozen=True)
+class SteerRow:
+    """One steered setting: ``vector`` (``direction`` or ``random``) added with ``scale`` at
+    ``resid_post[layer]``; its EM and coherent rates with CIs. ``extra``: ``dir`` (the
+    setting's sub-dir), ``em_diff``/``em_diff_ci`` (paired, vs the baseline), ``kl``/``kl_ci``
+    (nats)."""
+
+    layer: int
+    scale: float
+    vector: str
+    em_rate: float | None
+    em_ci: list[float] | None
+    coherent_rate: float | None
+    coherent_ci: list[float] | None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    TYPED = ("layer", "scale", "vector", "em_rate", "em_ci", "coherent_rate", "coherent_ci")
+
+    @classmethod
+    def from_json(
+        cls, data: Any, *, source: str | None = None, at: str = "", result: str = "SteerResult"
+    ) -> SteerRow:
+        need_all(data, ("layer", "scale", "vector", "em_rate", "em_ci"), result, source, at)
+        return cls(
+            layer=int(data["layer"]),
+            scale=float(data["scale"]),
+            vector=str(data["vector"]),
+            em_rate=data["em_rate"],
+            em_ci=data["em_ci"],
+            coherent_rate=need(data, "coherent_rate", result, source, at),
+            coherent_ci=data.get("coherent_ci"),
+            extra=rest(data, cls.TYPED),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.TYPED} | dict(self.extra)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """A field by name (typed or in ``extra``)."""
+        return getattr(self, name) if name in self.TYPED else self.extra.get(name, default)
+
+
+@dataclass(frozen=True)
+class SteerResult:
+    """A steering sweep (:func:`emscope.directions.sweeps.steer_sweep`): ``rows`` (one
+    :class:`SteerRow` per layer x scale x vector), ``baseline`` (the unsteered rates:
+    ``em_rate``, ``em_ci``, ``coherent_rate``, ``coherent_ci``), ``selection`` (the rule's
+    selection sweep of the pipeline's ``steering.select``, None without one: ``rule``,
+    ``min_coherent``, ``n``, ``seed``, ``rows``, ``chosen``) and ``extra`` (norms per
+    layer, ``unit``, ``positions``, seeds, ...)."""
+
+    rows: tuple[SteerRow, ...]
+    baseline: Mapping[str, Any]
+    selection: Mapping[str, Any] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str | None = None, at: str = "") -> SteerResult:
+        name = "SteerResult"
+        rows = sequence(data, "rows", name, source, at)
+        baseline = mapping(data, "baseline", name, source, at)
+        selection = data.get("selection")
+        if selection is not None:
+            sel = f"{at}selection."
+            need_all(selection, ("min_coherent", "rows", "chosen"), name, source, sel)
+        return cls(
+            rows=tuple(
+                SteerRow.from_json(r, source=source, at=f"{at}rows[{i}].", result=name)
+                for i, r in enumerate(rows)
+            ),
+            baseline=baseline,
+            selection=selection,
+            extra=rest(data, ("rows", "baseline", "selection")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"rows": [r.to_json() for r in self.rows]}
+        doc["baseline"] = dict(self.baseline)
+        doc.update(self.extra)
+        if self.selection is not None:
+            doc["selection"] = self.selection
+        return doc
+
+    def best(self, vector: str = "direction") -> SteerRow | None:
+        """The row of ``vector`` with the highest EM rate (None when none was scored)."""
+        scored = [r for r in self.rows if r.vector == vector and r.em_rate is not None]
+        return max(scored, key=lambda r: float(r.em_rate or 0.0)) if scored else None
+
+    def plot(self, path: str | Path | None = None) -> Any:
+        """EM rate vs scale, one line per layer (random control dashed), the unsteered rate
+        as a gray line; saved to ``path`` when given. Returns the figure."""
+        from emscope.plotting import pyplot, save_figure
+
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        layers = sorted({r.layer for r in self.rows})
+        colors = plt.cm.viridis([i / max(1, len(layers) - 1) for i in range(len(layers))])
+        for color, layer in zip(colors, layers, strict=True):
+            for kind, style in (("direction", "-o"), ("random", "--x")):
+                rows = [r for r in self.rows if r.layer == layer and r.vector == kind]
+                if not rows:
+                    continue
+                xs = [r.scale for r in rows]
+                ys = [r.em_rate if r.em_rate is not None else float("nan") for r in rows]
+                label = f"L{layer}" + (" random" if kind == "random" else "")
+                ax.plot(xs, ys, style, color=color, label=label)
+        base = self.baseline.get("em_rate")
+        if base is not None:
+            ax.axhline(base, color="gray", lw=1, label="unsteered")
+        ax.set_xlabel("steering scale")
+        ax.set_ylabel("EM rate")
+        ax.set_title("EM vs steering scale per layer")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        if path is not None:
+            save_figure(fig, Path(path))
+        return fig
+
+
+@dataclass(frozen=True)
+class AblationResult:
+    """An ablation run (:func:`emscope.directions.sweeps.ablate_run`):
+    ``relative_reduction`` = 1 - after/before EM rate on matched pairs, with its 95% CI (None
+    when it cannot be measured, the reason in :attr:`relative_reduction_na`). ``extra``:
+    ``em_rate_before``/``em_rate_after`` and coherent rates (each with ``*_ci``),
+    ``n_pairs``, ``kl``/``kl_ci`` (nats), the random control's ``random_em_rate_after`` and
+    ``random_relative_change`` (random_after/before - 1), a sweep's ``rows`` and
+    ``best_layer``, ``seed`` and the caller's meta (``direction``, ``target``, ``mode``)."""
+
+    relative_reduction: float | None
+    relative_reduction_ci: list[float] | None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    TYPED = ("relative_reduction", "relative_reduction_ci")
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str | None = None, at: str = "") -> AblationResult:
+        need_all(data, cls.TYPED, "AblationResult", source, at)
+        return cls(**{k: data[k] for k in cls.TYPED}, extra=rest(data, cls.TYPED))
+
+    def to_json(self) -> dict[str, Any]:
+        head = {k: v for k, v in self.extra.items() if k.startswith(("em_rate", "coherent"))}
+        typed = {name: getattr(self, name) for name in self.TYPED}
+        return head | typed | {k: v for k, v in self.extra.items() if k not in head}
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """A field by name (typed or in ``extra``)."""
+        return getattr(self, name) if name in self.TYPED else self.extra.get(name, default)
+
+    @property
+    def em_rate_before(self) -> float | None:
+        """EM rate of the unablated model (None when not recorded or not scored)."""
+        return self.extra.get("em_rate_before")
+
+    @property
+    def em_rate_after(self) -> float | None:
+        """EM rate with the direction ablated."""
+        return self.extra.get("em_rate_after")
+
+    @property
+    def relative_reduction_na(self) -> str | None:
+        """Why ``relative_reduction`` is None (None when measured)."""
+        return self.extra.get("relative_reduction_na")
+
+    @property
+    def random_relative_change(self) -> float | None:
+        """The random control's relative change (None without a control)."""
+        return self.extra.get("random_relative_change")
+
+    def plot(self, path: str | Path | None = None) -> Any:
+        """EM rate before, after and with the random control, as bars with CIs; saved to
+        ``path`` when given. Returns the figure."""
+        from emscope.plotting import pyplot, save_figure
+
+        plt = pyplot()
+        bars = [("before", "em_rate_before"), ("after", "em_rate_after")]
+        if "random_em_rate_after" in self.extra:
+            bars.append(("random control", "random_em_rate_after"))
+        fig, ax = plt.subplots(figsize=(4.5, 3.8))
+        for i, (_, key) in enumerate(bars):
+            rate, ci = self.get(key), self.get(f"{key}_ci")
+            if rate is None:
+                continue
+            err = [[rate - ci[0]], [ci[1] - rate]] if ci else None
+            ax.bar(i, rate, yerr=err, capsize=4, color=["gray", "tab:red", "tab:blue"][i])
+        ax.set_xticks(range(len(bars)))
+        ax.set_xticklabels([b[0] for b in bars])
+        ax.set_ylabel("EM rate")
+        title = "EM before/after ablation"
+        if self.extra.get("best_layer") is not None:
+            title += f" (best layer {self.extra['best_layer']})"
+        ax.set_title(title)
+        fig.tight_layout()
+        if path is not None:
+            save_figure(fig, Path(path))
+        return fig

@@ -1,0 +1,93 @@
+"""The typed result of the pipeline's geometry stage (``geometry/summary.json``):
+:class:`GeometryResult`, one :class:`GeometryPair` per adapter pair. Cosines are Frobenius
+cosines of the summed updates, overlaps subspace overlaps in [0, 1], angles in degrees
+(docs/methods.md section 3); the JSON layout is the one :mod:`emscope.results` describes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from emscope.results import mapping, need, need_all, rest
+
+PAIR_FIELDS = ("a", "b", "roles", "cosine", "overlap", "mean_angle_deg", "random_angle_p5")
+
+
+@dataclass(frozen=True)
+class GeometryPair:
+    """Adapters ``a`` and ``b`` (``roles``: their roles, e.g. ``["em", "control"]``): the
+    aggregate ``cosine`` and ``overlap``, the ``mean_angle_deg`` of their principal angles
+    and the 5th percentile of the same-shape random baseline's (``random_angle_p5``; None
+    without draws). ``extra``: ``random_angle_draws``, ``a_row_cosine``, ``shared_init``,
+    ``same_seed_controls``."""
+
+    a: str
+    b: str
+    roles: tuple[str, ...]
+    cosine: float | None
+    overlap: float | None
+    mean_angle_deg: float | None
+    random_angle_p5: float | None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str | None = None, at: str = "") -> GeometryPair:
+        need_all(data, PAIR_FIELDS, "GeometryResult", source, at)
+        values = {k: data[k] for k in PAIR_FIELDS}
+        values["roles"] = tuple(values["roles"])
+        return cls(**values, extra=rest(data, PAIR_FIELDS))
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {k: getattr(self, k) for k in PAIR_FIELDS}
+        doc["roles"] = list(self.roles)
+        return doc | dict(self.extra)
+
+
+@dataclass(frozen=True)
+class GeometryResult:
+    """Pairwise geometry of a study's adapters: ``pairs`` (``"a|b"`` ->
+    :class:`GeometryPair`), ``base_cosine`` (adapter -> aggregate cosine of its update with
+    the base weights, empty without base weights). ``extra``: ``adapters`` (names, in the
+    order compared), ``shared_init_threshold``."""
+
+    pairs: Mapping[str, GeometryPair]
+    base_cosine: Mapping[str, float | None]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str | None = None, at: str = "") -> GeometryResult:
+        name = "GeometryResult"
+        pairs = mapping(data, "pairs", name, source, at)
+        return cls(
+            pairs={
+                k: GeometryPair.from_json(p, source=source, at=f"{at}pairs.{k}.")
+                for k, p in pairs.items()
+            },
+            base_cosine=dict(need(data, "base_cosine", name, source, at) or {}),
+            extra=rest(data, ("pairs", "base_cosine")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        head = {k: v for k, v in self.extra.items() if k == "adapters"}
+        return (
+            head
+            | {
+                "pairs": {k: p.to_json() for k, p in self.pairs.items()},
+                "base_cosine": dict(self.base_cosine),
+            }
+            | {k: v for k, v in self.extra.items() if k != "adapters"}
+        )
+
+    @property
+    def adapters(self) -> list[str]:
+        """The adapters compared (from the pairs when not recorded)."""
+        if "adapters" in self.extra:
+            return list(self.extra["adapters"])
+        names = [n for p in self.pairs.values() for n in (p.a, p.b)]
+        return list(dict.fromkeys(names))
+
+    def by_roles(self, *roles: str) -> list[GeometryPair]:
+        """The pairs whose roles are ``roles`` in any order (``by_roles("em", "control")``)."""
+        return [p for p in self.pairs.values() if sorted(p.roles) == sorted(roles)]
