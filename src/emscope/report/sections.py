@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from emscope.io import inside
 from emscope.papers import (
@@ -21,6 +21,11 @@ from emscope.papers import (
     methods_section,
     source_line,
 )
+
+if TYPE_CHECKING:
+    from emscope.directions.results import AblationResult
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,14 @@ class Section:
 
 def _read(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _result(run: Path, stage: str, name: str, cls: type[R]) -> R:
+    """``run/stage/name`` read through ``cls.from_json`` (a missing field is an EmscopeError
+    naming the file and the field)."""
+    from emscope.results import read_result
+
+    return read_result(cls, run / stage / name)
 
 
 def _done(run: Path, stage: str) -> bool:
@@ -186,27 +199,30 @@ def geometry_section(run: Path) -> Section:
     )
     if not _done(run, "geometry"):
         return _not_run(section, "geometry")
-    summary = _read(run / "geometry" / "summary.json")
+    from emscope.geometry.result import GeometryResult
+
+    summary = _result(run, "geometry", "summary.json", GeometryResult)
     rows = []
     shared = []
-    for p in summary["pairs"].values():
-        controls = [c for c in (p.get("same_seed_controls") or {}).values() if c is not None]
+    for p in summary.pairs.values():
+        x = p.extra
+        controls = [c for c in (x.get("same_seed_controls") or {}).values() if c is not None]
         rows.append(
             (
-                f"{p['a']} | {p['b']}",
-                "-".join(p["roles"]),
-                _f(p["cosine"]),
-                _f(p["overlap"]),
-                _f(p["mean_angle_deg"], 1),
-                _f(p["random_angle_p5"], 1),
-                ("yes " if p.get("shared_init") else "no ") + f"({_f(p.get('a_row_cosine'))})"
-                if "shared_init" in p
+                f"{p.a} | {p.b}",
+                "-".join(p.roles),
+                _f(p.cosine),
+                _f(p.overlap),
+                _f(p.mean_angle_deg, 1),
+                _f(p.random_angle_p5, 1),
+                ("yes " if x.get("shared_init") else "no ") + f"({_f(x.get('a_row_cosine'))})"
+                if "shared_init" in x
                 else "-",
                 _f(max(controls, key=abs)) if controls else "-",
             )
         )
-        if p.get("shared_init"):
-            shared.append(f"{p['a']} | {p['b']}")
+        if x.get("shared_init"):
+            shared.append(f"{p.a} | {p.b}")
     section.tables.append(
         Table(
             (
@@ -226,17 +242,17 @@ def geometry_section(run: Path) -> Section:
         section.text = (
             f"Warning: {len(shared)} pair(s) share their LoRA initialisation (same seed: "
             "corresponding A rows still aligned, mean cosine above "
-            f"{summary.get('shared_init_threshold')}): {', '.join(shared)}. Their cosines, "
+            f"{summary.extra.get('shared_init_threshold')}): {', '.join(shared)}. Their cosines, "
             "angles and overlaps mix task similarity with the shared start; read an EM-EM "
             "pair against its same-seed controls (last column: the EM-control cosine of "
             "largest size among the controls sharing its initialisation), not against "
             "independently seeded pairs."
         )
-    if summary.get("base_cosine"):
+    if summary.base_cosine:
         section.tables.append(
             Table(
                 ("adapter", "cos(W0, dW)"),
-                tuple((n, f"{c:.2e}") for n, c in summary["base_cosine"].items()),
+                tuple((n, f"{c:.2e}") for n, c in summary.base_cosine.items()),
             )
         )
     section.figures = _figures(
@@ -254,25 +270,27 @@ def lmc_section(run: Path) -> Section:
     section = Section("lmc", "Linear mode connectivity", source_line([SHARED_SUBSPACES], 4))
     if not _done(run, "lmc"):
         return _not_run(section, "lmc")
-    summary = _read(run / "lmc" / "summary.json")
-    for name, p in summary["paths"].items():
+    from emscope.lmc_result import LmcResult
+
+    path = run / "lmc" / "summary.json"
+    for name, p in LmcResult.paths_from_json(_read(path), source=str(path)).items():
         rows = tuple(
             (
-                f"{r['t']:.2f}",
-                _ci(r["em_rate"], r["em_ci"]),
-                _ci(r["coherent_rate"], r.get("coherent_ci")),
-                ", ".join(f"{k} {v:.3f}" for k, v in (r.get("loss") or {}).items()) or "-",
+                f"{r.t:.2f}",
+                _ci(r.em_rate, r.em_ci),
+                _ci(r.coherent_rate, r.coherent_ci),
+                ", ".join(f"{k} {v:.3f}" for k, v in (r.extra.get("loss") or {}).items()) or "-",
             )
-            for r in p["rows"]
+            for r in p.rows
         )
-        barrier = p.get("barrier")
-        caption = f"{p['from']} -> {p['to']}" + (
+        barrier = p.extra.get("barrier")
+        caption = f"{p.start} -> {p.end}" + (
             "; barrier " + ", ".join(f"{k} {_f(v)}" for k, v in barrier.items()) if barrier else ""
         )
         section.tables.append(Table(("t", "EM rate", "coherent rate", "loss"), rows, caption))
         section.figures += _figures(
             inside(run / "lmc", name),
-            [("lmc.png", f"{p['from']} -> {p['to']}"), ("features.png", "feature-space LMC")],
+            [("lmc.png", f"{p.start} -> {p.end}"), ("features.png", "feature-space LMC")],
         )
     return section
 
@@ -301,24 +319,26 @@ def steering_section(run: Path) -> Section:
     section = Section("steering", "Steering sweep", source_line([CONVERGENT], "5.3"))
     if not _done(run, "steering"):
         return _not_run(section, "steering")
-    summary = _read(run / "steering" / "summary.json")
-    base = summary.get("baseline", {})
+    from emscope.directions.results import SteerResult
+
+    summary = _result(run, "steering", "summary.json", SteerResult)
+    base = summary.baseline
     section.text = f"Unsteered EM {_ci(base.get('em_rate'), base.get('em_ci'))}."
     rows = tuple(
         (
-            str(r["layer"]),
-            f"{r['scale']:g}",
-            r["vector"],
-            _ci(r["em_rate"], r["em_ci"]),
-            _ci(r["coherent_rate"], r.get("coherent_ci")),
+            str(r.layer),
+            f"{r.scale:g}",
+            r.vector,
+            _ci(r.em_rate, r.em_ci),
+            _ci(r.coherent_rate, r.coherent_ci),
             _f(r.get("kl"), 4),
         )
-        for r in summary["rows"]
+        for r in summary.rows
     )
     section.tables.append(
         Table(("layer", "scale", "vector", "EM rate", "coherent rate", "KL (nats)"), rows)
     )
-    selection = summary.get("selection")
+    selection = summary.selection
     if selection is not None:
         chosen = selection.get("chosen")
         picked = (
@@ -343,7 +363,7 @@ def steering_section(run: Path) -> Section:
     return section
 
 
-def _ablation_row(name: str, s: dict[str, Any]) -> tuple[str, ...]:
+def _ablation_row(name: str, s: AblationResult) -> tuple[str, ...]:
     return (
         name,
         _ci(s.get("em_rate_before"), s.get("em_rate_before_ci")),
@@ -370,14 +390,19 @@ def ablation_section(run: Path) -> Section:
         "Ablation and transfer (with the random control)",
         source_line([CONVERGENT], "5.4"),
     )
+    from emscope.directions.results import AblationResult
+    from emscope.results import mapping
+
     rows = []
     if _done(run, "ablation"):
-        s = _read(run / "ablation" / "summary.json")
-        rows.append(_ablation_row(f"{s['target']} (own direction)", s))
+        s = _result(run, "ablation", "summary.json", AblationResult)
+        rows.append(_ablation_row(f"{s.get('target')} (own direction)", s))
         section.figures += _figures(run / "ablation", [("ablate_em.png", "own-direction ablation")])
     if _done(run, "transfer"):
-        t = _read(run / "transfer" / "stage.json")
-        for target, s in t["targets"].items():
+        path = run / "transfer" / "stage.json"
+        t = _read(path)
+        for target, doc in mapping(t, "targets", "AblationResult", str(path)).items():
+            s = AblationResult.from_json(doc, source=str(path), at=f"targets.{target}.")
             rows.append(_ablation_row(f"{target} ({t['direction']}'s direction)", s))
             section.figures += _figures(
                 inside(run / "transfer", target),
@@ -395,10 +420,12 @@ def probes_section(run: Path) -> Section:
     )
     if not _done(run, "probes"):
         return _not_run(section, "probes")
-    result = _read(run / "probes" / "probe.json")
+    from emscope.probing.result import ProbeResult
+
+    result = _result(run, "probes", "probe.json", ProbeResult)
     rows = []
     notes = []
-    for name, t in result["tests"].items():
+    for name, t in result.tests.items():
         if "skipped" in t:
             rows.append((name, "skipped", t["skipped"], "", "", "", ""))
             continue
@@ -414,7 +441,7 @@ def probes_section(run: Path) -> Section:
                     f"{k} {v} / {t.get('n_tokens', {}).get(k, '?')}"
                     for k, v in t["n_responses"].items()
                 ),
-                ", ".join(f"{c:g}" for c in chosen) if chosen else _f(result["settings"]["C"]),
+                ", ".join(f"{c:g}" for c in chosen) if chosen else _f(result.settings["C"]),
                 f"{constant.get('probe', '?')} / {constant.get('shuffled', '?')}"
                 if constant
                 else "n/a",
@@ -433,7 +460,7 @@ def probes_section(run: Path) -> Section:
                 "constant fits (probe / shuffled)",
             ),
             tuple(rows),
-            f"C: {result['settings'].get('C_rule', result['settings']['C'])}",
+            f"C: {result.settings.get('C_rule', result.settings['C'])}",
         )
     )
     if notes:
