@@ -375,15 +375,11 @@ def steer_command(
         positions=positions,
         echo=typer.echo,
     )
-    best = max(
-        (r for r in summary["rows"] if r["vector"] == "direction" and r["em_rate"] is not None),
-        key=lambda r: r["em_rate"],
-        default=None,
-    )
+    best = summary.best("direction")
     if best is not None:
         typer.echo(
-            f"best: layer {best['layer']} scale {best['scale']:g}: EM {best['em_rate']:.3f}, "
-            f"coherent {best['coherent_rate']}"
+            f"best: layer {best.layer} scale {best.scale:g}: EM {best.em_rate:.3f}, "
+            f"coherent {best.coherent_rate}"
         )
     typer.echo(f"-> {out / 'summary.json'}")
 
@@ -500,10 +496,10 @@ def ablate_command(
         meta=meta,
         echo=typer.echo,
     )
-    rr = summary.get("relative_reduction")
-    reduction = summary.get("relative_reduction_na") if rr is None else round(rr, 3)
+    rr = summary.relative_reduction
+    reduction = summary.relative_reduction_na if rr is None else round(rr, 3)
     typer.echo(
-        f"EM {summary['em_rate_before']} -> {summary['em_rate_after']} "
+        f"EM {summary.em_rate_before} -> {summary.em_rate_after} "
         f"(relative reduction {reduction}) -> {out / 'summary.json'}"
     )
 

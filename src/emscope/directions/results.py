@@ -103,6 +103,13 @@ class SteerResult:
             doc["selection"] = self.selection
         return doc
 
+    def save(self, out: str | Path) -> None:
+        """Write ``out/summary.json`` (:meth:`to_json`) and the figure ``out/steer_em.png``."""
+        from emscope.io import write_json
+
+        write_json(Path(out) / "summary.json", self.to_json())
+        self.plot(Path(out) / "steer_em.png")
+
     def best(self, vector: str = "direction") -> SteerRow | None:
         """The row of ``vector`` with the highest EM rate (None when none was scored)."""
         scored = [r for r in self.rows if r.vector == vector and r.em_rate is not None]
@@ -188,6 +195,13 @@ class AblationResult:
     def random_relative_change(self) -> float | None:
         """The random control's relative change (None without a control)."""
         return self.extra.get("random_relative_change")
+
+    def save(self, out: str | Path) -> None:
+        """Write ``out/summary.json`` (:meth:`to_json`) and the figure ``out/ablate_em.png``."""
+        from emscope.io import write_json
+
+        write_json(Path(out) / "summary.json", self.to_json())
+        self.plot(Path(out) / "ablate_em.png")
 
     def plot(self, path: str | Path | None = None) -> Any:
         """EM rate before, after and with the random control, as bars with CIs; saved to

@@ -88,14 +88,15 @@ def select_steering(
         positions=positions,
     )
     keys = ("layer", "scale", "em_rate", "coherent_rate")
-    rows = [{k: r[k] for k in keys} for r in sweep["rows"]]
-    best = choose_steering(sweep["rows"], min_coherent)
+    sweep_rows = [r.to_json() for r in sweep.rows]
+    rows = [{k: r[k] for k in keys} for r in sweep_rows]
+    best = choose_steering(sweep_rows, min_coherent)
     result = {
         "rule": STEERING_RULE.format(seed=seed, n=n, min_coherent=min_coherent),
         "min_coherent": min_coherent,
         "n": n,
         "seed": seed,
-        "baseline": sweep["baseline"],
+        "baseline": dict(sweep.baseline),
         "rows": rows,
         "chosen": None if best is None else {k: best[k] for k in keys},
     }

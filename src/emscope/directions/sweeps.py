@@ -28,6 +28,7 @@ from emscope.directions.interventions import (
     residual_norm_stats,
     steering,
 )
+from emscope.directions.results import AblationResult, SteerResult
 from emscope.errors import EmscopeError
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ def steer_sweep(
     unit: bool = False,
     positions: str = "all",
     echo: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+) -> SteerResult:
     """Steer with ``scale * v_l`` at ``resid_post[l]`` (at ``positions``: ``all`` by default,
     or only the ``prompt`` / ``response`` tokens) for each layer x
     scale (``unit``: ``v_l / |v_l|``, so the scale is the added norm), plus the unsteered
@@ -73,9 +74,7 @@ def steer_sweep(
     coherent_ci, kl, kl_ci, em_diff, em_diff_ci vs the baseline; ``baseline``;
     ``direction_norm``, ``resid_norm`` (mean residual norm over the KL prompt set, attention
     sinks left out), ``sink_norm`` and ``sink_positions_excluded`` per layer) and
-    ``steer_em.png``."""
-    from emscope.io import write_json
-
+    ``steer_em.png`` (:meth:`SteerResult.save`). Returns the :class:`SteerResult`."""
     if direction.is_subspace:
         raise EmscopeError("steering needs one vector per layer, not a subspace direction")
     if not layers or not scales:
@@ -141,9 +140,9 @@ def steer_sweep(
         "seed": config.seed,
         "kl": "mean next-token KL(plain || steered) over every token of the KL prompt set, nats",
     }
-    write_json(out / "summary.json", summary)
-    _plot_steer(summary, out / "steer_em.png")
-    return summary
+    result = SteerResult.from_json(summary)
+    result.save(out)
+    return result
 
 
 def _norm_fields(model: Any, tokenizer: Any, sequences: Any) -> dict[str, Any]:
@@ -172,33 +171,6 @@ def _paired(before: Any, after: Any, config: EvalConfig) -> dict[str, Any]:
     return {"em_diff": diff["difference"], "em_diff_ci": diff["ci"]}
 
 
-def _plot_steer(summary: dict[str, Any], path: Path) -> None:
-    from emscope.plotting import pyplot, save_figure
-
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    layers = sorted({r["layer"] for r in summary["rows"]})
-    colors = plt.cm.viridis([i / max(1, len(layers) - 1) for i in range(len(layers))])
-    for color, layer in zip(colors, layers, strict=True):
-        for kind, style in (("direction", "-o"), ("random", "--x")):
-            rows = [r for r in summary["rows"] if r["layer"] == layer and r["vector"] == kind]
-            if not rows:
-                continue
-            xs = [r["scale"] for r in rows]
-            ys = [r["em_rate"] if r["em_rate"] is not None else float("nan") for r in rows]
-            label = f"L{layer}" + (" random" if kind == "random" else "")
-            ax.plot(xs, ys, style, color=color, label=label)
-    base = summary["baseline"]["em_rate"]
-    if base is not None:
-        ax.axhline(base, color="gray", lw=1, label="unsteered")
-    ax.set_xlabel("steering scale")
-    ax.set_ylabel("EM rate")
-    ax.set_title("EM vs steering scale per layer")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
 # ---------------------------------------------------------------------------- ablation
 
 
@@ -223,7 +195,7 @@ def ablate_run(
     kl_sequences: Sequence[Sequence[int]] | None = None,
     meta: dict[str, Any] | None = None,
     echo: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+) -> AblationResult:
     """Evaluate the model ``before``, the ablated ``after`` side and optionally the random
     control; ``after``/``random`` given per layer (``{L: AfterSide}``) make a single:all sweep.
     Writes ``summary.json``: ``em_rate_before``, ``em_rate_after``, ``relative_reduction``
@@ -233,9 +205,8 @@ def ablate_run(
     is null with the reason in ``relative_reduction_na`` / ``random_relative_change_na``
     (null when measured), as a steering sweep reports a null ``em_diff``; for a
     sweep, ``rows`` per layer and the top-level fields of the layer with the largest
-    reduction (``best_layer``). Figure ``ablate_em.png``."""
-    from emscope.io import write_json
-
+    reduction (``best_layer``). Figure ``ablate_em.png`` (:meth:`AblationResult.save`).
+    Returns the :class:`AblationResult`."""
     out = Path(out)
     model, tokenizer = _model_tok(before)
     before_table, before_metrics = evaluate_setting(before, out / "before", config, label="none")
@@ -301,9 +272,9 @@ def ablate_run(
     summary["seed"] = config.seed
     summary["pairs"] = "relative changes use (question_id, sample_idx) pairs scored on both sides"
     summary.update(meta or {})
-    write_json(out / "summary.json", summary)
-    _plot_ablate(summary, out / "ablate_em.png")
-    return summary
+    result = AblationResult.from_json(summary)
+    result.save(out)
+    return result
 
 
 def _relative_change(
@@ -321,31 +292,6 @@ def _relative_change(
     if rel is None:
         return None, None, n_pairs, f"n/a: EM rate 0 before on the {n_pairs} matched pairs"
     return rel, ci, n_pairs, None
-
-
-def _plot_ablate(summary: dict[str, Any], path: Path) -> None:
-    from emscope.plotting import pyplot, save_figure
-
-    plt = pyplot()
-    bars = [("before", "em_rate_before"), ("after", "em_rate_after")]
-    if "random_em_rate_after" in summary:
-        bars.append(("random control", "random_em_rate_after"))
-    fig, ax = plt.subplots(figsize=(4.5, 3.8))
-    for i, (_, key) in enumerate(bars):
-        rate, ci = summary.get(key), summary.get(f"{key}_ci")
-        if rate is None:
-            continue
-        err = [[rate - ci[0]], [ci[1] - rate]] if ci else None
-        ax.bar(i, rate, yerr=err, capsize=4, color=["gray", "tab:red", "tab:blue"][i])
-    ax.set_xticks(range(len(bars)))
-    ax.set_xticklabels([b[0] for b in bars])
-    ax.set_ylabel("EM rate")
-    title = "EM before/after ablation"
-    if summary.get("best_layer") is not None:
-        title += f" (best layer {summary['best_layer']})"
-    ax.set_title(title)
-    fig.tight_layout()
-    save_figure(fig, path)
 
 
 def activation_sides(

@@ -14,6 +14,7 @@ from emscope.pipeline.stages.base import Stage, StageSettings, need
 from emscope.pipeline.stages.directions import sources
 
 if TYPE_CHECKING:
+    from emscope.directions.results import AblationResult
     from emscope.pipeline.config import StudyConfig
     from emscope.pipeline.stages.context import StageContext
 
@@ -28,10 +29,10 @@ class AblationStage(StageSettings):
 
 def ablate(
     ctx: StageContext, stage_name: str, source: str, target: str, mode: str, stage: Any, out: Path
-) -> dict[str, Any]:
+) -> AblationResult:
     """Ablate ``source``'s direction in organism ``target`` (``mode``: layerwise, ...) into
     ``out``, with the random control and KL as ``stage`` (an ablation or transfer section)
-    says; returns :func:`~emscope.directions.sweeps.ablate_run`'s summary."""
+    says; returns :func:`~emscope.directions.sweeps.ablate_run`'s result."""
     from emscope.directions.sweeps import ablate_run, activation_sides
     from emscope.models import get_layers
 
@@ -62,7 +63,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     assert stage is not None
     out = ctx.dir("ablation")
     result = ablate(ctx, "ablation", stage.direction, stage.direction, stage.mode, stage, out)
-    return {"direction": stage.direction, "target": stage.direction, **result}
+    return {"direction": stage.direction, "target": stage.direction, **result.to_json()}
 
 
 def describe(config: StudyConfig) -> str:

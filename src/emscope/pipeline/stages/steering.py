@@ -63,6 +63,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     random control: ``steering/``. With ``select``, the setting is chosen by the rule of
     :mod:`emscope.directions.selection` on this build (``steering/select/``, its
     ``selection.json``), then evaluated alone with the random control."""
+    from emscope.directions.results import SteerResult
     from emscope.directions.sweeps import steer_sweep
 
     stage = ctx.config.stages.steering
@@ -96,9 +97,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         chosen = selection["chosen"]
         if chosen is None:
             ctx.echo(f"  steering: no setting kept coherent >= {rule.min_coherent:g}")
-            summary = {"rows": [], "baseline": selection["baseline"], "selection": selection}
-            write_json(out / "summary.json", summary)
-            return {"direction": stage.direction, **summary}
+            empty = SteerResult(rows=(), baseline=selection["baseline"], selection=selection)
+            write_json(out / "summary.json", empty.to_json())  # no figure: nothing was steered
+            return {"direction": stage.direction, **empty.to_json()}
         layers, scales = [int(chosen["layer"])], [float(chosen["scale"])]
         ctx.echo(f"  steering: the rule chose layer {layers[0]} x{scales[0]:g}")
     summary = steer_sweep(
@@ -115,11 +116,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
         positions=stage.positions,
     )
     if selection is not None:
-        from emscope.io import write_json
+        from dataclasses import replace
 
-        summary["selection"] = selection
-        write_json(out / "summary.json", summary)
-    return {"direction": stage.direction, **summary}
+        summary = replace(summary, selection=selection)
+        summary.save(out)
+    return {"direction": stage.direction, **summary.to_json()}
 
 
 def describe(config: StudyConfig) -> str:

@@ -36,7 +36,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for target in stage.targets:
         targets[target] = ablate(
             ctx, "transfer", stage.direction, target, stage.mode, stage, inside(out, target)
-        )
+        ).to_json()
         ctx.echo(f"  transfer {stage.direction} -> {target}: done")
     summary = {"direction": stage.direction, "targets": targets}
     write_json(out / "summary.json", summary)
