@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from emscope.errors import EmscopeError
+from emscope.lmc_result import LmcResult
 from emscope.pipeline import STAGE_ORDER, load_config, parse_config
 from emscope.pipeline.config import STAGE_NEEDS, StudyConfig
 from emscope.pipeline.runner import fingerprint, format_plan, run_study
@@ -419,9 +420,9 @@ def test_lmc_passes_judge_strict(
 
     seen: dict[str, Any] = {}
 
-    def run_lmc(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    def run_lmc(*args: Any, **kwargs: Any) -> LmcResult:
         seen.update(kwargs)
-        return {"rows": [], "barrier": None}
+        return LmcResult(rows=(), extra={"barrier": None})
 
     monkeypatch.setattr(emscope.lmc, "run_lmc", run_lmc)
     monkeypatch.setattr(StageContext, "judge", property(lambda self: "judge"))

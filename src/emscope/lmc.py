@@ -308,11 +308,12 @@ def run_lmc(
     echo: Any = None,
     vllm: Mapping[float, Any] | None = None,
     **sampling: Any,
-) -> dict[str, Any]:
+) -> LmcResult:
     """Evaluate every point ``t`` of ``start -> end`` into ``out/t0.40/`` etc. and write
     ``out/lmc.json`` (``{"rows": [{"t", "em_rate", "em_ci", "coherent_rate", "coherent_ci",
     "n", "loss"}], "barrier"}``), ``out/lmc.png`` and, with ``features``, ``features.json``
-    and ``features.png``. The body of ``emscope lmc``; returns the ``lmc.json`` content.
+    and ``features.png``. The body of ``emscope lmc`` and of the pipeline's lmc stage; returns the
+    :class:`~emscope.lmc_result.LmcResult` of ``lmc.json`` (written by its ``save``).
 
     ``loaded``: the base :class:`~emscope.models.LoadedModel` or pair (None for two full
     model dirs). ``start`` / ``end``: :class:`Endpoint` or what :func:`parse_endpoint` reads
@@ -408,8 +409,8 @@ def run_lmc(
         "em_measured": judge is not None,
         "em_not_measured": None if judge is not None else _NO_JUDGE,
     }
-    write_json(out / "lmc.json", doc)
-    plot_lmc(rows, out / "lmc.png", f"{start.label} -> {end.label}")
+    path_result = LmcResult.from_json(doc)
+    path_result.save(out)
     if features:
         h0, h1 = activations[0.0], activations[1.0]
         feature_rows = [feature_lmc(h0, h1, activations[t], t) for t in ts]
@@ -432,7 +433,7 @@ def run_lmc(
             },
         )
         plot_features(feature_rows, endpoint_distance(h0, h1), out / "features.png")
-    return doc
+    return path_result
 
 
 def plot_lmc(rows: Sequence[dict[str, Any]], path: Path | None, title: str) -> Any:

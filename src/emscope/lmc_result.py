@@ -92,6 +92,13 @@ class LmcResult:
             out[name] = cls.from_json(doc, source=source, at=f"paths.{name}.")
         return out
 
+    def save(self, out: str | Path) -> None:
+        """Write ``out/lmc.json`` (:meth:`to_json`) and the figure ``out/lmc.png``."""
+        from emscope.io import write_json
+
+        write_json(Path(out) / "lmc.json", self.to_json())
+        self.plot(Path(out) / "lmc.png", f"{self.start} -> {self.end}")
+
     def plot(self, path: str | Path | None = None, title: str = "") -> Any:
         """EM and coherent rate (and losses) vs ``t`` (:func:`emscope.lmc.plot_lmc`); saved
         to ``path`` when given."""

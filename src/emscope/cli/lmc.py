@@ -124,9 +124,9 @@ def lmc_command(
         vllm=points,
         **opts.kwargs(),
     )
-    if not doc["em_measured"]:
-        typer.echo(f"EM not measured: {doc['em_not_measured']}")
-    typer.echo(f"barrier: {doc['barrier']} -> {out / 'lmc.json'}")
+    if not doc.extra.get("em_measured"):
+        typer.echo(f"EM not measured: {doc.extra.get('em_not_measured')}")
+    typer.echo(f"barrier: {doc.extra.get('barrier')} -> {out / 'lmc.json'}")
 
 
 def register(app: typer.Typer) -> None:

@@ -97,9 +97,9 @@ def fit_command(
     """Logistic-regression probes on adapter scalars (docs/methods.md section 6.2)."""
     import warnings
 
-    from emscope.io import read_table, write_json
-    from emscope.plotting import save_figure
-    from emscope.probing import fit_probes, plot_coefficients
+    from emscope.io import read_table
+    from emscope.probing import fit_probes
+    from emscope.probing.result import ProbeResult
 
     if split == "token":
         typer.echo(
@@ -111,7 +111,7 @@ def fit_command(
     data = read_table(table)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # the token-split warning, printed above
-        result = fit_probes(
+        fitted = fit_probes(
             data,
             tests,
             C=c,
@@ -121,10 +121,9 @@ def fit_command(
             strict=strict,
             min_responses=min_responses,
         )
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "probe.json", result)
-    save_figure(plot_coefficients(result), out / "coefficients.png")
-    for name, test in result["tests"].items():
+    result = ProbeResult.from_json(fitted)
+    result.save(out)
+    for name, test in result.tests.items():
         if "skipped" in test:
             typer.echo(f"{name}: skipped ({test['skipped']})")
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from emscope.errors import EmscopeError
@@ -55,6 +56,17 @@ class ProbeResult:
     def fitted(self) -> dict[str, Mapping[str, Any]]:
         """The tests that were fitted (not skipped)."""
         return {k: t for k, t in self.tests.items() if "skipped" not in t}
+
+    def save(self, out: str | Path) -> None:
+        """Write ``out/probe.json`` (:meth:`to_json`) and the figure ``out/coefficients.png``
+        (the one writer of the CLI's ``emscope probe fit`` and the pipeline's probes stage)."""
+        from emscope.io import write_json
+        from emscope.plotting import save_figure
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "probe.json", self.to_json())
+        save_figure(self.plot(), out / "coefficients.png")
 
     def plot(self) -> Any:
         """Per-seed coefficients per adapter, one panel per fitted test

@@ -42,8 +42,10 @@ class LmcStage(StageSettings):
 def run(ctx: StageContext) -> dict[str, Any]:
     """EM and coherence along each weight-space path: ``lmc/<from>__<to>/``."""
     from emscope.data.chat import read_chat_jsonl
-    from emscope.io import inside, read_json, write_json
+    from emscope.io import inside, write_json
     from emscope.lmc import Endpoint, run_lmc
+    from emscope.lmc_result import LmcResult
+    from emscope.results import read_result
 
     out = ctx.dir("lmc")
     stage = ctx.config.stages.lmc
@@ -54,8 +56,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     for a, b in stage.paths:
         name = f"{a}__{b}"
         path_dir = inside(out, name)
-        if (path_dir / "lmc.json").is_file():
-            paths[name] = read_json(path_dir / "lmc.json")
+        if (path_dir / "lmc.json").is_file():  # finished before: resumed, not redone
+            paths[name] = read_result(LmcResult, path_dir / "lmc.json")
             continue
 
         def endpoint(o: str) -> Endpoint:
@@ -84,7 +86,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ctx.echo(f"  lmc {a} -> {b}: done")
     summary = {
         "paths": {
-            name: {"from": name.split("__")[0], "to": name.split("__")[1], **doc}
+            name: {"from": name.split("__")[0], "to": name.split("__")[1], **doc.to_json()}
             for name, doc in paths.items()
         }
     }

@@ -42,9 +42,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     fixed): ``probes/``."""
     import pandas as pd
 
-    from emscope.io import inside, read_table, write_json, write_table
-    from emscope.plotting import save_figure
-    from emscope.probing import fit_probes, lora_scalars, plot_coefficients
+    from emscope.io import inside, read_table, write_table
+    from emscope.probing import fit_probes, lora_scalars
+    from emscope.probing.result import ProbeResult
 
     stage = ctx.config.stages.probes
     assert stage is not None
@@ -69,10 +69,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
             system_prompt=ctx.config.prompt_setting(),
         )
         write_table(scalars, out, "scalars")
-    result = fit_probes(scalars, C=stage.C, seeds=stage.seeds, test_size=stage.test_size)
-    write_json(out / "probe.json", result)
-    save_figure(plot_coefficients(result), out / "coefficients.png")
-    return {"adapter": stage.adapter, **result}
+    fitted = fit_probes(scalars, C=stage.C, seeds=stage.seeds, test_size=stage.test_size)
+    result = ProbeResult.from_json(fitted)
+    result.save(out)
+    return {"adapter": stage.adapter, **result.to_json()}
 
 
 def describe(config: StudyConfig) -> str:
