@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from emscope.cli.main import app
 from emscope.directions import Direction, mean_diff
+from emscope.directions.results import AblationResult, SteerResult
 from emscope.io import read_json, write_table
 from emscope.judge.loopback import LoopbackServer, answer_of, completion
 from emscope.lora import LoraAdapter
@@ -180,6 +181,15 @@ def test_steer_sweep_end_to_end_and_resume(qwen: Any, setup: Any, tmp_path: Path
         assert server.requests == first  # every setting was finished: nothing redone
     summary = read_json(out / "summary.json")
     assert len(summary["rows"]) == 8
+    # the typed result reads back the written document, and each row's rates are its
+    # setting's own metrics.json (the dict the sweep has always been built from)
+    assert SteerResult.from_json(summary).to_json() == summary
+    for row in summary["rows"]:
+        metrics = read_json(out / row["dir"] / "metrics.json")
+        assert (row["em_rate"], row["coherent_rate"]) == (
+            metrics["em_rate"],
+            metrics["coherent_rate"],
+        )
     keys = {"layer", "scale", "vector", "em_rate", "em_ci", "coherent_rate", "kl"}
     assert all(keys <= set(r) for r in summary["rows"])
     base = pd.read_parquet(out / "baseline" / "responses.parquet")
@@ -246,6 +256,9 @@ def test_ablate_layerwise_with_random_control(qwen: Any, setup: Any, tmp_path: P
             1 - em_after / summary["em_rate_before"]
         )
     assert (out / "ablate_em.png").is_file() and (out / "random" / "metrics.json").is_file()
+    assert AblationResult.from_json(summary).to_json() == summary
+    assert list(AblationResult.from_json(summary).to_json()) == list(summary)
+    assert summary["em_rate_after"] == read_json(out / "after" / "metrics.json")["em_rate"]
 
 
 def unscorable(body: dict[str, Any]) -> tuple[int, dict[str, str], dict[str, Any]]:

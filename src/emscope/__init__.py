@@ -51,21 +51,31 @@ _LAZY = {
     "mean_diff": "emscope.directions.extract",
     "Geometry": "emscope.geometry.analysis",
     "PairGeometry": "emscope.geometry.analysis",
+    "SteerResult": "emscope.directions.results",
+    "AblationResult": "emscope.directions.results",
+    "GeometryResult": "emscope.geometry.result",
+    "LmcResult": "emscope.lmc_result",
+    "ProbeResult": "emscope.probing.result",
 }
 #: Submodules offered as verbs (callable modules, :mod:`emscope._callable`).
 _MODULES = ("train", "geometry", "lmc")
 
 __all__ = [
+    "AblationResult",
     "Direction",
     "EmscopeError",
     "Geometry",
+    "GeometryResult",
     "Judge",
+    "LmcResult",
     "LoadedModel",
     "LoraAdapter",
     "Metrics",
     "PairGeometry",
+    "ProbeResult",
     "Question",
     "Score",
+    "SteerResult",
     "TrainResult",
     "__version__",
     "as_loaded",

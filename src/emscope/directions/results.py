@@ -159,18 +159,28 @@ class AblationResult:
     relative_reduction: float | None
     relative_reduction_ci: list[float] | None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    order: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    """The key order of the document read (``to_json`` keeps it; not compared)."""
 
     TYPED = ("relative_reduction", "relative_reduction_ci")
 
     @classmethod
     def from_json(cls, data: Any, *, source: str | None = None, at: str = "") -> AblationResult:
         need_all(data, cls.TYPED, "AblationResult", source, at)
-        return cls(**{k: data[k] for k in cls.TYPED}, extra=rest(data, cls.TYPED))
+        return cls(
+            **{k: data[k] for k in cls.TYPED}, extra=rest(data, cls.TYPED), order=tuple(data)
+        )
 
     def to_json(self) -> dict[str, Any]:
-        head = {k: v for k, v in self.extra.items() if k.startswith(("em_rate", "coherent"))}
-        typed = {name: getattr(self, name) for name in self.TYPED}
-        return head | typed | {k: v for k, v in self.extra.items() if k not in head}
+        """The document, its keys in the order read (else the ``em_rate``/``coherent`` rates,
+        ``n_pairs``, the typed fields, then the rest: :func:`ablate_run`'s order)."""
+        doc = {name: getattr(self, name) for name in self.TYPED} | dict(self.extra)
+        order = self.order or (
+            *(k for k in self.extra if k.startswith(("em_rate", "coherent"))),
+            *(["n_pairs"] if "n_pairs" in self.extra else []),
+            *self.TYPED,
+        )
+        return {k: doc[k] for k in order if k in doc} | doc
 
     def get(self, name: str, default: Any = None) -> Any:
         """A field by name (typed or in ``extra``)."""

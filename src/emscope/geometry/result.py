@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emscope.results import mapping, need, need_all, rest
+
+if TYPE_CHECKING:
+    from emscope.geometry.analysis import Geometry
 
 PAIR_FIELDS = ("a", "b", "roles", "cosine", "overlap", "mean_angle_deg", "random_angle_p5")
 
@@ -91,3 +94,62 @@ class GeometryResult:
     def by_roles(self, *roles: str) -> list[GeometryPair]:
         """The pairs whose roles are ``roles`` in any order (``by_roles("em", "control")``)."""
         return [p for p in self.pairs.values() if sorted(p.roles) == sorted(roles)]
+
+
+def summarise(
+    geometry: Geometry, roles: Mapping[str, str], doc: Mapping[str, Any] | None = None
+) -> GeometryResult:
+    """The per-pair summary of ``geometry`` (no files written): each pair's aggregate
+    cosine, overlap and mean principal angle, the random baseline's per-draw mean angles
+    (:meth:`~emscope.geometry.analysis.Geometry.random_pair_draws`) and their 5th
+    percentile, ``roles`` of its adapters (adapter -> role), the shared-initialisation
+    check (:meth:`~emscope.geometry.analysis.Geometry.shared_init`, with each EM-EM pair's
+    same-seed controls); ``base_cosine`` per adapter. ``doc``: ``geometry.to_json()`` when
+    the caller already has it."""
+    import numpy as np
+
+    from emscope.geometry.analysis import SHARED_INIT_COSINE
+
+    doc = geometry.to_json() if doc is None else doc
+    shared = geometry.shared_init()
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, pair in geometry.pairs.items():
+        agg = pair.aggregate()
+        draws = [d["mean_principal_angle_deg"] for d in geometry.random_pair_draws(key)]
+        pairs[key] = {
+            "a": pair.a,
+            "b": pair.b,
+            "roles": [roles[pair.a], roles[pair.b]],
+            "cosine": agg.get("cosine"),
+            "overlap": agg.get("overlap"),
+            "mean_angle_deg": agg.get("mean_principal_angle_deg"),
+            "random_angle_draws": draws,
+            "random_angle_p5": float(np.percentile(draws, 5)) if draws else None,
+            "a_row_cosine": shared[key]["a_row_cosine"],
+            "shared_init": shared[key]["shared_init"],
+        }
+    same_seed_controls(pairs)
+    base = {n: e["aggregate"]["cosine"] for n, e in (doc.get("base_cosine") or {}).items()}
+    summary = {
+        "adapters": list(roles),
+        "pairs": pairs,
+        "base_cosine": base,
+        "shared_init_threshold": SHARED_INIT_COSINE,
+    }
+    return GeometryResult.from_json(summary)
+
+
+def same_seed_controls(pairs: dict[str, dict[str, Any]]) -> None:
+    """To every EM-EM pair that shares its LoRA initialisation, add ``same_seed_controls``:
+    ``{EM-control pair: cosine}`` for the controls that share it with either EM adapter (the
+    same-seed, different-task control its cosine should be read against)."""
+    for pair in pairs.values():
+        if pair["roles"] != ["em", "em"] or not pair.get("shared_init"):
+            continue
+        pair["same_seed_controls"] = {
+            key: other["cosine"]
+            for key, other in pairs.items()
+            if sorted(other["roles"]) == ["control", "em"]
+            and other.get("shared_init")
+            and ({other["a"], other["b"]} & {pair["a"], pair["b"]})
+        }
