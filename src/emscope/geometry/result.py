@@ -34,18 +34,22 @@ class GeometryPair:
     mean_angle_deg: float | None
     random_angle_p5: float | None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    order: tuple[str, ...] = field(default=(), compare=False, repr=False)
+    """The key order of the document read (``to_json`` keeps it; not compared)."""
 
     @classmethod
     def from_json(cls, data: Any, *, source: str | None = None, at: str = "") -> GeometryPair:
         need_all(data, PAIR_FIELDS, "GeometryResult", source, at)
         values = {k: data[k] for k in PAIR_FIELDS}
         values["roles"] = tuple(values["roles"])
-        return cls(**values, extra=rest(data, PAIR_FIELDS))
+        return cls(**values, extra=rest(data, PAIR_FIELDS), order=tuple(data))
 
     def to_json(self) -> dict[str, Any]:
+        """The document, its keys in the order read (else :data:`PAIR_FIELDS` first)."""
         doc = {k: getattr(self, k) for k in PAIR_FIELDS}
         doc["roles"] = list(self.roles)
-        return doc | dict(self.extra)
+        doc |= dict(self.extra)
+        return {k: doc[k] for k in self.order if k in doc} | doc
 
 
 @dataclass(frozen=True)
