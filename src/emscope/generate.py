@@ -39,13 +39,15 @@ prompt ends at column ``info.prompt_length - 1`` and every later position is a r
 so a hook can tell prompt from response positions. Sampling knows nothing else about them.
 
 The response table (one row per sample) has the columns of :data:`RESPONSE_COLUMNS`.
+
+The random streams are in :mod:`emscope.random_streams`, what a sample dir records and
+checks in :mod:`emscope.sample_runs`; both are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +58,22 @@ import numpy as np
 from emscope.batching import pad_left
 from emscope.errors import EmscopeError
 from emscope.hub import dir_label
+from emscope.random_streams import choose_tokens, sample_key, step_uniforms
+from emscope.random_streams import inverse_cdf as inverse_cdf  # re-exported
+from emscope.sample_runs import (
+    check_not_fewer,
+    check_same_run,
+    load_partial,
+    part_files,
+    sampling_identity,
+    versions,
+)
+from emscope.sample_runs import (
+    questions_hash as questions_hash,  # re-exported
+)
 
 if TYPE_CHECKING:
     import pandas as pd
-    import torch
 
     from emscope.data.questions import Question
     from emscope.data.spans import SystemPrompt
@@ -100,102 +114,6 @@ class InterventionInfo:
 
 
 Intervention = Callable[[Any, InterventionInfo], AbstractContextManager[Any]]
-
-
-# ---------------------------------------------------------------------------- random streams
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
-
-
-def sample_key(seed: int, question_id: str, sample_idx: int) -> int:
-    """The 64-bit key of a sample's random stream: SHA-256 of ``(seed, question_id,
-    sample_idx)`` (stable across processes and platforms, unlike Python's ``hash``)."""
-    text = f"emscope-sample\x00{int(seed)}\x00{question_id}\x00{int(sample_idx)}"
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        return z ^ (z >> np.uint64(31))  # type: ignore[no-any-return]
-
-
-def step_uniforms(keys: Sequence[int] | np.ndarray, step: int) -> np.ndarray:
-    """The uniform numbers in ``[0, 1)`` that samples with these keys use at decoding step
-    ``step`` (from 0). float64, one per key; a pure function of ``(key, step)``."""
-    k = np.asarray(keys, dtype=np.uint64)
-    counter = _splitmix64(np.full(k.shape, step, dtype=np.uint64))
-    bits = _splitmix64(k ^ counter) >> np.uint64(11)
-    return bits.astype(np.float64) * (1.0 / (1 << 53))
-
-
-def choose_tokens(
-    logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
-) -> torch.Tensor:
-    """Draw one token per row by inverse CDF.
-
-    ``logits``: ``(B, V)``; ``uniforms``: ``(B,)`` in ``[0, 1)``. ``temperature == 0`` is
-    greedy (argmax). With ``top_p < 1`` the candidates are the smallest set of most probable
-    tokens whose mass reaches ``top_p`` (ties broken by token id), renormalised.
-    Returns ``(B,)`` int64 token ids.
-    """
-    import torch
-
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    # probabilities in float32 (as precise as the logits), sums in float64 (a float32 running
-    # sum near 1 would drop every token below 6e-8)
-    scaled = logits.float() if temperature == 1 else logits.float() / temperature
-    probs = torch.softmax(scaled, dim=-1)
-    u = uniforms.to(probs.device, torch.float64).unsqueeze(-1)
-    if top_p < 1:
-        sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-        # `.double().cumsum()`: `cumsum(dtype=float64)` takes a slow path on CPU (7x slower)
-        cum = sorted_p.double().cumsum(dim=-1)
-        keep = cum - sorted_p < top_p
-        cum = (sorted_p * keep).double().cumsum(dim=-1)
-        pos = torch.searchsorted(cum, u * cum[:, -1:], right=True)
-        pos = torch.minimum(pos, keep.sum(dim=-1, keepdim=True) - 1)
-        return order.gather(1, pos).squeeze(1)
-    return inverse_cdf(probs, u.squeeze(-1))
-
-
-def inverse_cdf(
-    weights: torch.Tensor, uniforms: torch.Tensor, chunk: int | None = None
-) -> torch.Tensor:
-    """The first index of each row whose cumulative weight exceeds ``uniforms * total``.
-
-    ``weights``: ``(B, V)``, non-negative, any scale; ``uniforms``: ``(B,)`` float64 in
-    ``[0, 1)``. Returns ``(B,)`` int64. Same result as a float64 ``cumsum`` over the whole
-    row followed by ``searchsorted``, computed in two levels (float64 sums of ``chunk``-token
-    blocks, by default about ``sqrt(V)`` tokens, then the cumulative sum inside the one block
-    that holds the answer) so that no ``(B, V)`` float64 buffer is made: at 400 rows those
-    buffers, allocated and freed every decoding step, cost more than the arithmetic.
-    """
-    import math
-
-    import torch
-
-    rows, vocab = weights.shape
-    chunk = chunk or max(16, math.isqrt(vocab))
-    full = vocab // chunk
-    sums = weights[:, : full * chunk].reshape(rows, full, chunk).sum(-1, dtype=torch.float64)
-    if vocab % chunk:
-        tail = weights[:, full * chunk :].sum(-1, keepdim=True, dtype=torch.float64)
-        sums = torch.cat([sums, tail], dim=1)
-    ends = sums.cumsum(dim=-1)  # (B, n_blocks): cumulative weight at each block's end
-    target = uniforms.to(ends.device, torch.float64).unsqueeze(-1) * ends[:, -1:]
-    block = torch.searchsorted(ends, target, right=True).clamp(max=ends.shape[1] - 1)
-    before = (ends - sums).gather(1, block)  # cumulative weight before the block
-    index = block * chunk + torch.arange(chunk, device=weights.device)  # (B, chunk)
-    inside = weights.gather(1, index.clamp(max=vocab - 1)).masked_fill(index >= vocab, 0)
-    cum = inside.double().cumsum(dim=-1) + before
-    pos = torch.searchsorted(cum, target, right=True).clamp(max=chunk - 1)
-    return index.gather(1, pos).clamp(max=vocab - 1).squeeze(1)
 
 
 # ---------------------------------------------------------------------------- the decode loop
@@ -434,7 +352,10 @@ def _per_question(n_per_question: int | None, n: int | None) -> int | None:
     return n if n is not None else n_per_question
 
 
-def _check_params(temperature: float, top_p: float, max_new_tokens: int, batch_size: int) -> None:
+def check_sampling_params(
+    temperature: float, top_p: float, max_new_tokens: int, batch_size: int
+) -> None:
+    """One line naming the first sampling setting out of range."""
     if temperature < 0:
         raise EmscopeError(f"temperature must be >= 0, got {temperature}")
     if not 0 < top_p <= 1:
@@ -491,7 +412,7 @@ def sample(
 
     setting = SystemPrompt.parse(system_prompt)
     n_per_question = _per_question(n_per_question, n)
-    _check_params(temperature, top_p, max_new_tokens, batch_size)
+    check_sampling_params(temperature, top_p, max_new_tokens, batch_size)
     hf_model, tokenizer, model_label, adapter_label = _unpack(model)
     specs = plan_samples(questions, n_per_question, skip)
     eos = eos_token_ids(hf_model, tokenizer)
@@ -551,11 +472,12 @@ def sample(
                 on_batch(frame)
             frames.append(frame)
             bar.update(len(chunk))
-    table = pd.concat(frames, ignore_index=True) if frames else _empty_table()
+    table = pd.concat(frames, ignore_index=True) if frames else empty_table()
     return sort_responses(table, questions)
 
 
-def _empty_table() -> pd.DataFrame:
+def empty_table() -> pd.DataFrame:
+    """A response table with no rows (the columns of :data:`RESPONSE_COLUMNS`)."""
     import pandas as pd
 
     return pd.DataFrame({c: [] for c in RESPONSE_COLUMNS})
@@ -573,38 +495,6 @@ def sort_responses(table: pd.DataFrame, questions: Sequence[Question]) -> pd.Dat
 
 
 # ---------------------------------------------------------------------------- resumable runs
-
-
-def versions() -> dict[str, str]:
-    """Versions of emscope and the libraries that determine its numbers
-    (:func:`emscope.io.versions`)."""
-    from emscope.io import versions as package_versions
-
-    return package_versions(
-        "python", "emscope", "torch", "transformers", "peft", "numpy", "openai", absent="absent"
-    )
-
-
-def _parts(parts_dir: Path) -> list[Path]:
-    return sorted(parts_dir.glob("part-*.parquet")) if parts_dir.is_dir() else []
-
-
-def load_partial(out_dir: str | Path, stem: str = "responses") -> pd.DataFrame | None:
-    """Everything a (possibly interrupted) run in ``out_dir`` has finished: the table plus any
-    batch part files not yet consolidated, deduplicated on ``(question_id, sample_idx)``."""
-    import pandas as pd
-
-    from emscope.io import read_table
-
-    out = Path(out_dir)
-    frames = []
-    if (out / f"{stem}.parquet").is_file() or (out / f"{stem}.csv").is_file():
-        frames.append(read_table(out, stem))
-    frames.extend(pd.read_parquet(p) for p in _parts(out / f"{stem}.parts"))
-    if not frames:
-        return None
-    table = pd.concat(frames, ignore_index=True)
-    return table.drop_duplicates(["question_id", "sample_idx"], keep="first").reset_index(drop=True)
 
 
 def sample_to_dir(
@@ -652,7 +542,7 @@ def sample_to_dir(
     check_same_run(run_path, run, identity)
     done = load_partial(out, stem)
     if done is not None:
-        _check_not_fewer(out, done, questions, n_per_question)
+        check_not_fewer(out, done, questions, n_per_question)
     run["sampling"] = {
         "identity": identity,
         "n_per_question": n_per_question,
@@ -675,7 +565,7 @@ def sample_to_dir(
             (str(q), int(i)) for q, i in zip(done["question_id"], done["sample_idx"], strict=True)
         }
     parts_dir = out / f"{stem}.parts"
-    existing = _parts(parts_dir)
+    existing = part_files(parts_dir)
     counter = [int(existing[-1].stem.split("-")[1]) + 1 if existing else 0]
 
     def write_part(frame: pd.DataFrame) -> None:
@@ -688,89 +578,15 @@ def sample_to_dir(
 
     new = sample(model, questions, n_per_question, skip=skip, on_batch=write_part, **kwargs)
     frames = [f for f in (done, new) if f is not None and len(f)]
-    table = pd.concat(frames, ignore_index=True) if frames else _empty_table()
+    table = pd.concat(frames, ignore_index=True) if frames else empty_table()
     table = table.drop_duplicates(["question_id", "sample_idx"], keep="first")
     table = sort_responses(table, questions)
     write_table(table, out, stem)
-    for part in _parts(parts_dir):
+    for part in part_files(parts_dir):
         part.unlink()
     with contextlib.suppress(OSError):
         parts_dir.rmdir()
     return table
-
-
-def sampling_identity(
-    model_label: str,
-    adapter_label: str,
-    settings: Mapping[str, Any],
-    questions: Sequence[Question],
-    intervention: str = "",
-    backend: str | None = None,
-) -> dict[str, Any]:
-    """What a sample dir's answers depend on (``run.json``'s ``sampling.identity``): a re-run
-    into the dir must have the same. ``backend`` is recorded for vLLM only (older and HF dirs
-    have no key, read as ``hf``)."""
-    from emscope.data.spans import SystemPrompt
-
-    identity: dict[str, Any] = {"backend": backend} if backend else {}
-    identity.update(
-        {
-            "model": model_label,
-            "adapter": adapter_label,
-            "seed": int(settings.get("seed", 0)),
-            "temperature": float(settings.get("temperature", 1.0)),
-            "top_p": float(settings.get("top_p", 1.0)),
-            "max_new_tokens": int(settings.get("max_new_tokens", 600)),
-            "intervention": intervention,
-            "system_prompt": SystemPrompt.parse(settings.get("system_prompt")).spec,
-            "questions_sha256": questions_hash(questions),
-        }
-    )
-    return identity
-
-
-def check_same_run(run_path: Path, run: Mapping[str, Any], identity: Mapping[str, Any]) -> None:
-    """Refuse (one line naming the settings that differ) to add to a dir whose ``run.json``
-    records another sampling identity. A dir sampled before a setting existed has its default:
-    ``system_prompt`` the template's own, ``backend`` HF (compared only when ``identity`` has
-    one)."""
-    previous = run.get("sampling", {}).get("identity")
-    if previous is None:
-        return
-    previous = {"system_prompt": "default", **previous}
-    if "backend" in identity:
-        previous.setdefault("backend", "hf")
-    if previous != identity:
-        changed = sorted(k for k in {**previous, **identity} if previous.get(k) != identity.get(k))
-        raise EmscopeError(
-            f"{run_path}: this dir holds a run with different settings ({', '.join(changed)}); "
-            "use a fresh --out dir"
-        )
-
-
-def _check_not_fewer(
-    out: Path, done: pd.DataFrame, questions: Sequence[Question], n_per_question: int | None
-) -> None:
-    """Refuse a re-run that asks fewer samples of a question than ``out`` already holds."""
-    held = done.groupby(done["question_id"].astype(str))["sample_idx"].max()
-    for question in questions:
-        n = n_per_question or question.samples_per_paraphrase * len(question.paraphrases)
-        if question.id in held.index and int(held[question.id]) >= n:
-            count = int((done["question_id"].astype(str) == question.id).sum())
-            asked = f"-n {n}" if n_per_question else f"the question set's {n} per question"
-            raise EmscopeError(
-                f"{out}: this dir holds {count} samples of question {question.id!r}; {asked} "
-                f"asks for fewer (a run keeps every sample it drew): use -n "
-                f"{int(held[question.id]) + 1} or more, or a fresh --out dir"
-            )
-
-
-def questions_hash(questions: Sequence[Question]) -> str:
-    """SHA-256 of the question texts and system prompts (what sampling depends on)."""
-    digest = hashlib.sha256()
-    for q in questions:
-        digest.update(repr((q.id, q.paraphrases, q.system)).encode("utf-8"))
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

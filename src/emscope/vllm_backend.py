@@ -26,13 +26,12 @@ backend's.
 
 Only the pure parts (adapter naming, rank rounding, engine arguments, request building, the
 refusals) are tested without vLLM; the engine calls are exercised on a GPU machine only
-(``make gpu-check``).
+(``make gpu-check``). The adapters' naming and ranks are in :mod:`emscope.vllm_lora`
+(re-exported here).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,87 +45,38 @@ if TYPE_CHECKING:
     from emscope.data.questions import Question
     from emscope.generate import SampleSpec
 
-# ranks vLLM's LoRA config accepts as max_lora_rank in every version since 0.6
-VLLM_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+from emscope.vllm_lora import (
+    VLLM_RANKS,
+    LoraSpec,
+    adapter_content_hash,
+    adapter_rank,
+    lora_requests,
+    max_lora_rank,
+    round_rank,
+)
 
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """One adapter as vLLM will see it."""
-
-    name: str
-    int_id: int
-    path: Path
-    rank: int
-    content_hash: str
-
-
-def adapter_content_hash(path: str | Path) -> str:
-    """SHA-256 (first 12 hex digits) of an adapter dir's config and weights."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    found = False
-    for name in ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"):
-        file = path / name
-        if file.is_file():
-            found = True
-            digest.update(name.encode())
-            digest.update(file.read_bytes())
-    if not found:
-        raise EmscopeError(f"{path}: not a PEFT adapter dir (no adapter_config.json)")
-    return digest.hexdigest()[:12]
-
-
-def adapter_rank(path: str | Path) -> int:
-    """The largest LoRA rank in ``adapter_config.json`` (``r`` and ``rank_pattern``)."""
-    file = Path(path) / "adapter_config.json"
-    try:
-        config = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise EmscopeError(f"{file}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise EmscopeError(f"{file}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-    ranks = [config.get("r", 8), *(config.get("rank_pattern") or {}).values()]
-    try:
-        return max(int(r) for r in ranks)
-    except (TypeError, ValueError):
-        raise EmscopeError(f"{file}: 'r' / 'rank_pattern' must be integers") from None
-
-
-def round_rank(rank: int) -> int:
-    """The smallest rank in :data:`VLLM_RANKS` that is >= ``rank``."""
-    for allowed in VLLM_RANKS:
-        if rank <= allowed:
-            return allowed
-    raise EmscopeError(f"LoRA rank {rank} exceeds vLLM's largest max_lora_rank {VLLM_RANKS[-1]}")
-
-
-def lora_requests(adapters: Sequence[str | Path]) -> list[LoraSpec]:
-    """Name, id and rank of each adapter dir: ``name = <basename>-<hash of (path, content)>``;
-    ids are 1, 2, ... in order, one per distinct (path, content); the same dir twice is one
-    entry."""
-    specs: list[LoraSpec] = []
-    seen: dict[tuple[str, str], LoraSpec] = {}
-    for raw in adapters:
-        path = Path(raw).resolve()
-        content = adapter_content_hash(path)
-        key = (str(path), content)
-        if key in seen:
-            continue
-        tag = hashlib.sha256(f"{path}\x00{content}".encode()).hexdigest()[:12]
-        spec = LoraSpec(f"{path.name}-{tag}", len(seen) + 1, path, adapter_rank(path), content)
-        seen[key] = spec
-        specs.append(spec)
-    names = [s.name for s in specs]
-    if len(set(names)) != len(names):
-        raise EmscopeError(f"adapter request names collide: {names}")
-    return specs
-
-
-def max_lora_rank(adapters: Sequence[str | Path]) -> int:
-    """``max_lora_rank`` for vLLM: the largest adapter rank, rounded up (:func:`round_rank`)."""
-    specs = lora_requests(adapters)
-    return round_rank(max((s.rank for s in specs), default=1))
+__all__ = [
+    "INTERVENTIONS_REFUSED",
+    "VLLM_RANKS",
+    "LoraSpec",
+    "Request",
+    "VllmModel",
+    "VllmOptions",
+    "VllmSampler",
+    "adapter_content_hash",
+    "adapter_rank",
+    "build_requests",
+    "check_gpus",
+    "engine_kwargs",
+    "lora_requests",
+    "max_lora_rank",
+    "refuse_interventions",
+    "require_vllm",
+    "round_rank",
+    "sample_vllm",
+    "stop_token_ids",
+    "vllm_dtype",
+]
 
 
 def require_vllm() -> Any:
@@ -293,9 +243,9 @@ def build_requests(
     the HF backend does; each request's ``seed`` is :func:`emscope.generate.sample_key`
     masked to 63 bits, so a sample's answer does not depend on the rest of the batch."""
     from emscope.data.spans import SystemPrompt, prompt_ids
-    from emscope.generate import _check_params, sample_key
+    from emscope.generate import check_sampling_params, sample_key
 
-    _check_params(temperature, top_p, max_new_tokens, 1)
+    check_sampling_params(temperature, top_p, max_new_tokens, 1)
     setting = SystemPrompt.parse(system_prompt)
     prompts: dict[tuple[str, int], list[int]] = {}
     requests = []
@@ -485,9 +435,9 @@ class VllmSampler:
 
         from emscope.data.spans import SystemPrompt, render
         from emscope.generate import (
-            _check_not_fewer,
-            _empty_table,
+            check_not_fewer,
             check_same_run,
+            empty_table,
             load_partial,
             sampling_identity,
             sort_responses,
@@ -508,7 +458,7 @@ class VllmSampler:
         )
         done = load_partial(out, stem)
         if done is not None:
-            _check_not_fewer(out, done, questions, n_per_question)
+            check_not_fewer(out, done, questions, n_per_question)
         run["sampling"] = {
             "identity": identity,
             "backend": "vllm",
@@ -536,7 +486,7 @@ class VllmSampler:
             }
         new = self.sample(questions, n_per_question, adapter=adapter, skip=skip, **sampling)
         frames = [f for f in (done, new) if f is not None and len(f)]
-        table = pd.concat(frames, ignore_index=True) if frames else _empty_table()
+        table = pd.concat(frames, ignore_index=True) if frames else empty_table()
         table = table.drop_duplicates(["question_id", "sample_idx"], keep="first")
         table = sort_responses(table, questions)
         write_table(table, out, stem)
