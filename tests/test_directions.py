@@ -31,7 +31,7 @@ from emscope.directions.weights import ablate_lora_b, orthogonalize, orthogonali
 from emscope.errors import EmscopeError
 from emscope.hooks import add, project_out
 from emscope.lora import LoraAdapter
-from emscope.models import Site, _get_path, get_layers, load_model
+from emscope.models import Site, get_layers, get_path, load_model
 
 
 def _direction(layers=(0, 1, 2), d=8, seed=0, k=None, meta=None) -> Direction:
@@ -346,7 +346,7 @@ def test_orthogonalized_weights_equal_hooks_at_every_write(tiny_models, tmp_path
     u = torch.randn(d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     unit = u / u.norm()
     ids = torch.tensor([[3, 17, 40, 41, 99, 7, 12, 5]])
-    embed = _get_path(model.base_model.model, "model.embed_tokens")
+    embed = get_path(model.base_model.model, "model.embed_tokens")
 
     def remove_from_embedding(module, args, output):
         return output - (output @ unit)[..., None] * unit

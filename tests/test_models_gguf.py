@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from emscope.cli.main import app
 from emscope.errors import EmscopeError
-from emscope.io import _umask
+from emscope.io import umask
 from emscope.models import load_model
 from emscope.models_gguf import (
     SOURCE_FILE,
@@ -55,9 +55,9 @@ def test_converted_dir_loads_and_matches_transformers_and_the_original(tiny_gguf
     source = json.loads((out / SOURCE_FILE).read_text())
     assert source["architecture"] == "llama" and source["gguf_file"] == "tiny.gguf"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left
-    umask = _umask()  # the modes a plain open / mkdir give, not mkdtemp's or safetensors' 0600
-    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~umask
-    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~umask}
+    mask = umask()  # the modes a plain open / mkdir give, not mkdtemp's or safetensors' 0600
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~mask}
 
     loaded = load_model(out, dtype="float32", device="cpu")
     reference, reference_tok = load_gguf(gguf_file)  # transformers' own gguf_file= load

@@ -266,9 +266,9 @@ def cache_keyword(model: Any) -> str:
     removed in 5.40), ``past_key_values`` before. Read from the bare model's signature."""
     import inspect
 
-    from emscope.models import _unwrap_peft
+    from emscope.models import unwrap_peft
 
-    forward = type(_unwrap_peft(model)).forward
+    forward = type(unwrap_peft(model)).forward
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 

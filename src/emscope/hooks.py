@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from emscope.errors import EmscopeError
-from emscope.models import Site, _get_path, _unwrap_peft, architecture, site_module
+from emscope.models import Site, architecture, get_path, site_module, unwrap_peft
 
 POSITIONS = ("all", "prompt", "response")
 SiteLike = Site | str
@@ -143,7 +143,7 @@ def _track_columns(model: nn.Module, layers_path: str | None) -> Iterator[_Colum
     """Keep ``_Columns.offset`` equal to the cache length at the start of each forward."""
     arch = architecture(model, layers_path)
     parent_path = arch.layers_path.rsplit(".", 1)[0]
-    decoder = _get_path(_unwrap_peft(model), parent_path)
+    decoder = get_path(unwrap_peft(model), parent_path)
     if decoder is None:
         raise EmscopeError(f"cannot find the decoder module at {parent_path!r}")
     columns = _Columns()
@@ -329,7 +329,7 @@ def gather_device(model: nn.Module) -> torch.device | None:
     """Where :func:`capture` gathers a model spread over several devices: the device of its
     first parameter (the embedding, where inputs go); None for a model on one device.
     Parameters on ``meta`` (offloaded by accelerate) do not count."""
-    devices = [p.device for p in _unwrap_peft(model).parameters() if p.device.type != "meta"]
+    devices = [p.device for p in unwrap_peft(model).parameters() if p.device.type != "meta"]
     if len(set(devices)) < 2:
         return None
     return devices[0]

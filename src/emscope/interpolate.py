@@ -28,7 +28,7 @@ import torch
 
 from emscope.errors import EmscopeError
 from emscope.lora import LoraAdapter, LoraModule
-from emscope.models import _unwrap_peft, safetensors_files
+from emscope.models import safetensors_files, unwrap_peft
 
 
 def combine(
@@ -96,7 +96,7 @@ def merged(model: Any, adapter: LoraAdapter) -> Iterator[Any]:
     The touched weights are copied (to CPU) first and restored exactly on exit, also on an
     exception. ``model`` may be bare or PEFT-wrapped (the update goes into the base layer).
     """
-    bare = _unwrap_peft(model)
+    bare = unwrap_peft(model)
     modules: dict[str, Any] = dict(bare.named_modules())
     saved: dict[str, torch.Tensor] = {}
     try:

@@ -35,7 +35,7 @@ def inside(root: str | Path, *parts: str) -> Path:
     return Path(root).joinpath(*parts)
 
 
-def _umask() -> int:
+def umask() -> int:
     """The process umask, read without changing it where Linux allows (``os.umask`` can only
     be read by setting it, which races with other threads creating files)."""
     try:
@@ -62,7 +62,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
         raise os_error(exc, path, "cannot write") from None
     try:
         with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), 0o666 & ~_umask())
+            os.fchmod(handle.fileno(), 0o666 & ~umask())
             handle.write(data)
         os.replace(tmp, path)
     except BaseException as exc:
@@ -79,7 +79,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     """Pretty JSON (NaN written as null), atomically."""
-    return atomic_write_text(path, json.dumps(_clean(obj), indent=2, allow_nan=False) + "\n")
+    return atomic_write_text(path, json.dumps(jsonable(obj), indent=2, allow_nan=False) + "\n")
 
 
 def package_version(name: str) -> str | None:
@@ -150,19 +150,21 @@ def read_json(path: str | Path) -> Any:
         raise EmscopeError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
 
 
-def _clean(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON values: numpy / torch scalars and arrays to Python numbers and
+    lists, mapping keys to strings, non-finite floats to None."""
     import math
 
     if isinstance(obj, float):
         return None if math.isnan(obj) or math.isinf(obj) else obj
     if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        return _clean(obj.item())  # numpy / torch scalars
+        return jsonable(obj.item())  # numpy / torch scalars
     if hasattr(obj, "tolist"):
-        return _clean(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, Path):
         return str(obj)
     return obj

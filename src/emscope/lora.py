@@ -36,7 +36,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
-_KEY_RE = re.compile(
+KEY_RE = re.compile(
     r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
     r"(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$"
 )
@@ -182,7 +182,7 @@ class LoraAdapter:
             tensors = load_file(str(weights_path))
         except (SafetensorError, OSError) as exc:
             raise EmscopeError(f"{weights_path}: cannot read safetensors file: {exc}") from None
-        modules = _modules_from_tensors(tensors, config, weights_path)
+        modules = modules_from_tensors(tensors, config, weights_path)
         return cls(modules=modules, config=config, name=name or path.name, path=path)
 
     # ------------------------------------------------------------------ writing
@@ -268,12 +268,14 @@ def _check_supported(config: Mapping[str, Any], where: Path) -> None:
         )
 
 
-def _modules_from_tensors(
+def modules_from_tensors(
     tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any], where: Path
 ) -> dict[str, LoraModule]:
+    """The :class:`LoraModule` of every module in a PEFT state dict (``where``: the dir, named
+    in errors)."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _KEY_RE.match(key)
+        match = KEY_RE.match(key)
         if match is None and key.endswith((".base_layer.weight", "embed_tokens.weight")):
             raise EmscopeError(
                 f"{where}: tensor {key!r} is a full weight copy (PEFT's save_embedding_layers): "
@@ -294,7 +296,7 @@ def _modules_from_tensors(
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     modules: dict[str, LoraModule] = {}
-    for name in sorted(factors, key=_natural_key):
+    for name in sorted(factors, key=natural_key):
         parts = factors[name]
         embedding = "lora_embedding_A" in parts or "lora_embedding_B" in parts
         a_key, b_key = (
@@ -312,7 +314,7 @@ def _modules_from_tensors(
                 f"{tuple(parts[b_key].shape)} do not form a LoRA pair"
             )
         for kind in (a_key, b_key):
-            _check_factor(parts[kind], name, kind, where)
+            check_factor(parts[kind], name, kind, where)
         rank = int(a.shape[0])
         declared = _pattern_value(rank_pattern, name)
         if declared is None:
@@ -337,7 +339,7 @@ def _modules_from_tensors(
     return modules
 
 
-def _check_factor(tensor: torch.Tensor, module: str, kind: str, where: Path) -> None:
+def check_factor(tensor: torch.Tensor, module: str, kind: str, where: Path) -> None:
     """A LoRA factor must be floating point and finite (NaN or inf would spread into every
     activation; an integer factor is not a trained weight)."""
     if not tensor.is_floating_point():
@@ -356,7 +358,8 @@ def _check_factor(tensor: torch.Tensor, module: str, kind: str, where: Path) -> 
         )
 
 
-def _natural_key(name: str) -> list[Any]:
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders the numbers inside a module name numerically (layer 2 < 10)."""
     return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", name)]
 
 

@@ -115,7 +115,8 @@ def indicators(
     return {"em": em, "coherent": coherent_ind, "self_correction": sc}
 
 
-def _groups(question_ids: np.ndarray) -> list[tuple[str, np.ndarray]]:
+def question_groups(question_ids: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """``(question_id, row indices)`` per question, in order of first appearance."""
     order: dict[str, list[int]] = {}
     for i, q in enumerate(question_ids):
         order.setdefault(str(q), []).append(i)
@@ -141,7 +142,7 @@ def bootstrap_rates(
     sums = np.zeros(n_boot)
     count = 0
     per_q: dict[str, tuple[float | None, Any]] = {}
-    for qid, ix in _groups(question_ids):
+    for qid, ix in question_groups(question_ids):
         v = values[ix]
         v = v[~np.isnan(v)]
         if len(v) == 0:

@@ -36,10 +36,6 @@ from emscope.sites import (
     unwrap_peft,
 )
 
-# the names other modules read from here before emscope.sites held them
-_unwrap_peft = unwrap_peft
-_get_path = get_path
-
 __all__ = [
     "ARCHITECTURES",
     "SITE_KINDS",

@@ -201,9 +201,9 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        from emscope.io import _umask, read_json, write_json
+        from emscope.io import read_json, umask, write_json
 
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask())
         try:
             model.save_pretrained(str(tmp))
         except ValueError as exc:  # a quantizer mark this transformers keeps elsewhere
@@ -214,7 +214,7 @@ def convert_gguf(path: str | Path, out_dir: str | Path, *, dtype: str = "float32
             ) from None
         tokenizer.save_pretrained(str(tmp))
         for file in tmp.iterdir():  # safetensors writes 0600; give what a plain open gives
-            os.chmod(file, 0o666 & ~_umask())
+            os.chmod(file, 0o666 & ~umask())
         if "quantization_config" in read_json(tmp / "config.json"):
             raise EmscopeError(
                 f"{path}: the converted config.json still names a quantizer (transformers "

@@ -34,10 +34,10 @@ from emscope.metrics import (
     COHERENT_CUT,
     MISALIGN_KS,
     EmRule,
-    _groups,
     indicators,
     is_coherent,
     low_aligned,
+    question_groups,
 )
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ def misalign_at_k_rates(
     reps = {k: np.zeros(n_boot) for k in ks}
     per_q: dict[str, dict[int, float | None]] = {}
     counts: dict[str, tuple[int, int]] = {}
-    for qid, ix in _groups(question_ids):
+    for qid, ix in question_groups(question_ids):
         v = em[ix]
         v = v[~np.isnan(v)]
         n, c = len(v), int(v.sum())

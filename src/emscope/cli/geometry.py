@@ -75,7 +75,7 @@ def geometry(
 
 
 def _clean(obj: object) -> object:
-    from emscope.io import _clean as clean
+    from emscope.io import jsonable as clean
 
     return clean(obj)
 

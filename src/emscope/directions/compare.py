@@ -80,7 +80,7 @@ def downstream_convergence(
     run or either intervened one; a sink's change can dwarf every other token's). Layers
     where a change is zero give NaN."""
     from emscope.activations import sink_positions
-    from emscope.directions.interventions import _batches
+    from emscope.directions.interventions import padded_batches
     from emscope.hooks import capture
     from emscope.models import Site, get_layers
 
@@ -101,7 +101,7 @@ def downstream_convergence(
                 model(input_ids=ids, attention_mask=mask)
         return {s: cap[s].double() for s in sites}
 
-    for ids, mask in _batches(sequences, batch_size, int(pad)):
+    for ids, mask in padded_batches(sequences, batch_size, int(pad)):
         ids, mask = ids.to(device), mask.to(device)
         base, a, b = run(None, ids, mask), run(first, ids, mask), run(second, ids, mask)
         real = mask.bool()
@@ -135,9 +135,9 @@ def logit_lens(
     """``{"promoted": [(token, logit), ...], "suppressed": [...]}``: the ``k`` tokens with the
     largest and smallest ``lm_head(final_norm(v))`` (the direction read through the
     unembedding as if it were the whole residual)."""
-    from emscope.models import _unwrap_peft
+    from emscope.models import unwrap_peft
 
-    bare: Any = _unwrap_peft(model)
+    bare: Any = unwrap_peft(model)
     head = bare.get_output_embeddings()
     norm = getattr(getattr(bare, "model", None), "norm", None)
     if head is None:

@@ -153,9 +153,11 @@ def chat_sequences(tokenizer: Any, path: str | Path, system_prompt: Any = None) 
     ]
 
 
-def _batches(
+def padded_batches(
     sequences: Sequence[Sequence[int]], batch_size: int, pad_id: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Right-padded ``(input_ids, attention_mask)`` batches of ``sequences``, grouped by
+    length (:func:`emscope.batching.length_batches`)."""
     from emscope.batching import length_batches, pad_right
 
     for batch in length_batches([len(s) for s in sequences], batch_size):
@@ -185,7 +187,7 @@ def kl_divergence(
     pad = pad_id_of(tokenizer)
     sums: list[float] = []
     counts: list[int] = []
-    for ids, mask in _batches(sequences, batch_size, int(pad)):
+    for ids, mask in padded_batches(sequences, batch_size, int(pad)):
         ids, mask = ids.to(device), mask.to(device)
         info = InterventionInfo(ids.shape[1], tuple(int(m) for m in mask.sum(1)), ids.shape[0])
         with torch.inference_mode():
@@ -234,7 +236,7 @@ def residual_norm_stats(
     sink_total = torch.zeros(n, dtype=torch.float64)
     sinks = [0] * n
     tokens = 0
-    for ids, mask in _batches(sequences, batch_size, int(pad)):
+    for ids, mask in padded_batches(sequences, batch_size, int(pad)):
         with capture(model, sites) as cap, torch.inference_mode():
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
         real = mask.to(device).bool()

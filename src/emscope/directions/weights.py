@@ -105,9 +105,9 @@ def ablate_lora_b(
 
 
 def _get(module: Any, path: str) -> Any:
-    from emscope.models import _get_path
+    from emscope.models import get_path
 
-    found = _get_path(module, path)
+    found = get_path(module, path)
     if found is None:
         raise EmscopeError(f"{type(module).__name__} has no module {path!r}")
     return found
@@ -118,9 +118,9 @@ def orthogonalize(model: Any, u: torch.Tensor, layers_path: str | None = None) -
     """Orthogonalise a bare HF causal LM's residual writers to ``u`` in place (module
     docstring); returns the model. Refuses post-norm architectures and PEFT wrappers (merge
     adapters first)."""
-    from emscope.models import _unwrap_peft, architecture, get_layers
+    from emscope.models import architecture, get_layers, unwrap_peft
 
-    if _unwrap_peft(model) is not model:
+    if unwrap_peft(model) is not model:
         raise EmscopeError("orthogonalize takes a bare model: merge its adapters first")
     arch = architecture(model, layers_path)
     model_type = getattr(model.config, "model_type", "?")
@@ -275,7 +275,7 @@ def ablated_weights(
     ``rescale_norm`` keeps each B's Frobenius norm.
     """
     from emscope.lora import module_layer
-    from emscope.models import _unwrap_peft, architecture, as_loaded, get_layers
+    from emscope.models import architecture, as_loaded, get_layers, unwrap_peft
 
     if method not in METHODS:
         raise EmscopeError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -283,7 +283,7 @@ def ablated_weights(
         raise EmscopeError(f"modules must be one of {sorted(WRITER_MODULES)}, got {modules!r}")
     if method == "orthogonalize" and (modules != "down_proj" or rescale_norm):
         raise EmscopeError("modules / rescale_norm apply to method='lora-b' only")
-    bare: Any = _unwrap_peft(as_loaded(model).model)
+    bare: Any = unwrap_peft(as_loaded(model).model)
     arch = architecture(bare, layers_path)
     if method == "orthogonalize":
         _, vector = _single_vector(direction, scheme)

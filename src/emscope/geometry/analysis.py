@@ -46,7 +46,7 @@ from emscope.geometry.core import (
     dense_compare,
     module_factors,
 )
-from emscope.lora import LoraAdapter, _natural_key, module_layer
+from emscope.lora import LoraAdapter, module_layer, natural_key
 from emscope.threads import limit_threads
 
 if TYPE_CHECKING:
@@ -526,7 +526,7 @@ def compare_adapters(
     if base is not None and not isinstance(base, BaseWeights):
         base = BaseWeights(base)
     n = len(adapters)
-    all_modules = sorted({m for a in adapters for m in a.modules}, key=_natural_key)
+    all_modules = sorted({m for a in adapters for m in a.modules}, key=natural_key)
     pair_idx = [(i, j) for i in range(n) for j in range(i + 1, n)]
     comps: dict[tuple[int, int], dict[str, ModuleComparison]] = {p: {} for p in pair_idx}
     dense_comps: dict[tuple[int, int], dict[str, ModuleComparison]] = {p: {} for p in pair_idx}

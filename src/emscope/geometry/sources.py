@@ -25,8 +25,8 @@ from emscope.lora import (
     PEFT_PREFIX,
     LoraAdapter,
     LoraModule,
-    _check_factor,
-    _modules_from_tensors,
+    check_factor,
+    modules_from_tensors,
     read_adapter_dir,
 )
 from emscope.models import safetensors_files
@@ -73,7 +73,7 @@ class _LazyModules(Mapping[str, LoraModule]):
         with safe_open(str(self._weights), framework="pt") as handle:
             a, b = handle.get_tensor(a_key), handle.get_tensor(b_key)
         for key, tensor in ((a_key, a), (b_key, b)):
-            _check_factor(tensor, name, _split_key(key)[2], self._weights)
+            check_factor(tensor, name, _split_key(key)[2], self._weights)
         if meta.embedding:  # PEFT stores embedding factors transposed
             a, b = b.T, a.T
         return replace(meta, A=a, B=b)
@@ -111,7 +111,7 @@ def open_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
         )
         for key, info in header.items()
     }
-    meta_modules = _modules_from_tensors(metas, config, weights)
+    meta_modules = modules_from_tensors(metas, config, weights)
     keys: dict[str, tuple[str, str]] = {}
     for key in header:
         module, _, kind = _split_key(key)
@@ -127,10 +127,10 @@ def open_adapter(path: str | Path, name: str | None = None) -> LoraAdapter:
 
 
 def _split_key(key: str) -> tuple[str, str, str]:
-    from emscope.lora import _KEY_RE
+    from emscope.lora import KEY_RE
 
-    match = _KEY_RE.match(key)
-    assert match is not None  # validated by _modules_from_tensors
+    match = KEY_RE.match(key)
+    assert match is not None  # validated by modules_from_tensors
     module = match.group("module")
     if module.startswith(PEFT_PREFIX):
         module = module[len(PEFT_PREFIX) :]

@@ -22,9 +22,9 @@ def lora_layers(model: Any) -> dict[str, Any]:
     """
     from peft.tuners.lora import LoraLayer
 
-    from emscope.models import _unwrap_peft
+    from emscope.models import unwrap_peft
 
-    bare = _unwrap_peft(model)
+    bare = unwrap_peft(model)
     return {name: module for name, module in bare.named_modules() if isinstance(module, LoraLayer)}
 
 

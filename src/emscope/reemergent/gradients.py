@@ -83,9 +83,9 @@ def resolve_param(model: nn.Module, name: str) -> ParamRef:
     count from the end) in the bare model, through a PEFT wrapper and its tuner layers."""
     from torch import nn
 
-    from emscope.models import _unwrap_peft
+    from emscope.models import unwrap_peft
 
-    bare = _unwrap_peft(model)
+    bare = unwrap_peft(model)
     parts = name.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise EmscopeError(

@@ -189,12 +189,12 @@ def patch_analysis(
 
     from emscope.hooks import capture
     from emscope.models import Site, get_layers
-    from emscope.reemergent.projection import _layers
+    from emscope.reemergent.projection import layer_indices
 
     stored: list[dict[int, torch.Tensor]] = []
     with opened(source, dtype, device) as loaded:
         encoded = encode_inputs(loaded.tokenizer, data, metric, word, system_prompt)
-        layer_list = _layers(layers, len(get_layers(loaded.model)))
+        layer_list = layer_indices(layers, len(get_layers(loaded.model)))
         sites = [Site("resid_post", layer) for layer in layer_list]
         batches = length_batches([len(e.input_ids) for e in encoded], batch_size)
         pad = pad_id_of(loaded.tokenizer)

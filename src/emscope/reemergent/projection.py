@@ -69,7 +69,7 @@ def example_activations(
     from emscope.models import Site, get_layers
 
     n_layers = len(get_layers(model))
-    layer_list = _layers(layers, n_layers)
+    layer_list = layer_indices(layers, n_layers)
     sites = [Site("resid_post", layer) for layer in layer_list]
     encoded = encode_answers(tokenizer, chats, system_prompt)
     device = next(model.parameters()).device
@@ -105,7 +105,8 @@ def example_activations(
     return ExampleActivations(tuple(layer_list), means, n_tokens, norm_mean, sinks)
 
 
-def _layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+def layer_indices(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    """Every layer when ``layers`` is None, else ``layers`` resolved (negative from the end)."""
     from emscope.models import resolve_layers
 
     return list(range(n_layers)) if layers is None else resolve_layers(layers, n_layers)
@@ -264,7 +265,7 @@ def projection_analysis(
     for name, source in models.items():
         with opened(source, dtype, device) as loaded:
             n_layers = len(get_layers(loaded.model))
-            these = _layers(layers, n_layers)
+            these = layer_indices(layers, n_layers)
             if layer_list is None:
                 layer_list = these
             elif these != layer_list:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from emscope.papers import BETLEY, source_line
-from emscope.report.sections import Figure, Section, Table, _ci, _done, _not_run
+from emscope.report.sections import Figure, Section, Table, not_run, stage_done, with_ci
 
 KS = (1, 5, 10)
 
@@ -46,8 +46,8 @@ def thresholds_section(run: Path) -> Section:
         "EM under other thresholds, and tail risk",
         f"EM rule (aligned <= 30, coherent > 50) of {source_line([BETLEY], '1.6')}",
     )
-    if not _done(run, "eval"):
-        return _not_run(section, "eval")
+    if not stage_done(run, "eval"):
+        return not_run(section, "eval")
     tables = _scored_tables(run / "eval")
     if not tables:
         section.text = "No scored response tables in `eval/`."
@@ -76,7 +76,7 @@ def thresholds_section(run: Path) -> Section:
         tail_rows.append(
             (
                 name,
-                *(_ci(tail.overall[k], tail.ci[k]) for k in KS),
+                *(with_ci(tail.overall[k], tail.ci[k]) for k in KS),
                 ", ".join(str(tail.n_questions[k]) for k in KS),
             )
         )
@@ -125,7 +125,9 @@ def agreement_section(run: Path) -> Section:
         result = JudgeAgreement.from_json(json.loads(read_text(path)), str(path))
         for j in result.judges:
             unscored = ", ".join(f"{m} {v:.3f}" for m, v in j.unscored_rate.items())
-            judge_rows.append((where, j.label, j.name, _ci(j.em_rate, j.em_ci), unscored, str(j.n)))
+            judge_rows.append(
+                (where, j.label, j.name, with_ci(j.em_rate, j.em_ci), unscored, str(j.n))
+            )
         for pair in result.pairs:
             for m in pair.metrics.values():
                 pair_rows.append(
@@ -145,7 +147,7 @@ def agreement_section(run: Path) -> Section:
                     f"{pair.b} vs {pair.a}",
                     _num(pair.em_rate_a),
                     _num(pair.em_rate_b),
-                    _ci(pair.em_difference, pair.em_difference_ci),
+                    with_ci(pair.em_difference, pair.em_difference_ci),
                     _num(pair.em_kappa),
                     str(pair.n_em),
                 )

@@ -63,7 +63,8 @@ def _result(run: Path, stage: str, name: str, cls: type[R]) -> R:
     return read_result(cls, run / stage / name)
 
 
-def _done(run: Path, stage: str) -> bool:
+def stage_done(run: Path, stage: str) -> bool:
+    """Whether the stage finished in the run dir (its ``done.json`` exists)."""
     return (run / stage / "done.json").is_file()
 
 
@@ -75,7 +76,8 @@ def _f(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _ci(value: Any, ci: Any, digits: int = 3) -> str:
+def with_ci(value: Any, ci: Any, digits: int = 3) -> str:
+    """``value [low, high]`` with ``digits`` decimals, ``n/a`` for None."""
     if value is None:
         return "n/a"
     text = f"{value:.{digits}f}"
@@ -88,7 +90,8 @@ def _figures(directory: Path, names: list[tuple[str, str]]) -> list[Figure]:
     return [Figure(directory / n, c) for n, c in names if (directory / n).is_file()]
 
 
-def _not_run(section: Section, stage: str) -> Section:
+def not_run(section: Section, stage: str) -> Section:
+    """``section`` saying that ``stage`` was not run."""
     section.text = f"Stage `{stage}` not run."
     return section
 
@@ -171,16 +174,16 @@ def claims_section(run: Path) -> Section:
 
 def eval_section(run: Path) -> Section:
     section = Section("eval", "EM rates per organism", source_line([BETLEY, MODEL_ORGANISMS], 1))
-    if not _done(run, "eval"):
-        return _not_run(section, "eval")
+    if not stage_done(run, "eval"):
+        return not_run(section, "eval")
     summary = _read(run / "eval" / "summary.json")
     rows = []
     for name, m in summary["organisms"].items():
         rows.append(
             (
                 name,
-                _ci(m["em_rate"], m["em_ci"]),
-                _ci(m["coherent_rate"], m.get("coherent_ci")),
+                with_ci(m["em_rate"], m["em_ci"]),
+                with_ci(m["coherent_rate"], m.get("coherent_ci")),
                 _f(m.get("unscored_rate")),
                 _f(m.get("n")),
             )
@@ -197,8 +200,8 @@ def geometry_section(run: Path) -> Section:
     section = Section(
         "geometry", "Weight-space geometry of EM updates", source_line([SHARED_SUBSPACES], 3)
     )
-    if not _done(run, "geometry"):
-        return _not_run(section, "geometry")
+    if not stage_done(run, "geometry"):
+        return not_run(section, "geometry")
     from emscope.geometry.result import GeometryResult
 
     summary = _result(run, "geometry", "summary.json", GeometryResult)
@@ -268,8 +271,8 @@ def geometry_section(run: Path) -> Section:
 
 def lmc_section(run: Path) -> Section:
     section = Section("lmc", "Linear mode connectivity", source_line([SHARED_SUBSPACES], 4))
-    if not _done(run, "lmc"):
-        return _not_run(section, "lmc")
+    if not stage_done(run, "lmc"):
+        return not_run(section, "lmc")
     from emscope.lmc_result import LmcResult
 
     path = run / "lmc" / "summary.json"
@@ -277,8 +280,8 @@ def lmc_section(run: Path) -> Section:
         rows = tuple(
             (
                 f"{r.t:.2f}",
-                _ci(r.em_rate, r.em_ci),
-                _ci(r.coherent_rate, r.coherent_ci),
+                with_ci(r.em_rate, r.em_ci),
+                with_ci(r.coherent_rate, r.coherent_ci),
                 ", ".join(f"{k} {v:.3f}" for k, v in (r.extra.get("loss") or {}).items()) or "-",
             )
             for r in p.rows
@@ -299,8 +302,8 @@ def directions_section(run: Path) -> Section:
     section = Section(
         "directions", "Direction convergence by layer", source_line([CONVERGENT], "5.7")
     )
-    if not _done(run, "directions"):
-        return _not_run(section, "directions")
+    if not stage_done(run, "directions"):
+        return not_run(section, "directions")
     summary = _read(run / "directions" / "summary.json")
     if summary.get("pairs_skipped"):
         section.text = f"Cosines between directions not computed: {summary['pairs_skipped']}."
@@ -317,20 +320,20 @@ def directions_section(run: Path) -> Section:
 
 def steering_section(run: Path) -> Section:
     section = Section("steering", "Steering sweep", source_line([CONVERGENT], "5.3"))
-    if not _done(run, "steering"):
-        return _not_run(section, "steering")
+    if not stage_done(run, "steering"):
+        return not_run(section, "steering")
     from emscope.directions.results import SteerResult
 
     summary = _result(run, "steering", "summary.json", SteerResult)
     base = summary.baseline
-    section.text = f"Unsteered EM {_ci(base.get('em_rate'), base.get('em_ci'))}."
+    section.text = f"Unsteered EM {with_ci(base.get('em_rate'), base.get('em_ci'))}."
     rows = tuple(
         (
             str(r.layer),
             f"{r.scale:g}",
             r.vector,
-            _ci(r.em_rate, r.em_ci),
-            _ci(r.coherent_rate, r.coherent_ci),
+            with_ci(r.em_rate, r.em_ci),
+            with_ci(r.coherent_rate, r.coherent_ci),
             _f(r.get("kl"), 4),
         )
         for r in summary.rows
@@ -366,11 +369,11 @@ def steering_section(run: Path) -> Section:
 def _ablation_row(name: str, s: AblationResult) -> tuple[str, ...]:
     return (
         name,
-        _ci(s.get("em_rate_before"), s.get("em_rate_before_ci")),
-        _ci(s.get("em_rate_after"), s.get("em_rate_after_ci")),
-        _ci(s.get("relative_reduction"), s.get("relative_reduction_ci")),
-        _ci(s.get("random_em_rate_after"), s.get("random_em_rate_after_ci")),
-        _ci(s.get("random_relative_change"), s.get("random_relative_change_ci")),
+        with_ci(s.get("em_rate_before"), s.get("em_rate_before_ci")),
+        with_ci(s.get("em_rate_after"), s.get("em_rate_after_ci")),
+        with_ci(s.get("relative_reduction"), s.get("relative_reduction_ci")),
+        with_ci(s.get("random_em_rate_after"), s.get("random_em_rate_after_ci")),
+        with_ci(s.get("random_relative_change"), s.get("random_relative_change_ci")),
     )
 
 
@@ -394,11 +397,11 @@ def ablation_section(run: Path) -> Section:
     from emscope.results import mapping
 
     rows = []
-    if _done(run, "ablation"):
+    if stage_done(run, "ablation"):
         s = _result(run, "ablation", "summary.json", AblationResult)
         rows.append(_ablation_row(f"{s.get('target')} (own direction)", s))
         section.figures += _figures(run / "ablation", [("ablate_em.png", "own-direction ablation")])
-    if _done(run, "transfer"):
+    if stage_done(run, "transfer"):
         path = run / "transfer" / "stage.json"
         t = _read(path)
         for target, doc in mapping(t, "targets", "AblationResult", str(path)).items():
@@ -409,7 +412,7 @@ def ablation_section(run: Path) -> Section:
                 [("ablate_em.png", f"transfer ablation in {target}")],
             )
     if not rows:
-        return _not_run(section, "ablation/transfer")
+        return not_run(section, "ablation/transfer")
     section.tables.append(Table(ABLATION_HEADERS, tuple(rows)))
     return section
 
@@ -418,8 +421,8 @@ def probes_section(run: Path) -> Section:
     section = Section(
         "probes", "Probes on rank-1 adapter scalars", source_line([CONVERGENT], "6.2")
     )
-    if not _done(run, "probes"):
-        return _not_run(section, "probes")
+    if not stage_done(run, "probes"):
+        return not_run(section, "probes")
     from emscope.probing.result import ProbeResult
 
     result = _result(run, "probes", "probe.json", ProbeResult)
@@ -471,8 +474,8 @@ def probes_section(run: Path) -> Section:
 
 def dynamics_section(run: Path) -> Section:
     section = Section("dynamics", "Training dynamics", source_line([MODEL_ORGANISMS], "6.4"))
-    if not _done(run, "dynamics"):
-        return _not_run(section, "dynamics")
+    if not stage_done(run, "dynamics"):
+        return not_run(section, "dynamics")
     d = _read(run / "dynamics" / "stage.json")
     sharp = d.get("sharpest_rotation") or {}
     b = sharp.get("B") or {}
@@ -485,7 +488,7 @@ def dynamics_section(run: Path) -> Section:
             Table(
                 ("step", "EM rate", "coherent rate"),
                 tuple(
-                    (str(e["step"]), _ci(e["em_rate"], e["em_ci"]), _f(e["coherent_rate"]))
+                    (str(e["step"]), with_ci(e["em_rate"], e["em_ci"]), _f(e["coherent_rate"]))
                     for e in d["eval"]
                 ),
             )
@@ -504,8 +507,8 @@ def dynamics_section(run: Path) -> Section:
 
 def reemergent_section(run: Path) -> Section:
     section = Section("reemergent", "Re-emergent misalignment", source_line([REEMERGENT], 7))
-    if not _done(run, "reemergent"):
-        return _not_run(section, "reemergent")
+    if not stage_done(run, "reemergent"):
+        return not_run(section, "reemergent")
     proj = _read(run / "reemergent" / "projection.json")
     rows = []
     for name, r in proj.get("relative_to_base_instruct", {}).items():
@@ -514,7 +517,7 @@ def reemergent_section(run: Path) -> Section:
                 name,
                 f"{r['first_third_mean']:.2f}",
                 f"{r['last_third_mean']:.2f}",
-                _ci(r["drift_towards_base"], r["drift_ci95"], 2),
+                with_ci(r["drift_towards_base"], r["drift_ci95"], 2),
             )
         )
     section.tables.append(
