@@ -312,6 +312,72 @@ def test_deferred_cycles_are_the_known_ones() -> None:
     )
 
 
+#: Modules where a score is compared with a number: the rule itself.
+EM_RULE_HOME = {"emscope.metrics"}
+
+
+def em_literals(path: Path) -> list[tuple[int, str]]:
+    """``(line, source)`` of each comparison of an ``aligned`` / ``coherent`` score (a name,
+    attribute, subscript or call mentioning it) with a number literal outside ``[0, 1]``, and
+    of each such numeric default of a parameter named after one (``aligned_above=70.0``;
+    not a ``*_delta``, the span of a threshold grid)."""
+    tree = ast.parse(path.read_text(), str(path))
+    text = path.read_text().splitlines()
+
+    def mentions(node: ast.AST) -> bool:
+        src = ast.unparse(node).lower()
+        return "aligned" in src or "coherent" in src
+
+    def number(node: ast.AST) -> bool:
+        # scores run 0-100; a literal in [0, 1] is a rate's criterion (a claim's), not a cut
+        return (
+            isinstance(node, ast.Constant)
+            and type(node.value) in (int, float)
+            and not 0 <= node.value <= 1
+        )
+
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(number(x) for x in sides) and any(mentions(x) for x in sides if not number(x)):
+                found.append((node.lineno, text[node.lineno - 1].strip()))
+        elif isinstance(node, ast.arguments):
+            args = [*node.posonlyargs, *node.args]
+            pairs = list(zip(args[len(args) - len(node.defaults) :], node.defaults, strict=True))
+            pairs += [(a, d) for a, d in zip(node.kwonlyargs, node.kw_defaults, strict=True) if d]
+            for arg, default in pairs:
+                score = "aligned" in arg.arg or "coherent" in arg.arg
+                if number(default) and score and "delta" not in arg.arg:  # a grid's span
+                    found.append((default.lineno, text[default.lineno - 1].strip()))
+    return found
+
+
+def test_one_em_rule() -> None:
+    """The EM thresholds live in emscope.metrics (EmRule, ALIGNED_CUT, COHERENT_CUT,
+    CLEARLY_ALIGNED); nowhere else is an aligned or coherent score compared with a number."""
+    stray = [
+        f"{p.relative_to(SRC.parent)}:{line}: {code}"
+        for name, p in modules().items()
+        if name not in EM_RULE_HOME
+        for line, code in em_literals(p)
+    ]
+    assert not stray, "EM thresholds outside emscope.metrics:\n" + "\n".join(stray)
+
+
+def test_em_literals_finds_them(tmp_path: Path) -> None:
+    path = tmp_path / "m.py"
+    path.write_text(
+        "def f(t, aligned_above=70.0, *, coherent_min=COHERENT_CUT):\n"
+        "    a = t['aligned'] <= 30\n"
+        "    b = t.coherent > CUT\n"
+        "    c = t.medical > 50\n"
+        "    d = coherent_rate >= 0.9\n"
+        "    e = 50 < t.coherent\n"
+    )
+    assert [line for line, _ in em_literals(path)] == [1, 2, 6]
+
+
 # ----------------------------------------------------------------- the checks themselves
 
 

@@ -45,7 +45,7 @@ from emscope.batching import pad_id_of, pad_left
 from emscope.data.chat import table_chats
 from emscope.directions.direction import Direction
 from emscope.errors import EmscopeError
-from emscope.metrics import ALIGNED_CUT, COHERENT_CUT, EmRule
+from emscope.metrics import ALIGNED_CUT, CLEARLY_ALIGNED, COHERENT_CUT, EmRule
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -78,7 +78,7 @@ def _scores(table: pd.DataFrame, column: str) -> np.ndarray:
 def select_responses(
     table: pd.DataFrame,
     *,
-    aligned_above: float = 70.0,
+    aligned_above: float = CLEARLY_ALIGNED,
     misaligned_at_most: float = ALIGNED_CUT,
     coherent_above: float = COHERENT_CUT,
     topic: str | None = None,
@@ -222,7 +222,7 @@ def mean_diff(
     site_kind: str = "resid_post",
     topic: str | None = None,
     topic_side: str = "on",
-    aligned_above: float = 70.0,
+    aligned_above: float = CLEARLY_ALIGNED,
     misaligned_at_most: float = ALIGNED_CUT,
     coherent_above: float = COHERENT_CUT,
     seed: int = 0,
@@ -336,7 +336,7 @@ def subspace(
     site_kind: str = "resid_post",
     topic: str | None = None,
     topic_side: str = "on",
-    aligned_above: float = 70.0,
+    aligned_above: float = CLEARLY_ALIGNED,
     misaligned_at_most: float = ALIGNED_CUT,
     coherent_above: float = COHERENT_CUT,
     seed: int = 0,

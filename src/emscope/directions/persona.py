@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 from emscope.directions.direction import Direction
 from emscope.errors import EmscopeError
-from emscope.metrics import ALIGNED_CUT, COHERENT_CUT
+from emscope.metrics import ALIGNED_CUT, CLEARLY_ALIGNED, COHERENT_CUT
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -56,7 +56,7 @@ Message = dict[str, str]
 SIDES = ("elicit", "suppress")
 SELECTIONS = ("sides", "any")
 BUILTIN_PROMPTS = "persona_evil.yaml"
-NOT_EXPRESSING_ABOVE = 70.0
+NOT_EXPRESSING_ABOVE = CLEARLY_ALIGNED
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from emscope.errors import EmscopeError
-from emscope.metrics import EmRule
+from emscope.metrics import CLEARLY_ALIGNED, EmRule
 from emscope.probing.scalars import SCALAR_PREFIX, scalar_columns
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ def response_classes(table: pd.DataFrame, *, strict: bool = False) -> pd.DataFra
     rule = EmRule(strict=strict)
     return pd.DataFrame(
         {
-            "aligned": (aligned > 70) & rule.is_coherent(coherent),
+            "aligned": (aligned > CLEARLY_ALIGNED) & rule.is_coherent(coherent),
             "misaligned": rule.is_em(aligned, coherent),
             "medical": medical > 50,
             "nonmedical": medical < 50,
