@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from emscope.errors import EmscopeError
 from emscope.papers import CONVERGENT, REEMERGENT, SHARED_SUBSPACES, Paper
+from emscope.pipeline.claims_early_warning import EARLY_WARNING_CLAIMS, EARLY_WARNING_MEASURES
 
 if TYPE_CHECKING:
     from emscope.directions.results import AblationResult
@@ -137,6 +138,7 @@ CLAIMS: tuple[Claim, ...] = (
         "reported, no test",
         CONVERGENT,
     ),
+    *(Claim(*spec) for spec in EARLY_WARNING_CLAIMS),
 )
 
 
@@ -590,6 +592,7 @@ MEASURES: dict[str, Callable[[_Run], tuple[str, str]]] = {
     "interpolation": _interpolation,
     "drift": _drift,
     "rank1_split": _rank1_split,
+    **EARLY_WARNING_MEASURES,
 }
 
 

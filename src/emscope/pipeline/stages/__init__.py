@@ -41,6 +41,7 @@ REGISTRY = load_registry(
     "probes",
     "dynamics",
     "reemergent",
+    "early_warning",
 )
 
 #: Every stage, in the order they run (each stage's inputs come earlier in this list).

@@ -49,6 +49,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
             strict=ctx.config.judge.strict,  # forwarded to evaluate_to_dir
             **ctx.config.sampling_kwargs(),
         )
+    monitor = monitor_beside_eval(adapter_dir, result.get("eval"))
+    if monitor:
+        result["monitor"] = monitor
     result["adapter_name"] = stage.adapter
     write_json(out / "dynamics.json", result)
     from emscope.probing import plot_dynamics
@@ -60,7 +63,41 @@ def run(ctx: StageContext) -> dict[str, Any]:
         "steps": result["steps"],
         "sharpest_rotation": result["adapter"]["sharpest_rotation"],
         "eval": result.get("eval"),
+        **({"monitor": result["monitor"]} if "monitor" in result else {}),
     }
+
+
+def monitor_beside_eval(adapter_dir: Any, evals: list[dict[str, Any]] | None) -> list[Any]:
+    """The adapter's monitor record (``monitor/monitor.json`` of ``emscope monitor``, else
+    the ``train --monitor`` record in ``train.json``) at the middle layer of its direction:
+    ``[{step, layer, prompt, response, em_rate}]`` at each monitored step, ``em_rate`` from
+    ``evals`` where that step was evaluated (else None); ``[]`` without a record."""
+    from pathlib import Path
+
+    from emscope.errors import EmscopeError
+    from emscope.io import read_json
+    from emscope.monitoring import MonitorResult, record_result
+
+    path = Path(adapter_dir)
+    try:
+        if (path / "monitor" / "monitor.json").is_file():
+            rows = MonitorResult.from_json(read_json(path / "monitor" / "monitor.json")).rows()
+        elif (path / "train.json").is_file():
+            rows = record_result(read_json(path / "train.json")).rows()
+        else:
+            return []
+    except EmscopeError:  # a train.json without a monitor record
+        return []
+    layers = sorted({int(r["layer"]) for r in rows})
+    if not layers:
+        return []
+    layer = layers[len(layers) // 2]
+    em = {int(e["step"]): e.get("em_rate") for e in evals or []}
+    return [
+        {"step": int(r["step"]), "layer": layer, "prompt": r["prompt"],
+         "response": r["response"], "em_rate": em.get(int(r["step"]))}
+        for r in rows if int(r["layer"]) == layer
+    ]  # fmt: skip
 
 
 def describe(config: StudyConfig) -> str:
