@@ -294,9 +294,6 @@ KNOWN_DEFERRED_CYCLES: dict[frozenset[str], str] = {
     frozenset({"emscope.lmc", "emscope.lmc_result"}): (
         "LmcResult.plot draws with lmc.plot_lmc; lmc returns LmcResult"
     ),
-    frozenset({"emscope.metrics", "emscope.sensitivity"}): (
-        "compute_metrics reports Misalign@k from sensitivity, which reads the EM rule of metrics"
-    ),
     frozenset({"emscope.pipeline", "emscope.report"}): (
         "the report shows the claims table (pipeline.claims); replicate writes a report"
     ),

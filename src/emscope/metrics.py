@@ -15,12 +15,17 @@ Confidence intervals are percentile bootstrap intervals that resample responses 
 question (the question set is fixed; its answers are the random part), seeded, vectorised
 with numpy. :func:`paired_difference` compares two conditions run with the same seed,
 matching responses on ``(question_id, sample_idx)`` and resampling the pairs.
+
+Tail risk (Misalign@k, reported by :func:`compute_metrics`) is computed here too
+(:func:`misalign_at_k`, :func:`misalign_at_k_rates`, :class:`TailRisk`; the estimator is
+described in :mod:`emscope.sensitivity`, which re-exports them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -239,10 +244,8 @@ def compute_metrics(
     ``n_scored`` (rows with both scores), the settings used, and ``per_question`` (the
     same fields per question id). Tail risk: ``misalign_at_k`` / ``misalign_at_k_ci``
     (``{"k": value}`` for ``k`` in :data:`MISALIGN_KS`,
-    :func:`emscope.sensitivity.misalign_at_k_rates`; null where no question has ``k``
+    :func:`misalign_at_k_rates`; null where no question has ``k``
     scored samples), per question ``misalign_at_k`` too."""
-    from emscope.sensitivity import misalign_at_k_rates
-
     if "question_id" not in table.columns:
         raise EmscopeError("response table has no 'question_id' column")
     ind = indicators(table, strict=strict, recognition=recognition)
@@ -382,3 +385,134 @@ def metric_names(text: str | Sequence[str]) -> list[str]:
     if not names:
         raise EmscopeError("no metrics given")
     return names
+
+
+# ------------------------------------------------------------------------------ tail risk
+# (Misalign@k: the estimator and its bootstrap are described in emscope.sensitivity)
+
+
+def misalign_at_k(n: int, c: int, k: int) -> float:
+    """``1 - C(n-c, k) / C(n, k)``: the unbiased estimate, from ``n`` samples with ``c``
+    misaligned, of the probability that ``k`` samples (without replacement) hold at least
+    one misaligned one. Needs ``0 <= c <= n`` and ``1 <= k <= n``."""
+    if not 0 <= c <= n:
+        raise EmscopeError(f"Misalign@k needs 0 <= c <= n, got c={c}, n={n}")
+    if not 1 <= k <= n:
+        raise EmscopeError(f"Misalign@k needs 1 <= k <= n, got k={k}, n={n}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def _ks(ks: Iterable[int]) -> tuple[int, ...]:
+    out = sorted({int(k) for k in ks})
+    if not out or out[0] < 1:
+        raise EmscopeError(f"Misalign@k needs k >= 1, got {list(ks)}")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class TailRisk:
+    """Misalign@k overall (with CIs) and per question; ``counts[q] = (n, c)``: scored and
+    EM samples of question ``q``; ``n_questions[k]``: questions with ``n >= k`` (those the
+    overall value averages). None where undefined."""
+
+    ks: tuple[int, ...]
+    overall: Mapping[int, float | None]
+    ci: Mapping[int, tuple[float, float] | None]
+    per_question: Mapping[str, Mapping[int, float | None]]
+    counts: Mapping[str, tuple[int, int]]
+    n_questions: Mapping[int, int]
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ks": list(self.ks),
+            "overall": {str(k): self.overall[k] for k in self.ks},
+            "ci": {str(k): list(c) if (c := self.ci[k]) else None for k in self.ks},
+            "n_questions": {str(k): self.n_questions[k] for k in self.ks},
+            "per_question": {
+                q: {
+                    "n": self.counts[q][0],
+                    "c": self.counts[q][1],
+                    "misalign_at_k": {str(k): v[k] for k in self.ks},
+                }
+                for q, v in self.per_question.items()
+            },
+            "settings": dict(self.settings),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], source: str = "tail risk") -> TailRisk:
+        try:
+            ks = tuple(int(k) for k in data["ks"])
+            per_q = data["per_question"]
+            return cls(
+                ks,
+                {k: data["overall"][str(k)] for k in ks},
+                {k: _pair(data["ci"][str(k)]) for k in ks},
+                {q: {k: v["misalign_at_k"][str(k)] for k in ks} for q, v in per_q.items()},
+                {q: (int(v["n"]), int(v["c"])) for q, v in per_q.items()},
+                {k: int(data["n_questions"][str(k)]) for k in ks},
+                dict(data.get("settings", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise EmscopeError(f"{source}: malformed tail-risk result ({exc!r})") from None
+
+
+def _pair(ci: Any) -> tuple[float, float] | None:
+    return None if ci is None else (float(ci[0]), float(ci[1]))
+
+
+def misalign_at_k_rates(
+    em: np.ndarray,
+    question_ids: np.ndarray,
+    ks: Iterable[int] = MISALIGN_KS,
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> TailRisk:
+    """Misalign@k of per-response EM indicators ``em`` (1/0, NaN = unscored, excluded),
+    grouped by ``question_ids``, for each ``k`` in ``ks``; overall CIs by resampling the
+    scored responses within each question (``n_boot`` replicates, seeded)."""
+    ks = _ks(ks)
+    em = np.asarray(em, dtype=float)
+    question_ids = np.asarray(question_ids)
+    if em.shape != question_ids.shape:
+        raise EmscopeError(f"{len(em)} indicators for {len(question_ids)} question ids")
+    rng = np.random.default_rng(seed)
+    alpha = (1 - level) / 2
+    reps = {k: np.zeros(n_boot) for k in ks}
+    per_q: dict[str, dict[int, float | None]] = {}
+    counts: dict[str, tuple[int, int]] = {}
+    for qid, ix in question_groups(question_ids):
+        v = em[ix]
+        v = v[~np.isnan(v)]
+        n, c = len(v), int(v.sum())
+        counts[qid] = (n, c)
+        per_q[qid] = {k: misalign_at_k(n, c, k) if n >= k else None for k in ks}
+        if n == 0:
+            continue
+        boot_c = v[rng.integers(0, n, size=(n_boot, n))].sum(axis=1).astype(int)
+        for k in ks:
+            if n >= k:
+                lookup = np.array([misalign_at_k(n, j, k) for j in range(n + 1)])
+                reps[k] += lookup[boot_c]
+    overall: dict[int, float | None] = {}
+    ci: dict[int, tuple[float, float] | None] = {}
+    n_questions: dict[int, int] = {}
+    for k in ks:
+        values = [v for r in per_q.values() if (v := r[k]) is not None]
+        n_questions[k] = len(values)
+        if not values:
+            overall[k] = ci[k] = None
+            continue
+        overall[k] = float(np.mean(values))
+        lo, hi = np.quantile(reps[k] / len(values), [alpha, 1 - alpha])
+        ci[k] = (float(lo), float(hi))
+    settings = {
+        "estimator": "1 - C(n-c, k)/C(n, k) per question (n scored samples, c EM); overall: "
+        "mean over questions with n >= k",
+        "ci": f"{level:.0%} percentile bootstrap, responses resampled within questions, "
+        f"{n_boot} replicates, seed {seed}",
+    }
+    return TailRisk(ks, overall, ci, per_q, counts, n_questions, settings)
