@@ -17,6 +17,7 @@ from sklearn.metrics import roc_auc_score
 from emscope.early_warning import (
     EarlyWarningResult,
     analyse,
+    auroc,
     member_shifts,
     mix_indices,
     mix_name,
@@ -151,6 +152,10 @@ def test_undefined_statistics_are_nan() -> None:
     frame = constructed_population()
     result = analyse(frame, 0.99)  # nothing is above 1.04: one class
     assert all(math.isnan(r["auroc"]) and r["n_positive"] == 0 for r in result.table)
+    # an unscored example (NaN) is left out with its label
+    scores = [0.1, float("nan"), 0.9, 0.4, 0.2]
+    labels = [False, True, True, False, True]
+    assert auroc(scores, labels) == pytest.approx(roc_auc_score([0, 1, 0, 1], [0.1, 0.9, 0.4, 0.2]))
 
 
 def test_from_json_names_a_missing_field() -> None:

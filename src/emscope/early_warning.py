@@ -161,14 +161,17 @@ def auroc(
     scores: Sequence[float] | np.ndarray | pd.Series,
     labels: Sequence[bool] | np.ndarray | pd.Series,
 ) -> float:
-    """ROC AUC of ``scores`` for ``labels`` (:func:`sklearn.metrics.roc_auc_score`); NaN when
-    only one class is present."""
+    """ROC AUC of ``scores`` for ``labels`` (:func:`sklearn.metrics.roc_auc_score`) over the
+    finite scores (an unscored example, NaN, is left out with its label); NaN when only one
+    class is left."""
     from sklearn.metrics import roc_auc_score
 
-    truth = np.asarray(labels, dtype=bool)
+    values = np.asarray(scores, dtype=float)
+    keep = np.isfinite(values)
+    truth = np.asarray(labels, dtype=bool)[keep]
     if truth.all() or not truth.any():
         return math.nan
-    return float(roc_auc_score(truth, np.asarray(scores, dtype=float)))
+    return float(roc_auc_score(truth, values[keep]))
 
 
 @dataclass(frozen=True)

@@ -112,16 +112,20 @@ def measure_screening(run: Any) -> tuple[str, str]:
     if data is None:
         return "-", NOT_RUN
     screen = data.get("screening") or {}
-    aurocs = [m["auroc"] for m in screen.get("mixes", [])]
-    dataset = screen.get("dataset")
-    if not aurocs or not dataset:
+    aurocs = [
+        math.nan if m["auroc"] is None else float(m["auroc"]) for m in screen.get("mixes", [])
+    ]
+    if not aurocs:
         return "-", "n/a (screening not run)"
-    rho = float("nan") if dataset["spearman"] is None else float(dataset["spearman"])
-    lo = float("nan") if dataset["spearman_low"] is None else float(dataset["spearman_low"])
+    dataset = screen.get("dataset") or {}  # absent when no dataset could be scored
+    rho, lo, hi = (
+        math.nan if dataset.get(k) is None else float(dataset[k])
+        for k in ("spearman", "spearman_low", "spearman_high")
+    )
     text = (
         f"per-example AUROC {', '.join(_f(a) for a in aurocs)} ({len(aurocs)} mixes); "
-        f"dataset score vs EM rho {_f(rho)} [{_f(lo)}, {_f(dataset['spearman_high'])}] "
-        f"(n = {dataset['n']} datasets)"
+        f"dataset score vs EM rho {_f(rho)} [{_f(lo)}, {_f(hi)}] "
+        f"(n = {dataset.get('n', 0)} datasets)"
     )
     return text, "yes" if holds_screening(aurocs, rho, lo) else "no"
 
