@@ -564,6 +564,7 @@ def reemergent_section(run: Path) -> Section:
 
 def build_sections(run_dir: str | Path) -> list[Section]:
     """Every section of the report, in order."""
+    from emscope.report.early_warning import early_warning_section
     from emscope.report.judging import agreement_section, thresholds_section
 
     run = Path(run_dir)
@@ -580,5 +581,6 @@ def build_sections(run_dir: str | Path) -> list[Section]:
         probes_section(run),
         dynamics_section(run),
         reemergent_section(run),
+        early_warning_section(run),
         run_summary(run),
     ]
