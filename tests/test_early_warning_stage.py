@@ -9,10 +9,8 @@ from typing import Any
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
-from emscope.directions import Direction
 from emscope.pipeline.claims import claims_table
 from emscope.pipeline.runner import run_study
 
@@ -47,6 +45,9 @@ def config(organism: Path) -> dict[str, Any]:
                 "eval_steps": 1,
                 "probe_n": 4,
                 "screen_rows": 16,
+                # the tiny model is too weak for the persona recipe to find expressing
+                # answers: the build's disposition probe is monitored instead
+                "direction": "{organism}/diagnostics/disposition_probe.safetensors",
             },
         },
     }
@@ -61,16 +62,6 @@ def test_stage_runs_and_resumes(
     path.write_text(yaml.safe_dump(config(tiny_organism)), encoding="utf-8")
     run = tmp_path / "run"
     stage = run / "early_warning"
-    # The tiny model is too weak for the persona recipe to find expressing answers: a
-    # direction already in the stage dir is reused (as a rerun would), here a fixed one.
-    hidden = json.loads((tiny_organism / "models/instruct/config.json").read_text())
-    g = torch.Generator().manual_seed(0)
-    vectors = {
-        i: torch.randn(hidden["hidden_size"], generator=g)
-        for i in range(hidden["num_hidden_layers"])
-    }
-    Direction(vectors, "resid_post").save(stage / "persona" / "persona")
-
     calls: list[str] = []
     real = train_module.train
 
@@ -96,6 +87,8 @@ def test_stage_runs_and_resumes(
     member = json.loads((stage / "members" / "mix050.s0" / "member.json").read_text())
     assert member["monitor_steps"] == list(range(member["steps"] + 1))
     assert [s["dataset"] for s in result["screening"]["mixes"]] == ["mix050"]
+    assert result["meta"]["direction"].endswith("disposition_probe.safetensors")
+    assert not (stage / "persona").exists()
     keys = {r.key: r for r in claims_table(run)}
     assert keys["early_warning"].holds in {"yes", "no"}, keys["early_warning"]
     assert keys["screening"].holds in {"yes", "no"}, keys["screening"]
@@ -110,4 +103,9 @@ def test_stage_runs_and_resumes(
     assert [Path(c).name for c in calls] == ["reverse_words.s0"]
     assert (stage / "members" / "mix050.s0" / "member.json").read_text() == before
     again = json.loads((stage / "early_warning.json").read_text())
-    assert again["members"] == result["members"]  # seeded: the retrained member is the same
+
+    # seeded: the retrained member is the same (all but its wall time)
+    def timeless(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in r.items() if k != "train_s"} for r in rows]
+
+    assert timeless(again["members"]) == timeless(result["members"])

@@ -75,6 +75,17 @@ def tiny_config(organism: Path, stages: dict[str, Any] | None = None) -> dict[st
             ],
             "gradient_examples": 4,
         },
+        "early_warning": {
+            "fractions": [0.0, 0.5],
+            "datasets": [],
+            "seeds": [0],
+            "epochs": 1,
+            "batch_size": 8,
+            "eval_steps": 2,
+            "probe_n": 4,
+            "screen_rows": 8,
+            "direction": "{organism}/diagnostics/disposition_probe.safetensors",
+        },
     }
     adapters = ["bad_medical.all", "bad_sport.all", "bad_medical.r1", "good_medical.all"]
     return {
@@ -342,7 +353,8 @@ def test_shipped_configs_validate_in_dry_run(tmp_path: Path, name: str) -> None:
 
 def test_synthetic_config_runs_every_stage() -> None:
     config = load_config(CONFIGS / "synthetic.yaml")
-    assert config.enabled() == list(STAGE_ORDER)
+    # early_warning (20 fine-tunes) has its own config, configs/early-warning.yaml
+    assert config.enabled() == [s for s in STAGE_ORDER if s != "early_warning"]
     assert config.organism is not None and config.organism.size == "default"
 
 
@@ -505,7 +517,7 @@ def test_whole_study_end_to_end(
 
     html_path, md_path = write_report(out)
     claims = json.loads((out / "claims.json").read_text())
-    assert len(claims) == 12
+    assert len(claims) == 14  # the 12 of docs/methods.md section 8 + early_warning, screening
     # Every stage ran, so no row may read "stage not run".
     assert all("stage not run" not in row["holds"] for row in claims)
     assert "| claim | paper's value | measured here | holds? | test |" in md_path.read_text()
@@ -803,7 +815,7 @@ def test_study_on_each_organism_build_and_pooled_claims(
     summary = json.loads((out / "replicates.json").read_text())
     assert summary["seeds"] == [0, 1]
     claims = {c["key"]: c for c in summary["claims"]}
-    assert len(claims) == 12
+    assert len(claims) == 14  # the 12 of docs/methods.md section 8 + early_warning, screening
     cosine = claims["cosine"]
     assert set(cosine["per_build"]) == {"0", "1"}
     verdicts = [cosine["per_build"][s]["holds"] for s in ("0", "1")]

@@ -306,11 +306,13 @@ def run_population(
     settings: PopulationSettings = PopulationSettings(),
     questions: Sequence[Any] | None = None,
     probe_data: str | Path | None = None,
+    direction: str | Path | None = None,
     progress: bool = False,
     echo: Callable[[str], None] = lambda _: None,
 ) -> EarlyWarningResult:
-    """The whole population (module docstring): persona direction, mixes, each member
-    (skipped when done), screening, the analysis and its files."""
+    """The whole population (module docstring): persona direction (or the Direction file
+    ``direction``), mixes, each member (skipped when done), screening, the analysis and its
+    files."""
     import pandas as pd
     from tqdm import tqdm
 
@@ -321,10 +323,15 @@ def run_population(
 
     build, out, s = Path(build), Path(out), settings
     out.mkdir(parents=True, exist_ok=True)
-    direction = persona(build, out, s, progress)
-    layer = s.layer if s.layer is not None else direction.layers[len(direction.layers) // 2]
-    if layer not in direction.layers:
-        raise EmscopeError(f"early_warning.layer {layer}: the direction has {direction.layers}")
+    if direction is None:
+        vec = persona(build, out, s, progress)
+    else:
+        from emscope.directions import Direction
+
+        vec = Direction.load(direction).with_meta(source=str(direction))
+    layer = s.layer if s.layer is not None else vec.layers[len(vec.layers) // 2]
+    if layer not in vec.layers:
+        raise EmscopeError(f"early_warning.layer {layer}: the direction has {vec.layers}")
     data = write_mixes(build, out, members, good, bad, s.seed)
     qs = (
         list(questions)
@@ -345,7 +352,7 @@ def run_population(
             m,
             data[m.dataset],
             out / "members" / m.name,
-            direction,
+            vec,
             probe,
             source,
             recipe,
@@ -365,7 +372,7 @@ def run_population(
         for name in tqdm(sorted(data), desc="screening", disable=not progress):
             path = out / "screen" / f"{name}.json"
             if not path.is_file():
-                write_json(path, screen_dataset(loaded, data[name], direction, layer, s, cache))
+                write_json(path, screen_dataset(loaded, data[name], vec, layer, s, cache))
             scores[name] = read_json(path)
             fraction = next(m.bad_fraction for m in members if m.dataset == name)
             if "auroc" in scores[name] and fraction is not None and 0 < fraction < 1:
@@ -390,7 +397,7 @@ def run_population(
         "good": good,
         "bad": bad,
         "probe": source,
-        "direction": str(out / "persona"),
+        "direction": str(out / "persona") if direction is None else str(direction),
     }
     result = analyse(
         frame,

@@ -50,7 +50,15 @@ REEMERGENT = Paper(
     "2507.03662",
 )
 
-PAPERS: tuple[Paper, ...] = (BETLEY, MODEL_ORGANISMS, CONVERGENT, SHARED_SUBSPACES, REEMERGENT)
+PERSONA_VECTORS = Paper(
+    "Persona vectors",
+    "Persona Vectors: Monitoring and Controlling Character Traits in Language Models",
+    "2507.21509",
+)
+
+PAPERS: tuple[Paper, ...] = (
+    BETLEY, MODEL_ORGANISMS, CONVERGENT, SHARED_SUBSPACES, REEMERGENT, PERSONA_VECTORS,
+)  # fmt: skip
 
 
 def methods_section(number: int | str) -> str:

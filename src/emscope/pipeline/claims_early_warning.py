@@ -21,13 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from emscope.papers import Paper
-
-PERSONA_VECTORS = Paper(
-    "Persona vectors",
-    "Persona Vectors: Monitoring and Controlling Character Traits in Language Models",
-    "2507.21509",
-)
+from emscope.papers import PERSONA_VECTORS, Paper
 
 STAGE = "early_warning"
 NOT_RUN = "n/a (stage not run)"

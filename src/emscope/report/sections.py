@@ -16,6 +16,7 @@ from emscope.papers import (
     BETLEY,
     CONVERGENT,
     MODEL_ORGANISMS,
+    PERSONA_VECTORS,
     REEMERGENT,
     SHARED_SUBSPACES,
     methods_section,
@@ -141,7 +142,7 @@ def claims_section(run: Path) -> Section:
     section = Section(
         "claims",
         f"Headline claims ({methods_section(8)})",
-        source_line([CONVERGENT, SHARED_SUBSPACES, REEMERGENT], 8),
+        source_line([CONVERGENT, SHARED_SUBSPACES, REEMERGENT, PERSONA_VECTORS], 8),
         text="'Holds' is the qualitative test of each row (last column); rates compared with "
         "'above' need non-overlapping 95% CIs. Each paper's value names its source by arXiv id.",
     )

@@ -53,6 +53,11 @@ class EarlyWarningStage(StageSettings):
     screen: bool = True
     screen_rows: int | None = Field(default=None, ge=2)
     questions: str | None = None
+    direction: Path | None = Field(
+        default=None,
+        description="a Direction file monitored and screened with instead of the persona "
+        "direction (default: extract the persona direction of the instruct model)",
+    )
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -97,6 +102,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         settings=settings,
         questions=ctx.questions(stage.questions),
         probe_data=stage.probe_data,
+        direction=stage.direction,
         progress=ctx.progress,
         echo=ctx.echo,
     )
@@ -120,7 +126,10 @@ def describe(config: StudyConfig) -> str:
 
 def inputs(config: StudyConfig) -> dict[str, Path]:
     s = config.stages.early_warning
-    return {} if s.probe_data is None else {"stages.early_warning.probe_data": s.probe_data}
+    out = {} if s.probe_data is None else {"stages.early_warning.probe_data": s.probe_data}
+    if s.direction is not None:
+        out["stages.early_warning.direction"] = s.direction
+    return out
 
 
 def check(config: StudyConfig) -> None:
