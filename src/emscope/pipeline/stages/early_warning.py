@@ -148,4 +148,12 @@ def check(config: StudyConfig) -> None:
             raise ValueError(f"stages.early_warning.points: {p} is not in (0, 1]")
 
 
-STAGE = Stage("early_warning", EarlyWarningStage, run, describe, inputs=inputs, check=check)
+STAGE = Stage(
+    "early_warning",
+    EarlyWarningStage,
+    run,
+    describe,
+    inputs=inputs,
+    check=check,
+    late_fields=("direction",),
+)
