@@ -174,7 +174,7 @@ def layer_of(name: str) -> str:
             if (name == key or name.startswith(key + ".")) and key.count(".") > depth:
                 best, depth = layer, key.count(".")
     if best is None:
-        raise AssertionError(f"{name}: in no layer of tests/test_structure.py::LAYERS")
+        raise AssertionError(f"{name}: in no layer (add it to LAYERS in tests/test_structure.py)")
     return best
 
 
