@@ -195,3 +195,32 @@ def test_claim_rows_read_the_stage(tmp_path: Path) -> None:
     assert holds == ("yes" if expected else "no")
     text, holds = measure_screening(Run())
     assert "AUROC 0.90" in text and "(n = 8 datasets)" in text
+
+
+def test_dynamics_shows_the_monitor_beside_the_em_rate(tmp_path: Path) -> None:
+    from emscope.pipeline.stages.dynamics import monitor_beside_eval
+
+    assert monitor_beside_eval(tmp_path, None) == []  # no record
+    (tmp_path / "train.json").write_text(json.dumps({"callbacks": []}))
+    assert monitor_beside_eval(tmp_path, None) == []  # a run without --monitor
+    log = [
+        {
+            "step": step,
+            "layers": [0, 1, 2],
+            "prompt": [step + 0.1, step + 0.2, step + 0.3],
+            "response": [-step, -step - 1.0, -step - 2.0],
+            "n_chats": 2,
+            "n_prompt_tokens": [5, 5, 5],
+            "n_response_tokens": [3, 3, 3],
+            "sinks": [1, 1, 1],
+        }
+        for step in (0, 4, 8)
+    ]
+    record = {"callbacks": [{"name": "monitor", "settings": {}, "log": log}]}
+    (tmp_path / "train.json").write_text(json.dumps(record))
+    evals = [{"step": 0, "em_rate": 0.0}, {"step": 8, "em_rate": 0.4}]
+    assert monitor_beside_eval(tmp_path, evals) == [
+        {"step": 0, "layer": 1, "prompt": 0.2, "response": -1.0, "em_rate": 0.0},
+        {"step": 4, "layer": 1, "prompt": 4.2, "response": -5.0, "em_rate": None},
+        {"step": 8, "layer": 1, "prompt": 8.2, "response": -9.0, "em_rate": 0.4},
+    ]
