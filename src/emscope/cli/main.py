@@ -56,6 +56,7 @@ COMMAND_MODULES = (
     "toy",
     "train",
     "defences",
+    "defend",
     "evaluation",
     "judges",
     "geometry",

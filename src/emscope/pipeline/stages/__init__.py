@@ -42,6 +42,7 @@ REGISTRY = load_registry(
     "dynamics",
     "reemergent",
     "early_warning",
+    "defences",
 )
 
 #: Every stage, in the order they run (each stage's inputs come earlier in this list).

@@ -1,0 +1,189 @@
+"""The defences bench (:mod:`emscope.defences.bench`, ``emscope defend``): the plan, the
+resumable runner, the aggregation against direct computations, the dry run; and (slow) the
+plain arm on the organism against the build's own EM table."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from emscope.cli.main import app
+from emscope.defences.bench import (
+    BenchRun,
+    BenchSpec,
+    plan,
+    run_bench,
+    seeds_bootstrap,
+    values_bootstrap,
+    write_bench,
+)
+from emscope.errors import EmscopeError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _spec(**kw: Any) -> BenchSpec:
+    arms = [
+        {"label": "plain"},
+        {"label": "steer", "defences": ["steer:direction={organism}/d.safetensors,alpha=2"]},
+        {"label": "kl", "kl_data": "{organism}/a.jsonl", "kl_weight": 1.0, "tasks": ["narrow"]},
+    ]
+    return BenchSpec.model_validate({"arms": arms, "seeds": [3, 1], **kw})
+
+
+def test_plan_is_complete_ordered_and_resolved() -> None:
+    runs = plan(_spec(), "ORG")
+    assert len(runs) == (2 + 2 + 1) * 2
+    assert len({r.key for r in runs}) == len(runs)
+    assert [r.seed for r in runs] == [3] * 5 + [1] * 5  # seed outermost, as configured
+    assert runs == plan(_spec(), "ORG")
+    steer = next(r for r in runs if r.arm == "steer" and r.task == "benign")
+    assert steer.defences == ("steer:direction=ORG/d.safetensors,alpha=2",)
+    assert steer.dataset == "reverse_words" and steer.key == "steer/benign/s3"
+    kl = [r for r in runs if r.arm == "kl"]
+    assert {r.task for r in kl} == {"narrow"} and kl[0].kl_data == "ORG/a.jsonl"
+    assert BenchRun.from_json(steer.to_json()) == steer
+
+
+@pytest.mark.parametrize(
+    ("arms", "message"),
+    [
+        ([{"label": "kl", "kl_data": "a", "kl_weight": 1.0}], "first arm must be plain"),
+        ([{"label": "plain"}, {"label": "plain"}], "given twice"),
+        ([{"label": "plain"}, {"label": "x", "defences": ["nope:a=1"]}], "unknown defence"),
+        ([{"label": "plain"}, {"label": "x", "tasks": ["other"]}], "unknown task"),
+    ],
+)
+def test_plan_refuses_bad_specs(arms: list[dict[str, Any]], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        plan(BenchSpec.model_validate({"arms": arms}), "ORG")
+
+
+def _row(run: BenchRun) -> dict[str, Any]:
+    k = {"plain": 30, "steer": 5, "kl": 10}[run.arm] + run.seed
+    return {
+        "general_em": k / 100, "general_em_k": k, "general_em_n": 100,
+        "general_coherent": 0.9, "general_coherent_k": 90, "general_coherent_n": 100,
+        "task_learned": (k + 20) / 100, "task_learned_k": k + 20, "task_learned_n": 100,
+        "task_nll": 2.0 - k / 100 if run.task == "benign" else math.nan,
+        "train_s": 10.0 + (5.0 if run.arm == "kl" else 0.0) + run.seed,
+    }  # fmt: skip
+
+
+def test_runner_resumes_skipping_finished_and_redoing_interrupted(tmp_path: Path) -> None:
+    runs = plan(_spec(), "ORG")
+    calls: list[str] = []
+
+    def failing(run: BenchRun, d: Path) -> dict[str, Any]:
+        calls.append(run.key)
+        (d / "partial.bin").write_bytes(b"x")
+        if len(calls) == 3:
+            raise RuntimeError("interrupted")
+        return _row(run)
+
+    with pytest.raises(RuntimeError):
+        run_bench(runs, tmp_path, failing)
+    interrupted = tmp_path / "runs" / runs[2].key
+    assert interrupted.is_dir() and not (interrupted / "run.json").exists()
+    calls.clear()
+
+    def execute(run: BenchRun, d: Path) -> dict[str, Any]:
+        assert not (d / "partial.bin").exists()  # the interrupted dir was cleared
+        calls.append(run.key)
+        return _row(run)
+
+    rows = run_bench(runs, tmp_path, execute)
+    assert calls == [r.key for r in runs[2:]]
+    assert [r["arm"] for r in rows] == [r.arm for r in runs]
+    calls.clear()
+    assert run_bench(runs, tmp_path, execute) == rows and calls == []
+
+
+def test_aggregate_against_direct_computation(tmp_path: Path) -> None:
+    runs = plan(_spec(), "ORG")
+    rows = [{**r.to_json(), **_row(r)} for r in runs]
+    table = write_bench(rows, tmp_path, {"n_boot": 500})
+    frame = pd.DataFrame(rows)
+    for _, t in table.iterrows():
+        g = frame[(frame.arm == t.arm) & (frame.task == t.task)]
+        assert t.seeds == len(g)
+        assert t.general_em == pytest.approx((g.general_em_k / g.general_em_n).mean())
+        assert t.task_learned == pytest.approx((g.task_learned_k / g.task_learned_n).mean())
+        assert t.general_em_low <= t.general_em <= t.general_em_high
+        plain = frame[(frame.arm == "plain") & (frame.task == t.task)].train_s.mean()
+        assert t.overhead == pytest.approx(g.train_s.mean() / plain)
+        if t.task == "benign":
+            assert t.task_nll == pytest.approx(g.task_nll.mean())
+        else:
+            assert math.isnan(t.task_nll)
+    assert (tmp_path / "defences.parquet").is_file() and (tmp_path / "defences.png").is_file()
+    assert len(pd.read_csv(tmp_path / "defences.csv")) == len(rows)
+    assert len(pd.read_csv(tmp_path / "table.csv")) == 5
+
+
+def test_seeds_bootstrap_matches_the_binomial_interval_for_one_seed() -> None:
+    """One seed: the CI is the sampling interval of a proportion (normal approximation)."""
+    p, n = 0.3, 4000
+    mean, low, high = seeds_bootstrap(np.array([p * n]), np.array([n]), n_boot=4000)
+    half = 1.96 * math.sqrt(p * (1 - p) / n)
+    assert mean == pytest.approx(p)
+    assert low == pytest.approx(p - half, abs=0.15 * half)
+    assert high == pytest.approx(p + half, abs=0.15 * half)
+    # seeds without sampling noise (rates 0 or 1): the CI lies within the seeds' range
+    mean, low, high = seeds_bootstrap(np.array([0, 10, 10]), np.array([10, 10, 10]))
+    assert mean == pytest.approx(2 / 3) and 0 <= low <= mean <= high <= 1
+    assert values_bootstrap(np.array([1.5, 1.5, math.nan])) == (1.5, 1.5, 1.5)
+    with pytest.raises(EmscopeError):
+        seeds_bootstrap(np.array([1]), np.array([0]))
+
+
+def test_dry_run_of_the_shipped_configs() -> None:
+    result = CliRunner().invoke(
+        app, ["defend", str(ROOT / "configs/defences-qwen2.5-7b.example.yaml"), "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "54 fine-tunes" in result.output and "nothing trained" in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("steer-4/")]
+    assert len(lines) == 6  # 2 tasks x 3 seeds
+
+
+def test_defend_refuses_a_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("organism: nowhere\narms:\n  - label: plain\n    kl_weight: -1\n")
+    result = CliRunner().invoke(app, ["defend", str(bad), "--dry-run"])
+    assert result.exit_code == 2 and "arms.0.kl_weight" in result.output
+    bad.write_text("organism: nowhere\narms:\n  - label: plain\n")
+    result = CliRunner().invoke(app, ["defend", str(bad), "--dry-run"])
+    assert result.exit_code == 2 and "missing inputs" in result.output
+
+
+@pytest.mark.slow
+def test_plain_arm_reproduces_the_build_em_table(tmp_path: Path) -> None:
+    """The plain arm on the narrow task (the build's bad_medical.all recipe, one seed)
+    against the build's EM table for bad_medical.all: within its 95% CI (runs/toy, or
+    EMSCOPE_TOY_DIR)."""
+    import os
+
+    from emscope.defences.bench_organism import bench_organism
+    from emscope.io import read_json
+
+    build = Path(os.environ.get("EMSCOPE_TOY_DIR") or ROOT / "runs" / "toy")
+    if not (build / "build.json").is_file():
+        pytest.skip(f"no organism build at {build}")
+    spec = BenchSpec.model_validate(
+        {"arms": [{"label": "plain", "tasks": ["narrow", "benign"]}], "seeds": [0], "eval_n": 40}
+    )
+    spec = spec.model_copy(update={"benign_prompts": 10})
+    table = bench_organism(build, tmp_path, spec)
+    row = table[table.task == "narrow"].iloc[0]
+    ref = read_json(build / "build.json")["diagnostics"]["em_table"]["bad_medical.all"]
+    low, high = ref["general"]["em_ci"]
+    assert low <= row.general_em <= high
+    low, high = ref["medical"]["em_ci"]
+    assert low <= row.task_learned <= high
