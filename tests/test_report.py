@@ -16,6 +16,7 @@ import pytest
 
 from emscope.errors import EmscopeError
 from emscope.papers import PAPERS
+from emscope.pipeline import claim_rules as rules
 from emscope.pipeline import claims as c
 from emscope.report import write_report
 from emscope.report.sections import build_sections
@@ -24,64 +25,64 @@ from emscope.report.sections import build_sections
 
 
 def test_ci_above_needs_non_overlapping_intervals() -> None:
-    assert c.ci_above((0.3, 0.5), (0.1, 0.29))
-    assert not c.ci_above((0.3, 0.5), (0.1, 0.3))  # touching: overlap
-    assert not c.ci_above((0.3, 0.5), (0.1, 0.4))  # overlapping
-    assert not c.ci_above((0.1, 0.2), (0.3, 0.5))  # below
+    assert rules.ci_above((0.3, 0.5), (0.1, 0.29))
+    assert not rules.ci_above((0.3, 0.5), (0.1, 0.3))  # touching: overlap
+    assert not rules.ci_above((0.3, 0.5), (0.1, 0.4))  # overlapping
+    assert not rules.ci_above((0.1, 0.2), (0.3, 0.5))  # below
 
 
 def test_holds_narrow_em() -> None:
     org, instruct = (0.2, (0.15, 0.25)), (0.01, (0.0, 0.03))
     controls = [(0.02, (0.0, 0.05)), (0.03, (0.01, 0.06))]
-    assert c.holds_narrow_em(org, instruct, controls, 0.95)
-    assert not c.holds_narrow_em(org, instruct, controls, 0.89)  # coherence too low
-    assert not c.holds_narrow_em(org, instruct, [(0.1, (0.05, 0.16))], 0.95)  # CI overlap
-    assert not c.holds_narrow_em(org, (0.1, (0.05, 0.15)), [], 0.95)  # touching instruct
+    assert rules.holds_narrow_em(org, instruct, controls, 0.95)
+    assert not rules.holds_narrow_em(org, instruct, controls, 0.89)  # coherence too low
+    assert not rules.holds_narrow_em(org, instruct, [(0.1, (0.05, 0.16))], 0.95)  # CI overlap
+    assert not rules.holds_narrow_em(org, (0.1, (0.05, 0.15)), [], 0.95)  # touching instruct
 
 
 def test_holds_transfer() -> None:
-    assert c.holds_transfer([0.9, 0.78], [0.05, -0.1])
-    assert c.holds_transfer([0.5], [0.15])  # both bounds inclusive
-    assert not c.holds_transfer([0.9, 0.49], [0.0])
-    assert not c.holds_transfer([0.9], [-0.16])
-    assert not c.holds_transfer([], [])
+    assert rules.holds_transfer([0.9, 0.78], [0.05, -0.1])
+    assert rules.holds_transfer([0.5], [0.15])  # both bounds inclusive
+    assert not rules.holds_transfer([0.9, 0.49], [0.0])
+    assert not rules.holds_transfer([0.9], [-0.16])
+    assert not rules.holds_transfer([], [])
 
 
 def test_holds_steering() -> None:
-    assert c.holds_steering((0.4, (0.3, 0.5)), (0.01, (0.0, 0.02)))
-    assert not c.holds_steering((0.4, (0.3, 0.5)), (0.2, (0.1, 0.3)))
+    assert rules.holds_steering((0.4, (0.3, 0.5)), (0.01, (0.0, 0.02)))
+    assert not rules.holds_steering((0.4, (0.3, 0.5)), (0.2, (0.1, 0.3)))
 
 
 def test_holds_convergence_most_layers() -> None:
-    assert c.holds_convergence([[0.9, 0.6, 0.4]])  # 2 of 3
-    assert not c.holds_convergence([[0.9, 0.4, 0.4]])
-    assert not c.holds_convergence([[0.9, 0.9, 0.4, 0.4]])  # half is not most
-    assert not c.holds_convergence([[0.9, 0.9], [0.1, 0.1]])  # every pair must converge
-    assert not c.holds_convergence([])
+    assert rules.holds_convergence([[0.9, 0.6, 0.4]])  # 2 of 3
+    assert not rules.holds_convergence([[0.9, 0.4, 0.4]])
+    assert not rules.holds_convergence([[0.9, 0.9, 0.4, 0.4]])  # half is not most
+    assert not rules.holds_convergence([[0.9, 0.9], [0.1, 0.1]])  # every pair must converge
+    assert not rules.holds_convergence([])
 
 
 def test_holds_b_vector_subspace_controls_base() -> None:
-    assert c.holds_b_vector([0.04, -0.29])
-    assert not c.holds_b_vector([0.04, -0.3])
-    assert not c.holds_b_vector([])
-    assert c.holds_subspace([(20.0, 80.0), (50.0, 79.0)])
-    assert not c.holds_subspace([(20.0, 80.0), (80.0, 79.0)])
-    assert c.holds_above_controls([0.25, 0.35], [0.01, 0.02])
-    assert not c.holds_above_controls([0.25, 0.01], [0.02])
-    assert not c.holds_above_controls([0.3], [])
-    assert c.holds_base_orthogonal([1e-3, -0.049])
-    assert not c.holds_base_orthogonal([1e-3, 0.05])
+    assert rules.holds_b_vector([0.04, -0.29])
+    assert not rules.holds_b_vector([0.04, -0.3])
+    assert not rules.holds_b_vector([])
+    assert rules.holds_subspace([(20.0, 80.0), (50.0, 79.0)])
+    assert not rules.holds_subspace([(20.0, 80.0), (80.0, 79.0)])
+    assert rules.holds_above_controls([0.25, 0.35], [0.01, 0.02])
+    assert not rules.holds_above_controls([0.25, 0.01], [0.02])
+    assert not rules.holds_above_controls([0.3], [])
+    assert rules.holds_base_orthogonal([1e-3, -0.049])
+    assert not rules.holds_base_orthogonal([1e-3, 0.05])
 
 
 def test_holds_interpolation_and_drift() -> None:
     instruct = (0.01, (0.0, 0.02))
     interior = [(0.2, (0.15, 0.25)), (0.16, (0.1, 0.2))]
-    assert c.holds_interpolation(interior, instruct, [0.95, 0.9, 0.8])
-    assert not c.holds_interpolation(interior, instruct, [0.95, 0.79])
-    assert not c.holds_interpolation([*interior, (0.03, (0.01, 0.05))], instruct, [0.9])
-    assert not c.holds_interpolation([], instruct, [0.9])
-    assert c.holds_drift([0.01, 0.3])
-    assert not c.holds_drift([-0.01, 0.3])
+    assert rules.holds_interpolation(interior, instruct, [0.95, 0.9, 0.8])
+    assert not rules.holds_interpolation(interior, instruct, [0.95, 0.79])
+    assert not rules.holds_interpolation([*interior, (0.03, (0.01, 0.05))], instruct, [0.9])
+    assert not rules.holds_interpolation([], instruct, [0.9])
+    assert rules.holds_drift([0.01, 0.3])
+    assert not rules.holds_drift([-0.01, 0.3])
 
 
 def test_rank1_split() -> None:
