@@ -86,6 +86,21 @@ def tiny_config(organism: Path, stages: dict[str, Any] | None = None) -> dict[st
             "screen_rows": 8,
             "direction": "{organism}/diagnostics/disposition_probe.safetensors",
         },
+        "defences": {
+            "arms": [
+                {"label": "plain"},
+                {
+                    "label": "caft",
+                    "defences": [
+                        "caft:direction={organism}/diagnostics/disposition_probe.safetensors"
+                    ],
+                },
+            ],
+            "seeds": [0],
+            "recipe": {"epochs": 1, "batch_size": 8, "max_steps": 2},
+            "eval_n": 2,
+            "benign_prompts": 4,
+        },
     }
     adapters = ["bad_medical.all", "bad_sport.all", "bad_medical.r1", "good_medical.all"]
     return {
@@ -354,7 +369,7 @@ def test_shipped_configs_validate_in_dry_run(tmp_path: Path, name: str) -> None:
 def test_synthetic_config_runs_every_stage() -> None:
     config = load_config(CONFIGS / "synthetic.yaml")
     # early_warning (20 fine-tunes) has its own config, configs/early-warning.yaml
-    assert config.enabled() == [s for s in STAGE_ORDER if s != "early_warning"]
+    assert config.enabled() == [s for s in STAGE_ORDER if s not in ("early_warning", "defences")]
     assert config.organism is not None and config.organism.size == "default"
 
 

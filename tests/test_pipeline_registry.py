@@ -57,7 +57,7 @@ def _stage(name: str, needs: tuple[str, ...] = (), builds: bool = False) -> Stag
 
 def test_derived_order_is_the_order_before() -> None:
     # stages added since keep the order before and come after it
-    assert (*ORDER_BEFORE, "early_warning") == STAGE_ORDER
+    assert (*ORDER_BEFORE, "early_warning", "defences") == STAGE_ORDER
     assert REGISTRY.order == STAGE_ORDER
     assert STAGE_NEEDS == {
         "directions": ("eval",),
