@@ -229,6 +229,10 @@ def test_claims_from_a_constructed_run(run_dir: Path) -> None:
         "rank1_split": c.NOT_RUN,
         "early_warning": c.NOT_RUN,  # the constructed run has no early_warning stage
         "screening": c.NOT_RUN,
+        "defence_kl_interleave": c.NOT_RUN,  # nor a defences stage
+        "defence_inconsistent": c.NOT_RUN,
+        "defence_pplgap_best": c.NOT_RUN,
+        "defence_steer": c.NOT_RUN,
     }
     assert {k: r.holds for k, r in rows.items()} == expected
     assert "em1: 30.0% [25.0, 35.0]" in rows["narrow_em"].measured

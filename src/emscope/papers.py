@@ -56,8 +56,14 @@ PERSONA_VECTORS = Paper(
     "2507.21509",
 )
 
+KACZER = Paper(
+    "Kaczér et al.",
+    "In-training defenses against emergent misalignment in language models",
+    "2508.06249",
+)
+
 PAPERS: tuple[Paper, ...] = (
-    BETLEY, MODEL_ORGANISMS, CONVERGENT, SHARED_SUBSPACES, REEMERGENT, PERSONA_VECTORS,
+    BETLEY, MODEL_ORGANISMS, CONVERGENT, SHARED_SUBSPACES, REEMERGENT, PERSONA_VECTORS, KACZER,
 )  # fmt: skip
 
 

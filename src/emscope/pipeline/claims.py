@@ -34,6 +34,7 @@ from emscope.pipeline.claim_rules import (
     holds_subspace,
     holds_transfer,
 )
+from emscope.pipeline.claims_defences import DEFENCE_CLAIMS, DEFENCE_MEASURES
 from emscope.pipeline.claims_early_warning import EARLY_WARNING_CLAIMS, EARLY_WARNING_MEASURES
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ CLAIMS: tuple[Claim, ...] = (
         CONVERGENT,
     ),
     *(Claim(*spec) for spec in EARLY_WARNING_CLAIMS),
+    *(Claim(*spec) for spec in DEFENCE_CLAIMS),
 )
 
 
@@ -524,6 +526,7 @@ MEASURES: dict[str, Callable[[_Run], tuple[str, str]]] = {
     "drift": _drift,
     "rank1_split": _rank1_split,
     **EARLY_WARNING_MEASURES,
+    **DEFENCE_MEASURES,
 }
 
 
