@@ -566,6 +566,7 @@ def reemergent_section(run: Path) -> Section:
 
 def build_sections(run_dir: str | Path) -> list[Section]:
     """Every section of the report, in order."""
+    from emscope.report.defences import defences_section
     from emscope.report.early_warning import early_warning_section
     from emscope.report.judging import agreement_section, thresholds_section
 
@@ -584,5 +585,6 @@ def build_sections(run_dir: str | Path) -> list[Section]:
         dynamics_section(run),
         reemergent_section(run),
         early_warning_section(run),
+        defences_section(run),
         run_summary(run),
     ]
