@@ -187,3 +187,41 @@ def test_plain_arm_reproduces_the_build_em_table(tmp_path: Path) -> None:
     assert low <= row.general_em <= high
     low, high = ref["medical"]["em_ci"]
     assert low <= row.task_learned <= high
+
+
+def _arm(arm: str, task: str, em: float, half: float, learned: float, nll: float | None) -> dict:
+    return {
+        "arm": arm, "task": task, "general_em": em, "general_em_low": em - half,
+        "general_em_high": em + half, "task_learned": learned, "task_nll": nll,
+        "task_nll_low": None if nll is None else nll - 0.05,
+        "task_nll_high": None if nll is None else nll + 0.05,
+    }  # fmt: skip
+
+
+def test_defence_claims_on_a_constructed_table() -> None:
+    from emscope.pipeline import claims_defences as cd
+
+    table = [
+        _arm("plain", "narrow", 0.6, 0.05, 0.9, None),
+        _arm("plain", "benign", 0.0, 0.01, 0.0, 1.7),
+        _arm("kl-1", "narrow", 0.2, 0.05, 0.8, None),
+        _arm("kl-1", "benign", 0.0, 0.01, 0.0, 1.9),  # slower: 1.85 > 1.75
+        _arm("interleave-random-0.2", "narrow", 0.3, 0.05, 0.85, None),
+        _arm("interleave-random-0.2", "benign", 0.0, 0.01, 0.0, 1.7),
+        _arm("interleave-pplgap-0.2", "narrow", 0.1, 0.05, 0.9, None),
+        _arm("interleave-pplgap-0.2", "benign", 0.0, 0.01, 0.0, 1.7),
+        _arm("steer-7", "narrow", 0.02, 0.01, 0.05, None),
+    ]
+    assert cd.holds_kl_interleave(table)[1]
+    # score = EM removed x in-domain kept: pplgap (5/6 x 1) beats steer (29/30 x 1/18)
+    text, ok = cd.holds_pplgap_best(table)
+    assert ok and text.startswith("scores: interleave-pplgap-0.2 0.83")
+    assert cd.score(table[8], table[0]) == pytest.approx((1 - 0.02 / 0.6) * (0.05 / 0.9))
+    assert not cd.holds_steer(table)[1]  # suppresses the trait but loses the task
+    table[3] = _arm("kl-1", "benign", 0.0, 0.01, 0.0, 1.75)  # 1.70 > 1.75 fails
+    assert not cd.holds_kl_interleave(table)[1]
+    rows = [{"arm": "ldifs-1", "task": "narrow", "general_em": e} for e in (0.02, 0.1, 0.2)] + [
+        {"arm": "safelora-0.5", "task": "narrow", "general_em": e} for e in (0.03, 0.05, 0.1)
+    ]
+    assert cd.holds_inconsistent(rows)[1]  # ldifs range 0.18 >= 0.15
+    assert not cd.holds_inconsistent(rows[3:])[1]  # safelora range 0.07
