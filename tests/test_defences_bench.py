@@ -144,6 +144,12 @@ def test_seeds_bootstrap_matches_the_binomial_interval_for_one_seed() -> None:
 
 
 def test_dry_run_of_the_shipped_configs() -> None:
+    if (ROOT / "runs" / "toy" / "build.json").is_file():  # its inputs are the seed-0 build
+        result = CliRunner().invoke(
+            app, ["defend", str(ROOT / "configs/defences.yaml"), "--dry-run"]
+        )
+        assert result.exit_code == 0, result.output
+        assert "54 fine-tunes (9 arms, seeds [0, 1, 2])" in result.output
     result = CliRunner().invoke(
         app, ["defend", str(ROOT / "configs/defences-qwen2.5-7b.example.yaml"), "--dry-run"]
     )
