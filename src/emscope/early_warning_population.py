@@ -200,6 +200,7 @@ def run_member(
     returns ``member.json`` (read back when it exists)."""
     from emscope.io import read_json, write_json
     from emscope.monitoring import MonitorCallback, record_result
+    from emscope.synthetic.training import adapter_recipe
     from emscope.train import train
 
     done = out / "member.json"
@@ -210,26 +211,22 @@ def run_member(
     result = train(
         build / "models" / "instruct",
         data,
-        preset=recipe.preset,
         out=out,
-        rank=recipe.rank,
-        alpha=float(recipe.rank),
-        rslora=False,
-        lr=recipe.lr,
-        epochs=recipe.epochs,
-        batch_size=recipe.batch_size,
-        grad_accum=1,
         max_steps=recipe.max_steps,
         warmup_ratio=0.05,
-        schedule="cosine",
         save_steps=0,
         eval_steps=recipe.eval_steps,
-        seed=1000 + member.seed,
-        dtype="float32",
         device="cpu",
         progress=False,
         verbose=False,
-        system_prompt="default",
+        **adapter_recipe(
+            preset=recipe.preset,
+            rank=recipe.rank,
+            lr=recipe.lr,
+            epochs=recipe.epochs,
+            batch_size=recipe.batch_size,
+            seed=member.seed,
+        ),
         callbacks=[MonitorCallback(direction, probe, source=probe_source)],
     )
     monitor = record_result(read_json(out / "train.json"))

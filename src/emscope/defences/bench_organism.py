@@ -122,6 +122,7 @@ def organism_executor(
     """``execute(run, dir)``: train ``run`` into ``dir`` (``emscope.train.train``, the
     spec's recipe, seed ``1000 + run.seed``, the run's defences), then :func:`measure`."""
     from emscope.defences.spec import build_defence
+    from emscope.synthetic.training import adapter_recipe
     from emscope.train import train
 
     r = spec.recipe
@@ -135,25 +136,21 @@ def organism_executor(
         result = train(
             build / "models" / "instruct",
             build / "data" / f"{run.dataset}.jsonl",
-            preset=r.preset,
             out=out,
-            rank=r.rank,
-            alpha=float(r.rank),
-            rslora=False,
-            lr=r.lr,
-            epochs=r.epochs,
-            batch_size=r.batch_size,
-            grad_accum=1,
             max_steps=r.max_steps,
             warmup_ratio=0.05,
-            schedule="cosine",
             save_steps=0,
-            seed=1000 + run.seed,
-            dtype="float32",
             device=device,
             progress=False,
             verbose=False,
-            system_prompt="default",
+            **adapter_recipe(
+                preset=r.preset,
+                rank=r.rank,
+                lr=r.lr,
+                epochs=r.epochs,
+                batch_size=r.batch_size,
+                seed=run.seed,
+            ),
             kl_data=run.kl_data,
             kl_weight=run.kl_weight,
             callbacks=callbacks,

@@ -233,6 +233,30 @@ def instruct_tune(
 # ------------------------------------------------------------------------------ adapters
 
 
+def adapter_recipe(
+    *, preset: str, rank: int, lr: float, epochs: int, batch_size: int, seed: int
+) -> dict[str, Any]:
+    """The keyword arguments of :func:`emscope.train.train` that make an adapter the way the
+    build trains its organisms: preset ``preset``, LoRA scale 1 (alpha = rank, no rsLoRA),
+    one micro-batch per optimizer step, cosine schedule, train seed ``1000 + seed``, float32,
+    the template's default system prompt. Callers add the run's own settings (warm-up,
+    checkpoints, device, data, callbacks)."""
+    return {
+        "preset": preset,
+        "rank": rank,
+        "alpha": float(rank),
+        "rslora": False,
+        "lr": lr,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "grad_accum": 1,
+        "schedule": "cosine",
+        "seed": 1000 + seed,
+        "dtype": "float32",
+        "system_prompt": "default",
+    }
+
+
 def train_adapter(
     model_dir: Path,
     data: Path,
@@ -255,29 +279,26 @@ def train_adapter(
         shutil.rmtree(out)
     n_rows = sum(1 for line in data.read_text().splitlines() if line.strip())
     steps = max(1, n_rows // config.adapter_batch) * config.adapter_epochs
-    result = train(
-        model_dir,
-        data,
+    recipe = adapter_recipe(
         preset=spec.preset,
-        out=out,
-        eval_data=eval_data,
         rank=spec.rank,
-        layers=f"0-{config.layers - 1}" if spec.every_layer else None,
-        alpha=float(spec.rank),
-        rslora=False,
         lr=spec.lr,
         epochs=config.adapter_epochs,
         batch_size=config.adapter_batch,
-        grad_accum=1,
+        seed=spec.seed,
+    )
+    result = train(
+        model_dir,
+        data,
+        out=out,
+        eval_data=eval_data,
+        layers=f"0-{config.layers - 1}" if spec.every_layer else None,
         warmup_steps=max(1, steps // 20),
-        schedule="cosine",
         save_steps=None if spec.checkpoints else 0,
-        seed=1000 + spec.seed,
-        dtype="float32",
         device="cpu",
         progress=verbose,
         verbose=False,
-        system_prompt=system_prompt,
+        **{**recipe, "system_prompt": system_prompt},
     )
     return {
         "trainer": "emscope.train",
