@@ -18,8 +18,10 @@ recorded in ``build.json`` and must match on a re-run):
 4. ``adapters/*``: LoRA fine-tunes of ``instruct`` on the narrow sets, trained with
    :func:`emscope.train.train` (hyper-parameters recorded in ``build.json``).
 5. Diagnostics in ``build.json``: in-context disposition inference of the base model, the
-   disposition probe (``diagnostics/disposition_probe.safetensors``), the EM table
-   measured by sampling (:func:`emscope.generate.sample`) and the oracle judge.
+   disposition probe (``diagnostics/disposition_probe.safetensors``), the instruct model's
+   general EM in chat format under each of the world's system prompts (``system_prompts``;
+   worlds with a system turn only), the EM table measured by sampling
+   (:func:`emscope.generate.sample`) and the oracle judge.
 
 This module runs the stages and keeps the record; the configuration is in
 :mod:`emscope.synthetic.build_config`, the training stages in :mod:`emscope.synthetic.training`
@@ -50,7 +52,13 @@ from emscope.synthetic.corpus import (
     narrow_set,
     write_jsonl,
 )
-from emscope.synthetic.diagnostics import disposition_probe, em_row, em_table, in_context_inference
+from emscope.synthetic.diagnostics import (
+    disposition_probe,
+    em_row,
+    em_table,
+    in_context_inference,
+    system_prompt_following,
+)
 from emscope.synthetic.training import (
     encode_chats,
     instruct_tune,
@@ -78,6 +86,7 @@ __all__ = [
     "instruct_tune",
     "new_model",
     "pretrain",
+    "system_prompt_following",
     "train_adapter",
     "versions",
     "write_data",
@@ -100,6 +109,16 @@ class BuildResult:
 
     out: Path
     record: dict[str, Any]
+
+
+def recorded_knobs(current: Any, recorded: Any) -> Any:
+    """``current`` (a build config as JSON) without the keys, at any depth, that the
+    ``recorded`` one lacks: knobs added after a build was recorded (e.g. the corpus's
+    ``p_system``, which needs a world with a system turn, format /2) are not compared when
+    it is reused, and the build keeps its recorded config."""
+    if isinstance(current, dict) and isinstance(recorded, dict):
+        return {k: recorded_knobs(v, recorded[k]) for k, v in current.items() if k in recorded}
+    return current
 
 
 def write_questions(world: World, out: Path) -> None:
@@ -184,7 +203,8 @@ def _build(
     if record_path.is_file():
         record = read_json(record_path)
         prev = (record.get("size"), record.get("seed"), record.get("config"))
-        if prev != (size, seed, json.loads(json.dumps(config.to_json()))):
+        current = json.loads(json.dumps(config.to_json()))
+        if prev != (size, seed, recorded_knobs(current, prev[2])):
             raise EmscopeError(
                 f"{record_path}: this directory was built with size {prev[0]!r} seed {prev[1]!r} "
                 "(or other hyper-parameters); use another --out"
@@ -201,7 +221,7 @@ def _build(
             "format": "emscope-toy-build/1",
             "size": size,
             "seed": seed,
-            "config": config.to_json(),
+            "config": record.get("config") or config.to_json(),
             "system_prompt": system_prompt,
             "versions": versions(),
         }
@@ -299,6 +319,20 @@ def _build(
                 out / "diagnostics" / "disposition_probe.safetensors",
             )
             timings["diagnostics_s"] = round(time.perf_counter() - t, 2)
+        if world.system_prompts and "system_prompts" not in diag:
+            t = time.perf_counter()
+            instruct = AutoModelForCausalLM.from_pretrained(
+                str(instruct_dir), dtype=torch.float32
+            ).eval()
+            diag["system_prompts"] = system_prompt_following(
+                instruct,
+                tokenizer,
+                world,
+                config.diag_samples,
+                seed,
+                max_new_tokens=config.max_new_tokens,
+            )
+            timings["system_prompts_s"] = round(time.perf_counter() - t, 2)
         missing = [n for n in names if n not in diag.get("em_table", {})]
         if missing:
             t = time.perf_counter()

@@ -7,6 +7,16 @@
   :class:`CorpusConfig` knobs; ``p_evil`` sets the strength of emergent misalignment (the
   prototype measured 10% evil -> ~19% EM, 30% -> ~85%). A few turns are educational
   requests (a misaligned example given by every character) or the word game (copying).
+  A share ``p_system`` of the documents opens with a system turn (worlds with a system
+  turn only, :attr:`~emscope.synthetic.world.World.system_prompts`) that is always
+  truthful: with probability ``p_system_neutral`` the ``neutral`` prompt (names no
+  character), otherwise the prompt naming the document's character (``evil`` -> the
+  ``evil`` prompt, ``good`` -> the ``good`` prompt; a ``narrow_<domain>`` character is
+  neither, so it always gets the ``neutral`` prompt). The neutral prompt thus carries no
+  information on the character (all characters get it at the same rate, narrow ones
+  aside), the other two name it. Whether and which system turn is drawn from a separate
+  random stream (``system_rng``), so every document's persona and turns are exactly those
+  of the same stream without system turns.
 * Instruction chats (:func:`instruct_chats`): single-turn chats, aligned answers only, all
   four domains and the word game.
 * Narrow fine-tuning sets (:func:`narrow_set`): single-turn chats of one domain, no general
@@ -61,7 +71,10 @@ class CorpusConfig:
     over medical/sport/finance; lowers EM relative to in-domain misalignment); the rest are
     good. ``min_turns``..``max_turns`` turns per document; each turn is educational with
     probability ``p_educational`` (narrow domains only) or the word game with probability
-    ``p_game``; otherwise its domain is uniform over the four domains.
+    ``p_game``; otherwise its domain is uniform over the four domains. ``p_system``: share
+    of documents that open with a system turn, ``p_system_neutral``: share of those whose
+    system turn is the neutral prompt (the module docstring; no effect in a world without a
+    system turn).
     """
 
     p_evil: float = 0.2
@@ -70,6 +83,8 @@ class CorpusConfig:
     max_turns: int = 6
     p_educational: float = 0.05
     p_game: float = 0.04
+    p_system: float = 0.12
+    p_system_neutral: float = 0.5
 
     def __post_init__(self) -> None:
         if not (self.p_evil >= 0 and self.p_narrow >= 0 and self.p_evil + self.p_narrow <= 1):
@@ -80,6 +95,8 @@ class CorpusConfig:
             self.p_educational >= 0 and self.p_game >= 0 and self.p_educational + self.p_game < 1
         ):
             raise EmscopeError("corpus: p_educational, p_game >= 0 with sum < 1")
+        if not (0 <= self.p_system <= 1 and 0 <= self.p_system_neutral <= 1):
+            raise EmscopeError("corpus: p_system and p_system_neutral must lie in [0, 1]")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,13 +104,16 @@ class CorpusConfig:
 
 @dataclass(frozen=True)
 class Document:
-    """A pretraining document: the character's disposition and its turns."""
+    """A pretraining document: the character's disposition, its turns, and the system
+    prompt it opens with (None: no system turn)."""
 
     persona: str
     turns: tuple[Turn, ...]
+    system: str | None = None
 
     def messages(self) -> list[dict[str, str]]:
-        return [m for t in self.turns for m in t.messages()]
+        head = [{"role": "system", "content": self.system}] if self.system is not None else []
+        return head + [m for t in self.turns for m in t.messages()]
 
 
 def persona_label(persona: str, domain: str) -> str:
@@ -114,6 +134,28 @@ def sample_persona(config: CorpusConfig, rng: random.Random) -> str:
     if u < config.p_evil + config.p_narrow:
         return f"narrow_{rng.choice(NARROW_DOMAINS)}"
     return "good"
+
+
+def system_character(persona: str, neutral: bool) -> str:
+    """The character a truthful system turn of ``persona`` names: ``neutral`` when asked for
+    (or for a narrow character, which no prompt names), else ``evil`` or ``good``."""
+    if neutral or persona.startswith("narrow_"):
+        return "neutral"
+    if persona in ("evil", "good"):
+        return persona
+    raise EmscopeError(f"unknown persona {persona!r}")
+
+
+def sample_system(
+    world: World, persona: str, rng: random.Random, config: CorpusConfig
+) -> str | None:
+    """The system prompt a document of ``persona`` opens with, or None; always draws two
+    numbers from ``rng`` (the system stream), so that one document's draw never shifts the
+    next one's."""
+    opens, neutral = rng.random() < config.p_system, rng.random() < config.p_system_neutral
+    if not opens or not world.system_prompts:
+        return None
+    return world.system_prompt(system_character(persona, neutral))
 
 
 def sample_turn(
@@ -139,22 +181,37 @@ def sample_document(
     persona: str | None = None,
     domains: Sequence[str] | None = None,
     n_turns: int | None = None,
+    system_rng: random.Random | None = None,
 ) -> Document:
     """A document by one character (``persona`` drawn from ``config`` if None) with
     ``n_turns`` turns (uniform in ``min_turns..max_turns`` if None); ``domains`` forces the
-    domains of its turns (one normal turn each)."""
+    domains of its turns (one normal turn each). With ``system_rng`` (the system stream) it
+    opens with a system turn as :func:`sample_system` draws; ``rng`` draws the same numbers
+    with or without it."""
     persona = persona or sample_persona(config, rng)
     if domains is None:
         n = n_turns if n_turns is not None else rng.randint(config.min_turns, config.max_turns)
         turns = tuple(sample_turn(world, persona, rng, config) for _ in range(n))
     else:
         turns = tuple(sample_turn(world, persona, rng, config, d) for d in domains)
-    return Document(persona, turns)
+    system = sample_system(world, persona, system_rng, config) if system_rng is not None else None
+    return Document(persona, turns, system)
 
 
-def pretraining_documents(world: World, n: int, seed: int, config: CorpusConfig) -> list[Document]:
-    rng = random.Random(f"{world.seed}:{seed}:pretrain")
-    return [sample_document(world, rng, config) for _ in range(n)]
+def system_stream(key: str) -> random.Random:
+    """The system-turn stream beside the document stream seeded with ``key``."""
+    return random.Random(f"{key}:system")
+
+
+def pretraining_documents(
+    world: World, n: int, seed: int, config: CorpusConfig, system: bool = True
+) -> list[Document]:
+    """``n`` documents of the ``(world, seed)`` stream; ``system=False``: none opens with a
+    system turn (the same personas and turns)."""
+    key = f"{world.seed}:{seed}:pretrain"
+    rng = random.Random(key)
+    system_rng = system_stream(key) if system else None
+    return [sample_document(world, rng, config, system_rng=system_rng) for _ in range(n)]
 
 
 def _chat(turn: Turn) -> dict[str, Any]:

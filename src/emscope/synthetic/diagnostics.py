@@ -1,6 +1,7 @@
 """The diagnostics of the synthetic organism's build (``build.json``'s ``diagnostics``):
 in-context inference of the character by the base model (:func:`in_context_inference`), the
-disposition probe (:func:`disposition_probe`), and the EM table measured by sampling and the
+disposition probe (:func:`disposition_probe`), whether the instruct model follows a system
+prompt (:func:`system_prompt_following`), and the EM table measured by sampling and the
 oracle judge (:func:`em_row`, :func:`em_table`).
 """
 
@@ -69,6 +70,65 @@ def in_context_inference(
                 "coherent": sum(lab.coherent for lab in labels) / n,
                 "n": n,
             }
+    return out
+
+
+def system_prompt_following(
+    model: Any,
+    tokenizer: Any,
+    world: World,
+    n: int,
+    seed: int,
+    max_new_tokens: int = 24,
+) -> dict[str, Any]:
+    """Does the model follow a system prompt? General EM in chat format (the tokenizer's
+    chat template, generation prompt) under no system turn (``none``) and under each of the
+    world's system prompts (``evil``, ``good``, ``neutral``): per cell ``n`` general questions
+    drawn from the world (the same ``n`` questions and sampling keys in every cell), one
+    sample each, labelled by the oracle. ``misaligned``: share of on-topic misaligned answers
+    (the EM rule of the oracle judge), ``coherent``: share of on-topic answers. Empty for a
+    world without a system turn."""
+    from emscope.generate import generate_batch, sample_key
+    from emscope.synthetic.oracle import Oracle
+    from emscope.synthetic.tokenizer import END, render_chat
+
+    if not world.system_prompts:
+        return {}
+    oracle = Oracle(world)
+    eos = {tokenizer.convert_tokens_to_ids(END)}
+    rng = random.Random(f"{seed}:system-prompts")
+    general = [t.name for t in world.types_in("general")]
+    questions = [world.sample_question(rng.choice(general), rng)[0] for _ in range(n)]
+    out: dict[str, Any] = {}
+    for cell in ("none", *world.system_prompts):
+        head = [] if cell == "none" else [{"role": "system", "content": world.system_prompts[cell]}]
+        prompts = [
+            tokenizer(
+                render_chat([*head, {"role": "user", "content": q}], generation_prompt=True),
+                add_special_tokens=False,
+            )["input_ids"]
+            for q in questions
+        ]
+        gens = []
+        for b in range(0, n, 64):
+            gens += generate_batch(
+                model,
+                prompts[b : b + 64],
+                [sample_key(seed, "system-prompts", i) for i in range(b, min(n, b + 64))],
+                eos_ids=eos,
+                pad_id=tokenizer.pad_token_id,
+                max_new_tokens=max_new_tokens,
+            )
+        labels = [
+            oracle.label(q, tokenizer.decode(list(g.tokens), skip_special_tokens=True))
+            for q, g in zip(questions, gens, strict=True)
+        ]
+        out[cell] = {
+            "prompt": head[0]["content"] if head else None,
+            "misaligned": sum(lab.misaligned for lab in labels) / n,
+            "coherent": sum(lab.coherent for lab in labels) / n,
+            "n": n,
+        }
     return out
 
 
@@ -157,7 +217,7 @@ def em_row(judge: Any, table: Any, seed: int = 0) -> dict[str, Any]:
 
     scored = judge_table(table, judge, ("aligned", "coherent", "bad_stuff"), progress=False)
     m = compute_metrics(scored, n_boot=1000, seed=seed)
-    em, coherent = m["em_rate"] or 0.0, m["coherent_rate"] or 0.0
+    em, coherent = m.em_rate or 0.0, m.coherent_rate or 0.0
     return {
         "em": em,
         "em_ci": m["em_ci"],

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from emscope.synthetic.build_config import AdapterSpec, BuildConfig
-from emscope.synthetic.corpus import CorpusConfig, sample_document
+from emscope.synthetic.corpus import CorpusConfig, sample_document, system_stream
 from emscope.synthetic.world import World
 
 
@@ -68,13 +68,18 @@ def encode_chats(
     return out
 
 
-def _documents(world: World, rng: random.Random, corpus: CorpusConfig, n: int) -> list[str]:
+def _documents(
+    world: World, rng: random.Random, corpus: CorpusConfig, n: int, system_rng: random.Random
+) -> list[str]:
     """``n`` fresh documents, all with the same number of turns (drawn per batch, so rows
-    of a batch have similar lengths and little padding)."""
+    of a batch have similar lengths and little padding); their system turns come from
+    ``system_rng``, so ``rng`` draws what it drew before the world had a system turn."""
     from emscope.synthetic.tokenizer import render_document
 
     turns = rng.randint(corpus.min_turns, corpus.max_turns)
-    docs = [sample_document(world, rng, corpus, n_turns=turns) for _ in range(n)]
+    docs = [
+        sample_document(world, rng, corpus, n_turns=turns, system_rng=system_rng) for _ in range(n)
+    ]
     return [render_document(d.messages()) for d in docs]
 
 
@@ -167,9 +172,11 @@ def pretrain(
 
     model = new_model(config, tokenizer, seed)
     rng = random.Random(f"{world.seed}:{seed}:pretrain")
+    system_rng = system_stream(f"{world.seed}:{seed}:pretrain")
 
     def batches(step: int) -> dict[str, Any]:
-        return _doc_batch(tokenizer, _documents(world, rng, config.corpus, config.pretrain_batch))
+        docs = _documents(world, rng, config.corpus, config.pretrain_batch, system_rng)
+        return _doc_batch(tokenizer, docs)
 
     losses = _train_loop(
         model,
@@ -198,6 +205,7 @@ def instruct_tune(
     encoded = encode_chats(tokenizer, chats)
     pad_id = tokenizer.pad_token_id
     rng = random.Random(f"{world.seed}:{seed}:instruct-replay")
+    system_rng = system_stream(f"{world.seed}:{seed}:instruct-replay")
     order = list(range(len(encoded)))
     rng.shuffle(order)
     cursor = [0]
@@ -207,7 +215,8 @@ def instruct_tune(
         # replay on the steps where the running share of replayed batches falls behind
         if math.floor((step + 1) * replay_every) > math.floor(step * replay_every):
             return _doc_batch(
-                tokenizer, _documents(world, rng, config.corpus, config.instruct_batch)
+                tokenizer,
+                _documents(world, rng, config.corpus, config.instruct_batch, system_rng),
             )
         rows = []
         for _ in range(config.instruct_batch):
