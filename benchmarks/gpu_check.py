@@ -326,6 +326,7 @@ VLLM_RATE: list[float] = []
 
 
 def vllm_worker(model_dir: str, n: int, max_new: int) -> None:
+    from emscope.eval import SamplingParams
     from emscope.vllm_backend import VllmOptions, VllmSampler
 
     sampler = VllmSampler(
@@ -334,9 +335,9 @@ def vllm_worker(model_dir: str, n: int, max_new: int) -> None:
     with timed() as startup:
         sampler.engine()
     questions = _questions()
-    sampler.sample(questions, 1, max_new_tokens=8, seed=1, progress=False)  # warm-up
+    sampler.sample(questions, SamplingParams(1, 1, max_new_tokens=8), progress=False)  # warm-up
     with timed() as t:
-        table = sampler.sample(questions, n, max_new_tokens=max_new, seed=0, progress=False)
+        table = sampler.sample(questions, SamplingParams(n, max_new_tokens=max_new), progress=False)
     print(json.dumps({"tokens": int(table.n_tokens.sum()), "seconds": t[0], "startup": startup[0]}))
 
 

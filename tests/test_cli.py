@@ -92,11 +92,10 @@ def test_judge_settings_one_place():
 
 
 def test_sampling_settings_shared_by_cli_and_pipeline():
-    from emscope.cli.options import sampling_kwargs
+    from emscope.cli.options import SamplingParams as SamplingSettings
     from emscope.pipeline.config import SamplingConfig
-    from emscope.sampling import SamplingSettings
 
-    cli = sampling_kwargs(5, 3, 8, 16, 0.7, 0.9)
+    cli = SamplingSettings(5, 3, 8, 16, 0.7, 0.9)
     config = SamplingConfig(
         n=5, seed=3, batch_size=8, max_new_tokens=16, temperature=0.7, top_p=0.9
     )

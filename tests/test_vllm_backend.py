@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from emscope.cli.main import app
 from emscope.data.questions import Question
 from emscope.errors import EmscopeError
+from emscope.eval import BackendSettings, SamplingParams
 from emscope.vllm_backend import (
     INTERVENTIONS_REFUSED,
     VllmOptions,
@@ -109,7 +110,8 @@ def test_requests_are_the_hf_prompts_with_per_sample_seeds(qwen: Any, tmp_path: 
     plan = plan_samples(QUESTIONS, 4)
     stops = stop_token_ids(model, tokenizer)
     assert tokenizer.eos_token_id in stops
-    requests = build_requests(tokenizer, plan, seed=3, max_new_tokens=5, stop_ids=stops)
+    params = SamplingParams(seed=3, max_new_tokens=5)
+    requests = build_requests(tokenizer, plan, params, stop_ids=stops)
     assert len(requests) == 12
     for r in requests:
         messages = r.sample.question.messages(r.sample.paraphrase_idx)
@@ -119,13 +121,13 @@ def test_requests_are_the_hf_prompts_with_per_sample_seeds(qwen: Any, tmp_path: 
         assert r.params["max_tokens"] == 5 and r.params["stop_token_ids"] == stops
     assert len({r.params["seed"] for r in requests}) == 12
     assert "TinyBot" in tokenizer.decode(requests[0].prompt_token_ids)  # the template's own
-    none = build_requests(tokenizer, plan[:1], seed=3, system_prompt="none")
+    none = build_requests(tokenizer, plan[:1], SamplingParams(seed=3), system_prompt="none")
     assert "TinyBot" not in tokenizer.decode(none[0].prompt_token_ids)
     # a sample's request does not depend on the rest of the plan
-    alone = build_requests(tokenizer, plan[5:6], seed=3, max_new_tokens=5, stop_ids=stops)
+    alone = build_requests(tokenizer, plan[5:6], params, stop_ids=stops)
     assert alone[0] == requests[5]
     with pytest.raises(EmscopeError, match="top_p"):
-        build_requests(tokenizer, plan, top_p=0)
+        build_requests(tokenizer, plan, SamplingParams(top_p=0))
 
 
 def test_refusals_before_vllm_is_looked_for(qwen: Any, tmp_path: Path) -> None:
@@ -143,7 +145,7 @@ def test_refusals_before_vllm_is_looked_for(qwen: Any, tmp_path: Path) -> None:
         VllmSampler(tmp_path)
     # nothing left to draw: no engine, no vLLM needed
     done = {(q.id, i) for q in QUESTIONS for i in range(2)}
-    assert sampler.sample(QUESTIONS, 2, skip=done).empty
+    assert sampler.sample(QUESTIONS, SamplingParams(2), skip=done).empty
     if not HAS_VLLM:
         with pytest.raises(EmscopeError) as missing:
             sample_vllm(qwen.model, QUESTIONS, 1)
@@ -208,7 +210,9 @@ def test_sample_to_dir_resumes_and_keeps_backends_apart(
     sampler = VllmSampler(qwen.model, [qwen.adapters["r4"], qwen.adapters["r1"]])
     out = tmp_path / "v"
     kw = {"seed": 1, "max_new_tokens": 2}
-    table = sampler.sample_to_dir(QUESTIONS, out, 2, adapter=qwen.adapters["r1"], **kw)
+    table = sampler.sample_to_dir(
+        QUESTIONS, out, SamplingParams(2, **kw), adapter=qwen.adapters["r1"]
+    )
     assert len(table) == 6 and set(table.adapter) == {"r1"} and table.finished.all()
     assert all(a.startswith("r1 ") for a in table.answer)
     assert len(fake_vllm.made) == 1 and fake_vllm.made[0]["max_lora_rank"] == 8
@@ -217,13 +221,15 @@ def test_sample_to_dir_resumes_and_keeps_backends_apart(
     assert run_record["identity"]["backend"] == "vllm" and run_record["backend"] == "vllm"
     assert run_record["rendered_prompt"].endswith("assistant\n")
     # a larger n draws only the new samples, on the same engine
-    again = sampler.sample_to_dir(QUESTIONS, out, 3, adapter=qwen.adapters["r1"], **kw)
+    again = sampler.sample_to_dir(
+        QUESTIONS, out, SamplingParams(3, **kw), adapter=qwen.adapters["r1"]
+    )
     assert len(again) == 9 and len(fake_vllm.calls[1]["prompts"]) == 3
     keys = ["question_id", "sample_idx"]
     kept = again.set_index(keys).loc[table.set_index(keys).index, "answer"]
     assert kept.tolist() == table["answer"].tolist()  # the first draws are kept as they were
     with pytest.raises(EmscopeError, match=r"different settings \(adapter\)"):
-        sampler.sample_to_dir(QUESTIONS, out, 3, adapter=qwen.adapters["r4"], **kw)
+        sampler.sample_to_dir(QUESTIONS, out, SamplingParams(3, **kw), adapter=qwen.adapters["r4"])
     # the HF backend's stream is another one: neither backend resumes the other's dir
     loaded = load_model(qwen.model, [qwen.adapters["r1"]], device="cpu")
     with pytest.raises(EmscopeError, match=r"different settings \(backend\)"):
@@ -231,9 +237,11 @@ def test_sample_to_dir_resumes_and_keeps_backends_apart(
     hf = tmp_path / "hf"
     sample_to_dir(loaded, QUESTIONS, hf, 1, **kw)
     with pytest.raises(EmscopeError, match=r"different settings \(backend\)"):
-        sampler.sample_to_dir(QUESTIONS, hf, 1, adapter=qwen.adapters["r1"], **kw)
+        sampler.sample_to_dir(QUESTIONS, hf, SamplingParams(1, **kw), adapter=qwen.adapters["r1"])
     with pytest.raises(EmscopeError, match="cannot apply interventions"):
-        sampler.sample_to_dir(QUESTIONS, tmp_path / "s", 1, intervention_label="scaled")
+        sampler.sample_to_dir(
+            QUESTIONS, tmp_path / "s", SamplingParams(1), intervention_label="scaled"
+        )
 
 
 def test_cli_backend_vllm(
@@ -288,7 +296,7 @@ def test_dynamics_and_lmc_serve_every_adapter_from_one_engine(
     steps = [(5, qwen.adapters["r4"]), (10, qwen.adapters["r1"])]
     results = evaluate_checkpoints(
         qwen.model, steps, QUESTIONS, tmp_path / "dyn", judge=judge,
-        metrics=["aligned", "coherent"], n=1, vllm=VllmOptions(), max_new_tokens=3,
+        metrics=["aligned", "coherent"], n=1, backend=BackendSettings("vllm"), max_new_tokens=3,
     )  # fmt: skip
     assert [r["n"] for r in results] == [3, 3] and len(fake_vllm.made) == 1
     assert [c["lora"].lora_int_id for c in fake_vllm.calls] == [1, 2]

@@ -10,7 +10,6 @@ sample by sample (see :mod:`emscope.generate`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,31 +112,31 @@ def evaluate_to_dir(
     """Sample ``n`` answers per question under ``interventions``, judge them, write
     ``metrics.json`` and the per-question figure into ``out``; return the metrics dict.
 
-    ``model`` is a :class:`~emscope.models.LoadedModel` or a ``(model, tokenizer)`` pair,
-    or a :class:`~emscope.vllm_backend.VllmModel` to sample with vLLM (no interventions);
-    ``sampling`` goes to :func:`emscope.generate.sample` (``batch_size``,
-    ``max_new_tokens``, ``temperature``, ``top_p``). Resumable: finished samples and scores
-    in ``out`` are kept. The metrics also record the intervention label and the judge's name.
+    ``model`` is an :class:`emscope.eval.Sampler` (e.g. vLLM's: no interventions), or a
+    :class:`~emscope.models.LoadedModel` or ``(model, tokenizer)`` pair (sampled by
+    :class:`emscope.eval.HfSampler`); ``sampling``: the other fields of
+    :class:`emscope.eval.SamplingParams` (``batch_size``, ``max_new_tokens``,
+    ``temperature``, ``top_p``) and ``system_prompt``. Resumable: finished samples and
+    scores in ``out`` are kept. The metrics also record the intervention label and the
+    judge's name.
     """
-    from emscope.generate import sample_to_dir
+    from emscope.eval import SamplingParams, as_sampler
     from emscope.io import write_json
     from emscope.metrics import compute_metrics, plot_em_by_question
     from emscope.plotting import save_figure
-    from emscope.vllm_backend import VllmModel
 
     check_em_metrics(metrics)
     out = Path(out)
-    sampler = model.sample_to_dir if isinstance(model, VllmModel) else partial(sample_to_dir, model)
-    sampler(
+    system_prompt = sampling.pop("system_prompt", None)
+    as_sampler(model).sample_to_dir(
         questions,
         out,
-        n,
+        SamplingParams(n, seed, **sampling),
+        system_prompt=system_prompt,
         record=record,
-        seed=seed,
         interventions=interventions,
         intervention_label=intervention_label,
         progress=progress,
-        **sampling,
     )
     table = judge_dir(out, judge, metrics, questions, questions_file, progress)
     if "bad_stuff" not in metrics:  # a stale column from another run does not count

@@ -57,6 +57,7 @@ import numpy as np
 
 from emscope.batching import pad_left
 from emscope.errors import EmscopeError
+from emscope.eval.params import SamplingParams
 from emscope.hub import dir_label
 from emscope.random_streams import choose_tokens, sample_key, step_uniforms
 from emscope.random_streams import inverse_cdf as inverse_cdf  # re-exported
@@ -352,20 +353,6 @@ def _per_question(n_per_question: int | None, n: int | None) -> int | None:
     return n if n is not None else n_per_question
 
 
-def check_sampling_params(
-    temperature: float, top_p: float, max_new_tokens: int, batch_size: int
-) -> None:
-    """One line naming the first sampling setting out of range."""
-    if temperature < 0:
-        raise EmscopeError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise EmscopeError(f"top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 1:
-        raise EmscopeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if batch_size < 1:
-        raise EmscopeError(f"batch_size must be >= 1, got {batch_size}")
-
-
 def _progress(total: int, enabled: bool, desc: str) -> Any:
     import sys
 
@@ -412,7 +399,7 @@ def sample(
 
     setting = SystemPrompt.parse(system_prompt)
     n_per_question = _per_question(n_per_question, n)
-    check_sampling_params(temperature, top_p, max_new_tokens, batch_size)
+    SamplingParams(n_per_question, seed, batch_size, max_new_tokens, temperature, top_p)
     hf_model, tokenizer, model_label, adapter_label = _unpack(model)
     specs = plan_samples(questions, n_per_question, skip)
     eos = eos_token_ids(hf_model, tokenizer)

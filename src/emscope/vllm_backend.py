@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from emscope.errors import EmscopeError
 
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from emscope.data.questions import Question
+    from emscope.eval.params import SamplingParams
     from emscope.generate import SampleSpec
 
 from emscope.vllm_lora import (
@@ -231,21 +232,20 @@ class Request:
 def build_requests(
     tokenizer: Any,
     plan: Sequence[SampleSpec],
+    params: SamplingParams,
     *,
-    seed: int = 0,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    max_new_tokens: int = 600,
     system_prompt: Any = None,
     stop_ids: Sequence[int] = (),
 ) -> list[Request]:
-    """The requests of ``plan``: prompts rendered under ``system_prompt`` and tokenised as
-    the HF backend does; each request's ``seed`` is :func:`emscope.generate.sample_key`
-    masked to 63 bits, so a sample's answer does not depend on the rest of the batch."""
+    """The requests of ``plan`` drawn under ``params`` (its ``batch_size`` unused): prompts
+    rendered under ``system_prompt`` and tokenised as the HF backend does; each request's
+    ``seed`` is :func:`emscope.generate.sample_key` of ``params.seed`` masked to 63 bits, so
+    a sample's answer does not depend on the rest of the batch."""
     from emscope.data.spans import SystemPrompt, prompt_ids
-    from emscope.generate import check_sampling_params, sample_key
+    from emscope.generate import sample_key
 
-    check_sampling_params(temperature, top_p, max_new_tokens, 1)
+    seed, temperature, top_p = params.seed, params.temperature, params.top_p
+    max_new_tokens = params.max_new_tokens
     setting = SystemPrompt.parse(system_prompt)
     prompts: dict[tuple[str, int], list[int]] = {}
     requests = []
@@ -253,7 +253,7 @@ def build_requests(
         key = (s.question.id, s.paraphrase_idx)
         if key not in prompts:
             prompts[key] = prompt_ids(tokenizer, s.question.messages(s.paraphrase_idx), setting)
-        params = {
+        request = {
             "n": 1,
             "temperature": float(temperature),
             "top_p": float(top_p),
@@ -261,7 +261,7 @@ def build_requests(
             "seed": sample_key(seed, s.question.id, s.sample_idx) & (2**63 - 1),
             "stop_token_ids": list(stop_ids),
         }
-        requests.append(Request(s, list(prompts[key]), params))
+        requests.append(Request(s, list(prompts[key]), request))
     return requests
 
 
@@ -281,7 +281,12 @@ class VllmSampler:
     """One vLLM engine for a base model and a fixed set of adapters (each a LoRA request),
     started on first use: everything that can be refused (paths, ranks, settings) is
     refused when this is made, before vLLM is imported. ``model_dir`` and ``adapters`` take
-    what :func:`emscope.models.load_model` takes (hub ids, ``DIR@STEP``)."""
+    what :func:`emscope.models.load_model` takes (hub ids, ``DIR@STEP``).
+
+    A :class:`emscope.eval.Sampler` (``adapter``: which of its adapters draws, None: the
+    base model; :class:`VllmModel` binds one)."""
+
+    backend: ClassVar[str] = "vllm"
 
     def __init__(
         self,
@@ -310,6 +315,10 @@ class VllmSampler:
 
             self._tokenizer = load_tokenizer(self.model_dir)
         return self._tokenizer
+
+    def sources(self) -> list[Path]:
+        """The model dir and every adapter dir served."""
+        return [self.model_dir, *self.adapter_dirs]
 
     def engine(self) -> Any:
         """The ``vllm.LLM`` (made on the first call)."""
@@ -345,37 +354,31 @@ class VllmSampler:
     def sample(
         self,
         questions: Sequence[Question],
-        n_per_question: int | None = None,
+        params: SamplingParams,
         *,
         adapter: str | Path | None = None,
-        seed: int = 0,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        max_new_tokens: int = 600,
         system_prompt: Any = None,
         skip: Collection[tuple[str, int]] = (),
         interventions: Sequence[Any] = (),
-        batch_size: int | None = None,
+        intervention_label: str = "",
         progress: bool = True,
     ) -> pd.DataFrame:
         """The samples of ``questions`` not in ``skip`` under ``adapter`` (None: the base
-        model), as :func:`emscope.generate.sample`'s table. ``batch_size`` is ignored (vLLM
-        schedules its own batches); the engine starts only if there is something to draw."""
+        model), as :func:`emscope.generate.sample`'s table. ``params.batch_size`` is unused
+        (vLLM schedules its own batches); the engine starts only if there is something to
+        draw."""
         import pandas as pd
 
         from emscope.generate import RESPONSE_COLUMNS, plan_samples
 
-        refuse_interventions(interventions)
+        refuse_interventions(interventions or bool(intervention_label))
         spec = self.spec(adapter)
         model_label, adapter_name = self.labels(adapter)
-        plan = plan_samples(questions, n_per_question, skip)
+        plan = plan_samples(questions, params.n, skip)
         requests = build_requests(
             self.tokenizer,
             plan,
-            seed=seed,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
+            params,
             system_prompt=system_prompt,
             stop_ids=stop_token_ids(self.model_dir, self.tokenizer),
         )
@@ -401,7 +404,7 @@ class VllmSampler:
                     "question": s.question.paraphrases[s.paraphrase_idx],
                     "answer": completion.text,
                     "sample_idx": s.sample_idx,
-                    "seed": int(seed),
+                    "seed": int(params.seed),
                     "model": model_label,
                     "adapter": adapter_name,
                     "intervention": "",
@@ -417,14 +420,15 @@ class VllmSampler:
         self,
         questions: Sequence[Question],
         out_dir: str | Path,
-        n_per_question: int | None = None,
+        params: SamplingParams,
         *,
         adapter: str | Path | None = None,
+        system_prompt: Any = None,
         stem: str = "responses",
         record: dict[str, Any] | None = None,
         interventions: Sequence[Any] = (),
         intervention_label: str = "",
-        **sampling: Any,
+        progress: bool = True,
     ) -> pd.DataFrame:
         """:meth:`sample` into ``out_dir/<stem>.parquet`` (+ ``.csv``) and ``run.json``, as
         :func:`emscope.generate.sample_to_dir` writes them, with ``backend: vllm`` in the
@@ -447,9 +451,10 @@ class VllmSampler:
 
         refuse_interventions(interventions or bool(intervention_label))
         out = Path(out_dir)
-        setting = SystemPrompt.parse(sampling.get("system_prompt"))
+        setting = SystemPrompt.parse(system_prompt)
         model_label, adapter_name = self.labels(adapter)
-        identity = sampling_identity(model_label, adapter_name, sampling, questions, backend="vllm")
+        settings = {**params.kwargs(), "system_prompt": setting}
+        identity = sampling_identity(model_label, adapter_name, settings, questions, backend="vllm")
         run_path = out / "run.json"
         run: dict[str, Any] = read_json(run_path) if run_path.is_file() else {}
         check_same_run(run_path, run, identity)
@@ -458,7 +463,7 @@ class VllmSampler:
         )
         done = load_partial(out, stem)
         if done is not None:
-            check_not_fewer(out, done, questions, n_per_question)
+            check_not_fewer(out, done, questions, params.n)
         run["sampling"] = {
             "identity": identity,
             "backend": "vllm",
@@ -466,7 +471,7 @@ class VllmSampler:
                 **self.options.record(),
                 **{k: v for k, v in self.engine_kwargs.items() if k in ("dtype", "max_lora_rank")},
             },
-            "n_per_question": n_per_question,
+            "n_per_question": params.n,
             "questions": [q.id for q in questions],
             "system_prompts": {q.id: q.system for q in questions if q.system},
             "system_prompts_applied": True,
@@ -484,7 +489,14 @@ class VllmSampler:
                 (str(q), int(i))
                 for q, i in zip(done["question_id"], done["sample_idx"], strict=True)
             }
-        new = self.sample(questions, n_per_question, adapter=adapter, skip=skip, **sampling)
+        new = self.sample(
+            questions,
+            params,
+            adapter=adapter,
+            system_prompt=setting,
+            skip=skip,
+            progress=progress,
+        )
         frames = [f for f in (done, new) if f is not None and len(f)]
         table = pd.concat(frames, ignore_index=True) if frames else empty_table()
         table = table.drop_duplicates(["question_id", "sample_idx"], keep="first")
@@ -495,16 +507,30 @@ class VllmSampler:
 
 @dataclass(frozen=True)
 class VllmModel:
-    """A base model (+ one adapter) served by a :class:`VllmSampler`: what
-    :func:`emscope.evaluate.evaluate_to_dir` samples through vLLM instead of HF."""
+    """A :class:`VllmSampler` bound to one of its adapters (None: the base model): an
+    :class:`emscope.eval.Sampler` of one model, as :func:`emscope.evaluate.evaluate_to_dir`
+    takes it; several share one engine."""
 
     sampler: VllmSampler
     adapter: Path | None = None
+    backend: ClassVar[str] = "vllm"
+
+    def sources(self) -> list[Path]:
+        return [self.sampler.model_dir, *([self.adapter] if self.adapter is not None else [])]
+
+    def sample(self, questions: Sequence[Question], params: SamplingParams, **kwargs: Any) -> Any:
+        return self.sampler.sample(questions, params, adapter=self.adapter, **kwargs)
 
     def sample_to_dir(
-        self, questions: Sequence[Question], out_dir: str | Path, n: int | None, **kwargs: Any
+        self,
+        questions: Sequence[Question],
+        out_dir: str | Path,
+        params: SamplingParams,
+        **kwargs: Any,
     ) -> pd.DataFrame:
-        return self.sampler.sample_to_dir(questions, out_dir, n, adapter=self.adapter, **kwargs)
+        return self.sampler.sample_to_dir(
+            questions, out_dir, params, adapter=self.adapter, **kwargs
+        )
 
 
 def sample_vllm(
@@ -532,23 +558,19 @@ def sample_vllm(
     Refuses ``interventions``."""
     import pandas as pd
 
+    from emscope.eval.params import SamplingParams
+
     refuse_interventions(interventions)
+    params = SamplingParams(
+        n_per_question, seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p
+    )
     lora_requests(adapters)  # a non-adapter dir: refused before vLLM is looked for
     require_vllm()
     options = VllmOptions(tensor_parallel_size, max_lora_rank, max_loras, gpu_memory_utilization)
     sampler = VllmSampler(model_dir, adapters, options, dtype=dtype)
     targets: list[Path | None] = [*sampler.adapter_dirs] or [None]
     tables = [
-        sampler.sample(
-            questions,
-            n_per_question,
-            adapter=a,
-            seed=seed,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            system_prompt=system_prompt,
-        )
+        sampler.sample(questions, params, adapter=a, system_prompt=system_prompt)
         for a in dict.fromkeys(targets)
     ]
     return pd.concat(tables, ignore_index=True)

@@ -146,7 +146,7 @@ def persona_command(
     from emscope.errors import EmscopeError
     from emscope.train import system_prompt_for
 
-    opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    opts = options.SamplingParams(n, seed, batch_size, max_new_tokens, temperature, top_p)
     others: dict[str, Direction] = {}
     if organism is not None:
         from emscope.synthetic.world import load_world
@@ -165,7 +165,7 @@ def persona_command(
     loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
     setting = system_prompt_for(system_prompt, [loaded.path, *loaded.adapters.values()])
     result, table = persona.persona_direction(
-        loaded, contrast, options.build_judge(judge), n=opts.n, seed=opts.seed,
+        loaded, contrast, options.build_judge(judge), n=n, seed=opts.seed,
         temperature=opts.temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
         selection=selection, layers=options.layer_list(layers), batch_size=opts.batch_size,
         system_prompt=setting,
@@ -264,11 +264,11 @@ def _eval_config(
     missing = [m for m in ("aligned", "coherent") if m not in metric_list]
     if missing:
         raise EmscopeError(f"--metrics lacks {missing} (EM needs aligned and coherent)")
-    opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    opts = options.SamplingParams(n, seed, batch_size, max_new_tokens, temperature, top_p)
     qs = options.load_question_set(questions)
     return EvalConfig(
         questions=qs,
-        n=opts.n,
+        n=n,
         sampling=opts.kwargs(),
         judge=options.build_judge(judge, judge_settings),
         metrics=metric_list,

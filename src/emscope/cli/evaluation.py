@@ -17,6 +17,7 @@ import typer
 from emscope.cli import options
 
 
+@options.with_backend
 def sample_command(
     model_dir: Path = options.MODEL_DIR,
     adapter: list[Path] = options.ADAPTER,
@@ -32,91 +33,49 @@ def sample_command(
     device: str | None = options.DEVICE,
     scale_adapter: list[str] = options.SCALE_ADAPTER,
     system_prompt: str | None = options.SYSTEM_PROMPT,
-    backend: str = options.BACKEND,
-    tensor_parallel_size: int | None = options.TENSOR_PARALLEL_SIZE,
-    max_lora_rank: int | None = options.MAX_LORA_RANK,
-    max_loras: int | None = options.MAX_LORAS,
-    gpu_memory_utilization: float | None = options.GPU_MEMORY_UTILIZATION,
-    max_model_len: int | None = options.MAX_MODEL_LEN,
+    *,
+    backend: options.BackendSettings,
 ) -> None:
     """Sample answers to a question set; writes responses.parquet/.csv and run.json."""
-    opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
-    engine = options.backend_options(
-        backend,
-        tensor_parallel_size,
-        max_lora_rank,
-        max_loras,
-        gpu_memory_utilization,
-        max_model_len,
-        interventions=bool(scale_adapter),
-    )
+    params = options.SamplingParams(n, seed, batch_size, max_new_tokens, temperature, top_p)
     scales = options.parse_scale_adapter(scale_adapter)
     qs = options.load_question_set(questions)
-    if engine is not None:
-        table = _sample_vllm(model_dir, adapter, out, qs, opts, dtype, engine, system_prompt)
-    else:
-        table = _sample(model_dir, adapter, out, qs, opts, dtype, device, scales, system_prompt)
+    sampler, interventions, label, setting = _open(
+        backend, model_dir, adapter, dtype, device, scales, system_prompt
+    )
+    table = sampler.sample_to_dir(
+        qs,
+        out,
+        params,
+        system_prompt=setting,
+        record={"model_dir": str(model_dir), "adapter_dirs": [str(a) for a in adapter]},
+        interventions=interventions,
+        intervention_label=label,
+    )
     typer.echo(f"{len(table)} responses in {out / 'responses.parquet'}")
 
 
-def _sample(
+def _open(
+    backend: options.BackendSettings,
     model_dir: Path,
     adapters: list[Path],
-    out: Path,
-    qs: list[Any],
-    opts: options.SamplingSettings,
     dtype: str,
     device: str | None,
-    scales: dict[str | int, float] | None = None,
-    system_prompt: str | None = None,
-) -> Any:
-    from emscope.generate import sample_to_dir
+    scales: dict[str | int, float],
+    system_prompt: str | None,
+) -> tuple[Any, list[Any], str, Any]:
+    """``(sampler, interventions, intervention label, system-prompt setting)`` of ``sample``
+    and ``eval``: the backend's sampler with every ``--adapter`` active at once, the
+    ``--scale-adapter`` hooks (refused with vLLM) and the ``--system-prompt`` setting (by
+    default the one the model or adapters were trained with)."""
     from emscope.train import system_prompt_for
 
-    record = {"model_dir": str(model_dir), "adapter_dirs": [str(a) for a in adapters]}
-    loaded = options.load_for_sampling(model_dir, adapters, dtype, device)
-    interventions, label = options.scale_adapter_interventions(loaded, scales or {})
-    setting = system_prompt_for(system_prompt, [loaded.path, *loaded.adapters.values()])
-    return sample_to_dir(
-        loaded,
-        qs,
-        out,
-        opts.n,
-        record=record,
-        interventions=interventions,
-        intervention_label=label,
-        system_prompt=setting,
-        **opts.kwargs(),
+    sampler = backend.open(
+        model_dir, adapters, dtype=dtype, device=device, interventions=bool(scales)
     )
-
-
-def _vllm_model(
-    model_dir: Path, adapters: list[Path], engine: Any, dtype: str, system_prompt: str | None
-) -> tuple[Any, Any]:
-    """``(VllmModel, system-prompt setting)`` for ``--backend vllm`` (one adapter at most)."""
-    from emscope.train import system_prompt_for
-    from emscope.vllm_backend import VllmModel
-
-    sampler = options.vllm_sampler(model_dir, adapters, engine, dtype)
-    setting = system_prompt_for(system_prompt, [sampler.model_dir, *sampler.adapter_dirs])
-    return VllmModel(sampler, next(iter(sampler.adapter_dirs), None)), setting
-
-
-def _sample_vllm(
-    model_dir: Path,
-    adapters: list[Path],
-    out: Path,
-    qs: list[Any],
-    opts: options.SamplingSettings,
-    dtype: str,
-    engine: Any,
-    system_prompt: str | None = None,
-) -> Any:
-    model, setting = _vllm_model(model_dir, adapters, engine, dtype, system_prompt)
-    record = {"model_dir": str(model_dir), "adapter_dirs": [str(a) for a in adapters]}
-    return model.sample_to_dir(
-        qs, out, opts.n, record=record, system_prompt=setting, **opts.kwargs()
-    )
+    interventions, label = options.scale_adapter_interventions(sampler, scales)
+    setting = system_prompt_for(system_prompt, sampler.sources())
+    return sampler, interventions, label, setting
 
 
 def _judge_dir(
@@ -167,6 +126,7 @@ def judge_command(
     typer.echo(_summary(table, metric_list))
 
 
+@options.with_backend
 def eval_command(
     model_dir: Path = options.MODEL_DIR,
     adapter: list[Path] = options.ADAPTER,
@@ -194,55 +154,36 @@ def eval_command(
     device: str | None = options.DEVICE,
     scale_adapter: list[str] = options.SCALE_ADAPTER,
     system_prompt: str | None = options.SYSTEM_PROMPT,
-    backend: str = options.BACKEND,
-    tensor_parallel_size: int | None = options.TENSOR_PARALLEL_SIZE,
-    max_lora_rank: int | None = options.MAX_LORA_RANK,
-    max_loras: int | None = options.MAX_LORAS,
-    gpu_memory_utilization: float | None = options.GPU_MEMORY_UTILIZATION,
-    max_model_len: int | None = options.MAX_MODEL_LEN,
+    *,
+    backend: options.BackendSettings,
 ) -> None:
     """Sample, judge and compute EM metrics (metrics.json, em_by_question.png)."""
     from emscope.errors import EmscopeError
     from emscope.evaluate import check_em_metrics, describe, evaluate_to_dir
-    from emscope.train import system_prompt_for
 
     metric_list = options.parse_metrics(metrics)
     check_em_metrics(metric_list)
     if not judge:
         raise EmscopeError("eval needs --judge (openai:MODEL, hf:DIR or oracle:DIR)")
-    opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
-    engine = options.backend_options(
-        backend,
-        tensor_parallel_size,
-        max_lora_rank,
-        max_loras,
-        gpu_memory_utilization,
-        max_model_len,
-        interventions=bool(scale_adapter),
-    )
+    params = options.SamplingParams(n, seed, batch_size, max_new_tokens, temperature, top_p)
     scales = options.parse_scale_adapter(scale_adapter)
     qs = options.load_question_set(questions)
-    loaded: Any = None
-    if engine is not None:  # checked (vLLM installed, one adapter) before the judge loads
-        loaded, setting = _vllm_model(model_dir, adapter, engine, dtype, system_prompt)
+    # the sampler first: a model or adapter that cannot be used fails before the judge loads
+    sampler, interventions, intervention_label, setting = _open(
+        backend, model_dir, adapter, dtype, device, scales, system_prompt
+    )
     settings = options.JudgeSettings(
         base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
     )
     judge_obj = options.build_judge(judge, settings)
-    interventions: list[Any] = []
-    intervention_label = ""
-    if engine is None:
-        loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
-        interventions, intervention_label = options.scale_adapter_interventions(loaded, scales)
-        setting = system_prompt_for(system_prompt, [loaded.path, *loaded.adapters.values()])
     label = "+".join([model_dir.name, *(a.name for a in adapter)])
     result = evaluate_to_dir(
-        loaded,
+        sampler,
         qs,
         out,
         judge=judge_obj,
         metrics=metric_list,
-        n=opts.n,
+        n=n,
         record={"model_dir": str(model_dir), "adapter_dirs": [str(a) for a in adapter]},
         interventions=interventions,
         intervention_label=intervention_label,
@@ -251,7 +192,7 @@ def eval_command(
         title=f"EM rate per question: {label}",
         questions_file=questions,
         system_prompt=setting,
-        **opts.kwargs(),
+        **params.kwargs(),
     )
     typer.echo(f"{describe(result)} -> {out / 'metrics.json'}")
 

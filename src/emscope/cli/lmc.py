@@ -9,6 +9,7 @@ import typer
 from emscope.cli import options
 
 
+@options.with_backend
 def lmc_command(
     base: Path | None = typer.Option(
         None, "--base", help="Base model dir (needed when an end is an adapter or 'base')."
@@ -47,12 +48,8 @@ def lmc_command(
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
     system_prompt: str | None = options.SYSTEM_PROMPT,
-    backend: str = options.BACKEND,
-    tensor_parallel_size: int | None = options.TENSOR_PARALLEL_SIZE,
-    max_lora_rank: int | None = options.MAX_LORA_RANK,
-    max_loras: int | None = options.MAX_LORAS,
-    gpu_memory_utilization: float | None = options.GPU_MEMORY_UTILIZATION,
-    max_model_len: int | None = options.MAX_MODEL_LEN,
+    *,
+    backend: options.BackendSettings,
 ) -> None:
     """Linear mode connectivity: lmc.json, lmc.png (+ features.json/features.png)."""
     from emscope.data.chat import read_chat_jsonl
@@ -66,15 +63,7 @@ def lmc_command(
     ts = parse_steps(steps)
     metric_list = options.parse_metrics(metrics)
     check_em_metrics(metric_list)
-    opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
-    engine = options.backend_options(
-        backend,
-        tensor_parallel_size,
-        max_lora_rank,
-        max_loras,
-        gpu_memory_utilization,
-        max_model_len,
-    )
+    params = options.SamplingParams(n, seed, batch_size, max_new_tokens, temperature, top_p)
     first, second = parse_endpoint(start), parse_endpoint(end)
     full = first.is_model_dir and second.is_model_dir
     if not full and base is None:
@@ -92,8 +81,8 @@ def lmc_command(
             "--judge is required to measure EM; without it give --loss-data or --features"
         )
     points = None
-    if engine is not None and judge:  # the point adapters and vLLM checked before the judge
-        points = vllm_points(base, first, second, ts, out, engine, dtype)
+    if backend.vllm and judge:  # the point adapters and vLLM checked before the judge
+        points = vllm_points(base, first, second, ts, out, backend.engine(), dtype)
         require_vllm()
     settings = options.JudgeSettings(
         base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
@@ -113,7 +102,7 @@ def lmc_command(
         out,
         judge=judge_obj,
         metrics=metric_list,
-        n=opts.n,
+        n=n,
         loss_data=losses_data,
         features=features,
         export=export,
@@ -122,7 +111,7 @@ def lmc_command(
         echo=typer.echo,
         system_prompt=setting,
         vllm=points,
-        **opts.kwargs(),
+        **params.kwargs(),
     )
     if not doc.extra.get("em_measured"):
         typer.echo(f"EM not measured: {doc.extra.get('em_not_measured')}")

@@ -2,28 +2,34 @@
 and later ``steer``, ``ablate``, ``lmc``), so they read the same everywhere.
 
 Use the constants as parameter defaults in a typer command, e.g.
-``n: int = options.N``, then build the library arguments with :func:`sampling_kwargs`,
-:func:`load_for_sampling`, :func:`load_question_set` and :func:`build_judge` (with one
-:class:`JudgeSettings` per command). Only typer, the standard library and
-:mod:`emscope.sampling` (standard library only) are imported at module level
-(``emscope --help`` stays fast).
+``n: int = options.N``, then build the library arguments with
+:class:`~emscope.eval.SamplingParams`, :func:`load_for_sampling`, :func:`load_question_set`
+and :func:`build_judge` (with one :class:`JudgeSettings` per command). A command that
+samples through either backend is decorated with :func:`with_backend`. Only typer, the
+standard library and :mod:`emscope.eval` (standard library only at import) are imported at
+module level (``emscope --help`` stays fast).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
 
-from emscope.sampling import SamplingSettings
+from emscope.eval import BackendSettings, SamplingParams
 
 if TYPE_CHECKING:
     from emscope.data.questions import Question
     from emscope.judge import Judge
     from emscope.models import LoadedModel
-    from emscope.vllm_backend import VllmOptions, VllmSampler
+
+__all__ = ["BackendSettings", "SamplingParams"]  # re-exported for command annotations
 
 DEFAULT_METRICS = "aligned,coherent,bad_stuff"
 
@@ -126,41 +132,54 @@ MAX_MODEL_LEN = typer.Option(
 )
 
 
-def sampling_kwargs(
-    n: int,
-    seed: int,
-    batch_size: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-) -> SamplingSettings:
-    """The command line's validated :class:`~emscope.sampling.SamplingSettings` (bad values
-    raise one-line errors)."""
-    from emscope.errors import EmscopeError
+#: The backend options, in --help order: ``{parameter: (type, typer option)}``.
+BACKEND_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "backend": (str, BACKEND),
+    "tensor_parallel_size": (int | None, TENSOR_PARALLEL_SIZE),
+    "max_lora_rank": (int | None, MAX_LORA_RANK),
+    "max_loras": (int | None, MAX_LORAS),
+    "gpu_memory_utilization": (float | None, GPU_MEMORY_UTILIZATION),
+    "max_model_len": (int | None, MAX_MODEL_LEN),
+}
 
-    if n < 1:
-        raise EmscopeError(f"-n must be >= 1, got {n}")
-    if batch_size < 1:
-        raise EmscopeError(f"--batch-size must be >= 1, got {batch_size}")
-    if max_new_tokens < 1:
-        raise EmscopeError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise EmscopeError(f"--temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise EmscopeError(f"--top-p must be in (0, 1], got {top_p}")
-    return SamplingSettings(n, seed, batch_size, max_new_tokens, temperature, top_p)
+
+def with_backend(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A typer command whose ``backend: options.BackendSettings`` parameter becomes the six
+    options of :data:`BACKEND_OPTIONS` (``--backend`` and the vLLM engine settings, at the
+    same place in ``--help``); the command receives them as one checked
+    :class:`~emscope.eval.BackendSettings` (a bad combination: one line, before the body).
+
+    Why a decorator rather than one ``Annotated`` alias per option: the six are one setting,
+    and with aliases every sampling command would still list six parameters and pass them on
+    to ``BackendSettings(...)`` by hand (as the four commands did with the option
+    constants); here they are written once, the command sees one value, and typer reads the
+    signature made here (``__signature__``) as it reads any other."""
+    hints = typing.get_type_hints(command)
+    params: list[inspect.Parameter] = []
+    for p in inspect.signature(command).parameters.values():
+        if p.name != "backend":
+            params.append(p.replace(annotation=hints[p.name]))
+            continue
+        for name, (kind, option) in BACKEND_OPTIONS.items():
+            params.append(inspect.Parameter(name, p.kind, default=option, annotation=kind))
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        given = {name: kwargs.pop(name) for name in BACKEND_OPTIONS}
+        return command(**kwargs, backend=BackendSettings(given.pop("backend"), **given))
+
+    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
 
 
 def load_for_sampling(
     model_dir: Path, adapters: list[Path], dtype: str = "auto", device: str | None = None
 ) -> LoadedModel:
     """Load the model with every ``--adapter`` active at once (their updates add up)."""
-    from emscope.models import load_model
+    from emscope.eval import HfSampler
 
-    loaded = load_model(model_dir, [str(a) for a in adapters], dtype=dtype, device=device)
-    if len(loaded.adapters) > 1:
-        loaded.use_adapter(*loaded.adapters)
-    return loaded
+    return HfSampler.load(model_dir, adapters, dtype=dtype, device=device).model
 
 
 def load_question_set(path: Path | None) -> list[Question]:
@@ -230,82 +249,16 @@ def parse_scale_adapter(specs: list[str]) -> dict[str | int, float]:
 
 
 def scale_adapter_interventions(
-    loaded: LoadedModel, scales: dict[str | int, float]
+    sampler: Any, scales: dict[str | int, float]
 ) -> tuple[list[Any], str]:
     """Interventions and intervention label for ``--scale-adapter`` (checked against the
-    loaded model's adapters first: an unmatched selector fails before any sampling)."""
+    adapters of ``sampler``'s model, an :class:`~emscope.eval.HfSampler` or
+    :class:`~emscope.models.LoadedModel`, first: an unmatched selector fails before any
+    sampling)."""
     if not scales:
         return [], ""
     from emscope.probing.scaling import adapter_scaling, resolve_scales, scales_label
 
+    loaded = getattr(sampler, "model", sampler)
     resolve_scales(loaded.model, scales)
     return [adapter_scaling(scales)], scales_label(scales)
-
-
-BACKENDS = ("hf", "vllm")
-
-
-def backend_options(
-    backend: str,
-    tensor_parallel_size: int | None = None,
-    max_lora_rank: int | None = None,
-    max_loras: int | None = None,
-    gpu_memory_utilization: float | None = None,
-    max_model_len: int | None = None,
-    *,
-    interventions: bool = False,
-) -> VllmOptions | None:
-    """``--backend`` and its engine settings: None for ``hf`` (vLLM settings refused there),
-    checked :class:`~emscope.vllm_backend.VllmOptions` for ``vllm`` (``interventions``, e.g.
-    ``--scale-adapter``, refused there). Pure: vLLM is not looked for here."""
-    from emscope.errors import EmscopeError
-    from emscope.vllm_backend import VllmOptions, refuse_interventions
-
-    if backend not in BACKENDS:
-        raise EmscopeError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    given = {
-        "--tensor-parallel-size": tensor_parallel_size,
-        "--max-lora-rank": max_lora_rank,
-        "--max-loras": max_loras,
-        "--gpu-memory-utilization": gpu_memory_utilization,
-        "--max-model-len": max_model_len,
-    }
-    if backend == "hf":
-        named = [name for name, value in given.items() if value is not None]
-        if named:
-            raise EmscopeError(f"{', '.join(named)}: only with --backend vllm")
-        return None
-    refuse_interventions(interventions)
-    return VllmOptions(
-        tensor_parallel_size if tensor_parallel_size is not None else 1,
-        max_lora_rank,
-        max_loras,
-        gpu_memory_utilization if gpu_memory_utilization is not None else 0.9,
-        max_model_len,
-    )
-
-
-def vllm_sampler(
-    model_dir: Path,
-    adapters: list[Path],
-    backend: VllmOptions,
-    dtype: str = "auto",
-    *,
-    stacked: bool = True,
-) -> VllmSampler:
-    """The vLLM engine for ``model_dir`` serving ``adapters`` (checked, vLLM not started).
-    ``stacked``: the adapters are meant to act at once (``sample``/``eval`` with several
-    ``--adapter``, whose updates the HF backend adds up): vLLM serves one adapter per
-    request, so more than one is refused. Without vLLM installed: one line naming
-    ``pip install 'emscope[vllm]'``."""
-    from emscope.errors import EmscopeError
-    from emscope.vllm_backend import VllmSampler, require_vllm
-
-    if stacked and len(adapters) > 1:
-        raise EmscopeError(
-            "--backend vllm serves one adapter per request and cannot add several adapters' "
-            "updates as the hf backend does: pass one --adapter, or use --backend hf"
-        )
-    sampler = VllmSampler(model_dir, adapters, backend, dtype=dtype)
-    require_vllm()
-    return sampler

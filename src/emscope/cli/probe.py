@@ -141,6 +141,7 @@ def fit_command(
     typer.echo(f"-> {out / 'probe.json'}")
 
 
+@options.with_backend
 def dynamics_command(
     adapter_dir: Path = typer.Argument(
         ..., help="Adapter dir with checkpoints/checkpoint-<step>/ subdirs."
@@ -171,12 +172,8 @@ def dynamics_command(
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
     system_prompt: str | None = options.SYSTEM_PROMPT,
-    backend: str = options.BACKEND,
-    tensor_parallel_size: int | None = options.TENSOR_PARALLEL_SIZE,
-    max_lora_rank: int | None = options.MAX_LORA_RANK,
-    max_loras: int | None = options.MAX_LORAS,
-    gpu_memory_utilization: float | None = options.GPU_MEMORY_UTILIZATION,
-    max_model_len: int | None = options.MAX_MODEL_LEN,
+    *,
+    backend: options.BackendSettings,
 ) -> None:
     """Factor norms, cosines, sharpest rotation and PCA over checkpoints (+ EM with --eval)."""
     from emscope.errors import EmscopeError
@@ -192,15 +189,7 @@ def dynamics_command(
     )
     from emscope.train import system_prompt_for
 
-    engine = options.backend_options(
-        backend,
-        tensor_parallel_size,
-        max_lora_rank,
-        max_loras,
-        gpu_memory_utilization,
-        max_model_len,
-    )
-    if engine is not None and not evaluate:
+    if backend.vllm and not evaluate:
         raise EmscopeError("--backend applies to --eval (sampling) only")
     checkpoints = load_checkpoints(adapter_dir)
     result = adapter_dynamics(checkpoints, k=k)
@@ -218,10 +207,9 @@ def dynamics_command(
                     f"{recorded!r} is not a local model dir)"
                 )
             base = Path(recorded)
-        opts = options.sampling_kwargs(n, seed, batch_size, max_new_tokens, temperature, top_p)
-        if engine is not None:  # vLLM there, ranks fit: checked before the judge loads
-            steps = [path for _, path in list_checkpoints(adapter_dir)]
-            options.vllm_sampler(base, steps, engine, dtype, stacked=False)
+        params = options.SamplingParams(n, seed, batch_size, max_new_tokens, temperature, top_p)
+        steps = [path for _, path in list_checkpoints(adapter_dir)]
+        backend.check(base, steps, dtype=dtype, stacked=False)  # before the judge loads
         settings = options.JudgeSettings(
             base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
         )
@@ -233,12 +221,12 @@ def dynamics_command(
             out / "eval",
             judge=judge_obj,
             metrics=metric_list,
-            n=opts.n,
+            n=n,
             dtype=dtype,
             device=device,
-            vllm=engine,
+            backend=backend,
             system_prompt=system_prompt_for(system_prompt, [base, adapter_dir]),
-            **opts.kwargs(),
+            **params.kwargs(),
         )
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "dynamics.json", result)

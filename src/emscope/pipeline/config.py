@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from emscope.errors import EmscopeError
+from emscope.eval import BackendSettings, SamplingParams
 from emscope.pipeline.stages import REGISTRY
 from emscope.pipeline.stages.base import (
     SAFE_NAME,
@@ -47,7 +48,6 @@ from emscope.pipeline.stages.base import (
     StagesBase,
     need,
 )
-from emscope.sampling import SamplingSettings
 
 #: Every stage, in the order they run (each stage's inputs come earlier in this list).
 STAGE_ORDER: tuple[str, ...] = REGISTRY.order
@@ -130,11 +130,15 @@ class SamplingConfig(ConfigModel):
     seed: int = 0
     backend: Literal["hf", "vllm"] = "hf"
 
-    def settings(self) -> SamplingSettings:
-        """This block as the :class:`~emscope.sampling.SamplingSettings` the CLI builds too."""
-        return SamplingSettings(
+    def settings(self) -> SamplingParams:
+        """This block as the :class:`~emscope.eval.SamplingParams` the CLI builds too."""
+        return SamplingParams(
             self.n, self.seed, self.batch_size, self.max_new_tokens, self.temperature, self.top_p
         )
+
+    def backend_settings(self) -> BackendSettings:
+        """``backend`` as :class:`~emscope.eval.BackendSettings` (vLLM's engine defaults)."""
+        return BackendSettings(self.backend)
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of :func:`emscope.generate.sample` (without ``n``)."""

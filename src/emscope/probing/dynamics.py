@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from emscope.data.questions import Question
+    from emscope.eval import BackendSettings
     from emscope.judge import Judge
     from emscope.lora import LoraAdapter
 
@@ -181,37 +182,28 @@ def evaluate_checkpoints(
     seed: int = 0,
     dtype: str = "auto",
     device: str | None = None,
-    vllm: Any = None,
+    backend: BackendSettings | None = None,
     **sampling: Any,
 ) -> list[dict[str, Any]]:
-    """EM rate at each checkpoint: the base model with every checkpoint adapter loaded once,
-    each evaluated in turn into ``out/step-<step>/`` by :func:`emscope.evaluate.evaluate_to_dir`
-    (resumable; same seed at every step, so samples are paired across checkpoints).
-    ``vllm`` (:class:`~emscope.vllm_backend.VllmOptions`): sample with one vLLM engine
-    that serves every checkpoint as its own LoRA request instead.
+    """EM rate at each checkpoint: one sampler per checkpoint adapter, all on one base model
+    (:meth:`emscope.eval.BackendSettings.open_each`: ``hf`` loads every adapter once,
+    ``vllm`` serves each as a LoRA request of one engine; default ``hf``), each evaluated in
+    turn into ``out/step-<step>/`` by :func:`emscope.evaluate.evaluate_to_dir` (resumable;
+    same seed at every step, so samples are paired across checkpoints).
 
     Returns ``[{"step", "em_rate", "em_ci", "coherent_rate", "unscored_rate", "n", "dir"}]``.
     """
+    from emscope.eval import BackendSettings
     from emscope.evaluate import evaluate_to_dir
-    from emscope.models import adapter_label, load_model
+    from emscope.models import adapter_label
 
     named = {adapter_label(Path(p)): Path(p) for _, p in checkpoints}
-    if vllm is not None:
-        from emscope.vllm_backend import VllmModel, VllmSampler
-
-        sampler = VllmSampler(base_dir, list(named.values()), vllm, dtype=dtype)
-    else:
-        loaded = load_model(base_dir, named, dtype=dtype, device=device)
+    samplers = (backend or BackendSettings()).open_each(base_dir, named, dtype=dtype, device=device)
     results = []
     for (step, path), name in zip(checkpoints, named, strict=True):
-        if vllm is not None:
-            target: Any = VllmModel(sampler, Path(path))
-        else:
-            loaded.use_adapter(name)
-            target = loaded
         step_dir = Path(out) / f"step-{step}"
         metrics_result = evaluate_to_dir(
-            target,
+            samplers[name],
             questions,
             step_dir,
             judge=judge,
