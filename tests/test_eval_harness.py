@@ -238,3 +238,49 @@ def test_hf_sampler_draws_what_generate_sample_draws(qwen: Any, tmp_path: Path) 
     direct_dir = sample_to_dir(direct, _questions(), tmp_path / "a", 3, **params.kwargs())
     via = samplers["r1"].sample_to_dir(_questions(), tmp_path / "b", params)
     pd.testing.assert_frame_equal(via, direct_dir)
+
+
+class _ConstantJudge:
+    """Scores every answer 90 (no server needed)."""
+
+    name = "constant"
+
+    def score(self, rows: Any, metric: str) -> list[Any]:
+        from emscope.judge import Score, as_rows
+
+        return [Score(90.0, None, "constant") for _ in as_rows(rows)]
+
+
+def test_pipeline_eval_samples_through_the_configs_backend(
+    qwen: Any, tmp_path: Path, fake_vllm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sampling.backend: vllm`` evaluates each organism through the same
+    ``evaluate_to_dir`` as ``hf``: a resumable run dir that records its backend."""
+    import pandas as pd
+    import yaml
+
+    from emscope.io import read_json
+    from emscope.pipeline.runner import run_study
+    from emscope.pipeline.stages.context import StageContext
+
+    monkeypatch.setattr(StageContext, "judge", property(lambda self: _ConstantJudge()))
+    questions = tmp_path / "q.yaml"
+    questions.write_text('- id: q\n  paraphrases: ["hey I feel bored"]\n')
+    study = {
+        "name": "vllm", "threads": 1, "models": {"chat": str(qwen.model)}, "chat_model": "chat",
+        "adapters": {"a": {"path": str(qwen.adapters["r4"])}},
+        "judge": {"spec": "openai:x", "metrics": ["aligned", "coherent"]},
+        "questions": {"q": str(questions)},
+        "sampling": {"n": 2, "max_new_tokens": 2, "backend": "vllm"},
+        "dtype": "float32", "device": "cpu", "stages": {"eval": {}},
+    }  # fmt: skip
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    run_study(config, tmp_path / "run", echo=lambda _: None)
+    for organism, answer in (("chat", "base"), ("a", "r4")):
+        out = tmp_path / "run" / "eval" / organism
+        assert read_json(out / "run.json")["sampling"]["identity"]["backend"] == "vllm"
+        table = pd.read_parquet(out / "responses.parquet")
+        assert len(table) == 2 and table.answer.str.startswith(answer + " ").all()
+        assert read_json(out / "metrics.json")["n"] == 2
+    assert [c["lora"] is None for c in fake_vllm] == [True, False]

@@ -21,7 +21,7 @@ from emscope.pipeline.stages.base import (
     load_registry,
     topological_order,
 )
-from emscope.pipeline.stages.context import StageContext, evaluate_organism, render_first
+from emscope.pipeline.stages.context import StageContext, evaluate_organism
 
 if TYPE_CHECKING:
     from emscope.pipeline.config import StudyConfig
@@ -65,6 +65,5 @@ __all__ = [
     "describe_stage",
     "evaluate_organism",
     "load_registry",
-    "render_first",
     "topological_order",
 ]

@@ -1,5 +1,6 @@
 """What every stage gets (:class:`StageContext`) and the helpers several stages share:
-one organism evaluated into a dir (:func:`evaluate_organism`, HF or vLLM), a direction of
+one organism evaluated into a dir (:func:`evaluate_organism`, through the sampler of the
+config's backend, :meth:`StageContext.sampler`), a direction of
 the directions stage read back (:func:`load_direction`), the KL prompts of an intervention
 (:func:`kl_sequences`), and the console formatting of rates.
 
@@ -89,6 +90,18 @@ class StageContext:
         self._loaded = (key, loaded)
         return loaded
 
+    def sampler(self, organism: str) -> Any:
+        """The :class:`~emscope.eval.Sampler` of ``organism`` by ``sampling.backend``:
+        ``hf`` samples the model :meth:`load` keeps, ``vllm`` opens an engine on the chat
+        model serving the organism's adapter (one at most)."""
+        from emscope.eval import HfSampler
+
+        backend = self.config.sampling.backend_settings()
+        if not backend.vllm:
+            return HfSampler(self.load(organism))
+        dirs = self.config.adapter_dirs(organism)
+        return backend.open(self.config.chat_model_dir(), dirs, dtype=self.config.dtype)
+
     def release(self) -> None:
         self._loaded = None
 
@@ -134,10 +147,8 @@ def evaluate_organism(
         "adapter_dirs": [str(p) for p in config.adapter_dirs(organism)],
         "organism": organism,
     }
-    if config.sampling.backend == "vllm":
-        return evaluate_vllm(ctx, organism, out, questions, n, record)
     return evaluate_to_dir(
-        ctx.load(organism),
+        ctx.sampler(organism),
         ctx.questions(questions),
         out,
         judge=ctx.judge,
@@ -150,58 +161,6 @@ def evaluate_organism(
         progress=ctx.progress,
         **config.sampling_kwargs(),
     )
-
-
-def render_first(config: StudyConfig, questions: list[Any], setting: Any) -> str | None:
-    """The first question's first paraphrase as the chat model sees it (run records)."""
-    from emscope.data.spans import render
-    from emscope.models import load_tokenizer
-
-    if not questions:
-        return None
-    tokenizer = load_tokenizer(config.chat_model_dir())
-    return render(tokenizer, questions[0].messages(0), True, setting)
-
-
-def evaluate_vllm(
-    ctx: StageContext,
-    organism: str,
-    out: Path,
-    questions: str | None,
-    n: int,
-    record: dict[str, Any],
-) -> dict[str, Any]:
-    """Unsteered sampling with vLLM (GPU), then the same judging and metrics."""
-    from emscope.evaluate import judge_dir
-    from emscope.io import write_json, write_table
-    from emscope.metrics import compute_metrics, plot_em_by_question
-    from emscope.plotting import save_figure
-    from emscope.vllm_backend import sample_vllm
-
-    config = ctx.config
-    qs = ctx.questions(questions)
-    if not (out / "responses.parquet").is_file():
-        kw = config.sampling_kwargs()
-        kw.pop("batch_size")
-        table = sample_vllm(
-            config.chat_model_dir(), qs, n, adapters=config.adapter_dirs(organism), **kw
-        )
-        write_table(table, out, "responses")
-        setting = config.prompt_setting()
-        rendered = render_first(config, qs, setting)
-        write_json(
-            out / "run.json",
-            {
-                "backend": "vllm",
-                **record,
-                "sampling": {"system_prompt": setting.spec, "rendered_prompt": rendered},
-            },
-        )
-    table = judge_dir(out, ctx.judge, config.judge.metrics, qs, ctx.questions_file(questions))
-    result = compute_metrics(table, strict=config.judge.strict, seed=config.sampling.seed)
-    write_json(out / "metrics.json", result)
-    save_figure(plot_em_by_question(result, f"EM rate per question: {organism}"), out / "em.png")
-    return result
 
 
 def load_direction(ctx: StageContext, source: str) -> Any:
