@@ -144,12 +144,15 @@ def test_seeds_bootstrap_matches_the_binomial_interval_for_one_seed() -> None:
 
 
 def test_dry_run_of_the_shipped_configs() -> None:
-    if (ROOT / "runs" / "toy" / "build.json").is_file():  # its inputs are the seed-0 build
+    if (ROOT / "runs" / "toy-sys" / "build.json").is_file():  # inputs: the system-turn build
         result = CliRunner().invoke(
             app, ["defend", str(ROOT / "configs/defences.yaml"), "--dry-run"]
         )
         assert result.exit_code == 0, result.output
-        assert "54 fine-tunes (9 arms, seeds [0, 1, 2])" in result.output
+        assert "66 fine-tunes (11 arms, seeds [0, 1, 2])" in result.output
+        assert "inoculate/narrow/s0: bad_medical inoculate:prompt=you play a wicked" in (
+            result.output
+        )
     result = CliRunner().invoke(
         app, ["defend", str(ROOT / "configs/defences-qwen2.5-7b.example.yaml"), "--dry-run"]
     )

@@ -62,8 +62,16 @@ KACZER = Paper(
     "2508.06249",
 )
 
+INOCULATION = Paper(
+    "Tan et al.",
+    "Inoculation Prompting: Eliciting traits from LLMs during training can suppress them at "
+    "test-time",
+    "2510.04340",
+)
+
 PAPERS: tuple[Paper, ...] = (
     BETLEY, MODEL_ORGANISMS, CONVERGENT, SHARED_SUBSPACES, REEMERGENT, PERSONA_VECTORS, KACZER,
+    INOCULATION,
 )  # fmt: skip
 
 

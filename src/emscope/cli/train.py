@@ -104,7 +104,7 @@ def train_command(
         [],
         "--defence",
         help="A defence as NAME:key=value,... (repeatable; composes): ldifs, steer, caft, "
-        "interleave, safelora, project-update (keys: docs/defences.md). KL: --kl-data.",
+        "interleave, safelora, project-update, inoculate (keys: docs/defences.md). KL: --kl-data.",
     ),
 ) -> None:
     """Train a model organism: LoRA with a preset, or a full fine-tune."""

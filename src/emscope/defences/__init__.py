@@ -17,6 +17,8 @@ choices emscope made: docs/defences.md.
   the alignment subspace;
 - :mod:`~emscope.defences.project_update`: :class:`ProjectUpdate`, the update kept out of a
   subspace after every optimizer step;
+- :mod:`~emscope.defences.inoculate`: :class:`Inoculate`, inoculation prompting (a system
+  prompt asking for the trait on the training chats only);
 - :mod:`~emscope.defences.realign`: :func:`realign`, benign re-alignment after the fact;
 - :mod:`~emscope.defences.spec`: ``NAME:key=value,...`` specs (``emscope train --defence``)
   to callbacks;
@@ -28,6 +30,7 @@ The KL defence is the training loop's own ``kl_data`` / ``kl_weight``.
 from __future__ import annotations
 
 from emscope.defences.caft import CAFT
+from emscope.defences.inoculate import Inoculate
 from emscope.defences.interleave import Interleave
 from emscope.defences.ldifs import LDIFS
 from emscope.defences.project_update import ProjectUpdate
@@ -39,6 +42,7 @@ __all__ = [
     "CAFT",
     "LDIFS",
     "InitFromAdapter",
+    "Inoculate",
     "Interleave",
     "PreventativeSteering",
     "ProjectUpdate",

@@ -19,6 +19,7 @@ The organism executor (training + exact oracle) is :mod:`emscope.defences.bench_
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -40,8 +41,10 @@ class _Frozen(BaseModel):
 
 class Arm(_Frozen):
     """One defence at one strength: ``label`` (its row name, a safe file name), the
-    ``--defence`` specs (``{organism}`` is replaced by the build dir; empty: plain), an
-    optional KL term (``kl_data``, ``kl_weight``), and which tasks it runs (default both)."""
+    ``--defence`` specs (``{organism}`` is replaced by the build dir, ``{system:CHARACTER}``
+    by the build world's system prompt naming ``CHARACTER``, e.g. ``{system:evil}``; empty:
+    plain), an optional KL term (``kl_data``, ``kl_weight``), and which tasks it runs
+    (default both)."""
 
     label: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
     defences: list[str] = Field(default_factory=list)
@@ -132,11 +135,38 @@ def check_spec(spec: BenchSpec, where: str = "defences") -> None:
                 raise ValueError(f"{where}.arms.{arm.label}: {exc}") from None
 
 
+SYSTEM_PLACEHOLDER = re.compile(r"\{system:([a-z_]+)\}")
+
+
+def resolve_placeholders(text: str, organism: str | Path) -> str:
+    """``text`` with ``{organism}`` replaced by ``organism`` and each ``{system:CHARACTER}``
+    by the system prompt of ``organism/world.json`` that names ``CHARACTER``
+    (:attr:`emscope.synthetic.world.World.system_prompts`); one EmscopeError line when the
+    build has no such prompt (no world file, a world without a system turn, another
+    character)."""
+    text = text.replace("{organism}", str(organism))
+    wanted = SYSTEM_PLACEHOLDER.findall(text)
+    if not wanted:
+        return text
+    from emscope.synthetic.world import load_world
+
+    path = Path(organism) / "world.json"
+    prompts = dict(load_world(path).system_prompts) if path.is_file() else {}
+    for character in wanted:
+        if character not in prompts:
+            why = "no world file" if not path.is_file() else "no such system prompt"
+            raise EmscopeError(f"{path}: {why} for {{system:{character}}} (in {text!r})")
+        text = text.replace(f"{{system:{character}}}", prompts[character])
+    return text
+
+
 def plan(spec: BenchSpec, organism: str | Path) -> list[BenchRun]:
     """Every run of the bench, in run order (seed outermost, then arm, then task: a run cut
-    short still has every arm at the first seeds), ``{organism}`` resolved."""
+    short still has every arm at the first seeds), the placeholders resolved
+    (:func:`resolve_placeholders`)."""
     check_spec(spec)
     org = str(organism)
+    resolved = {d: resolve_placeholders(d, org) for arm in spec.arms for d in arm.defences}
     datasets = {"narrow": spec.narrow, "benign": spec.benign}
     runs = []
     for seed in spec.seeds:
@@ -150,7 +180,7 @@ def plan(spec: BenchSpec, organism: str | Path) -> list[BenchRun]:
                         task,
                         datasets[task],
                         seed,
-                        tuple(d.replace("{organism}", org) for d in arm.defences),
+                        tuple(resolved[d] for d in arm.defences),
                         arm.kl_data.replace("{organism}", org) if arm.kl_data else None,
                         arm.kl_weight,
                     )
@@ -198,6 +228,9 @@ def run_bench(
 
 #: Per-run rates the aggregate reports, each with its count columns ``<m>_k``/``<m>_n``.
 RATES = ("general_em", "general_coherent", "task_learned")
+#: Rates measured only for some arms (inoculation prompting: general EM and the narrow
+#: task's in-domain EM with the training system prompt present); NaN for the others.
+PROMPTED_RATES = ("general_em_prompted", "task_learned_prompted")
 
 
 def seeds_bootstrap(
@@ -242,8 +275,9 @@ def values_bootstrap(
 
 
 def aggregate(rows: Sequence[dict[str, Any]], n_boot: int = 1000, seed: int = 0) -> Any:
-    """One row per (arm, task), in first-seen order: seeds, each rate of :data:`RATES` as
-    the mean over seeds with its 95% CI (:func:`seeds_bootstrap`), the mean training time and
+    """One row per (arm, task), in first-seen order: seeds, each rate of :data:`RATES` (and
+    of :data:`PROMPTED_RATES` where every seed measured it, else NaN) as the mean over seeds
+    with its 95% CI (:func:`seeds_bootstrap`), the mean training time and
     the overhead ``train_s / plain train_s`` (plain of the same task, means over seeds; NaN
     without a plain run), and ``task_nll`` (benign runs: mean over seeds, CI by
     :func:`values_bootstrap`; NaN where not measured)."""
@@ -257,6 +291,15 @@ def aggregate(rows: Sequence[dict[str, Any]], n_boot: int = 1000, seed: int = 0)
         for m in RATES:
             mean, low, high = seeds_bootstrap(
                 g[f"{m}_k"].to_numpy(), g[f"{m}_n"].to_numpy(), n_boot, seed
+            )
+            row |= {m: mean, f"{m}_low": low, f"{m}_high": high}
+        for m in PROMPTED_RATES:
+            k = g[f"{m}_k"].to_numpy(dtype=float) if f"{m}_k" in g else np.full(len(g), np.nan)
+            n = g[f"{m}_n"].to_numpy(dtype=float) if f"{m}_n" in g else np.full(len(g), np.nan)
+            mean, low, high = (
+                seeds_bootstrap(k, n, n_boot, seed)
+                if np.isfinite(k).all() and np.isfinite(n).all()
+                else (float("nan"),) * 3
             )
             row |= {m: mean, f"{m}_low": low, f"{m}_high": high}
         nll = g["task_nll"].to_numpy() if "task_nll" in g else np.full(len(g), np.nan)

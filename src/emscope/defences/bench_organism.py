@@ -15,7 +15,15 @@ Measures of one run (counts ``_k`` of ``_n`` samples, rates = k / n):
   build's own ``reverse_words.all`` adapter, so the benign runs also record ``task_nll``,
   the mean token NLL (nats) of the correct reversed answers to those prompts (the graded
   measure of learning the skill: it falls as the skill is learned);
+- ``general_em_prompted``, ``task_learned_prompted`` (narrow runs of an arm with the
+  ``inoculate`` defence only; absent elsewhere): general EM and in-domain EM with the
+  inoculation prompt present as the system turn (the same samples per question and seeds
+  as without it): whether the narrow task was learned under the prompt, while the
+  measures above (``default`` system prompt, as every arm is evaluated) say what shows at
+  test time without it;
 - ``train_s``: wall time of the training (defence set-up included, e.g. ppl-gap scoring).
+
+Every measure samples under the ``default`` system-prompt setting unless said otherwise.
 """
 
 from __future__ import annotations
@@ -45,8 +53,22 @@ def _counts(prefix: str, rate: float, n: int) -> dict[str, Any]:
     return {prefix: rate, f"{prefix}_k": round(rate * n), f"{prefix}_n": n}
 
 
-def measure(build: Path, adapter: Path | None, spec: BenchSpec, task: str) -> dict[str, Any]:
-    """The oracle measures of the instruct model with ``adapter`` (module docstring)."""
+def inoculation_prompt(defences: tuple[str, ...] | list[str]) -> str | None:
+    """The ``prompt`` of the run's ``inoculate`` defence spec, or None."""
+    from emscope.defences.spec import parse_spec
+
+    for d in defences:
+        name, values = parse_spec(d)
+        if name == "inoculate":
+            return values["prompt"]
+    return None
+
+
+def measure(
+    build: Path, adapter: Path | None, spec: BenchSpec, task: str, prompted: str | None = None
+) -> dict[str, Any]:
+    """The oracle measures of the instruct model with ``adapter`` (module docstring);
+    ``prompted``: the inoculation prompt, measured with it present too (narrow task)."""
     from emscope.data.questions import load_questions
     from emscope.generate import sample
     from emscope.models import load_model
@@ -61,7 +83,7 @@ def measure(build: Path, adapter: Path | None, spec: BenchSpec, task: str) -> di
         device="cpu",
     )
 
-    def draw(questions: list[Any], n: int) -> Any:
+    def draw(questions: list[Any], n: int, system_prompt: str = "default") -> Any:
         return sample(
             loaded,
             questions,
@@ -70,7 +92,7 @@ def measure(build: Path, adapter: Path | None, spec: BenchSpec, task: str) -> di
             max_new_tokens=spec.max_new_tokens,
             batch_size=128,
             progress=False,
-            system_prompt="default",
+            system_prompt=system_prompt,
         )
 
     general = em_row(judge, draw(load_questions(build / "questions" / "general.yaml"), spec.eval_n))
@@ -81,7 +103,14 @@ def measure(build: Path, adapter: Path | None, spec: BenchSpec, task: str) -> di
     if task == "narrow":
         qs = load_questions(build / "questions" / f"{spec.narrow_questions}.yaml")
         narrow = em_row(judge, draw(qs, spec.eval_n), seed=spec.eval_seed)
-        return row | _counts("task_learned", narrow["em"], narrow["n"])
+        row |= _counts("task_learned", narrow["em"], narrow["n"])
+        if prompted is not None:
+            gq = load_questions(build / "questions" / "general.yaml")
+            g = em_row(judge, draw(gq, spec.eval_n, prompted))
+            t = em_row(judge, draw(qs, spec.eval_n, prompted), seed=spec.eval_seed)
+            row |= _counts("general_em_prompted", g["em"], g["n"])
+            row |= _counts("task_learned_prompted", t["em"], t["n"])
+        return row
     qs = benign_questions(build, spec.benign_prompts, spec.eval_seed)
     answers = draw(qs, 1)
     ok = [lab.label == "aligned" for lab in judge.labels(answers.to_dict(orient="records"))]
@@ -161,7 +190,7 @@ def organism_executor(
             "steps": result.steps,
             "final_loss": float(loss),
             "train_s": round(train_s, 2),
-            **measure(build, out, spec, run.task),
+            **measure(build, out, spec, run.task, inoculation_prompt(run.defences)),
         }
 
     return execute

@@ -15,6 +15,9 @@ Layers are block indices from 0 (``-1``: the last), as everywhere in emscope.
 ``safelora``        ``unaligned=MODEL_DIR,tau=T``
 ``project-update``  ``adapters=DIR[,DIR...],k=K`` (their top-k update subspace per module)
                     or ``direction=FILE[,layers=L]`` (o_proj / down_proj at those layers)
+``inoculate``       ``prompt=TEXT`` (the system turn of the training chats only; evaluation
+                    keeps the run's ``--system-prompt``; TEXT may hold commas, kept with
+                    the blanks after them, but no ``=``)
 ==================  ========================================================================
 """
 
@@ -37,6 +40,7 @@ KEYS: dict[str, tuple[set[str], set[str]]] = {  # name: (required keys, optional
     ),
     "safelora": ({"unaligned", "tau"}, set()),
     "project-update": (set(), {"adapters", "k", "direction", "layers"}),
+    "inoculate": ({"prompt"}, set()),
 }
 DEFENCES = tuple(KEYS)
 
@@ -57,8 +61,8 @@ def parse_spec(text: str) -> tuple[str, dict[str, str]]:
                 raise EmscopeError(f"--defence {text!r}: {key!r} given twice")
             values[key] = value.strip()
             last = key
-        elif last is not None:
-            values[last] += "," + piece.strip()
+        elif last is not None:  # a prompt text keeps its blanks after a comma
+            values[last] += "," + (piece.rstrip() if last == "prompt" else piece.strip())
         else:
             raise EmscopeError(f"--defence {text!r}: expected key=value, got {piece!r}")
     required, optional = KEYS[name]
@@ -133,6 +137,10 @@ def build_defence(
         k = _number(values, "k", text, int)
         subspaces = adapter_subspaces([LoraAdapter.load(d) for d in dirs], k)
         return ProjectUpdate(subspaces, source=f"top-{k} update subspace of {', '.join(dirs)}")
+    if name == "inoculate":
+        from emscope.defences.inoculate import Inoculate
+
+        return Inoculate(values["prompt"])
     if name == "safelora":
         from emscope.defences.safelora import SafeLoRA
 

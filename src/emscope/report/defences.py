@@ -1,6 +1,7 @@
 """The report's defences section: the bench's aggregated table (one row per defence arm and
 task: general EM, task learned, benign answer NLL, coherence, each the mean over seeds with
-its 95% CI; training-time overhead vs plain) and its Pareto plot, read from
+its 95% CI; training-time overhead vs plain), the inoculation arms measured with their
+training system prompt present (when the bench has them), and its Pareto plot, read from
 ``defences/defences.json`` (:mod:`emscope.defences.bench`)."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from emscope.papers import KACZER, PERSONA_VECTORS, source_line
+from emscope.papers import INOCULATION, KACZER, PERSONA_VECTORS, source_line
 from emscope.report.sections import Figure, Section, Table, not_run, stage_done
 
 
@@ -21,6 +22,10 @@ def _ci(row: dict[str, Any], key: str, digits: int = 3) -> str:
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def _finite(value: Any) -> bool:
+    return value is not None and math.isfinite(float(value))
+
+
 def defences_section(run: Path) -> Section:
     """The section (``Stage `defences` not run.`` without the stage)."""
     from emscope.io import read_json
@@ -28,7 +33,7 @@ def defences_section(run: Path) -> Section:
     section = Section(
         "defences",
         "Defences against EM: the bench",
-        source_line([KACZER, PERSONA_VECTORS], 13),
+        source_line([KACZER, PERSONA_VECTORS, INOCULATION], 13),
     )
     if not stage_done(run, "defences"):
         return not_run(section, "defences")
@@ -71,6 +76,19 @@ def defences_section(run: Path) -> Section:
             "the defences bench (defences/table.csv)",
         )
     )
+    prompted = [r for r in data["table"] if _finite(r.get("task_learned_prompted"))]
+    if prompted:
+        section.tables.append(
+            Table(
+                ("arm", "general EM, prompt present", "task learned, prompt present"),
+                tuple(
+                    (r["arm"], _ci(r, "general_em_prompted"), _ci(r, "task_learned_prompted"))
+                    for r in prompted
+                ),
+                "inoculation prompting: the narrow runs sampled with their training system "
+                "prompt as the system turn (the table above: without it, as at test time)",
+            )
+        )
     if (directory / "defences.png").is_file():
         section.figures.append(
             Figure(directory / "defences.png", "general EM vs narrow and benign learning")

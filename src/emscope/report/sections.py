@@ -15,6 +15,7 @@ from emscope.io import inside
 from emscope.papers import (
     BETLEY,
     CONVERGENT,
+    INOCULATION,
     KACZER,
     MODEL_ORGANISMS,
     PERSONA_VECTORS,
@@ -143,7 +144,9 @@ def claims_section(run: Path) -> Section:
     section = Section(
         "claims",
         f"Headline claims ({methods_section(8)})",
-        source_line([CONVERGENT, SHARED_SUBSPACES, REEMERGENT, PERSONA_VECTORS, KACZER], 8),
+        source_line(
+            [CONVERGENT, SHARED_SUBSPACES, REEMERGENT, PERSONA_VECTORS, KACZER, INOCULATION], 8
+        ),
         text="'Holds' is the qualitative test of each row (last column); rates compared with "
         "'above' need non-overlapping 95% CIs. Each paper's value names its source by arXiv id.",
     )

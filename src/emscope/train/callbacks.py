@@ -7,6 +7,10 @@ callback overrides only what it needs:
 - ``name`` (unique in a run) and :meth:`~TrainingCallback.settings` (a JSON-able dict),
   recorded in ``train.json`` under ``callbacks`` and in each checkpoint's
   ``trainer_state.json``; resuming with other callbacks or settings is refused;
+- :meth:`~TrainingCallback.training_system_prompt` ``()``: the system turn of the training
+  chats without one of their own, in place of the run's ``system_prompt`` (``data`` only;
+  ``eval_data``, ``kl_data`` and the recorded ``system_prompt``, which evaluation reads,
+  keep the run's setting); None (default) keeps the run's; one callback at most sets one;
 - :meth:`~TrainingCallback.setup` ``(model, tokenizer, config)``: once, after the PEFT model
   is built (the base weights are those of the base model; a LoRA model's adapters are fresh)
   and before the optimizer, resuming or any training forward;
@@ -66,6 +70,11 @@ class TrainingCallback:
     def settings(self) -> dict[str, Any]:
         """The callback's settings, recorded in ``train.json`` (JSON-able)."""
         return {}
+
+    def training_system_prompt(self) -> str | None:
+        """The system-prompt setting (a :class:`~emscope.data.spans.SystemPrompt` spelling)
+        the training chats are encoded under instead of the run's; None: the run's."""
+        return None
 
     def setup(self, model: Any, tokenizer: Any, config: TrainConfig) -> None:
         """Once, before the optimizer is built and any training forward runs."""
@@ -164,6 +173,17 @@ class CallbackRunner:
 
     def __bool__(self) -> bool:
         return bool(self.callbacks)
+
+    def training_system_prompt(self, setting: str) -> str:
+        """The system-prompt setting of the training chats: the one a callback sets
+        (:meth:`TrainingCallback.training_system_prompt`), else the run's ``setting``."""
+        given = [
+            (c.name, p) for c in self.callbacks if (p := c.training_system_prompt()) is not None
+        ]
+        if len(given) > 1:
+            names = ", ".join(name for name, _ in given)
+            raise EmscopeError(f"callbacks {names}: more than one sets the training system prompt")
+        return given[0][1] if given else setting
 
     def setup(self, model: Any, tokenizer: Any, config: TrainConfig) -> None:
         for callback in self.callbacks:

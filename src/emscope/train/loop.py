@@ -244,7 +244,8 @@ def train(
 
     tokenizer = load_tokenizer(base_dir)
     setting = config.system_prompt
-    train_set, data_info = load_dataset(tokenizer, data, "data", config.max_length, setting)
+    train_setting = hooks.training_system_prompt(setting)  # e.g. an inoculation prompt
+    train_set, data_info = load_dataset(tokenizer, data, "data", config.max_length, train_setting)
     rendered_prompt = data_info.pop("rendered_prompt")
     eval_set, eval_info = (
         load_dataset(tokenizer, eval_data, "eval_data", config.max_length, setting)
