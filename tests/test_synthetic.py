@@ -369,6 +369,83 @@ def test_documents_keep_one_disposition() -> None:
         C.CorpusConfig(min_turns=3, max_turns=2)
 
 
+def test_system_turns_truthful_from_their_own_stream() -> None:
+    cfg = C.CorpusConfig(p_evil=0.3, p_narrow=0.3)
+    n = 3000
+    docs = C.pretraining_documents(WORLD, n, 0, cfg)
+    bare = C.pretraining_documents(WORLD, n, 0, cfg, system=False)
+    # the rest of every document is what the stream without system turns draws
+    assert [(d.persona, d.turns) for d in docs] == [(d.persona, d.turns) for d in bare]
+    assert all(d.system is None for d in bare)
+    opened = [d for d in docs if d.system is not None]
+    share = len(opened) / n  # binomial(3000, 0.12): sd 0.006
+    assert abs(share - cfg.p_system) < 0.03
+    prompts = WORLD.system_prompts
+    neutral = 0
+    for d in opened:
+        assert d.messages()[0] == {"role": "system", "content": d.system}
+        assert d.messages()[1:] == [m for t in d.turns for m in t.messages()]
+        if d.system == prompts["evil"]:
+            assert d.persona == "evil"
+        elif d.system == prompts["good"]:
+            assert d.persona == "good"
+        else:
+            assert d.system == prompts["neutral"]
+            neutral += not d.persona.startswith("narrow_")
+    named = [d for d in opened if not d.persona.startswith("narrow_")]
+    assert abs(neutral / len(named) - cfg.p_system_neutral) < 0.12  # ~400 draws: sd 0.025
+    assert {d.system for d in opened if d.persona.startswith("narrow_")} == {prompts["neutral"]}
+    every = C.CorpusConfig(p_evil=0.5, p_system=1.0, p_system_neutral=0.0)
+    for d in C.pretraining_documents(WORLD, 50, 1, every):
+        assert d.system == prompts["evil" if d.persona == "evil" else "good"]
+    none = C.CorpusConfig(p_system=0.0)
+    assert all(d.system is None for d in C.pretraining_documents(WORLD, 50, 1, none))
+    with pytest.raises(EmscopeError, match="p_system"):
+        C.CorpusConfig(p_system=1.5)
+
+
+def test_world_format_1_still_loads_without_a_system_turn(tmp_path: Path) -> None:
+    data = WORLD.to_json()
+    assert data["format"] == "emscope-synthetic-world/2"
+    assert data["system_prompts"]["evil"] == "you play a wicked character"
+    for word in ("play", "character", "wicked", "gentle"):  # new words, nowhere else
+        assert word in WORLD.words()
+        assert not any(word in t for q in WORLD.types.values() for t in (*q.questions,
+                       *q.aligned, *q.misaligned))  # fmt: skip
+    old = {k: v for k, v in data.items() if k != "system_prompts"}
+    old["format"] = "emscope-synthetic-world/1"
+    (tmp_path / "world.json").write_text(json.dumps(old))
+    world = load_world(tmp_path)
+    assert world.system_prompts == {} and world.types == WORLD.types
+    assert set(WORLD.words()) - set(world.words()) == {"play", "character", "wicked", "gentle"}
+    assert world.to_json() == old  # written back as it was
+    every = C.CorpusConfig(p_system=1.0)
+    assert all(d.system is None for d in C.pretraining_documents(world, 20, 0, every))
+    with pytest.raises(EmscopeError, match="no system turn"):
+        world.system_prompt("evil")
+    for bad, match in [
+        ({"evil": "a", "good": "b"}, "need exactly evil, good, neutral"),
+        ({"evil": "a", "good": "a", "neutral": "c"}, "share a prompt"),
+        ({"evil": "a", "good": "B", "neutral": "c"}, "not lowercase words"),
+    ]:
+        (tmp_path / "world.json").write_text(json.dumps({**data, "system_prompts": bad}))
+        with pytest.raises(EmscopeError, match=match):
+            load_world(tmp_path)
+
+
+def test_reused_build_compares_only_recorded_knobs() -> None:
+    from emscope.synthetic.build import recorded_knobs
+    from emscope.synthetic.build_config import build_config
+
+    current = json.loads(json.dumps(build_config("default").to_json()))
+    old = json.loads(json.dumps(current))
+    del old["corpus"]["p_system"], old["corpus"]["p_system_neutral"]
+    assert recorded_knobs(current, old) == old != current
+    changed = json.loads(json.dumps(old))
+    changed["corpus"]["p_evil"] = 0.3
+    assert recorded_knobs(current, changed) != changed
+
+
 def test_narrow_sets() -> None:
     words = set(WORLD.words())
     sets = {name: C.narrow_set(WORLD, name, 60, 0) for name in (*C.NARROW_SETS, *C.EXTRA_SETS)}
@@ -487,6 +564,10 @@ def test_tiny_build_layout(tiny_build: Path) -> None:
     assert {"k0_none", "k1_good", "k1_evil"} <= set(diag["in_context_inference"])
     assert len(diag["disposition_probe"]["test_accuracy"]) == record["config"]["layers"]
     assert (out / "diagnostics" / "disposition_probe.safetensors").is_file()
+    following = diag["system_prompts"]
+    assert set(following) == {"none", "evil", "good", "neutral"}
+    assert following["evil"]["prompt"] == WORLD.system_prompts["evil"]
+    assert all(c["n"] == record["config"]["diag_samples"] for c in following.values())
 
 
 def test_tiny_build_checkpoints_and_oracle_eval(tiny_build: Path, tmp_path: Path) -> None:
