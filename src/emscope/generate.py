@@ -391,7 +391,9 @@ def sample(
     ``skip`` lists ``(question_id, sample_idx)`` pairs already done; ``on_batch`` receives each
     finished batch's rows (used for resumable runs, see :func:`sample_to_dir`).
     Returns the tidy response table (:data:`RESPONSE_COLUMNS`), one row per sample, ordered
-    by question then ``sample_idx``.
+    by question then ``sample_idx``. The settings are checked as
+    :class:`emscope.eval.SamplingParams` (a bad one: one line naming it); the HF
+    :class:`emscope.eval.Sampler` (:class:`emscope.eval.HfSampler`) calls this.
     """
     import pandas as pd
 

@@ -264,10 +264,11 @@ def vllm_points(
     options: Any,
     dtype: str = "auto",
 ) -> dict[float, Any]:
-    """``{t: VllmModel}`` for :func:`run_lmc` with vLLM: each point's exact adapter written
+    """``{t: sampler}`` for :func:`run_lmc` with vLLM: each point's exact adapter written
     as a PEFT dir ``out/adapters/t0.40/`` (none at a base end), all served by one engine as
-    LoRA requests (:class:`~emscope.vllm_backend.VllmSampler`, ``options``:
-    :class:`~emscope.vllm_backend.VllmOptions`). Two full model dirs are refused: every
+    LoRA requests (each point a :class:`~emscope.vllm_backend.VllmModel`, an
+    :class:`emscope.eval.Sampler`; ``options``: :class:`~emscope.vllm_backend.VllmOptions`,
+    :meth:`emscope.eval.BackendSettings.engine`). Two full model dirs are refused: every
     point would be a model of its own, one vLLM engine each."""
     from emscope.vllm_backend import VllmModel, VllmSampler
 
@@ -323,8 +324,9 @@ def run_lmc(
     ``system_prompt`` of :func:`emscope.generate.sample`; the system prompt also renders
     the loss chats and the feature prompts, and ``lmc.json`` records it.
     Resumable: finished points are read back by :func:`emscope.evaluate.evaluate_to_dir`.
-    ``vllm``: ``{t: VllmModel}`` (:func:`vllm_points`) samples each point with vLLM; the
-    HF model at ``t`` is then built only for ``loss_data`` and ``features``.
+    ``vllm``: ``{t: sampler}`` (:class:`emscope.eval.Sampler`, :func:`vllm_points`) samples
+    each point with vLLM; the HF model at ``t`` is then built only for ``loss_data`` and
+    ``features``.
     ``judge=None``: nothing is sampled or judged, only ``loss_data`` and ``features`` are
     computed (one of them is needed); the rows' rates are null and ``lmc.json`` says EM was
     not measured (``em_measured``, ``em_not_measured``).

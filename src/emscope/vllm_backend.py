@@ -8,9 +8,12 @@ contents, so two different adapters never share a name and the same adapter alwa
 same one). ``max_lora_rank`` is the largest rank in the adapters' ``adapter_config.json``
 (``r`` and ``rank_pattern``) or the one asked for, rounded up to a rank vLLM accepts
 (:data:`VLLM_RANKS`, :func:`round_rank`); ``max_loras`` (adapters resident on the GPU at
-once) defaults to 1, since each ``generate`` call here serves one adapter. The CLI reaches
-it with ``--backend vllm`` on ``sample``, ``eval``, ``lmc`` and ``dynamics --eval``
-(:mod:`emscope.cli.options`).
+once) defaults to 1, since each ``generate`` call here serves one adapter.
+
+:class:`VllmSampler` (and :class:`VllmModel`, bound to one adapter) is the vLLM
+:class:`emscope.eval.Sampler`; callers get it from :class:`emscope.eval.BackendSettings`:
+the CLI with ``--backend vllm`` on ``sample``, ``eval``, ``lmc`` and ``dynamics --eval``
+(:func:`emscope.cli.options.with_backend`), the pipeline with ``sampling.backend: vllm``.
 
 Interventions (activation hooks, adapter scaling) cannot run inside vLLM's engine: they are
 refused with one clear error (:func:`refuse_interventions`); use the HF backend
