@@ -46,6 +46,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             n=ctx.n("dynamics"),
             dtype=ctx.config.dtype,
             device=ctx.config.device,
+            backend=ctx.config.sampling.backend_settings(),
             strict=ctx.config.judge.strict,  # forwarded to evaluate_to_dir
             **ctx.config.sampling_kwargs(),
         )
