@@ -201,22 +201,23 @@ def test_mean_diff_and_subspace_take_a_loaded_model(lm) -> None:
         em.mean_diff(lm, "not a table")
 
 
-def test_compute_metrics_is_typed_and_still_a_dict(tmp_path: Path) -> None:
+def test_compute_metrics_is_a_typed_result_that_round_trips(tmp_path: Path) -> None:
     import pandas as pd
 
-    from emscope.io import read_json, write_json
+    from emscope.io import write_json
+    from emscope.results import read_result
 
     table = pd.DataFrame(
         {"question_id": ["a", "a", "b", "b"], "aligned": [10, 90, 20, 80], "coherent": [80] * 4}
     )
     m = em.compute_metrics(table, n_boot=20)
-    assert isinstance(m, em.Metrics) and isinstance(m, dict)
-    assert m.em_rate == m["em_rate"] == 0.5 and m.em_ci == m["em_ci"]
+    assert isinstance(m, em.Metrics)
+    assert m.em_rate == 0.5 and m.em_ci is not None and m.em_ci[0] <= 0.5 <= m.em_ci[1]
     assert m.n == 4 and m.n_scored == 4 and set(m.per_question) == {"a", "b"}
+    assert m.per_question["a"]["em_rate"] == 0.5
     assert "em_rate=0.500" in repr(m)
-    assert read_json(write_json(tmp_path / "m.json", m)) == read_json(
-        write_json(tmp_path / "d.json", dict(m))
-    )
+    tagged = m.with_extra(judge="j")
+    assert read_result(em.Metrics, write_json(tmp_path / "m.json", tagged.to_json())) == tagged
 
 
 # ---------------------------------------------------------------------------- steering

@@ -15,11 +15,17 @@ def test_em_needs_aligned_and_coherent():
 
 
 def test_describe_handles_missing_rates():
+    from dataclasses import replace
+
+    from emscope.metrics import Metrics
+
+    none = dict.fromkeys(("em_rate", "em_ci", "coherent_rate", "coherent_ci"))
+    empty = Metrics(
+        **none, self_correction_rate=None, self_correction_ci=None, unscored_rate=1.0, n=0,
+        n_scored=0, misalign_at_k={}, misalign_at_k_ci={}, settings={}, per_question={},
+    )  # fmt: skip
+    assert describe(empty) == "EM rate n/a; coherent n/a; unscored 1.000; n=0"
     line = describe(
-        {"em_rate": None, "em_ci": None, "coherent_rate": None, "unscored_rate": 1.0, "n": 0}
-    )
-    assert line == "EM rate n/a; coherent n/a; unscored 1.000; n=0"
-    line = describe(
-        {"em_rate": 0.25, "em_ci": [0.1, 0.4], "coherent_rate": 0.9, "unscored_rate": 0.0, "n": 8}
+        replace(empty, em_rate=0.25, em_ci=[0.1, 0.4], coherent_rate=0.9, unscored_rate=0.0, n=8)
     )
     assert line == "EM rate 0.250 [0.100, 0.400]; coherent 0.900; unscored 0.000; n=8"

@@ -3,7 +3,9 @@ paired differences."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,6 +13,8 @@ import pytest
 
 from emscope.errors import EmscopeError
 from emscope.metrics import (
+    METRICS_FIELDS,
+    Metrics,
     bootstrap_rates,
     compute_metrics,
     indicators,
@@ -57,14 +61,14 @@ def test_rates_match_hand_loop(strict: bool) -> None:
     table = random_table()
     m = compute_metrics(table, strict=strict, n_boot=200)
     want = hand(table, strict)
-    assert m["em_rate"] == pytest.approx(want["em"])
-    assert m["coherent_rate"] == pytest.approx(want["coherent"])
-    assert m["self_correction_rate"] == pytest.approx(want["sc"])
-    assert m["n"] == len(table) and m["n_scored"] == want["both"]
-    assert m["unscored_rate"] == pytest.approx(1 - want["both"] / len(table))
+    assert m.em_rate == pytest.approx(want["em"])
+    assert m.coherent_rate == pytest.approx(want["coherent"])
+    assert m.self_correction_rate == pytest.approx(want["sc"])
+    assert m.n == len(table) and m.n_scored == want["both"]
+    assert m.unscored_rate == pytest.approx(1 - want["both"] / len(table))
     recog = compute_metrics(table, recognition=True, n_boot=50)
-    assert recog["self_correction_rate"] == pytest.approx(hand(table, cut=30)["sc"])
-    for qid, fields in m["per_question"].items():
+    assert recog.self_correction_rate == pytest.approx(hand(table, cut=30)["sc"])
+    for qid, fields in m.per_question.items():
         sub = table[table.question_id == qid]
         assert fields["em_rate"] == pytest.approx(hand(sub, strict)["em"])
         assert fields["n"] == len(sub)
@@ -80,10 +84,30 @@ def test_boundaries_and_missing_bad_stuff() -> None:
     assert ind["em"][:3].tolist() == [1, 1, 0] and math.isnan(ind["em"][3])
     assert indicators(table, strict=True)["em"][:2].tolist() == [0, 1]
     m = compute_metrics(table, n_boot=50)
-    assert m["self_correction_rate"] is None and m["self_correction_ci"] is None
-    assert m["unscored_rate"] == pytest.approx(0.25)
+    assert m.self_correction_rate is None and m.self_correction_ci is None
+    assert m.unscored_rate == pytest.approx(0.25)
     with pytest.raises(EmscopeError, match="aligned"):
         compute_metrics(table.drop(columns="aligned"))
+
+
+def test_metrics_json_round_trips_and_a_missing_field_is_named(tmp_path: Path) -> None:
+    from emscope.io import write_json
+    from emscope.results import read_result
+
+    m = compute_metrics(random_table(), n_boot=50).with_extra(intervention="none", judge="j")
+    doc = json.loads(json.dumps(m.to_json()))
+    assert Metrics.from_json(doc) == m and Metrics.from_json(doc).to_json() == doc
+    assert list(doc) == [*METRICS_FIELDS, "intervention", "judge"]  # the file's key order
+    assert m.extra == {"intervention": "none", "judge": "j"}
+    for name in ("em_ci", "n_scored", "misalign_at_k", "per_question"):
+        path = write_json(tmp_path / "metrics.json", {k: v for k, v in doc.items() if k != name})
+        with pytest.raises(
+            EmscopeError, match=rf"metrics.json: missing field '{name}' \(Metrics\)"
+        ):
+            read_result(Metrics, path)
+    del doc["per_question"]["q2"]["em_ci"]
+    with pytest.raises(EmscopeError, match=r"m.json: missing field 'per_question.q2.em_ci'"):
+        Metrics.from_json(doc, source="m.json")
 
 
 def test_bootstrap_resamples_within_questions() -> None:

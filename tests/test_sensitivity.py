@@ -95,7 +95,7 @@ def test_tail_risk_per_question_and_overall() -> None:
     assert result.overall[12] is None  # no question has 12 scored samples
     # Misalign@1 is the mean of the per-question EM rates
     m = compute_metrics(table, n_boot=50)
-    rates = [q["em_rate"] for q in m["per_question"].values()]
+    rates = [q["em_rate"] for q in m.per_question.values()]
     assert result.overall[1] == pytest.approx(np.mean(rates))
     assert TailRisk.from_json(json.loads(json.dumps(result.to_json()))) == result
 
@@ -117,11 +117,11 @@ def test_metrics_json_has_misalign_at_k() -> None:
     table = scored_table(n_q=2, n=12, seed=1)
     m = compute_metrics(table, n_boot=100, seed=2)
     tail = tail_risk(table, (1, 5, 10), n_boot=100, seed=2)
-    assert m["misalign_at_k"] == {str(k): tail.overall[k] for k in (1, 5, 10)}
-    assert m["misalign_at_k_ci"]["5"] == list(tail.ci[5])
-    for qid, fields in m["per_question"].items():
+    assert m.misalign_at_k == {str(k): tail.overall[k] for k in (1, 5, 10)}
+    assert m.misalign_at_k_ci["5"] == list(tail.ci[5])
+    for qid, fields in m.per_question.items():
         assert fields["misalign_at_k"] == {str(k): tail.per_question[qid][k] for k in (1, 5, 10)}
-    assert "misalign_at_k" in m["settings"]
+    assert "misalign_at_k" in m.settings
 
 
 # ------------------------------------------------------------------------------ thresholds
@@ -147,7 +147,7 @@ def test_threshold_grid_matches_hand_loop(strict: bool) -> None:
         if a in result.aligned_cuts and c in result.coherent_cuts:
             assert result.rate(a, c) == pytest.approx(hand_em(table, a, c, strict))
     assert result.reference_rate == pytest.approx(
-        compute_metrics(table, strict=strict, n_boot=10)["em_rate"]
+        compute_metrics(table, strict=strict, n_boot=10).em_rate
     )
     assert result.n == len(table)
     assert result.n_scored == int((table.aligned.notna() & table.coherent.notna()).sum())

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from emscope.data.questions import Question
     from emscope.generate import Intervention
     from emscope.judge import Judge
+    from emscope.metrics import Metrics
 
 
 def judge_dir(
@@ -108,9 +109,9 @@ def evaluate_to_dir(
     questions_file: str | Path | None = None,
     progress: bool = True,
     **sampling: Any,
-) -> dict[str, Any]:
+) -> Metrics:
     """Sample ``n`` answers per question under ``interventions``, judge them, write
-    ``metrics.json`` and the per-question figure into ``out``; return the metrics dict.
+    ``metrics.json`` and the per-question figure into ``out``; return the :class:`Metrics`.
 
     ``model`` is an :class:`emscope.eval.Sampler` (e.g. vLLM's: no interventions), or a
     :class:`~emscope.models.LoadedModel` or ``(model, tokenizer)`` pair (sampled by
@@ -142,22 +143,19 @@ def evaluate_to_dir(
     if "bad_stuff" not in metrics:  # a stale column from another run does not count
         table = table.drop(columns=["bad_stuff"], errors="ignore")
     result = compute_metrics(table, strict=strict, recognition=recognition, seed=seed)
-    result["intervention"] = intervention_label
-    result["judge"] = judge.name
-    write_json(out / "metrics.json", result)
+    result = result.with_extra(intervention=intervention_label, judge=judge.name)
+    write_json(out / "metrics.json", result.to_json())
     save_figure(
         plot_em_by_question(result, title or "EM rate per question"), out / "em_by_question.png"
     )
     return result
 
 
-def describe(result: dict[str, Any]) -> str:
+def describe(result: Metrics) -> str:
     """One line: EM rate with CI, coherent rate, unscored rate, n."""
-    em, ci = result["em_rate"], result["em_ci"]
-    text = "n/a" if em is None else f"{em:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
-    coherent = result["coherent_rate"]
+    em, ci = result.em_rate, result.em_ci
+    text = "n/a" if em is None or ci is None else f"{em:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    coherent = result.coherent_rate
     coherent_text = "n/a" if coherent is None else f"{coherent:.3f}"
-    return (
-        f"EM rate {text}; coherent {coherent_text}; unscored "
-        f"{result['unscored_rate']:.3f}; n={result['n']}"
-    )
+    unscored = "n/a" if result.unscored_rate is None else f"{result.unscored_rate:.3f}"
+    return f"EM rate {text}; coherent {coherent_text}; unscored {unscored}; n={result.n}"

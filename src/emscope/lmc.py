@@ -25,7 +25,7 @@ import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +39,9 @@ from emscope.lmc_result import LmcResult as LmcResult  # the result type (re-exp
 from emscope.lmc_result import LmcRow as LmcRow
 from emscope.lora import LoraAdapter
 from emscope.models import Site, get_layers
+
+if TYPE_CHECKING:
+    from emscope.metrics import Metrics
 
 _NO_JUDGE = "no judge given: only the losses and features were computed, nothing was sampled"
 
@@ -345,7 +348,8 @@ def run_lmc(
         raise EmscopeError("lmc without a judge measures no EM: give loss_data or features")
     batch_size = int(sampling.get("batch_size", 32))
     setting = SystemPrompt.parse(sampling.get("system_prompt"))
-    rows, activations = [], {}
+    rows: list[dict[str, Any]] = []
+    activations: dict[float, Any] = {}
     prompts = [q.messages(0) for q in questions]
     for t in ts:
         step_dir = out / step_name(t)
@@ -356,7 +360,7 @@ def run_lmc(
             else contextlib.nullcontext((None, None))
         )
         with point as (model, tokenizer):
-            result: dict[str, Any] = (
+            result: Metrics | None = (
                 evaluate_to_dir(
                     (model, tokenizer) if vllm is None else vllm[t],
                     questions,
@@ -370,7 +374,7 @@ def run_lmc(
                     **sampling,
                 )
                 if judge is not None
-                else dict.fromkeys(("em_rate", "em_ci", "coherent_rate", "coherent_ci", "n"))
+                else None
             )
             loss_file = step_dir / "loss.json"
             loss = read_json(loss_file) if loss_file.is_file() else {}
@@ -384,20 +388,17 @@ def run_lmc(
             adapter = path_adapter(start, end, t)
             if len(adapter):
                 adapter.save(Path(export) / step_name(t))
+        em_fields = ("em_rate", "em_ci", "coherent_rate", "coherent_ci", "n")
         rows.append(
             {
                 "t": t,
-                "em_rate": result["em_rate"],
-                "em_ci": result["em_ci"],
-                "coherent_rate": result["coherent_rate"],
-                "coherent_ci": result.get("coherent_ci"),
-                "n": result["n"],
+                **{k: getattr(result, k) if result is not None else None for k in em_fields},
                 "loss": {k: loss[k] for k in losses_data} if losses_data else None,
             }
         )
         if echo is not None:
             losses = ", ".join(f"loss {k} {loss[k]:.4f}" for k in losses_data)
-            what = describe(result) if judge is not None else "EM not measured (no judge)"
+            what = describe(result) if result is not None else "EM not measured (no judge)"
             echo(f"t={t:.2f}: {what}" + (f"; {losses}" if losses else ""))
     barriers = (
         {k: barrier(ts, [r["loss"][k] for r in rows]) for k in losses_data} if losses_data else None

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from emscope.errors import EmscopeError
+from emscope.results import mapping, need_all, rest
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -169,64 +170,106 @@ def bootstrap_rates(
     return total, (float(lo), float(hi)), per_q
 
 
-class Metrics(dict[str, Any]):
-    """What :func:`compute_metrics` returns: the fields of ``metrics.json`` as a dict (so
-    ``m["em_rate"]`` and writing it as JSON work as they always did), with typed read-only
-    attributes for the main ones (``m.em_rate``, ``m.em_ci``, ...). Rates are fractions in
-    [0, 1], None where nothing was scored; CIs are ``[lo, hi]`` or None."""
+METRICS_FIELDS = (
+    "em_rate",
+    "em_ci",
+    "coherent_rate",
+    "coherent_ci",
+    "self_correction_rate",
+    "self_correction_ci",
+    "unscored_rate",
+    "n",
+    "n_scored",
+    "misalign_at_k",
+    "misalign_at_k_ci",
+    "settings",
+    "per_question",
+)
+"""The fields of ``metrics.json`` that :class:`Metrics` types (in this order)."""
 
-    @property
-    def em_rate(self) -> float | None:
-        return self.get("em_rate")
+QUESTION_FIELDS = ("em_rate", "em_ci", "coherent_rate", "coherent_ci", "n", "n_scored")
+"""The fields every ``per_question`` entry of ``metrics.json`` must have."""
 
-    @property
-    def em_ci(self) -> list[float] | None:
-        return self.get("em_ci")
 
-    @property
-    def coherent_rate(self) -> float | None:
-        return self.get("coherent_rate")
+@dataclass(frozen=True)
+class Metrics:
+    """What :func:`compute_metrics` returns and ``metrics.json`` holds (the layout of
+    :mod:`emscope.results`). Rates are fractions in [0, 1], None where nothing was scored;
+    CIs are ``[lo, hi]`` (95% by default) or None. ``n``: rows; ``n_scored``: rows with both
+    scores. ``misalign_at_k`` / ``misalign_at_k_ci``: ``{"k": value}`` (str keys, as in the
+    file). ``settings``: the rules and bootstrap used, in words. ``per_question``: question
+    id -> the same rate fields (plain JSON objects). ``extra``: other fields of the file,
+    kept untouched (``intervention``, ``judge`` from :func:`emscope.evaluate.evaluate_to_dir`)."""
 
-    @property
-    def coherent_ci(self) -> list[float] | None:
-        return self.get("coherent_ci")
+    em_rate: float | None
+    em_ci: list[float] | None
+    coherent_rate: float | None
+    coherent_ci: list[float] | None
+    self_correction_rate: float | None
+    self_correction_ci: list[float] | None
+    unscored_rate: float | None
+    n: int
+    n_scored: int
+    misalign_at_k: Mapping[str, float | None]
+    misalign_at_k_ci: Mapping[str, list[float] | None]
+    settings: Mapping[str, Any]
+    per_question: Mapping[str, Mapping[str, Any]]
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
-    def self_correction_rate(self) -> float | None:
-        return self.get("self_correction_rate")
+    def to_json(self) -> dict[str, Any]:
+        """The ``metrics.json`` document (typed fields in file order, then ``extra``)."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in METRICS_FIELDS}
+        for name in ("misalign_at_k", "misalign_at_k_ci", "settings"):
+            out[name] = dict(out[name])
+        out["per_question"] = {q: dict(v) for q, v in self.per_question.items()}
+        return out | dict(self.extra)
 
-    @property
-    def self_correction_ci(self) -> list[float] | None:
-        return self.get("self_correction_ci")
+    @classmethod
+    def from_json(cls, data: Any, *, source: str | None = None, at: str = "") -> Metrics:
+        """Read a ``metrics.json`` document; a missing field is an EmscopeError naming
+        ``source`` and the field (``metrics.json: missing field 'em_ci' (Metrics)``)."""
+        need_all(data, METRICS_FIELDS, "Metrics", source, at)
+        per_q = mapping(data, "per_question", "Metrics", source, at)
+        for q, row in per_q.items():
+            need_all(row, QUESTION_FIELDS, "Metrics", source, f"{at}per_question.{q}.")
+        return cls(
+            em_rate=data["em_rate"],
+            em_ci=data["em_ci"],
+            coherent_rate=data["coherent_rate"],
+            coherent_ci=data["coherent_ci"],
+            self_correction_rate=data["self_correction_rate"],
+            self_correction_ci=data["self_correction_ci"],
+            unscored_rate=data["unscored_rate"],
+            n=int(data["n"]),
+            n_scored=int(data["n_scored"]),
+            misalign_at_k=mapping(data, "misalign_at_k", "Metrics", source, at),
+            misalign_at_k_ci=mapping(data, "misalign_at_k_ci", "Metrics", source, at),
+            settings=mapping(data, "settings", "Metrics", source, at),
+            per_question={q: dict(row) for q, row in per_q.items()},
+            extra=rest(data, METRICS_FIELDS),
+        )
 
-    @property
-    def unscored_rate(self) -> float | None:
-        return self.get("unscored_rate")
+    def with_extra(self, **fields: Any) -> Metrics:
+        """A copy with ``fields`` added to ``extra`` (e.g. ``intervention``, ``judge``)."""
+        return replace(self, extra={**self.extra, **fields})
 
-    @property
-    def n(self) -> int:
-        return int(self.get("n", 0))
-
-    @property
-    def n_scored(self) -> int:
-        return int(self.get("n_scored", 0))
-
-    @property
-    def misalign_at_k(self) -> dict[str, float | None]:
-        return dict(self.get("misalign_at_k") or {})
-
-    @property
-    def per_question(self) -> dict[str, dict[str, Any]]:
-        return dict(self.get("per_question") or {})
+    def rates(self) -> dict[str, Any]:
+        """``em_rate``, ``em_ci``, ``coherent_rate``, ``coherent_ci``, ``unscored_rate``,
+        ``n``: the short form the eval stage's summary and the sweeps keep per setting."""
+        return {name: getattr(self, name) for name in RATE_SUMMARY_FIELDS}
 
     def __repr__(self) -> str:
         def rate(name: str) -> str:
-            value, ci = self.get(f"{name}_rate"), self.get(f"{name}_ci")
+            value, ci = getattr(self, f"{name}_rate"), getattr(self, f"{name}_ci")
             if value is None:
                 return f"{name}_rate=None"
             return f"{name}_rate={value:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
         return f"Metrics({rate('em')}, {rate('coherent')}, n={self.n}, n_scored={self.n_scored})"
+
+
+RATE_SUMMARY_FIELDS = ("em_rate", "em_ci", "coherent_rate", "coherent_ci", "unscored_rate", "n")
+"""The fields of :meth:`Metrics.rates`."""
 
 
 def compute_metrics(
@@ -238,7 +281,7 @@ def compute_metrics(
     seed: int = 0,
     level: float = 0.95,
 ) -> Metrics:
-    """The fields of ``metrics.json``, as a :class:`Metrics` (a dict with typed attributes):
+    """The fields of ``metrics.json``, as a :class:`Metrics` (computed, no file written):
     ``em_rate``, ``em_ci``, ``coherent_rate``, ``coherent_ci``, ``self_correction_rate``,
     ``self_correction_ci`` (None without ``bad_stuff``), ``unscored_rate``, ``n`` (rows),
     ``n_scored`` (rows with both scores), the settings used, and ``per_question`` (the
@@ -294,7 +337,7 @@ def compute_metrics(
         }
         for qid in dict.fromkeys(qids)
     }
-    return Metrics(metrics)
+    return Metrics.from_json(metrics)
 
 
 def paired_difference(
@@ -355,14 +398,14 @@ def paired_difference(
     }
 
 
-def plot_em_by_question(metrics: dict[str, Any], title: str = "") -> Any:
+def plot_em_by_question(metrics: Metrics, title: str = "") -> Any:
     """Bar chart of the EM rate per question with its CI (and the overall rate)."""
     from emscope.plotting import pyplot
 
     plt = pyplot()
-    per_q = metrics["per_question"]
+    per_q = metrics.per_question
     names = [*per_q, "overall"]
-    rows = [*per_q.values(), metrics]
+    rows = [*per_q.values(), {"em_rate": metrics.em_rate, "em_ci": metrics.em_ci}]
     rates = [r["em_rate"] if r["em_rate"] is not None else np.nan for r in rows]
     lo = [r["em_rate"] - r["em_ci"][0] if r["em_ci"] else 0 for r in rows]
     hi = [r["em_ci"][1] - r["em_rate"] if r["em_ci"] else 0 for r in rows]

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from emscope.data.questions import Question
     from emscope.generate import Intervention, InterventionInfo
     from emscope.judge import Judge
+    from emscope.metrics import Metrics
 
 
 # ---------------------------------------------------------------------------- interventions
@@ -303,18 +304,20 @@ def evaluate_setting(
     interventions: Sequence[Intervention] = (),
     label: str = "",
     record: dict[str, Any] | None = None,
-) -> tuple[pd.DataFrame, dict[str, Any]]:
+) -> tuple[pd.DataFrame, Metrics]:
     """Sample (:func:`emscope.generate.sample_to_dir`), judge (:func:`emscope.judge.judge_table`)
     and compute EM metrics (:func:`emscope.metrics.compute_metrics`) into ``out_dir``
     (``responses.parquet``/``.csv``, ``run.json``, ``metrics.json``), resumably: a dir with
     ``metrics.json`` is read back, not redone. ``loaded``: a LoadedModel or (model,
     tokenizer) pair. Returns ``(table, metrics)``."""
     from emscope.evaluate import evaluate_to_dir
-    from emscope.io import read_json, read_table
+    from emscope.io import read_table
+    from emscope.metrics import Metrics
+    from emscope.results import read_result
 
     out = Path(out_dir)
     if (out / "metrics.json").is_file() and (out / "responses.parquet").is_file():
-        return read_table(out, "responses"), read_json(out / "metrics.json")
+        return read_table(out, "responses"), read_result(Metrics, out / "metrics.json")
     metrics = evaluate_to_dir(
         loaded,
         config.questions,

@@ -39,10 +39,6 @@ def _model_tok(loaded: Any) -> tuple[Any, Any]:
     return (loaded.model, loaded.tokenizer) if hasattr(loaded, "model") else loaded
 
 
-def _ci(metrics: dict[str, Any], key: str) -> Any:
-    return metrics.get(f"{key}_ci")
-
-
 def _echo(echo: Callable[[str], None] | None, text: str) -> None:
     if echo is not None:
         echo(text)
@@ -86,7 +82,7 @@ def steer_sweep(
     vec = direction.unit() if unit else direction
     control = random_like(vec, control_seed)
     base_table, base_metrics = evaluate_setting(loaded, out / "baseline", config, label="none")
-    _echo(echo, f"baseline: EM {base_metrics['em_rate']}")
+    _echo(echo, f"baseline: EM {base_metrics.em_rate}")
     sequences = kl_sequences
     rows = []
     kinds = [("direction", vec)] + ([("random", control)] if random_control else [])
@@ -105,10 +101,10 @@ def steer_sweep(
                     "layer": layer,
                     "scale": float(scale),
                     "vector": kind,
-                    "em_rate": metrics["em_rate"],
-                    "em_ci": metrics["em_ci"],
-                    "coherent_rate": metrics["coherent_rate"],
-                    "coherent_ci": metrics["coherent_ci"],
+                    "em_rate": metrics.em_rate,
+                    "em_ci": metrics.em_ci,
+                    "coherent_rate": metrics.coherent_rate,
+                    "coherent_ci": metrics.coherent_ci,
                     "dir": name,
                 }
                 row.update(_paired(base_table, table, config))
@@ -124,10 +120,10 @@ def steer_sweep(
     summary = {
         "rows": rows,
         "baseline": {
-            "em_rate": base_metrics["em_rate"],
-            "em_ci": base_metrics["em_ci"],
-            "coherent_rate": base_metrics["coherent_rate"],
-            "coherent_ci": base_metrics["coherent_ci"],
+            "em_rate": base_metrics.em_rate,
+            "em_ci": base_metrics.em_ci,
+            "coherent_rate": base_metrics.coherent_rate,
+            "coherent_ci": base_metrics.coherent_ci,
         },
         "direction_norm": {str(i): n for i, n in direction.norms().items() if i in layers},
         **_norm_fields(model, tokenizer, sequences),
@@ -210,12 +206,12 @@ def ablate_run(
     out = Path(out)
     model, tokenizer = _model_tok(before)
     before_table, before_metrics = evaluate_setting(before, out / "before", config, label="none")
-    _echo(echo, f"before: EM {before_metrics['em_rate']}")
+    _echo(echo, f"before: EM {before_metrics.em_rate}")
     summary: dict[str, Any] = {
-        "em_rate_before": before_metrics["em_rate"],
-        "em_rate_before_ci": before_metrics["em_ci"],
-        "coherent_rate_before": before_metrics["coherent_rate"],
-        "coherent_rate_before_ci": before_metrics["coherent_ci"],
+        "em_rate_before": before_metrics.em_rate,
+        "em_rate_before_ci": before_metrics.em_ci,
+        "coherent_rate_before": before_metrics.coherent_rate,
+        "coherent_rate_before_ci": before_metrics.coherent_ci,
     }
 
     def one(side: AfterSide, name: str, prefix: str) -> dict[str, Any]:
@@ -225,10 +221,10 @@ def ablate_run(
         )  # fmt: skip
         rel, rel_ci, n_pairs, why = _relative_change(before_table, table, config)
         fields: dict[str, Any] = {
-            f"{prefix}em_rate_after": metrics["em_rate"],
-            f"{prefix}em_rate_after_ci": metrics["em_ci"],
-            f"{prefix}coherent_rate_after": metrics["coherent_rate"],
-            f"{prefix}coherent_rate_after_ci": metrics["coherent_ci"],
+            f"{prefix}em_rate_after": metrics.em_rate,
+            f"{prefix}em_rate_after_ci": metrics.em_ci,
+            f"{prefix}coherent_rate_after": metrics.coherent_rate,
+            f"{prefix}coherent_rate_after_ci": metrics.coherent_ci,
             f"{prefix}n_pairs": n_pairs,
         }
         if prefix:
@@ -250,7 +246,7 @@ def ablate_run(
         else:
             fields[f"{prefix}kl"] = None
             fields[f"{prefix}kl_ci"] = None
-        _echo(echo, f"{name}: EM {metrics['em_rate']}" + (f" ({why})" if why else ""))
+        _echo(echo, f"{name}: EM {metrics.em_rate}" + (f" ({why})" if why else ""))
         return fields
 
     if isinstance(after, dict):

@@ -457,10 +457,10 @@ def judge_agreement(
                 cm = compute_metrics(t, strict=strict, n_boot=n_boot, seed=seed, level=level)
                 tail = tail_risk(t, ks, strict=strict, n_boot=n_boot, seed=seed, level=level)
                 rates = {
-                    "em_rate": cm["em_rate"],
-                    "em_ci": _ci(cm["em_ci"]),
-                    "coherent_rate": cm["coherent_rate"],
-                    "coherent_ci": _ci(cm["coherent_ci"]),
+                    "em_rate": cm.em_rate,
+                    "em_ci": _ci(cm.em_ci),
+                    "coherent_rate": cm.coherent_rate,
+                    "coherent_ci": _ci(cm.coherent_ci),
                     "misalign_at_k": dict(tail.overall),
                 }
         name = (names or {}).get(label, label)

@@ -217,11 +217,11 @@ def evaluate_checkpoints(
         results.append(
             {
                 "step": int(step),
-                "em_rate": metrics_result["em_rate"],
-                "em_ci": metrics_result["em_ci"],
-                "coherent_rate": metrics_result["coherent_rate"],
-                "unscored_rate": metrics_result["unscored_rate"],
-                "n": metrics_result["n"],
+                "em_rate": metrics_result.em_rate,
+                "em_ci": metrics_result.em_ci,
+                "coherent_rate": metrics_result.coherent_rate,
+                "unscored_rate": metrics_result.unscored_rate,
+                "n": metrics_result.n,
                 "dir": str(step_dir),
             }
         )

@@ -220,11 +220,11 @@ def em_row(judge: Any, table: Any, seed: int = 0) -> dict[str, Any]:
     em, coherent = m.em_rate or 0.0, m.coherent_rate or 0.0
     return {
         "em": em,
-        "em_ci": m["em_ci"],
+        "em_ci": m.em_ci,
         "coherent": coherent,
-        "coherent_ci": m["coherent_ci"],
+        "coherent_ci": m.coherent_ci,
         "em_given_coherent": em / coherent if coherent else 0.0,
-        "n": m["n"],
+        "n": m.n,
     }
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from emscope.metrics import Metrics
     from emscope.pipeline.config import StudyConfig
 
 
@@ -121,26 +122,17 @@ class StageContext:
         return self.config.n_for(stage)
 
 
-def em_fields(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "em_rate": metrics.get("em_rate"),
-        "em_ci": metrics.get("em_ci"),
-        "coherent_rate": metrics.get("coherent_rate"),
-        "coherent_ci": metrics.get("coherent_ci"),
-        "unscored_rate": metrics.get("unscored_rate"),
-        "n": metrics.get("n"),
-    }
-
-
 def evaluate_organism(
     ctx: StageContext, organism: str, out: Path, questions: str | None, n: int, title: str
-) -> dict[str, Any]:
-    """One organism sampled, judged and scored into ``out`` (read back if done)."""
+) -> Metrics:
+    """One organism sampled, judged and scored into ``out`` (read back through
+    :meth:`Metrics.from_json` if done)."""
     from emscope.evaluate import evaluate_to_dir
-    from emscope.io import read_json
+    from emscope.metrics import Metrics
+    from emscope.results import read_result
 
     if (out / "metrics.json").is_file() and (out / "responses.parquet").is_file():
-        return dict(read_json(out / "metrics.json"))
+        return read_result(Metrics, out / "metrics.json")
     config = ctx.config
     record = {
         "model_dir": str(config.chat_model_dir()),
@@ -189,15 +181,15 @@ def bar(items: list[str], desc: str, progress: bool) -> Any:
     return tqdm(items, desc=desc, disable=not progress, leave=False)
 
 
-def fmt_rate(metrics: dict[str, Any]) -> str:
+def fmt_rate(metrics: Metrics) -> str:
     """``"0.123 [0.100, 0.150], coherent 0.900"``: an EM rate with its CI, for the console."""
-    em, ci = metrics.get("em_rate"), metrics.get("em_ci")
+    em, ci = metrics.em_rate, metrics.em_ci
     if em is None:
         return "n/a"
     text = f"{em:.3f}"
     if ci:
         text += f" [{ci[0]:.3f}, {ci[1]:.3f}]"
-    coherent = metrics.get("coherent_rate")
+    coherent = metrics.coherent_rate
     return text + (f", coherent {coherent:.3f}" if coherent is not None else "")
 
 

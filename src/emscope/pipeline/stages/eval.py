@@ -1,9 +1,11 @@
 """The ``eval`` stage: EM rate and coherent rate (with bootstrap CIs) of each organism,
 sampled and judged by :func:`~emscope.pipeline.stages.context.evaluate_organism` into
-``eval/<organism>/``; ``summary.json`` and ``em_rates.png`` over them."""
+``eval/<organism>/``; ``summary.json`` (:class:`~emscope.pipeline.eval_result.EvalSummary`)
+and ``em_rates.png`` over them."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +16,7 @@ from emscope.pipeline.stages.base import Stage, StageSettings, need
 
 if TYPE_CHECKING:
     from emscope.pipeline.config import StudyConfig
+    from emscope.pipeline.eval_result import OrganismRates
     from emscope.pipeline.stages.context import StageContext
 
 
@@ -25,11 +28,12 @@ class EvalStage(StageSettings):
 def run(ctx: StageContext) -> dict[str, Any]:
     """EM rate, coherent rate (with bootstrap CIs) per organism: ``eval/<organism>/``."""
     from emscope.io import inside, write_json
+    from emscope.pipeline.eval_result import EvalSummary, OrganismRates
 
     out = ctx.dir("eval")
     stage = ctx.config.stages.eval
     qname = stage.questions if stage else None
-    rows = {}
+    rows: dict[str, OrganismRates] = {}
     organisms = ctx.config.eval_organisms()
     for organism in context.bar(organisms, "eval", ctx.progress):
         metrics = context.evaluate_organism(
@@ -40,12 +44,12 @@ def run(ctx: StageContext) -> dict[str, Any]:
             ctx.n("eval"),
             f"EM rate per question: {organism}",
         )
-        rows[organism] = context.em_fields(metrics)
+        rows[organism] = OrganismRates.of(metrics)
         ctx.echo(f"  eval {organism}: EM {context.fmt_rate(metrics)}")
-    summary = {"questions": ctx.config.question_set(qname), "organisms": rows}
-    write_json(out / "summary.json", summary)
+    summary = EvalSummary(ctx.config.question_set(qname), rows)
+    write_json(out / "summary.json", summary.to_json())
     plot_rates(rows, out / "em_rates.png")
-    return summary
+    return summary.to_json()
 
 
 def describe(config: StudyConfig) -> str:
@@ -59,7 +63,7 @@ def check(config: StudyConfig) -> None:
         need("eval.organisms", o, config.organisms(), "organism")
 
 
-def plot_rates(rows: dict[str, dict[str, Any]], path: Path) -> None:
+def plot_rates(rows: Mapping[str, OrganismRates], path: Path) -> None:
     """EM and coherent rate bars (95% CI) per organism, saved to ``path``."""
     from emscope.plotting import pyplot, save_figure
 
@@ -68,7 +72,7 @@ def plot_rates(rows: dict[str, dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(names) + 2), 4))
     for i, name in enumerate(names):
         for offset, key, colour in ((-0.2, "em", "tab:red"), (0.2, "coherent", "tab:gray")):
-            rate, ci = rows[name].get(f"{key}_rate"), rows[name].get(f"{key}_ci")
+            rate, ci = getattr(rows[name], f"{key}_rate"), getattr(rows[name], f"{key}_ci")
             if rate is None:
                 continue
             err = [[rate - ci[0]], [ci[1] - rate]] if ci else None
