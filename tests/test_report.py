@@ -171,7 +171,10 @@ def run_dir(tmp_path: Path) -> Path:
     _write(
         run / "directions" / "summary.json",
         {
+            "sources": ["em1", "em2"],
+            "norms": {"em1": {"0": 1.0, "1": 2.0, "2": 3.0}, "em2": {"0": 1.5, "1": 2.5, "2": 3.5}},
             "pairs": [{"a": "em1", "b": "em2", "cosine": {"0": 0.9, "1": 0.8, "2": 0.3}}],
+            "pairs_skipped": None,
             "adapter_b_cosines": {"r1 vs em1": [{"module": "m", "layer": 1, "cosine": 0.04}]},
         },
     )
@@ -198,14 +201,19 @@ def run_dir(tmp_path: Path) -> Path:
     _write(
         run / "reemergent" / "projection.json",
         {
+            "layers": [0, 1, 2],
+            "base": "base",
+            "instruct": "instruct",
             "relative_to_base_instruct": {
                 "em1": {
+                    "position": [0.9, 0.6, 0.4],
                     "first_third_mean": 0.9,
                     "last_third_mean": 0.4,
                     "drift_towards_base": 0.5,
                     "drift_ci95": [0.3, 0.7],
+                    "drifts_towards_base": True,
                 }
-            }
+            },
         },
     )
     return run
@@ -233,6 +241,8 @@ def test_claims_from_a_constructed_run(run_dir: Path) -> None:
         "defence_inconsistent": c.NOT_RUN,
         "defence_pplgap_best": c.NOT_RUN,
         "defence_steer": c.NOT_RUN,
+        "defence_inoculation": c.NOT_RUN,
+        "defence_inoculation_specific": c.NOT_RUN,
     }
     assert {k: r.holds for k, r in rows.items()} == expected
     assert "em1: 30.0% [25.0, 35.0]" in rows["narrow_em"].measured

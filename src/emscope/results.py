@@ -1,5 +1,6 @@
-"""The shared rules of typed analysis results (``SteerResult``, ``AblationResult``,
-``GeometryResult``, ``LmcResult``, ``ProbeResult``; :mod:`emscope.metrics` for ``Metrics``).
+"""The shared rules of typed analysis results (``Metrics``, ``EvalSummary``,
+``SteerResult``, ``AblationResult``, ``DirectionsSummary``, ``GeometryResult``, ``LmcResult``,
+``ProbeResult``, ``ProjectionSummary``, ``GradientSummary``, ...).
 
 A result is a frozen dataclass: the fields its readers use are typed attributes, every other
 field of its JSON document is kept, untouched, in ``extra`` so that ``to_json()`` gives back
@@ -75,6 +76,17 @@ def rest(data: Mapping[str, Any], typed: Iterable[str]) -> dict[str, Any]:
     """The fields of ``data`` other than ``typed`` (kept in a result's ``extra``)."""
     skip = set(typed)
     return {k: v for k, v in data.items() if k not in skip}
+
+
+def in_order(doc: Mapping[str, Any], order: Iterable[str]) -> dict[str, Any]:
+    """``doc`` with the keys of ``order`` first, in that order (a result keeps the key order
+    of the document it was read from), then its other keys."""
+    return {k: doc[k] for k in order if k in doc} | dict(doc)
+
+
+def bad_field(source: str | None, at: str, problem: str, result: str) -> EmscopeError:
+    """The error ``"FILE: field 'AT' PROBLEM (RESULT)"`` (raise it)."""
+    return EmscopeError(f"{where(source)}: field '{at}' {problem} ({result})")
 
 
 def read_result(cls: type[R], path: str | Path, *, label: str | None = None) -> R:

@@ -154,6 +154,7 @@ def gradients(
     from emscope.io import atomic_write_bytes, write_json, write_table
     from emscope.plotting import save_figure
     from emscope.reemergent.gradients import gradient_analysis, plot_matrix
+    from emscope.reemergent.results import GradientSummary
 
     models = _models(model)
     if len(models) != 1:
@@ -188,23 +189,21 @@ def gradients(
     buffer = io.BytesIO()
     np.save(buffer, result.gram.gram)
     atomic_write_bytes(out / "gram.npy", buffer.getvalue())
-    write_json(
-        out / "gradients.json",
-        {
-            "model": name,
-            "source": _sources(models)[name],
-            "param": result.gram.param,
-            "shape": list(result.gram.shape),
-            "route": result.gram.route,
-            "loss": "summed NLL over answer-content tokens (end-of-turn not counted)",
-            "centring": "global mean of all gradient vectors (== H K H)",
-            "datasets": {d.name: str(d.path) for d in datasets},
-            "n_tokens": list(result.gram.n_tokens),
-            "similarity": result.summary,
-            "token_losses": result.token_summary,
-            "system_prompt": setting.spec,
-        },
+    summary = GradientSummary.of(
+        model=name,
+        source=_sources(models)[name],
+        param=result.gram.param,
+        shape=list(result.gram.shape),
+        route=result.gram.route,
+        loss="summed NLL over answer-content tokens (end-of-turn not counted)",
+        centring="global mean of all gradient vectors (== H K H)",
+        datasets={d.name: str(d.path) for d in datasets},
+        n_tokens=list(result.gram.n_tokens),
+        similarity=result.summary,
+        token_losses=result.token_summary,
+        system_prompt=setting.spec,
     )
+    write_json(out / "gradients.json", summary.to_json())
     save_figure(plot_matrix(result), out / "gradient_cosine.png")
     raw, centred = result.summary["raw"], result.summary["centred"]
     typer.echo(f"route {result.gram.route}; raw {raw}; centred {centred}")
@@ -235,6 +234,7 @@ def project(
     from emscope.io import write_json, write_table
     from emscope.plotting import save_figure
     from emscope.reemergent.projection import plot_projection, projection_analysis
+    from emscope.reemergent.results import ProjectionSummary
 
     models = _models(model)
     dataset = _datasets([data if "=" in data else f"data={data}"], n)[0]
@@ -255,17 +255,14 @@ def project(
         system_prompt=setting,
     )
     write_table(result.table(), out, "projections")
-    summary = result.summary()
-    write_json(
-        out / "projection.json",
-        {
-            **summary,
-            "models": _sources(models),
-            "data": str(dataset.path),
-            "site": "resid_post",
-            "system_prompt": setting.spec,
-        },
+    summary = ProjectionSummary.of(
+        result.summary(),
+        models=_sources(models),
+        data=str(dataset.path),
+        site="resid_post",
+        system_prompt=setting.spec,
     )
+    write_json(out / "projection.json", summary.to_json())
     Direction(
         {layer: torch.from_numpy(result.direction[j]) for j, layer in enumerate(result.layers)},
         "resid_post",
@@ -275,7 +272,7 @@ def project(
             "weighting": weighting,
             "models": _sources(models),
             "data": str(dataset.path),
-            "train_examples": summary["train_examples"],
+            "train_examples": summary.extra["train_examples"],
             "seed": seed,
             "system_prompt": setting.spec,
         },

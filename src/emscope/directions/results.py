@@ -240,3 +240,112 @@ class AblationResult:
         if path is not None:
             save_figure(fig, Path(path))
         return fig
+
+
+@dataclass(frozen=True)
+class CosinePair:
+    """The cosine similarity of directions ``a`` and ``b`` at each layer (``cosine``:
+    layer -> cosine in [-1, 1]; :func:`emscope.directions.compare.cosine_table`)."""
+
+    a: str
+    b: str
+    cosine: Mapping[int, float]
+
+    @classmethod
+    def from_json(
+        cls, data: Any, *, source: str | None = None, at: str = "", result: str = "CosinePair"
+    ) -> CosinePair:
+        need_all(data, ("a", "b"), result, source, at)
+        cosine = mapping(data, "cosine", result, source, at)
+        return cls(str(data["a"]), str(data["b"]), {int(k): float(v) for k, v in cosine.items()})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "cosine": dict(self.cosine)}
+
+    def by_layer(self) -> list[float]:
+        """The cosines in increasing layer order."""
+        return [self.cosine[layer] for layer in sorted(self.cosine)]
+
+
+@dataclass(frozen=True)
+class BCosine:
+    """The cosine between a rank-1 adapter's B vector at ``module`` (``resid_post`` writer of
+    ``layer``) and a direction at that layer
+    (:func:`emscope.directions.compare.adapter_b_cosines`)."""
+
+    module: str
+    layer: int
+    cosine: float
+
+    @classmethod
+    def from_json(
+        cls, data: Any, *, source: str | None = None, at: str = "", result: str = "BCosine"
+    ) -> BCosine:
+        need_all(data, ("module", "layer", "cosine"), result, source, at)
+        return cls(str(data["module"]), int(data["layer"]), float(data["cosine"]))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"module": self.module, "layer": self.layer, "cosine": self.cosine}
+
+
+@dataclass(frozen=True)
+class DirectionsSummary:
+    """The pipeline's ``directions/summary.json``: the extracted ``sources``, each one's
+    ``norms`` (layer -> L2 norm of the mean difference, in residual-stream units), the
+    cosines between every two of them (``pairs``; empty with one source, the reason in
+    ``pairs_skipped``) and ``adapter_b_cosines`` (``"<rank-1> vs <source>"`` -> one
+    :class:`BCosine` per adapted module). ``extra``: ``followup`` (the follow-up-prompt
+    directions' ``read_with``, ``norms`` and ``pairs``) and any other field, untouched."""
+
+    sources: tuple[str, ...]
+    norms: Mapping[str, Mapping[int, float]]
+    pairs: tuple[CosinePair, ...]
+    pairs_skipped: str | None
+    adapter_b_cosines: Mapping[str, tuple[BCosine, ...]]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    TYPED = ("sources", "norms", "pairs", "pairs_skipped", "adapter_b_cosines")
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str | None = None, at: str = "") -> DirectionsSummary:
+        name = "DirectionsSummary"
+        norms = mapping(data, "norms", name, source, at)
+        b_cosines = mapping(data, "adapter_b_cosines", name, source, at)
+        return cls(
+            sources=tuple(str(s) for s in sequence(data, "sources", name, source, at)),
+            norms={
+                s: {
+                    int(k): float(v)
+                    for k, v in mapping(norms, s, name, source, f"{at}norms.").items()
+                }
+                for s in norms
+            },
+            pairs=tuple(
+                CosinePair.from_json(p, source=source, at=f"{at}pairs[{i}].", result=name)
+                for i, p in enumerate(sequence(data, "pairs", name, source, at))
+            ),
+            pairs_skipped=need(data, "pairs_skipped", name, source, at),
+            adapter_b_cosines={
+                key: tuple(
+                    BCosine.from_json(
+                        e, source=source, at=f"{at}adapter_b_cosines.{key}[{i}].", result=name
+                    )
+                    for i, e in enumerate(
+                        sequence(b_cosines, key, name, source, f"{at}adapter_b_cosines.")
+                    )
+                )
+                for key in b_cosines
+            },
+            extra=rest(data, cls.TYPED),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sources": list(self.sources),
+            "norms": {s: dict(v) for s, v in self.norms.items()},
+            "pairs": [p.to_json() for p in self.pairs],
+            "pairs_skipped": self.pairs_skipped,
+            "adapter_b_cosines": {
+                k: [e.to_json() for e in rows] for k, rows in self.adapter_b_cosines.items()
+            },
+        } | dict(self.extra)

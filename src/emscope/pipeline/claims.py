@@ -14,7 +14,7 @@ Two layers:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -38,8 +38,9 @@ from emscope.pipeline.claims_defences import DEFENCE_CLAIMS, DEFENCE_MEASURES
 from emscope.pipeline.claims_early_warning import EARLY_WARNING_CLAIMS, EARLY_WARNING_MEASURES
 
 if TYPE_CHECKING:
-    from emscope.directions.results import AblationResult
+    from emscope.directions.results import AblationResult, DirectionsSummary
     from emscope.geometry.result import GeometryPair
+    from emscope.pipeline.eval_result import OrganismRates
 
 R = TypeVar("R")
 
@@ -249,13 +250,20 @@ def _read(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _evals(run: _Run) -> Mapping[str, OrganismRates]:
+    """The rates per organism of ``eval/summary.json`` (read through ``EvalSummary``)."""
+    from emscope.pipeline.eval_result import EvalSummary
+
+    return run.result("eval", "summary.json", EvalSummary).organisms
+
+
 def _narrow_em(run: _Run) -> tuple[str, str]:
-    rows = run.json("eval", "summary.json")["organisms"]
+    rows = _evals(run)
     organism = run.claims_organism(list(rows))
     if organism not in rows or run.chat_model not in rows:
         raise _NA("n/a (organism or instruct model not evaluated)")
     em = _rate(rows[organism])
-    coherent = rows[organism].get("coherent_rate")
+    coherent = rows[organism].coherent_rate
     instruct = _rate(rows[run.chat_model])
     roles = run.roles()
     controls = {n: _rate(m) for n, m in rows.items() if roles.get(n) == "control"}
@@ -345,24 +353,28 @@ def _steering(run: _Run) -> tuple[str, str]:
     return f"{text}; random {_pct(rand)}", _yes(holds_steering(_rate(best), rand))
 
 
+def _directions(run: _Run) -> DirectionsSummary:
+    from emscope.directions.results import DirectionsSummary
+
+    return run.result("directions", "summary.json", DirectionsSummary)
+
+
 def _convergence(run: _Run) -> tuple[str, str]:
-    summary = run.json("directions", "summary.json")
-    pairs = summary["pairs"]
+    summary = _directions(run)
+    pairs = summary.pairs
     if not pairs:
-        raise _NA(f"n/a ({summary.get('pairs_skipped') or 'one direction only'})")
-    cosines = [
-        [float(c) for _, c in sorted(p["cosine"].items(), key=lambda kv: int(kv[0]))] for p in pairs
-    ]
+        raise _NA(f"n/a ({summary.pairs_skipped or 'one direction only'})")
+    cosines = [p.by_layer() for p in pairs]
     text = "; ".join(
-        f"{p['a']} vs {p['b']}: " + ", ".join(f"{c:.2f}" for c in cos)
+        f"{p.a} vs {p.b}: " + ", ".join(f"{c:.2f}" for c in cos)
         for p, cos in zip(pairs, cosines, strict=True)
     )
     return text + " (by layer)", _yes(holds_convergence(cosines))
 
 
 def _b_vector(run: _Run) -> tuple[str, str]:
-    entries = run.json("directions", "summary.json")["adapter_b_cosines"]
-    values = [float(e["cosine"]) for rows in entries.values() for e in rows]
+    entries = _directions(run).adapter_b_cosines
+    values = [e.cosine for rows in entries.values() for e in rows]
     if not values:
         raise _NA("n/a (no rank-1 adapter compared)")
     mean_abs = sum(abs(v) for v in values) / len(values)
@@ -440,7 +452,7 @@ def _interpolation(run: _Run) -> tuple[str, str]:
     }
     if not cross:
         raise _NA("n/a (no EM -> EM path)")
-    evals = run.json("eval", "summary.json")["organisms"]
+    evals = _evals(run)
     if run.chat_model not in evals:
         raise _NA("n/a (instruct model not evaluated)")
     instruct = _rate(evals[run.chat_model])
@@ -461,19 +473,23 @@ def _interpolation(run: _Run) -> tuple[str, str]:
 
 
 def _drift(run: _Run) -> tuple[str, str]:
-    summary = run.json("reemergent", "projection.json")
-    relative = summary.get("relative_to_base_instruct", {})
+    from emscope.reemergent.results import ProjectionSummary
+
+    relative = run.result(
+        "reemergent", "projection.json", ProjectionSummary
+    ).relative_to_base_instruct
     if not relative:
         raise _NA("n/a (no misaligned variant)")
     parts, holds = [], []
     for name, r in relative.items():
-        ci = r["drift_ci95"]
+        ci = r.drift_ci95
         parts.append(
-            f"{name}: position first third {r['first_third_mean']:.2f}, last third "
-            f"{r['last_third_mean']:.2f}, drift {r['drift_towards_base']:.2f} "
+            f"{name}: position first third {r.first_third_mean:.2f}, last third "
+            f"{r.last_third_mean:.2f}, drift {r.drift_towards_base:.2f} "
             f"[{ci[0]:.2f}, {ci[1]:.2f}]"
         )
-        holds.append(holds_drift(ci) if not any(math.isnan(c) for c in ci) else False)
+        defined = [float(c) for c in ci if c is not None and not math.isnan(c)]
+        holds.append(holds_drift(defined) if len(defined) == len(ci) else False)
     return "; ".join(parts), _yes(all(holds))
 
 

@@ -181,19 +181,21 @@ def eval_section(run: Path) -> Section:
     section = Section("eval", "EM rates per organism", source_line([BETLEY, MODEL_ORGANISMS], 1))
     if not stage_done(run, "eval"):
         return not_run(section, "eval")
-    summary = _read(run / "eval" / "summary.json")
+    from emscope.pipeline.eval_result import EvalSummary
+
+    summary = _result(run, "eval", "summary.json", EvalSummary)
     rows = []
-    for name, m in summary["organisms"].items():
+    for name, m in summary.organisms.items():
         rows.append(
             (
                 name,
-                with_ci(m["em_rate"], m["em_ci"]),
-                with_ci(m["coherent_rate"], m.get("coherent_ci")),
-                _f(m.get("unscored_rate")),
-                _f(m.get("n")),
+                with_ci(m.em_rate, m.em_ci),
+                with_ci(m.coherent_rate, m.coherent_ci),
+                _f(m.unscored_rate),
+                _f(m.n),
             )
         )
-    section.text = f"Question set `{summary['questions']}`; 95% bootstrap CIs."
+    section.text = f"Question set `{summary.questions}`; 95% bootstrap CIs."
     section.tables.append(
         Table(("organism", "EM rate", "coherent rate", "unscored", "n"), tuple(rows))
     )
@@ -309,15 +311,16 @@ def directions_section(run: Path) -> Section:
     )
     if not stage_done(run, "directions"):
         return not_run(section, "directions")
-    summary = _read(run / "directions" / "summary.json")
-    if summary.get("pairs_skipped"):
-        section.text = f"Cosines between directions not computed: {summary['pairs_skipped']}."
+    from emscope.directions.results import DirectionsSummary
+
+    summary = _result(run, "directions", "summary.json", DirectionsSummary)
+    if summary.pairs_skipped:
+        section.text = f"Cosines between directions not computed: {summary.pairs_skipped}."
     rows = []
-    for p in summary["pairs"]:
-        cos = [f"{c:.2f}" for _, c in sorted(p["cosine"].items(), key=lambda kv: int(kv[0]))]
-        rows.append((f"{p['a']} vs {p['b']}", ", ".join(cos)))
-    for key, entries in summary["adapter_b_cosines"].items():
-        rows.append((f"B of {key}", ", ".join(f"L{e['layer']} {e['cosine']:.2f}" for e in entries)))
+    for p in summary.pairs:
+        rows.append((f"{p.a} vs {p.b}", ", ".join(f"{c:.2f}" for c in p.by_layer())))
+    for key, entries in summary.adapter_b_cosines.items():
+        rows.append((f"B of {key}", ", ".join(f"L{e.layer} {e.cosine:.2f}" for e in entries)))
     section.tables.append(Table(("pair", "cosine by layer"), tuple(rows)))
     section.figures = _figures(run / "directions", [("cosine_by_layer.png", "cosine by layer")])
     return section
@@ -514,15 +517,17 @@ def reemergent_section(run: Path) -> Section:
     section = Section("reemergent", "Re-emergent misalignment", source_line([REEMERGENT], 7))
     if not stage_done(run, "reemergent"):
         return not_run(section, "reemergent")
-    proj = _read(run / "reemergent" / "projection.json")
+    from emscope.reemergent.results import SIMILARITY_KINDS, GradientSummary, ProjectionSummary
+
+    proj = _result(run, "reemergent", "projection.json", ProjectionSummary)
     rows = []
-    for name, r in proj.get("relative_to_base_instruct", {}).items():
+    for name, r in proj.relative_to_base_instruct.items():
         rows.append(
             (
                 name,
-                f"{r['first_third_mean']:.2f}",
-                f"{r['last_third_mean']:.2f}",
-                with_ci(r["drift_towards_base"], r["drift_ci95"], 2),
+                f"{r.first_third_mean:.2f}",
+                f"{r.last_third_mean:.2f}",
+                with_ci(r.drift_towards_base, r.drift_ci95, 2),
             )
         )
     section.tables.append(
@@ -532,28 +537,27 @@ def reemergent_section(run: Path) -> Section:
             "position between base (0) and instruct (1) on the alignment direction",
         )
     )
-    grads = _read(run / "reemergent" / "gradients.json")
-    if grads:
-        sim = grads["similarity"]
-        a, b = sim["groups"]
+    if (run / "reemergent" / "gradients.json").is_file():
+        grads = _result(run, "reemergent", "gradients.json", GradientSummary)
+        sim = grads.similarity
+        a, b = sim.groups
         grad_rows = tuple(
             (
                 kind,
-                _f(sim[kind].get(f"within_{a}")),
-                _f(sim[kind].get(f"within_{b}")),
-                _f(sim[kind].get("across")),
+                _f(sim.kind(kind)[f"within_{a}"]),
+                _f(sim.kind(kind)[f"within_{b}"]),
+                _f(sim.kind(kind)["across"]),
                 ", ".join(
-                    f"{g} {_f(h.get(f'{kind}_across_halves'))}"
-                    for g, h in sim.get("split_half", {}).items()
+                    f"{g} {_f(h.get(f'{kind}_across_halves'))}" for g, h in sim.split_half.items()
                 ),
             )
-            for kind in ("raw", "centred")
+            for kind in SIMILARITY_KINDS
         )
         section.tables.append(
             Table(
                 ("gradient cosine", f"within {a}", f"within {b}", "across", "split-half control"),
                 grad_rows,
-                f"mean per-example gradient cosines of {grads.get('param', '')}",
+                f"mean per-example gradient cosines of {grads.param}",
             )
         )
     section.figures = _figures(

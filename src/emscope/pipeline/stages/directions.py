@@ -1,6 +1,7 @@
 """The ``directions`` stage: a mean-diff direction per EM source from its own judged eval
 samples (:func:`emscope.directions.mean_diff`, read through the same model), the cosines
-between them and the rank-1 B vectors vs each direction; optionally the follow-up-prompt
+between them and the rank-1 B vectors vs each direction (``summary.json``:
+:class:`~emscope.directions.results.DirectionsSummary`); optionally the follow-up-prompt
 directions (``<source>.followup``). Reads ``eval/<source>/``."""
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     empty and ``pairs_skipped`` says why) and rank-1 B vectors vs each direction."""
     from emscope.directions import Direction, mean_diff
     from emscope.directions.compare import adapter_b_cosines, cosine_table, plot_cosines
+    from emscope.directions.results import BCosine, CosinePair, DirectionsSummary
     from emscope.io import inside, read_table, write_json
     from emscope.lora import LoraAdapter
     from emscope.plotting import save_figure
@@ -117,20 +119,25 @@ def run(ctx: StageContext) -> dict[str, Any]:
             b_cosines[f"{r1} vs {source}"] = adapter_b_cosines(adapter, direction)
     if pairs or any(b_cosines.values()):
         save_figure(plot_cosines(pairs, b_cosines), out / "cosine_by_layer.png")
-    summary = {
-        "sources": list(directions),
-        "norms": {s: d.norms() for s, d in directions.items()},
-        "pairs": pairs,
-        "pairs_skipped": skipped,
-        "adapter_b_cosines": b_cosines,
-        "followup": {
-            "read_with": stage.followup_read_with,
-            "norms": {s: d.norms() for s, d in followups.items()},
-            "pairs": cosine_table(followups) if len(followups) > 1 else [],
+    summary = DirectionsSummary(
+        sources=tuple(directions),
+        norms={s: d.norms() for s, d in directions.items()},
+        pairs=tuple(CosinePair.from_json(p, source="cosine_table") for p in pairs),
+        pairs_skipped=skipped,
+        adapter_b_cosines={
+            key: tuple(BCosine.from_json(e, source="adapter_b_cosines") for e in rows)
+            for key, rows in b_cosines.items()
         },
-    }
-    write_json(out / "summary.json", summary)
-    return summary
+        extra={
+            "followup": {
+                "read_with": stage.followup_read_with,
+                "norms": {s: d.norms() for s, d in followups.items()},
+                "pairs": cosine_table(followups) if len(followups) > 1 else [],
+            }
+        },
+    )
+    write_json(out / "summary.json", summary.to_json())
+    return summary.to_json()
 
 
 def describe(config: StudyConfig) -> str:

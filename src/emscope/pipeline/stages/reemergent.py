@@ -1,7 +1,8 @@
 """The ``reemergent`` stage: alignment-direction projections of base / instruct /
 misaligned models (:func:`emscope.reemergent.projection_analysis`), and when configured the
 answer log-probs (:func:`~emscope.reemergent.logprob_analysis`) and the gradient similarity
-of two datasets (:func:`~emscope.reemergent.gradient_analysis`): ``reemergent/``.
+of two datasets (:func:`~emscope.reemergent.gradient_analysis`): ``reemergent/``
+(``projection.json`` and ``gradients.json``: :mod:`emscope.reemergent.results`).
 
 Every analysis gets the section's ``batch_size`` and the study's ``dtype`` and ``device``;
 the gradient analysis loads the model in float32 when ``dtype`` is ``auto`` (as
@@ -60,6 +61,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from emscope.reemergent.gradients import plot_matrix
     from emscope.reemergent.logprob import plot_heatmap
     from emscope.reemergent.projection import plot_projection
+    from emscope.reemergent.results import GradientSummary, ProjectionSummary
 
     stage = ctx.config.stages.reemergent
     assert stage is not None
@@ -101,10 +103,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
             **kw,
         )
         write_table(result.table(), out, "projections")
-        write_json(
-            out / "projection.json",
-            {**result.summary(), "data": str(stage.data), "system_prompt": setting.spec},
+        projection = ProjectionSummary.of(
+            result.summary(), data=str(stage.data), system_prompt=setting.spec
         )
+        write_json(out / "projection.json", projection.to_json())
         Direction(
             {layer: torch.from_numpy(result.direction[j]) for j, layer in enumerate(result.layers)},
             "resid_post",
@@ -112,8 +114,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ).save(out / "alignment_direction")
         save_figure(plot_projection(result), out / "projection.png")
     from emscope.io import read_json
+    from emscope.results import read_result
 
-    summary["projection"] = read_json(out / "projection.json")
+    summary["projection"] = read_result(ProjectionSummary, out / "projection.json").to_json()
     if stage.logprob_data and not (out / "logprob.json").is_file():
         lp = logprob_analysis(
             models, [dataset(p) for p in stage.logprob_data], stage.batch_size, **kw
@@ -144,15 +147,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
         np.save(buffer, gr.gram.gram)
         atomic_write_bytes(out / "gram.npy", buffer.getvalue())
         write_table(gr.matrix_table(), out, "gradient_cosine")
-        write_json(
-            out / "gradients.json",
-            {
-                "param": gr.gram.param,
-                "route": gr.gram.route,
-                "similarity": gr.summary,
-                "system_prompt": setting.spec,
-            },
+        gradients = GradientSummary.of(
+            param=gr.gram.param,
+            route=gr.gram.route,
+            similarity=gr.summary,
+            system_prompt=setting.spec,
         )
+        write_json(out / "gradients.json", gradients.to_json())
         save_figure(plot_matrix(gr), out / "gradient_cosine.png")
     for name in ("logprob", "gradients"):
         if (out / f"{name}.json").is_file():
