@@ -316,3 +316,10 @@ class BackendSettings:
         named = {name: str(p) for name, p in adapters.items()}
         loaded = load_model(model_dir, named, dtype=dtype, device=device)
         return {name: HfSampler(loaded, name) for name in named}
+
+
+if TYPE_CHECKING:  # mypy checks each backend against the protocol (nothing runs here)
+    from emscope.vllm_backend import VllmModel, VllmSampler
+
+    def _conforms(hf: HfSampler, vllm: VllmSampler, bound: VllmModel) -> list[Sampler]:
+        return [hf, vllm, bound]
