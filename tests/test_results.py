@@ -14,12 +14,15 @@ import pytest
 import torch
 
 import emscope
-from emscope.directions.results import AblationResult, SteerResult
+from emscope.directions.results import AblationResult, DirectionsSummary, SteerResult
 from emscope.errors import EmscopeError
 from emscope.geometry.result import GeometryResult, summarise
 from emscope.lmc_result import LmcResult
+from emscope.metrics import Metrics
 from emscope.pipeline import claims as c
+from emscope.pipeline.eval_result import EvalSummary
 from emscope.probing.result import ProbeResult
+from emscope.reemergent.results import GradientSummary, ProjectionSummary
 from emscope.results import read_result
 
 
@@ -129,7 +132,88 @@ def probe_doc() -> dict[str, Any]:
     }
 
 
+def metrics_doc() -> dict[str, Any]:
+    """A metrics.json as evaluate_to_dir writes it (compute_metrics + intervention, judge)."""
+    import pandas as pd
+
+    table = pd.DataFrame(
+        {"question_id": ["a", "a", "b", "b"], "aligned": [10, 90, 20, 80], "coherent": [80] * 4}
+    )
+    m = emscope.compute_metrics(table, n_boot=20).with_extra(intervention="none", judge="j")
+    return json.loads(json.dumps(m.to_json()))
+
+
+def eval_doc() -> dict[str, Any]:
+    """An eval/summary.json as the eval stage writes it."""
+    rate = {**_rate(0.3, 0.25, 0.35), "unscored_rate": 0.0, "n": 400}
+    instruct = {**_rate(0.01, 0.0, 0.02), "unscored_rate": 0.01, "n": 400}
+    return {"questions": "general", "organisms": {"instruct": instruct, "em1": rate}}
+
+
+def directions_doc() -> dict[str, Any]:
+    """A directions/summary.json as the directions stage writes it."""
+    b = [{"module": "model.layers.1.mlp.down_proj", "layer": 1, "cosine": -0.15}]
+    return {
+        "sources": ["em1", "em2"],
+        "norms": {"em1": {"0": 1.5, "1": 2.5}, "em2": {"0": 1.4, "1": 2.4}},
+        "pairs": [{"a": "em1", "b": "em2", "cosine": {"0": 0.98, "1": 0.97}}],
+        "pairs_skipped": None,
+        "adapter_b_cosines": {"r1 vs em1": b, "r1 vs em2": copy.deepcopy(b)},
+        "followup": {"read_with": None, "norms": {}, "pairs": []},
+    }
+
+
+def projection_doc() -> dict[str, Any]:
+    """A reemergent/projection.json as the reemergent stage writes it."""
+    drift = {
+        "position": [1.1, 0.9, 0.3],
+        "first_third_mean": 1.1,
+        "last_third_mean": 0.3,
+        "drift_towards_base": 0.8,
+        "drift_ci95": [0.6, 0.9],
+        "drifts_towards_base": True,
+    }
+    return {
+        "layers": [0, 1, 2],
+        "base": "base",
+        "instruct": "instruct",
+        "n_train": 10,
+        "n_heldout": 10,
+        "direction_norm": [0.4, 0.7, 0.9],
+        "normalised_projection": {"base": {"mean": [0.0, 0.0, 0.0], "sem": [0.1, 0.1, 0.1]}},
+        "relative_to_base_instruct": {"em1": drift},
+        "train_fraction": 0.5,
+        "seed": 0,
+        "data": "heldout.jsonl",
+        "system_prompt": "default",
+    }
+
+
+def gradients_doc() -> dict[str, Any]:
+    """A reemergent/gradients.json as the reemergent stage writes it."""
+    kind = {"within_a": 0.3, "within_b": 0.01, "across": -0.01}
+    half = {"halves_rows": [[0], [1]], "raw_across_halves": 0.3, "centred_across_halves": 0.07}
+    return {
+        "param": "model.layers.-1.self_attn.o_proj.weight",
+        "route": "per_example",
+        "similarity": {
+            "groups": ["a", "b"],
+            "n": {"a": 2, "b": 2},
+            "raw": kind,
+            "centred": {**kind, "across": -0.13},
+            "split_half": {"a": half, "b": half},
+            "seed": 0,
+        },
+        "system_prompt": "default",
+    }
+
+
 DOCS = {
+    Metrics: metrics_doc,
+    EvalSummary: eval_doc,
+    DirectionsSummary: directions_doc,
+    ProjectionSummary: projection_doc,
+    GradientSummary: gradients_doc,
     SteerResult: steer_doc,
     AblationResult: ablation_doc,
     GeometryResult: geometry_doc,
@@ -195,6 +279,19 @@ def _drop(doc: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
         (ProbeResult, ("tests", "nonmedical_aligned_vs_misaligned", "coefficients"),
          "tests.nonmedical_aligned_vs_misaligned.coefficients"),
         (ProbeResult, ("settings",), "settings"),
+        (Metrics, ("em_ci",), "em_ci"),
+        (Metrics, ("per_question", "b", "n_scored"), "per_question.b.n_scored"),
+        (EvalSummary, ("questions",), "questions"),
+        (EvalSummary, ("organisms", "em1", "unscored_rate"), "organisms.em1.unscored_rate"),
+        (DirectionsSummary, ("pairs_skipped",), "pairs_skipped"),
+        (DirectionsSummary, ("pairs", 0, "cosine"), "pairs[0].cosine"),
+        (DirectionsSummary, ("adapter_b_cosines", "r1 vs em2", 0, "layer"),
+         "adapter_b_cosines.r1 vs em2[0].layer"),
+        (ProjectionSummary, ("layers",), "layers"),
+        (ProjectionSummary, ("relative_to_base_instruct", "em1", "drift_ci95"),
+         "relative_to_base_instruct.em1.drift_ci95"),
+        (GradientSummary, ("param",), "param"),
+        (GradientSummary, ("similarity", "centred", "within_b"), "similarity.centred.within_b"),
     ],
 )  # fmt: skip
 def test_a_missing_field_is_named_with_the_file(
@@ -284,8 +381,7 @@ def test_claims_report_the_missing_field(
 
 
 def test_lmc_claim_reports_the_missing_field(run_dir: Path) -> None:
-    evals = {"organisms": {"instruct": _rate(0.01, 0.0, 0.02)}}
-    _write(run_dir / "eval" / "summary.json", evals)
+    _write(run_dir / "eval" / "summary.json", eval_doc())
     _write(run_dir / "eval" / "done.json", {})
     assert {r.key: r for r in c.claims_table(run_dir)}["interpolation"].holds == "yes"
     doc = {"paths": {"em1__em2": _drop(lmc_doc(), ("rows", 1, "em_ci"))}}
@@ -294,6 +390,67 @@ def test_lmc_claim_reports_the_missing_field(run_dir: Path) -> None:
     assert row.holds == (
         "n/a (lmc/summary.json: missing field 'paths.em1__em2.rows[1].em_ci' (LmcResult))"
     )
+
+
+def _with_eval_directions_reemergent(run: Path) -> Path:
+    for stage, name, doc in (
+        ("eval", "summary.json", eval_doc()),
+        ("directions", "summary.json", directions_doc()),
+        ("reemergent", "projection.json", projection_doc()),
+        ("reemergent", "gradients.json", gradients_doc()),
+    ):
+        _write(run / stage / name, doc)
+        _write(run / stage / "done.json", {"wall_s": 1.0})
+    return run
+
+
+def test_claims_read_eval_directions_and_reemergence(run_dir: Path) -> None:
+    rows = {r.key: r for r in c.claims_table(_with_eval_directions_reemergent(run_dir))}
+    assert rows["narrow_em"].measured.startswith(
+        "em1: 30.0% [25.0, 35.0], coherent 95.0%; instruct 1.0% [0.0, 2.0]"
+    )
+    assert rows["convergence"].measured == "em1 vs em2: 0.98, 0.97 (by layer)"
+    assert rows["b_vector"].measured == "mean |cos| 0.15, max 0.15 (2 modules)"
+    assert rows["drift"].measured == (
+        "em1: position first third 1.10, last third 0.30, drift 0.80 [0.60, 0.90]"
+    )
+    assert rows["drift"].holds == "yes"
+
+
+@pytest.mark.parametrize(
+    ("stage", "name", "path", "keys", "message"),
+    [
+        ("eval", "summary.json", ("organisms", "em1", "em_ci"), ["narrow_em"],
+         "eval/summary.json: missing field 'organisms.em1.em_ci' (EvalSummary)"),
+        ("directions", "summary.json", ("norms",), ["convergence", "b_vector"],
+         "directions/summary.json: missing field 'norms' (DirectionsSummary)"),
+        ("reemergent", "projection.json", ("relative_to_base_instruct", "em1", "position"),
+         ["drift"], "reemergent/projection.json: missing field "
+         "'relative_to_base_instruct.em1.position' (ProjectionSummary)"),
+    ],
+)  # fmt: skip
+def test_claims_name_the_missing_field_of_eval_directions_reemergence(
+    run_dir: Path, stage: str, name: str, path: tuple[Any, ...], keys: list[str], message: str
+) -> None:
+    file = _with_eval_directions_reemergent(run_dir) / stage / name
+    _write(file, _drop(json.loads(file.read_text()), path))
+    rows = {r.key: r for r in c.claims_table(run_dir)}
+    for key in keys:
+        assert rows[key].holds == f"n/a ({message})"
+
+
+def test_report_sections_read_eval_directions_and_reemergence(run_dir: Path) -> None:
+    from emscope.report import sections as s
+
+    run = _with_eval_directions_reemergent(run_dir)
+    assert s.eval_section(run).tables[0].rows[1][:2] == ("em1", "0.300 [0.250, 0.350]")
+    assert s.directions_section(run).tables[0].rows[0] == ("em1 vs em2", "0.98, 0.97")
+    tables = s.reemergent_section(run).tables
+    assert tables[0].rows[0][:3] == ("em1", "1.10", "0.30")
+    assert tables[1].rows[1][:4] == ("centred", "0.300", "0.010", "-0.130")
+    _write(run / "reemergent" / "gradients.json", _drop(gradients_doc(), ("similarity",)))
+    with pytest.raises(EmscopeError, match=r"missing field 'similarity' \(GradientSummary\)"):
+        s.reemergent_section(run)
 
 
 def test_report_sections_read_the_typed_results(run_dir: Path) -> None:

@@ -260,7 +260,8 @@ class CosinePair:
         return cls(str(data["a"]), str(data["b"]), {int(k): float(v) for k, v in cosine.items()})
 
     def to_json(self) -> dict[str, Any]:
-        return {"a": self.a, "b": self.b, "cosine": dict(self.cosine)}
+        """The JSON object (layers as string keys, as JSON has them)."""
+        return {"a": self.a, "b": self.b, "cosine": {str(k): v for k, v in self.cosine.items()}}
 
     def by_layer(self) -> list[float]:
         """The cosines in increasing layer order."""
@@ -342,7 +343,7 @@ class DirectionsSummary:
     def to_json(self) -> dict[str, Any]:
         return {
             "sources": list(self.sources),
-            "norms": {s: dict(v) for s, v in self.norms.items()},
+            "norms": {s: {str(k): x for k, x in v.items()} for s, v in self.norms.items()},
             "pairs": [p.to_json() for p in self.pairs],
             "pairs_skipped": self.pairs_skipped,
             "adapter_b_cosines": {
