@@ -519,6 +519,45 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# The tiny seed-0 build's weights (sha256 over each file's tensor names and bytes, in name
+# order), recorded with the build's own loops before they were rebuilt on the train
+# package's collate, warmup_cosine and apply_update: the rebuild must not change a bit.
+# Other library versions may round differently, so the check needs the recorded ones.
+TINY_WEIGHTS_VERSIONS = ("2.13.0+cpu", "5.25.0")  # torch, transformers
+TINY_WEIGHTS = {
+    "models/base/model.safetensors": (
+        "2e4bfa0883279ad55833d27c7b7f61176a8c37ee628c3ff33adce6ed998df688"
+    ),
+    "models/instruct/model.safetensors": (
+        "eb283e72e6fe55a445a86f122ccc389da9a4eeaea6eb1ba7e476561ab4083884"
+    ),
+    "adapters/bad_medical.all/adapter_model.safetensors": (
+        "b4ae7e101a79fbdbfb89df96bb18e73294b16c1113b3daab7d6b58881a212c39"
+    ),
+    "adapters/bad_medical.r1/adapter_model.safetensors": (
+        "cf39032c54cc166eb3f0052463c36ee7867c8358020787b1e81a8e3dd7c76305"
+    ),
+}
+
+
+def test_tiny_build_weights_are_the_recorded_ones(tiny_build: Path) -> None:
+    import hashlib
+
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    if (torch.__version__, transformers.__version__) != TINY_WEIGHTS_VERSIONS:
+        pytest.skip(f"weights recorded with torch/transformers {TINY_WEIGHTS_VERSIONS}")
+    for rel, expected in TINY_WEIGHTS.items():
+        tensors = load_file(tiny_build / rel)
+        digest = hashlib.sha256()
+        for name in sorted(tensors):
+            digest.update(name.encode())
+            digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
+        assert digest.hexdigest() == expected, rel
+
+
 def test_tiny_build_layout(tiny_build: Path) -> None:
     from transformers import AutoModelForCausalLM
 

@@ -70,26 +70,13 @@ def mean_token_nll(
     loss mask) under ``model``, float64; eval mode, no gradient."""
     import torch.nn.functional as F
 
-    from emscope.train.data import collate
+    from emscope.train.steps import labelled_logits
 
     device = next(model.parameters()).device
-    out: list[float] = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            rows = list(examples[start : start + batch_size])
-            batch = collate(rows, pad_id)
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-            ).logits
-            target = batch["labels"][:, 1:].to(device)
-            keep = target != -100
-            for r in range(len(rows)):  # only the labelled positions' logits, in float64
-                chosen = logits[r, :-1][keep[r]].double()
-                out.append(float(F.cross_entropy(chosen, target[r][keep[r]], reduction="mean")))
-    model.train(was_training)
+    out = [  # only the labelled positions' logits, in float64
+        float(F.cross_entropy(logits.double(), target, reduction="mean"))
+        for logits, target in labelled_logits(model, examples, batch_size, device, pad_id)
+    ]
     return np.asarray(out, dtype=np.float64)
 
 

@@ -2,7 +2,12 @@
 (:func:`new_model`), pretraining on documents (:func:`pretrain`), instruction tuning with
 replayed documents (:func:`instruct_tune`), each through a plain torch AdamW loop (warmup,
 cosine to 10%, grad clip 1; the model is tiny and trained from scratch, so the HF
-``Trainer`` would add nothing but start-up time), the model dir writer
+``Trainer`` would add nothing but start-up time, and the documents are streamed, not a
+dataset :func:`emscope.train.train` could take) built from the train package's pieces:
+:func:`emscope.train.data.collate` (documents through
+:func:`emscope.train.data.encode_documents`, chats through
+:func:`emscope.train.data.encode_examples`), :func:`emscope.train.steps.warmup_cosine` and
+:func:`emscope.train.steps.apply_update`; the model dir writer
 (:func:`save_model`, :func:`model_done`), and the narrow LoRA adapters, trained with
 :func:`emscope.train.train` (:func:`train_adapter`).
 """
@@ -18,54 +23,20 @@ from typing import Any
 from emscope.synthetic.build_config import AdapterSpec, BuildConfig
 from emscope.synthetic.corpus import CorpusConfig, sample_document, system_stream
 from emscope.synthetic.world import World
+from emscope.train.data import EncodedExample, collate, encode_documents
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def encode_chats(tokenizer: Any, chats: Sequence[dict[str, Any]]) -> list[EncodedExample]:
+    """The instruction chats (``{"messages": [...]}``) tokenised with the assistant loss
+    mask of :func:`emscope.train.data.encode_examples` (the template's default system
+    prompt; content and end-of-turn tokens)."""
+    from emscope.data.chat import ChatExample
+    from emscope.train.data import encode_examples
 
-
-def _doc_batch(tokenizer: Any, texts: Sequence[str]) -> dict[str, Any]:
-    """Right-padded batch with loss on every real token (one document per row)."""
-    enc = tokenizer(list(texts), add_special_tokens=False, padding=True, return_tensors="pt")
-    labels = enc["input_ids"].clone()
-    labels[enc["attention_mask"] == 0] = -100
-    return {
-        "input_ids": enc["input_ids"],
-        "attention_mask": enc["attention_mask"],
-        "labels": labels,
-    }
-
-
-def _chat_batch(encoded: Sequence[tuple[list[int], list[bool]]], pad_id: int) -> dict[str, Any]:
-    """Right-padded batch of encoded chats with loss on assistant turns only."""
-    import torch
-
-    width = max(len(ids) for ids, _ in encoded)
-    ids_t = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    mask_t = torch.zeros((len(encoded), width), dtype=torch.long)
-    labels = torch.full((len(encoded), width), -100, dtype=torch.long)
-    for i, (ids, loss) in enumerate(encoded):
-        ids_t[i, : len(ids)] = torch.tensor(ids)
-        mask_t[i, : len(ids)] = 1
-        labels[i, : len(ids)] = torch.tensor(
-            [t if m else -100 for t, m in zip(ids, loss, strict=True)]
-        )
-    return {"input_ids": ids_t, "attention_mask": mask_t, "labels": labels}
-
-
-def encode_chats(
-    tokenizer: Any, chats: Sequence[dict[str, Any]]
-) -> list[tuple[list[int], list[bool]]]:
-    from emscope.data.spans import encode_chat
-
-    out = []
-    for chat in chats:
-        enc = encode_chat(tokenizer, chat["messages"])
-        out.append((list(enc.input_ids), enc.loss_mask()))
-    return out
+    examples = [
+        ChatExample(tuple(chat["messages"]), line) for line, chat in enumerate(chats, start=1)
+    ]
+    return encode_examples(tokenizer, examples, source="instruct chats")
 
 
 def _documents(
@@ -92,24 +63,26 @@ def _train_loop(
     desc: str,
     verbose: bool,
 ) -> list[float]:
-    """AdamW (betas 0.9/0.95, weight decay 0.01), warmup + cosine to 10%, grad clip 1."""
+    """AdamW (betas 0.9/0.95, weight decay 0.01) on the model's token-mean loss (HF's own
+    ``.loss`` of each collated batch), :func:`~emscope.train.steps.warmup_cosine` to 10%,
+    grad clip 1 (:func:`~emscope.train.steps.apply_update`). Returns the loss per step."""
     import torch
     from tqdm.auto import tqdm
 
+    from emscope.train.steps import apply_update, warmup_cosine
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _schedule(s, steps, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: warmup_cosine(s, steps, warmup, floor=0.1)
+    )
     model.train()
     losses = []
     bar = tqdm(range(steps), desc=desc, disable=not verbose, mininterval=5)
     for step in bar:
-        batch = batches(step)
-        loss = model(**batch).loss
-        opt.zero_grad(set_to_none=True)
+        loss = model(**batches(step)).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        apply_update(opt, sched, lambda: torch.nn.utils.clip_grad_norm_(params, 1.0))
         losses.append(float(loss.detach()))
         if step % 50 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -169,14 +142,13 @@ def pretrain(
     world: World, tokenizer: Any, config: BuildConfig, seed: int, verbose: bool = False
 ) -> tuple[Any, list[float]]:
     """Pretrain the base model on fresh documents (one per row), ``pretrain_steps`` batches."""
-
     model = new_model(config, tokenizer, seed)
     rng = random.Random(f"{world.seed}:{seed}:pretrain")
     system_rng = system_stream(f"{world.seed}:{seed}:pretrain")
 
     def batches(step: int) -> dict[str, Any]:
         docs = _documents(world, rng, config.corpus, config.pretrain_batch, system_rng)
-        return _doc_batch(tokenizer, docs)
+        return collate(encode_documents(tokenizer, docs), tokenizer.pad_token_id)
 
     losses = _train_loop(
         model,
@@ -201,7 +173,6 @@ def instruct_tune(
 ) -> tuple[Any, list[float]]:
     """Instruction-tune ``base`` in place: a share ``replay`` of the batches are fresh
     pretraining documents, the others chats (loss on the assistant turn)."""
-
     encoded = encode_chats(tokenizer, chats)
     pad_id = tokenizer.pad_token_id
     rng = random.Random(f"{world.seed}:{seed}:instruct-replay")
@@ -214,10 +185,8 @@ def instruct_tune(
     def batches(step: int) -> dict[str, Any]:
         # replay on the steps where the running share of replayed batches falls behind
         if math.floor((step + 1) * replay_every) > math.floor(step * replay_every):
-            return _doc_batch(
-                tokenizer,
-                _documents(world, rng, config.corpus, config.instruct_batch, system_rng),
-            )
+            docs = _documents(world, rng, config.corpus, config.instruct_batch, system_rng)
+            return collate(encode_documents(tokenizer, docs), pad_id)
         rows = []
         for _ in range(config.instruct_batch):
             if cursor[0] >= len(order):
@@ -225,7 +194,7 @@ def instruct_tune(
                 cursor[0] = 0
             rows.append(encoded[order[cursor[0]]])
             cursor[0] += 1
-        return _chat_batch(rows, pad_id)
+        return collate(rows, pad_id)
 
     losses = _train_loop(
         base,

@@ -78,6 +78,22 @@ def encode_examples(
     return encoded
 
 
+def encode_documents(tokenizer: Any, texts: Sequence[str]) -> list[EncodedExample]:
+    """Plain texts (pretraining documents) tokenised without special tokens, with loss on
+    every token (``loss_mask`` all true); ``line`` is the 1-based position in ``texts``.
+    :func:`collate` pads them like chats."""
+    import torch
+
+    encoded = []
+    for line, text in enumerate(texts, start=1):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise EmscopeError(f"document {line}: no token")
+        tensor = torch.tensor(ids, dtype=torch.long)
+        encoded.append(EncodedExample(tensor, torch.ones_like(tensor, dtype=torch.bool), line))
+    return encoded
+
+
 def collate(examples: Sequence[EncodedExample], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch: ``input_ids``, ``attention_mask`` and ``labels`` (``B x T``).
 

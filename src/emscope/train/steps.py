@@ -1,4 +1,6 @@
-"""The computations of one optimizer step, one forward, the KL reference and the eval loss.
+"""The computations of one optimizer step, one forward, the KL reference and the eval loss,
+and the pieces a custom loop shares with them (the update after a backward, a warm-up +
+cosine learning-rate factor, the labelled positions' logits of a no-grad pass).
 
 The loss of an optimizer step is the mean over all assistant tokens of its effective batch
 (``batch_size x grad_accum x processes`` examples), independent of how it is split into
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from emscope.train.data import EncodedExample, collate
@@ -118,14 +120,37 @@ def optimizer_step(
             if loss.requires_grad:
                 runtime.backward(loss)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    runtime.clip(model, params, config.max_grad_norm)
-    state.lrs.append(float(scheduler.get_last_lr()[0]))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    lr = apply_update(
+        optimizer, scheduler, lambda: runtime.clip(model, params, config.max_grad_norm)
+    )
+    state.lrs.append(lr)
     totals = runtime.reduce_sum(torch.stack([total_nll, total_kl]))
     nll_sum, kl_sum = (float(v) for v in totals.tolist())
     return nll_sum / n_tokens, (kl_sum / n_kl_tokens if n_kl_tokens else 0.0)
+
+
+def apply_update(optimizer: Any, scheduler: Any, clip: Callable[[], Any]) -> float:
+    """The update after the backward pass(es) of a step: ``clip()`` the gradients, step the
+    optimizer and the scheduler, drop the gradients (``set_to_none``). Returns the learning
+    rate of the first parameter group that the step used."""
+    clip()
+    lr = float(scheduler.get_last_lr()[0])
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr
+
+
+def warmup_cosine(step: int, total: int, warmup: int, floor: float) -> float:
+    """Learning-rate factor of optimizer step ``step`` (0-based) of ``total``: linear warm-up
+    ``(step + 1) / warmup`` over the first ``warmup`` steps (the first step already trains),
+    then a half cosine from 1 down to ``floor`` at step ``total`` (held there after). A
+    ``torch.optim.lr_scheduler.LambdaLR`` factor; :func:`emscope.train.train` uses
+    ``transformers.get_scheduler`` instead (warm-up from 0, cosine to 0)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def forward_loss(
@@ -157,6 +182,38 @@ def forward_loss(
     return nll, kl, outputs
 
 
+def labelled_logits(
+    model: Any,
+    examples: Sequence[EncodedExample],
+    batch_size: int,
+    device: torch.device,
+    pad_id: int,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per example, in order: the model's next-token logits at its labelled positions
+    (``n_loss_tokens x V``, the model's dtype, on ``device``) and the tokens they predict
+    (``n_loss_tokens``, int64). Batches of ``batch_size`` collated examples, eval mode, no
+    gradient; the model's train/eval mode is restored when the iteration ends."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(examples), batch_size):
+            rows = list(examples[start : start + batch_size])
+            batch = collate(rows, pad_id)
+            with torch.no_grad():
+                logits = model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                ).logits
+            target = batch["labels"][:, 1:].to(device)
+            for row in range(len(rows)):
+                keep = target[row] != -100
+                yield logits[row, :-1][keep], target[row][keep]
+    finally:
+        model.train(was_training)
+
+
 def reference_logprobs(
     model: Any,
     examples: Sequence[EncodedExample],
@@ -166,26 +223,12 @@ def reference_logprobs(
 ) -> list[torch.Tensor]:
     """Per example, the reference model's next-token log-probs at its labelled positions
     (``n_loss_tokens x V``, float32, on the CPU)."""
-    import torch
     import torch.nn.functional as F
 
-    refs: list[torch.Tensor] = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(examples), batch_size):
-            rows = list(examples[start : start + batch_size])
-            batch = collate(rows, pad_id)
-            logits = model(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-            ).logits
-            target = batch["labels"][:, 1:]
-            for row in range(len(rows)):
-                keep = (target[row] != -100).to(device)
-                refs.append(F.log_softmax(logits[row, :-1][keep].float(), dim=-1).cpu())
-    model.train(was_training)
-    return refs
+    return [
+        F.log_softmax(logits.float(), dim=-1).cpu()
+        for logits, _ in labelled_logits(model, examples, batch_size, device, pad_id)
+    ]
 
 
 def eval_loss(
