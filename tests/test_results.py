@@ -439,6 +439,19 @@ def test_claims_name_the_missing_field_of_eval_directions_reemergence(
         assert rows[key].holds == f"n/a ({message})"
 
 
+def test_replicate_headlines_read_eval_directions_and_reemergence(run_dir: Path) -> None:
+    from emscope.pipeline.replicate import headline_numbers
+
+    numbers = headline_numbers(_with_eval_directions_reemergent(run_dir))
+    assert numbers["narrow_em"] == {"value": 0.3, "ci": [0.25, 0.35], "what": "EM rate of em1"}
+    assert numbers["convergence"]["value"] == pytest.approx((0.98 + 0.97) / 2)
+    assert numbers["b_vector"]["value"] == 0.15
+    assert numbers["drift"] == {"value": 0.8, "ci": [0.6, 0.9], "what": "drift towards base of em1"}
+    _write(run_dir / "directions" / "summary.json", _drop(directions_doc(), ("sources",)))
+    with pytest.raises(EmscopeError, match=r"missing field 'sources' \(DirectionsSummary\)"):
+        headline_numbers(run_dir)
+
+
 def test_report_sections_read_eval_directions_and_reemergence(run_dir: Path) -> None:
     from emscope.report import sections as s
 

@@ -23,9 +23,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from emscope.errors import EmscopeError
+
+R = TypeVar("R")
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -157,12 +159,24 @@ def _read(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def _result(run: Path, stage: str, name: str, cls: type[R]) -> R | None:
+    """``run/stage/name`` read through ``cls.from_json`` (a missing field is an EmscopeError
+    naming the file and the field); None when the file is absent."""
+    from emscope.results import read_result
+
+    path = run / stage / name
+    return read_result(cls, path) if path.is_file() else None
+
+
 def headline_numbers(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Per claim, the number its test is about, with the CI where it has one
     (``{"value", "ci", "what"}``), read from the run's stage outputs; claims whose stage
     did not run are left out."""
     run = Path(run_dir)
+    from emscope.directions.results import DirectionsSummary
     from emscope.pipeline.config import claims_organism_of
+    from emscope.pipeline.eval_result import EvalSummary
+    from emscope.reemergent.results import ProjectionSummary
 
     out: dict[str, dict[str, Any]] = {}
     config = _read(run / "config.json") or {}
@@ -171,16 +185,16 @@ def headline_numbers(run_dir: Path) -> dict[str, dict[str, Any]]:
     def done(stage: str) -> bool:
         return (run / stage / "done.json").is_file()
 
-    if done("eval"):
-        rows = (_read(run / "eval" / "summary.json") or {}).get("organisms", {})
+    if done("eval") and (evals := _result(run, "eval", "summary.json", EvalSummary)):
+        rows = evals.organisms
         organism = claims_organism_of(config) or next(
             (n for n in rows if roles.get(n) == "em"), None
         )
-        if organism in rows:
+        if organism is not None and organism in rows:
             r = rows[organism]
             out["narrow_em"] = {
-                "value": r.get("em_rate"),
-                "ci": r.get("em_ci"),
+                "value": r.em_rate,
+                "ci": r.em_ci,
                 "what": f"EM rate of {organism}",
             }
     if done("steering"):
@@ -212,16 +226,11 @@ def headline_numbers(run_dir: Path) -> dict[str, dict[str, Any]]:
         reds = [r for r in reds if r is not None]
         if reds:
             out["transfer"] = {"value": min(reds), "ci": None, "what": "smallest reduction"}
-    if done("directions"):
-        d = _read(run / "directions" / "summary.json") or {}
-        cos = [float(c) for p in d.get("pairs", []) for c in p["cosine"].values()]
+    if done("directions") and (d := _result(run, "directions", "summary.json", DirectionsSummary)):
+        cos = [c for p in d.pairs for c in p.cosine.values()]
         if cos:
             out["convergence"] = {"value": sum(cos) / len(cos), "ci": None, "what": "mean cosine"}
-        b = [
-            abs(float(e["cosine"]))
-            for rows in d.get("adapter_b_cosines", {}).values()
-            for e in rows
-        ]
+        b = [abs(e.cosine) for rows in d.adapter_b_cosines.values() for e in rows]
         if b:
             out["b_vector"] = {"value": max(b), "ci": None, "what": "max abs cosine of B"}
     if done("geometry"):
@@ -256,15 +265,15 @@ def headline_numbers(run_dir: Path) -> dict[str, dict[str, Any]]:
         ]
         if inner:
             out["interpolation"] = {"value": min(inner), "ci": None, "what": "lowest interior EM"}
-    if done("reemergent"):
-        rel = (_read(run / "reemergent" / "projection.json") or {}).get(
-            "relative_to_base_instruct", {}
-        )
+    if done("reemergent") and (
+        proj := _result(run, "reemergent", "projection.json", ProjectionSummary)
+    ):
+        rel = proj.relative_to_base_instruct
         if rel:
-            name, r = next(iter(rel.items()))
+            name, drift = next(iter(rel.items()))
             out["drift"] = {
-                "value": r["drift_towards_base"],
-                "ci": r.get("drift_ci95"),
+                "value": drift.drift_towards_base,
+                "ci": drift.drift_ci95,
                 "what": f"drift towards base of {name}",
             }
     return out
