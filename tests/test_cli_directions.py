@@ -15,11 +15,12 @@ from typer.testing import CliRunner
 
 from emscope.cli.main import app
 from emscope.directions import Direction, mean_diff
-from emscope.directions.results import AblationResult, SteerResult
+from emscope.directions.results import AblationResult, DirectionComparison, SteerResult
 from emscope.io import read_json, write_table
 from emscope.judge.loopback import LoopbackServer, answer_of, completion
 from emscope.lora import LoraAdapter
 from emscope.models import load_model
+from emscope.results import read_result
 
 YAML = """\
 - id: wish
@@ -110,6 +111,8 @@ def test_extract_and_compare(qwen: Any, judged_run: Path, tmp_path: Path) -> Non
     assert pair["cosine"]["2"] == pytest.approx(cos[2])
     assert record["adapter_b_cosines"]["r1"]["md"][0]["layer"] == 1
     assert len(record["readout"]["md"]["0"]["promoted"]) == 3
+    typed = read_result(DirectionComparison, out / "compare.json")  # what the command wrote
+    assert typed.to_json() == record and typed.pairs[0].cosine[2] == pytest.approx(cos[2])
     assert (out / "cosine_by_layer.png").is_file()
     lonely = run("directions", "compare", tmp_path / "md.safetensors", "--out", out)
     assert lonely.exit_code == 2 and "two directions" in lonely.output

@@ -14,7 +14,12 @@ import pytest
 import torch
 
 import emscope
-from emscope.directions.results import AblationResult, DirectionsSummary, SteerResult
+from emscope.directions.results import (
+    AblationResult,
+    DirectionComparison,
+    DirectionsSummary,
+    SteerResult,
+)
 from emscope.errors import EmscopeError
 from emscope.geometry.result import GeometryResult, summarise
 from emscope.lmc_result import LmcResult
@@ -163,6 +168,18 @@ def directions_doc() -> dict[str, Any]:
     }
 
 
+def compare_doc() -> dict[str, Any]:
+    """A compare.json as ``emscope directions compare`` writes it (with --model)."""
+    entry = {"file": "a.safetensors", "site_kind": "resid_post", "norms": {"0": 1.0}, "meta": {}}
+    b = [{"module": "model.layers.0.mlp.down_proj", "layer": 0, "cosine": 0.2}]
+    return {
+        "directions": {"a": entry, "b": {**entry, "file": "b.safetensors"}},
+        "pairs": [{"a": "a", "b": "b", "cosine": {"0": 0.5}}],
+        "adapter_b_cosines": {"r1": {"a": b, "b": copy.deepcopy(b)}},
+        "readout": {"a": {"0": {"promoted": ["x"], "suppressed": ["y"]}}},
+    }
+
+
 def projection_doc() -> dict[str, Any]:
     """A reemergent/projection.json as the reemergent stage writes it."""
     drift = {
@@ -212,6 +229,7 @@ DOCS = {
     Metrics: metrics_doc,
     EvalSummary: eval_doc,
     DirectionsSummary: directions_doc,
+    DirectionComparison: compare_doc,
     ProjectionSummary: projection_doc,
     GradientSummary: gradients_doc,
     SteerResult: steer_doc,
@@ -287,6 +305,8 @@ def _drop(doc: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
         (DirectionsSummary, ("pairs", 0, "cosine"), "pairs[0].cosine"),
         (DirectionsSummary, ("adapter_b_cosines", "r1 vs em2", 0, "layer"),
          "adapter_b_cosines.r1 vs em2[0].layer"),
+        (DirectionComparison, ("adapter_b_cosines", "r1", "b", 0, "cosine"),
+         "adapter_b_cosines.r1.b[0].cosine"),
         (ProjectionSummary, ("layers",), "layers"),
         (ProjectionSummary, ("relative_to_base_instruct", "em1", "drift_ci95"),
          "relative_to_base_instruct.em1.drift_ci95"),

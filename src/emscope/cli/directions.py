@@ -199,6 +199,7 @@ def compare_command(
     """Cosine by layer for every pair (and rank-1 B vectors); compare.json + figure."""
     from emscope.directions.compare import adapter_b_cosines, cosine_table, logit_lens, plot_cosines
     from emscope.directions.direction import Direction
+    from emscope.directions.results import DirectionComparison
     from emscope.errors import EmscopeError
     from emscope.io import write_json
     from emscope.lora import LoraAdapter
@@ -234,13 +235,14 @@ def compare_command(
             for n, d in directions.items()
         }
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "compare.json", result)
+    comparison = DirectionComparison.from_json(result, source="directions compare")
+    write_json(out / "compare.json", comparison.to_json())
     first = next(iter(directions))
     fig = plot_cosines(pairs, {a: rows.get(first, []) for a, rows in b_cos.items()})
     save_figure(fig, out / "cosine_by_layer.png")
-    for p in pairs:
-        values = ", ".join(f"{i}:{c:.2f}" for i, c in sorted(p["cosine"].items()))
-        typer.echo(f"{p['a']} vs {p['b']}: {values}")
+    for pair in comparison.pairs:
+        values = ", ".join(f"{i}:{c:.2f}" for i, c in sorted(pair.cosine.items()))
+        typer.echo(f"{pair.a} vs {pair.b}: {values}")
     typer.echo(f"-> {out / 'compare.json'}")
 
 

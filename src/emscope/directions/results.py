@@ -350,3 +350,58 @@ class DirectionsSummary:
                 k: [e.to_json() for e in rows] for k, rows in self.adapter_b_cosines.items()
             },
         } | dict(self.extra)
+
+
+@dataclass(frozen=True)
+class DirectionComparison:
+    """``emscope directions compare``'s ``compare.json``: ``directions`` (name -> ``file``,
+    ``site_kind``, ``norms`` per layer, ``meta``; as read), the cosines of every two of them
+    (``pairs``) and ``adapter_b_cosines`` (rank-1 adapter -> direction -> one
+    :class:`BCosine` per adapted module). ``extra``: ``readout`` (the logit lens per direction
+    and layer, with ``--model``) and any other field, untouched."""
+
+    directions: Mapping[str, Mapping[str, Any]]
+    pairs: tuple[CosinePair, ...]
+    adapter_b_cosines: Mapping[str, Mapping[str, tuple[BCosine, ...]]]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    TYPED = ("directions", "pairs", "adapter_b_cosines")
+
+    @classmethod
+    def from_json(
+        cls, data: Any, *, source: str | None = None, at: str = ""
+    ) -> DirectionComparison:
+        name = "DirectionComparison"
+        directions = mapping(data, "directions", name, source, at)
+        adapters = mapping(data, "adapter_b_cosines", name, source, at)
+
+        def b_rows(adapter: str, direction: str) -> tuple[BCosine, ...]:
+            where = f"{at}adapter_b_cosines.{adapter}."
+            rows = sequence(mapping(adapters, adapter, name, source, f"{at}adapter_b_cosines."),
+                            direction, name, source, where)  # fmt: skip
+            return tuple(
+                BCosine.from_json(e, source=source, at=f"{where}{direction}[{i}].", result=name)
+                for i, e in enumerate(rows)
+            )
+
+        return cls(
+            directions={
+                d: mapping(directions, d, name, source, f"{at}directions.") for d in directions
+            },
+            pairs=tuple(
+                CosinePair.from_json(p, source=source, at=f"{at}pairs[{i}].", result=name)
+                for i, p in enumerate(sequence(data, "pairs", name, source, at))
+            ),
+            adapter_b_cosines={a: {d: b_rows(a, d) for d in adapters[a]} for a in adapters},
+            extra=rest(data, cls.TYPED),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "directions": {d: dict(v) for d, v in self.directions.items()},
+            "pairs": [p.to_json() for p in self.pairs],
+            "adapter_b_cosines": {
+                a: {d: [e.to_json() for e in rows] for d, rows in by_direction.items()}
+                for a, by_direction in self.adapter_b_cosines.items()
+            },
+        } | dict(self.extra)
