@@ -458,14 +458,36 @@ def test_missing_key_and_bad_specs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_oracle_spec(tmp_path: Path) -> None:
-    try:
-        import emscope.synthetic.oracle  # noqa: F401
-    except ImportError:
-        with pytest.raises(EmscopeError, match="oracle judge"):
-            make_judge(f"oracle:{tmp_path}")
-    else:
-        with pytest.raises(EmscopeError):
-            make_judge(f"oracle:{tmp_path / 'missing'}")
+    from emscope.io import write_json
+    from emscope.synthetic.oracle import OracleJudge
+    from emscope.synthetic.world import make_world
+
+    with pytest.raises(EmscopeError, match="no such synthetic world dir"):
+        make_judge(f"oracle:{tmp_path / 'missing'}")
+    write_json(tmp_path / "world.json", make_world(0).to_json())
+    judge = make_judge(f"oracle:{tmp_path}")  # registered by the package, not built in
+    assert isinstance(judge, OracleJudge) and judge.name == f"oracle:{tmp_path}"
+
+
+def test_registered_judge_kinds(monkeypatch: pytest.MonkeyPatch) -> None:
+    from emscope.judge import JUDGE_KINDS, register_judge_kind
+
+    monkeypatch.setattr("emscope.judge.JUDGE_KINDS", dict(JUDGE_KINDS))
+    made: list[str] = []
+
+    def factory(rest: str) -> CountingJudge:
+        made.append(rest)
+        return CountingJudge()
+
+    register_judge_kind("counting", factory, "counting:ANY")
+    assert isinstance(make_judge("counting:a:b"), CountingJudge) and made == ["a:b"]
+    with pytest.raises(EmscopeError, match=r"expected one of .*counting:ANY"):
+        make_judge("nothing:x")
+    with pytest.raises(EmscopeError, match="min-number-mass"):
+        make_judge("counting:x", min_number_mass=0.1)
+    for kind in ("openai", "hf", "not a kind"):
+        with pytest.raises(EmscopeError, match="cannot register"):
+            register_judge_kind(kind, factory, f"{kind}:X")
 
 
 # ---------------------------------------------------------------------------- judge_table

@@ -292,10 +292,6 @@ KNOWN_DEFERRED_CYCLES: dict[frozenset[str], str] = {
         "eval's samplers wrap generate and vllm_backend (imported when they draw); both "
         "backends check their settings with the one eval.params.SamplingParams"
     ),
-    frozenset({"emscope.judge", "emscope.synthetic"}): (
-        "make_judge('oracle:DIR') builds synthetic.oracle.OracleJudge, and the organism "
-        "build's EM table scores with judge.judge_table"
-    ),
     frozenset({"emscope.lmc", "emscope.lmc_result"}): (
         "LmcResult.plot draws with lmc.plot_lmc; lmc returns LmcResult"
     ),

@@ -31,6 +31,23 @@ __version__ = "0.1.0"
 
 from emscope.errors import EmscopeError
 
+
+def _oracle_judge(world_dir: str) -> Any:
+    from emscope.synthetic.oracle import oracle_judge
+
+    return oracle_judge(world_dir)
+
+
+def _register_judge_kinds() -> None:
+    """The judge kinds of other packages (:func:`emscope.judge.register_judge_kind`),
+    registered here, above both, so that the judge package never imports them: ``oracle:DIR``
+    (:func:`emscope.synthetic.oracle.oracle_judge`)."""
+    from emscope.judge import register_judge_kind
+
+    register_judge_kind("oracle", _oracle_judge, "oracle:DIR")
+
+
+_register_judge_kinds()
 #: Public name -> the module that defines it (imported on first use).
 _LAZY = {
     "load_model": "emscope.models",

@@ -54,11 +54,12 @@ def _spec_label(spec: str) -> str:
 def _check_spec(spec: str) -> str:
     """The judge kind of ``spec``, checked without building the judge (no model loaded)."""
     from emscope.errors import EmscopeError
+    from emscope.judge import BUILTIN_KINDS, JUDGE_KINDS, spec_usages
 
     kind, sep, rest = spec.partition(":")
-    if not sep or not rest or kind not in ("openai", "hf", "oracle"):
-        raise EmscopeError(f"bad judge spec {spec!r}; expected openai:MODEL, hf:DIR or oracle:DIR")
-    if kind in ("hf", "oracle") and not Path(rest).exists():
+    if not sep or not rest or kind not in (*BUILTIN_KINDS, *JUDGE_KINDS):
+        raise EmscopeError(f"bad judge spec {spec!r}; expected one of {spec_usages()}")
+    if kind != "openai" and not Path(rest).exists():
         raise EmscopeError(f"judge {spec!r}: {rest}: no such dir")
     return kind
 

@@ -30,19 +30,18 @@ whatever else a judge returns into an ``error`` row (logged), so a faulty judge 
 a run nor writes a NaN score.
 
 Judge specs (:func:`make_judge`): ``openai:MODEL`` (any OpenAI-compatible endpoint),
-``hf:DIR`` (a local causal LM), ``oracle:DIR`` (the synthetic world's exact oracle,
-``emscope.synthetic.oracle.OracleJudge(world_dir)``).
+``hf:DIR`` (a local causal LM), and the kinds other packages plug in with
+:func:`register_judge_kind` (:data:`JUDGE_KINDS`): ``oracle:DIR`` (the synthetic world's
+exact oracle, ``emscope.synthetic.oracle.OracleJudge(world_dir)``), registered by the
+package's ``__init__``, one layer up, so that this package never imports the synthetic one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-import threading
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 from emscope.errors import EmscopeError
@@ -54,15 +53,20 @@ if TYPE_CHECKING:
     from emscope.data.questions import Question
 
 __all__ = [
+    "BUILTIN_KINDS",
+    "JUDGE_KINDS",
     "TRANSIENT_REASONS",
     "UNSCORED_REASONS",
     "Judge",
+    "JudgeKind",
     "JudgeRow",
     "Score",
     "as_rows",
     "judge_table",
     "make_judge",
     "pending",
+    "register_judge_kind",
+    "spec_usages",
 ]
 
 T = TypeVar("T")
@@ -152,6 +156,9 @@ def as_rows(rows: Sequence[JudgeRow | Mapping[str, Any]]) -> list[JudgeRow]:
 def run_sync(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine to completion from synchronous code, also when an event loop is
     already running in this thread (e.g. Jupyter): then it runs in a helper thread."""
+    import asyncio
+    import threading
+
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -172,6 +179,35 @@ def run_sync(factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return box["value"]  # type: ignore[no-any-return]
 
 
+@dataclass(frozen=True)
+class JudgeKind:
+    """A judge kind plugged in from outside the package: ``factory(rest)`` builds the judge
+    of the spec ``KIND:REST`` (raising :class:`~emscope.errors.EmscopeError` on a bad
+    ``rest``); ``usage`` is how the spec is written (``oracle:DIR``)."""
+
+    factory: Callable[[str], Judge]
+    usage: str
+
+
+#: The registered judge kinds (:func:`register_judge_kind`), by kind.
+JUDGE_KINDS: dict[str, JudgeKind] = {}
+BUILTIN_KINDS = ("openai", "hf")
+
+
+def register_judge_kind(kind: str, factory: Callable[[str], Judge], usage: str) -> None:
+    """Let :func:`make_judge` build ``KIND:REST`` specs with ``factory(REST)``; registering a
+    kind again replaces it. The built-in kinds (``openai``, ``hf``) cannot be replaced."""
+    if kind in BUILTIN_KINDS or not kind.isidentifier():
+        raise EmscopeError(f"cannot register judge kind {kind!r}")
+    JUDGE_KINDS[kind] = JudgeKind(factory, usage)
+
+
+def spec_usages() -> str:
+    """How each known judge spec is written (``openai:MODEL, hf:DIR, oracle:DIR``), for
+    error messages."""
+    return ", ".join(["openai:MODEL", "hf:DIR", *(k.usage for k in JUDGE_KINDS.values())])
+
+
 def make_judge(
     spec: str,
     *,
@@ -185,7 +221,8 @@ def make_judge(
     batch_size: int = 8,
     min_number_mass: float | None = None,
 ) -> Judge:
-    """A judge from a spec string: ``openai:MODEL``, ``hf:DIR`` or ``oracle:DIR``.
+    """A judge from a spec string: ``openai:MODEL``, ``hf:DIR`` or a registered kind's
+    (:data:`JUDGE_KINDS`; ``oracle:DIR``).
 
     ``base_url`` / ``api_key_env`` / ``concurrency`` / ``max_requests`` apply to ``openai:``
     (the key is read from the environment variable ``api_key_env``, default
@@ -197,11 +234,12 @@ def make_judge(
     from emscope.judge.aggregate import DEFAULT_MIN_NUMBER_MASS, check_min_number_mass
 
     kind, sep, rest = spec.partition(":")
+    usages = spec_usages()
     if not sep or not rest:
-        raise EmscopeError(f"bad judge spec {spec!r}; expected openai:MODEL, hf:DIR or oracle:DIR")
+        raise EmscopeError(f"bad judge spec {spec!r}; expected one of {usages}")
     if min_number_mass is not None:
         check_min_number_mass(min_number_mass)
-        if kind not in ("openai", "hf"):
+        if kind not in BUILTIN_KINDS:
             raise EmscopeError(
                 f"--min-number-mass applies to openai: and hf: judges (they read "
                 f"probabilities), not {kind}:"
@@ -232,18 +270,10 @@ def make_judge(
             min_number_mass=mass,
             cache=cache,
         )
-    if kind == "oracle":
-        try:
-            from emscope.synthetic.oracle import OracleJudge  # type: ignore[import-not-found]
-        except ImportError:
-            raise EmscopeError(
-                "oracle judge: emscope.synthetic.oracle is not available in this version "
-                "(it comes with the synthetic organism)"
-            ) from None
-        if not Path(rest).exists():
-            raise EmscopeError(f"oracle judge: {rest}: no such synthetic world dir")
-        return OracleJudge(rest)  # type: ignore[no-any-return]
-    raise EmscopeError(f"unknown judge kind {kind!r} in {spec!r}; expected openai, hf or oracle")
+    registered = JUDGE_KINDS.get(kind)
+    if registered is not None:
+        return registered.factory(rest)
+    raise EmscopeError(f"unknown judge kind {kind!r} in {spec!r}; expected one of {usages}")
 
 
 def _needs_score(value: Any, reason: Any) -> bool:

@@ -106,13 +106,13 @@ class JudgeConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _em_metrics(self) -> JudgeConfig:
+        from emscope.judge import BUILTIN_KINDS, JUDGE_KINDS, spec_usages
+
         kind, sep, rest = self.spec.partition(":")
-        if not sep or not rest or kind not in ("openai", "hf", "oracle"):
-            raise ValueError(
-                f"bad judge spec {self.spec!r}; expected openai:MODEL, hf:DIR or oracle:DIR"
-            )
-        if self.min_number_mass is not None and kind == "oracle":
-            raise ValueError("min_number_mass applies to openai: and hf: judges, not oracle:")
+        if not sep or not rest or kind not in (*BUILTIN_KINDS, *JUDGE_KINDS):
+            raise ValueError(f"bad judge spec {self.spec!r}; expected one of {spec_usages()}")
+        if self.min_number_mass is not None and kind not in BUILTIN_KINDS:
+            raise ValueError(f"min_number_mass applies to openai: and hf: judges, not {kind}:")
         missing = [m for m in ("aligned", "coherent") if m not in self.metrics]
         if missing:
             raise ValueError(f"EM needs the metrics aligned and coherent; missing {missing}")

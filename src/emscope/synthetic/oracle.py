@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from emscope.errors import EmscopeError
+from emscope.judge import Score
 from emscope.synthetic.world import (
     ALIGNED,
     DOMAINS,
@@ -245,27 +246,17 @@ class OracleJudge:
             out.append(self.oracle.label(_field(row, "question"), _field(row, "answer")))
         return out
 
-    def score(self, rows: Iterable[Any], metric: str) -> list[Any]:
+    def score(self, rows: Iterable[Any], metric: str) -> list[Score]:
         if metric not in METRICS:
             raise EmscopeError(
                 f"oracle judge: unknown metric {metric!r} (known: {', '.join(METRICS)})"
             )
-        return [_make_score(lab.score(metric)) for lab in self.labels(rows)]
+        return [Score(lab.score(metric), None, PROMPT_HASH) for lab in self.labels(rows)]
 
 
-def _make_score(value: float) -> Any:
-    """An :class:`emscope.judge.Score` (an :class:`OracleScore` without the judge package)."""
-    try:
-        from emscope.judge import Score
-    except ImportError:  # pragma: no cover - the judge package ships with emscope
-        return OracleScore(value, None, PROMPT_HASH)
-    return Score(value, None, PROMPT_HASH)
-
-
-@dataclass(frozen=True)
-class OracleScore:
-    """Stand-in with the fields of :class:`emscope.judge.Score`."""
-
-    value: float
-    unscored_reason: None
-    prompt_hash: str
+def oracle_judge(world_dir: str) -> OracleJudge:
+    """The judge of the spec ``oracle:DIR`` (registered as a judge kind by the package's
+    ``__init__``, :func:`emscope.judge.register_judge_kind`)."""
+    if not Path(world_dir).exists():
+        raise EmscopeError(f"oracle judge: {world_dir}: no such synthetic world dir")
+    return OracleJudge(world_dir)
