@@ -37,6 +37,7 @@ from emscope.errors import EmscopeError
 from emscope.hooks import capture
 from emscope.lmc_result import LmcResult as LmcResult  # the result type (re-exported)
 from emscope.lmc_result import LmcRow as LmcRow
+from emscope.lmc_result import plot_lmc as plot_lmc
 from emscope.lora import LoraAdapter
 from emscope.models import Site, get_layers
 
@@ -437,45 +438,6 @@ def run_lmc(
         )
         plot_features(feature_rows, endpoint_distance(h0, h1), out / "features.png")
     return path_result
-
-
-def plot_lmc(rows: Sequence[dict[str, Any]], path: Path | None, title: str) -> Any:
-    """EM and coherent rates with CI bands along the path (and the losses, if any); saved to
-    ``path`` (and closed) when given, else returned open."""
-    from emscope.plotting import pyplot, save_figure
-
-    plt = pyplot()
-    with_loss = rows[0].get("loss") is not None
-    if with_loss and all(r.get("n") is None for r in rows):  # no judge: the losses alone
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        _plot_losses(ax, rows, f"{title} (EM not measured)")
-    else:
-        fig, axes = plt.subplots(1, 2 if with_loss else 1, figsize=(10 if with_loss else 5.5, 4))
-        ax = axes[0] if with_loss else axes
-        ts = [r["t"] for r in rows]
-        for key, label in (("em", "EM rate"), ("coherent", "coherent rate")):
-            values = [
-                r[f"{key}_rate"] if r[f"{key}_rate"] is not None else float("nan") for r in rows
-            ]
-            ax.plot(ts, values, marker="o", label=label)
-            bands = [r[f"{key}_ci"] for r in rows if r.get(f"{key}_ci") is not None]
-            if len(bands) == len(rows):
-                ax.fill_between(ts, [b[0] for b in bands], [b[1] for b in bands], alpha=0.2)
-        ax.set(xlabel="t", ylabel="rate", ylim=(0, 1), title=title)
-        ax.legend()
-        if with_loss:
-            _plot_losses(axes[1], rows, "loss along the path")
-    if path is not None:
-        save_figure(fig, path)
-    return fig
-
-
-def _plot_losses(ax: Any, rows: Sequence[dict[str, Any]], title: str) -> None:
-    ts = [r["t"] for r in rows]
-    for name in rows[0]["loss"]:
-        ax.plot(ts, [r["loss"][name] for r in rows], marker="o", label=name)
-    ax.set(xlabel="t", ylabel="loss (nats / assistant token)", title=title)
-    ax.legend()
 
 
 def plot_features(rows: Sequence[FeatureRow], reference: Sequence[float], path: Path) -> None:

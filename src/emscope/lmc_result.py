@@ -2,13 +2,14 @@
 ``lmc.json``; the pipeline's ``lmc/summary.json`` holds one per path under ``paths``):
 :class:`LmcResult`, one :class:`LmcRow` per interpolation point ``t`` (0 = the start
 endpoint, 1 = the end). Rates are fractions in [0, 1] (None where EM was not measured),
-losses mean token cross-entropies in nats. Kept apart from :mod:`emscope.lmc` so that reading
-a result does not import torch; the JSON layout is the one :mod:`emscope.results` describes.
+losses mean token cross-entropies in nats; :func:`plot_lmc` draws the rows. Kept apart from
+:mod:`emscope.lmc` so that reading (and plotting) a result does not import torch; the JSON
+layout is the one :mod:`emscope.results` describes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -100,10 +101,47 @@ class LmcResult:
         self.plot(Path(out) / "lmc.png", f"{self.start} -> {self.end}")
 
     def plot(self, path: str | Path | None = None, title: str = "") -> Any:
-        """EM and coherent rate (and losses) vs ``t`` (:func:`emscope.lmc.plot_lmc`); saved
-        to ``path`` when given."""
-        from emscope.lmc import plot_lmc
-
+        """EM and coherent rate (and losses) vs ``t`` (:func:`plot_lmc`); saved to ``path``
+        when given."""
         return plot_lmc(
             [r.to_json() for r in self.rows], None if path is None else Path(path), title
         )
+
+
+def plot_lmc(rows: Sequence[dict[str, Any]], path: Path | None, title: str) -> Any:
+    """EM and coherent rates with CI bands along the path (and the losses, if any); saved to
+    ``path`` (and closed) when given, else returned open."""
+    from emscope.plotting import pyplot, save_figure
+
+    plt = pyplot()
+    with_loss = rows[0].get("loss") is not None
+    if with_loss and all(r.get("n") is None for r in rows):  # no judge: the losses alone
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        _plot_losses(ax, rows, f"{title} (EM not measured)")
+    else:
+        fig, axes = plt.subplots(1, 2 if with_loss else 1, figsize=(10 if with_loss else 5.5, 4))
+        ax = axes[0] if with_loss else axes
+        ts = [r["t"] for r in rows]
+        for key, label in (("em", "EM rate"), ("coherent", "coherent rate")):
+            values = [
+                r[f"{key}_rate"] if r[f"{key}_rate"] is not None else float("nan") for r in rows
+            ]
+            ax.plot(ts, values, marker="o", label=label)
+            bands = [r[f"{key}_ci"] for r in rows if r.get(f"{key}_ci") is not None]
+            if len(bands) == len(rows):
+                ax.fill_between(ts, [b[0] for b in bands], [b[1] for b in bands], alpha=0.2)
+        ax.set(xlabel="t", ylabel="rate", ylim=(0, 1), title=title)
+        ax.legend()
+        if with_loss:
+            _plot_losses(axes[1], rows, "loss along the path")
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+def _plot_losses(ax: Any, rows: Sequence[dict[str, Any]], title: str) -> None:
+    ts = [r["t"] for r in rows]
+    for name in rows[0]["loss"]:
+        ax.plot(ts, [r["loss"][name] for r in rows], marker="o", label=name)
+    ax.set(xlabel="t", ylabel="loss (nats / assistant token)", title=title)
+    ax.legend()
