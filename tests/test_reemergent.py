@@ -34,7 +34,9 @@ from emscope.reemergent.gradients import (
 from emscope.reemergent.logprob import AnswerScores, score_answers
 from emscope.reemergent.patching import patch_analysis, replaced
 from emscope.reemergent.projection import projection_analysis, split_indices
+from emscope.reemergent.results import LogprobSummary, PatchSummary, SubspaceSummary
 from emscope.reemergent.subspace import compare_subspaces, random_baseline, top_subspace
+from emscope.results import read_result
 
 torch.set_num_threads(1)
 
@@ -485,6 +487,7 @@ def test_cli_logprob_renders_under_the_system_prompt(qwen, files, tmp_path):
                          "--system-prompt", spec, "--out", str(out))  # fmt: skip
         assert result.exit_code == 0, result.output
         assert json.loads((out / "logprob.json").read_text())["system_prompt"] == spec
+        assert read_result(LogprobSummary, out / "logprob.json").summary["m"]["plain"].n_tokens
         tables[spec] = pd.read_parquet(out / "logprob.parquet")
     loaded = load_model(model, dtype="float32", device="cpu")
     chats = read_dataset(f"plain={files['plain']}").chats
@@ -554,6 +557,8 @@ def test_cli_project_subspace_patch(qwen, files, tmp_path):
     assert set(doc["layers"]) == {"0", "1", "2", "3"}
     assert np.asarray(doc["layers"]["2"]["abs_cos"]).shape == (2, 2)
     assert doc["layers"]["0"]["random"]["overlap_expected"] == pytest.approx(2 / 64)
+    typed = read_result(SubspaceSummary, out / "subspace.json")  # the command's own file
+    assert typed.to_json() == doc and typed.layers[2].overlap == doc["layers"]["2"]["overlap"]
     assert (out / "subspace.png").stat().st_size > 0
     bad = _invoke("subspace", *_model_args(qwen)[:4], "--data", f"a={files['plain']}",
                   "--data", f"b={files['framed']}", "--k", "6", "--out", str(out))  # fmt: skip
@@ -569,6 +574,8 @@ def test_cli_project_subspace_patch(qwen, files, tmp_path):
     assert doc["layers"] == [0, 1, 2, 3] and doc["metric"] == "word"
     assert doc["patched_mean"][-1] == pytest.approx(doc["source_mean"], rel=1e-5)
     assert doc["restored"][-1] == pytest.approx(1.0, abs=1e-3)
+    typed_patch = read_result(PatchSummary, out / "patching.json")
+    assert typed_patch.to_json() == doc and typed_patch.layers == (0, 1, 2, 3)
     assert len(pd.read_csv(out / "patching.csv")) == 2 * 3 + 4 * 3
     assert (out / "patching.png").stat().st_size > 0
     both = _invoke("patch", *models, "--data", str(files["plain"]), "--word", "x", "--loss",

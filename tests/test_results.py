@@ -27,7 +27,13 @@ from emscope.metrics import Metrics
 from emscope.pipeline import claims as c
 from emscope.pipeline.eval_result import EvalSummary
 from emscope.probing.result import ProbeResult
-from emscope.reemergent.results import GradientSummary, ProjectionSummary
+from emscope.reemergent.results import (
+    GradientSummary,
+    LogprobSummary,
+    PatchSummary,
+    ProjectionSummary,
+    SubspaceSummary,
+)
 from emscope.results import read_result
 
 
@@ -225,7 +231,58 @@ def gradients_doc() -> dict[str, Any]:
     }
 
 
+def logprob_doc() -> dict[str, Any]:
+    """A logprob.json as ``emscope reemergent logprob`` writes it."""
+    cell = {"n_examples": 4, "n_tokens": 40, "logprob_sum_mean": -20.0}
+    cell |= {"logprob_mean_mean": -2.0, "logprob_token_weighted": -2.0, "entropy_mean_mean": 1.5}
+    return {
+        "summary": {"base": {"d": cell}, "instruct": {"d": {**cell, "n_tokens": 0}}},
+        "models": {"base": "b", "instruct": "i"},
+        "datasets": {"d": "d.jsonl"},
+        "tokens": "answer content",
+        "units": "nats",
+        "system_prompt": "default",
+    }
+
+
+def subspace_doc() -> dict[str, Any]:
+    """A subspace.json as ``emscope reemergent subspace`` writes it."""
+    base = {"mean_angle_deg": {"p5": 80.0, "mean": 85.0}, "overlap_expected": 0.01}
+    layer = {"overlap": 0.4, "mean_angle_deg": 50.0, "angles_deg": [40.0, 60.0]}
+    layer |= {"abs_cos": [0.8, 0.5], "below_random_p5": True, "below_shuffled_p5": False}
+    layer |= {"random": base, "shuffled": {**base, "overlap": {"mean": 0.3}}}
+    layer |= {"singular_values": {"a": [2.0, 1.0]}}
+    return {
+        "domains": ["a", "b"],
+        "k": 2,
+        "vectors": "one per example",
+        "layers": {"0": layer, "3": copy.deepcopy(layer)},
+        "seed": 0,
+        "models": {"base": "b"},
+        "system_prompt": "default",
+    }
+
+
+def patch_doc() -> dict[str, Any]:
+    """A patching.json as ``emscope reemergent patching`` writes it."""
+    return {
+        "metric": "loss",
+        "layers": [0, 1],
+        "n_examples": 5,
+        "source_mean": 2.0,
+        "target_mean": 1.0,
+        "patched_mean": [1.2, 1.9],
+        "restored": [0.2, 0.9],
+        "source": "a",
+        "target": "b",
+        "site": "resid_post",
+    }
+
+
 DOCS = {
+    LogprobSummary: logprob_doc,
+    SubspaceSummary: subspace_doc,
+    PatchSummary: patch_doc,
     Metrics: metrics_doc,
     EvalSummary: eval_doc,
     DirectionsSummary: directions_doc,
@@ -311,6 +368,10 @@ def _drop(doc: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any]:
         (ProjectionSummary, ("relative_to_base_instruct", "em1", "drift_ci95"),
          "relative_to_base_instruct.em1.drift_ci95"),
         (GradientSummary, ("param",), "param"),
+        (LogprobSummary, ("summary", "instruct", "d", "entropy_mean_mean"),
+         "summary.instruct.d.entropy_mean_mean"),
+        (SubspaceSummary, ("layers", "3", "shuffled"), "layers.3.shuffled"),
+        (PatchSummary, ("restored",), "restored"),
         (GradientSummary, ("similarity", "centred", "within_b"), "similarity.centred.within_b"),
     ],
 )  # fmt: skip

@@ -99,6 +99,7 @@ def logprob(
     from emscope.models import load_tokenizer
     from emscope.plotting import save_figure
     from emscope.reemergent.logprob import logprob_analysis, plot_heatmap, plot_tokens
+    from emscope.reemergent.results import LogprobSummary
 
     models = _models(model)
     datasets = _datasets(data, n)
@@ -111,17 +112,15 @@ def logprob(
         models, datasets, batch_size, dtype, device, _progress(), system_prompt=setting
     )
     write_table(result.table(), out, "logprob")
-    write_json(
-        out / "logprob.json",
-        {
-            "summary": result.summary(),
-            "models": _sources(models),
-            "datasets": {d.name: str(d.path) for d in datasets},
-            "tokens": "answer content of the last assistant message; end-of-turn not counted",
-            "units": "nats",
-            "system_prompt": setting.spec,
-        },
+    summary = LogprobSummary.of(
+        summary=result.summary(),
+        models=_sources(models),
+        datasets={d.name: str(d.path) for d in datasets},
+        tokens="answer content of the last assistant message; end-of-turn not counted",
+        units="nats",
+        system_prompt=setting.spec,
     )
+    write_json(out / "logprob.json", summary.to_json())
     save_figure(plot_heatmap(result), out / "logprob_heatmap.png")
     tokenizer = load_tokenizer(next(iter(models.values())).path) if chosen else None
     for d in datasets:
@@ -303,6 +302,7 @@ def subspace(
 
     from emscope.io import write_json, write_table
     from emscope.plotting import save_figure
+    from emscope.reemergent.results import SubspaceSummary
     from emscope.reemergent.subspace import plot_subspace, subspace_analysis
 
     models = _models(model)
@@ -324,22 +324,21 @@ def subspace(
         _progress(),
         system_prompt=setting,
     )
-    summary = result.summary()
-    write_json(
-        out / "subspace.json",
-        {**summary, "models": _sources(models), "system_prompt": setting.spec},
+    summary = SubspaceSummary.of(
+        result.summary(), models=_sources(models), system_prompt=setting.spec
     )
+    write_json(out / "subspace.json", summary.to_json())
     rows = [
         {
-            "layer": int(layer),
-            "overlap": v["overlap"],
-            "mean_angle_deg": v["mean_angle_deg"],
-            "random_angle_p5": v["random"]["mean_angle_deg"]["p5"],
-            "random_overlap_expected": v["random"]["overlap_expected"],
-            "shuffled_angle_p5": v["shuffled"]["mean_angle_deg"]["p5"],
-            "shuffled_overlap_mean": v["shuffled"]["overlap"]["mean"],
+            "layer": layer,
+            "overlap": v.overlap,
+            "mean_angle_deg": v.mean_angle_deg,
+            "random_angle_p5": v.random["mean_angle_deg"]["p5"],
+            "random_overlap_expected": v.random["overlap_expected"],
+            "shuffled_angle_p5": v.shuffled["mean_angle_deg"]["p5"],
+            "shuffled_overlap_mean": v.shuffled["overlap"]["mean"],
         }
-        for layer, v in summary["layers"].items()
+        for layer, v in summary.layers.items()
     ]
     write_table(pd.DataFrame(rows), out, "subspace")
     save_figure(plot_subspace(result), out / "subspace.png")
@@ -366,6 +365,7 @@ def patch(
     from emscope.io import write_json, write_table
     from emscope.plotting import save_figure
     from emscope.reemergent.patching import patch_analysis, plot_patch
+    from emscope.reemergent.results import PatchSummary
 
     if (word is None) == (not loss):
         raise EmscopeError("give exactly one of --word W or --loss")
@@ -389,18 +389,16 @@ def patch(
         system_prompt=setting,
     )
     write_table(result.table(), out, "patching")
-    write_json(
-        out / "patching.json",
-        {
-            **result.summary(),
-            "source": source_name,
-            "target": target_name,
-            "models": _sources(models),
-            "data": str(dataset.path),
-            "site": "resid_post",
-            "system_prompt": setting.spec,
-        },
+    summary = PatchSummary.of(
+        result.summary(),
+        source=source_name,
+        target=target_name,
+        models=_sources(models),
+        data=str(dataset.path),
+        site="resid_post",
+        system_prompt=setting.spec,
     )
+    write_json(out / "patching.json", summary.to_json())
     save_figure(plot_patch(result, source_name, target_name), out / "patching.png")
     typer.echo(f"wrote {out / 'patching.json'} ({len(result.layers)} layers)")
 

@@ -1,7 +1,9 @@
 """Typed results of the re-emergence analyses, as written to JSON by the ``reemergent`` stage
 and ``emscope reemergent``: :class:`ProjectionSummary` (``projection.json``,
-:func:`~emscope.reemergent.projection.projection_analysis`) and :class:`GradientSummary`
-(``gradients.json``, :func:`~emscope.reemergent.gradients.gradient_analysis`).
+:func:`~emscope.reemergent.projection.projection_analysis`), :class:`GradientSummary`
+(``gradients.json``, :func:`~emscope.reemergent.gradients.gradient_analysis`),
+:class:`LogprobSummary` (``logprob.json``), :class:`SubspaceSummary` (``subspace.json``) and
+:class:`PatchSummary` (``patching.json``).
 
 Positions on the alignment direction are in units of the base (0) to instruct (1) distance;
 gradient similarities are mean cosines in [-1, 1]. The JSON layout is the one
@@ -212,4 +214,227 @@ class GradientSummary:
         return in_order(doc, self.order)
 
 
-__all__ = ["Drift", "GradientSimilarity", "GradientSummary", "ProjectionSummary"]
+LOGPROB_FIELDS = (
+    "n_examples",
+    "n_tokens",
+    "logprob_sum_mean",
+    "logprob_mean_mean",
+    "logprob_token_weighted",
+    "entropy_mean_mean",
+)
+"""The fields of one model x dataset cell of ``logprob.json``'s ``summary``."""
+
+
+@dataclass(frozen=True)
+class LogprobCell:
+    """One model on one dataset: ``n_examples``, answer ``n_tokens``, the mean over examples
+    of the summed and of the per-token answer log-prob, the token-weighted mean log-prob
+    (total / tokens) and the mean per-token entropy; in nats, None where no token was
+    scored."""
+
+    n_examples: int
+    n_tokens: int
+    logprob_sum_mean: float | None
+    logprob_mean_mean: float | None
+    logprob_token_weighted: float | None
+    entropy_mean_mean: float | None
+
+    @classmethod
+    def from_json(
+        cls, data: Any, *, source: str | None = None, at: str = "", result: str = "LogprobCell"
+    ) -> LogprobCell:
+        need_all(data, LOGPROB_FIELDS, result, source, at)
+        return cls(**{name: data[name] for name in LOGPROB_FIELDS})
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in LOGPROB_FIELDS}
+
+
+@dataclass(frozen=True)
+class LogprobSummary:
+    """``logprob.json``: ``summary`` (model -> dataset -> :class:`LogprobCell`) and its
+    ``units`` (nats). ``extra``: ``system_prompt`` and, from ``emscope reemergent logprob``,
+    ``models``, ``datasets``, ``tokens``, untouched."""
+
+    summary: Mapping[str, Mapping[str, LogprobCell]]
+    units: str
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    order: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    TYPED = ("summary", "units")
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str | None = None, at: str = "") -> LogprobSummary:
+        name = "LogprobSummary"
+        summary = mapping(data, "summary", name, source, at)
+        return cls(
+            summary={
+                model: {
+                    d: LogprobCell.from_json(
+                        cell, source=source, at=f"{at}summary.{model}.{d}.", result=name
+                    )
+                    for d, cell in mapping(summary, model, name, source, f"{at}summary.").items()
+                }
+                for model in summary
+            },
+            units=str(need(data, "units", name, source, at)),
+            extra=rest(data, cls.TYPED),
+            order=tuple(data),
+        )
+
+    @classmethod
+    def of(cls, **fields: Any) -> LogprobSummary:
+        """The document a writer puts together (``summary`` = a log-prob analysis's
+        ``summary()``, ``units``, ...; kept in this order), checked as :meth:`from_json`."""
+        return cls.from_json(fields, source="log-prob summary")
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {
+            "summary": {
+                m: {d: c.to_json() for d, c in by_data.items()}
+                for m, by_data in self.summary.items()
+            },
+            "units": self.units,
+        } | dict(self.extra)
+        return in_order(doc, self.order)
+
+
+@dataclass(frozen=True)
+class SubspaceLayer:
+    """The two domains' top-k instruct-minus-base subspaces at one layer: ``overlap``
+    (mean squared cosine of the principal angles, in [0, 1]), ``mean_angle_deg``, and the
+    ``random`` and ``shuffled``-label baselines (``mean_angle_deg``: ``p5``, ...).
+    ``extra``: ``angles_deg``, ``abs_cos``, ``below_random_p5``, ``below_shuffled_p5``,
+    ``singular_values``."""
+
+    overlap: float
+    mean_angle_deg: float
+    random: Mapping[str, Any]
+    shuffled: Mapping[str, Any]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    order: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    TYPED = ("overlap", "mean_angle_deg", "random", "shuffled")
+
+    @classmethod
+    def from_json(
+        cls, data: Any, *, source: str | None = None, at: str = "", result: str = "SubspaceLayer"
+    ) -> SubspaceLayer:
+        need_all(data, ("overlap", "mean_angle_deg"), result, source, at)
+        return cls(
+            overlap=float(data["overlap"]),
+            mean_angle_deg=float(data["mean_angle_deg"]),
+            random=mapping(data, "random", result, source, at),
+            shuffled=mapping(data, "shuffled", result, source, at),
+            extra=rest(data, cls.TYPED),
+            order=tuple(data),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {name: getattr(self, name) for name in self.TYPED} | dict(self.extra)
+        doc["random"], doc["shuffled"] = dict(self.random), dict(self.shuffled)
+        return in_order(doc, self.order)
+
+
+@dataclass(frozen=True)
+class SubspaceSummary:
+    """``subspace.json`` (``emscope reemergent subspace``): the two ``domains``, ``k`` and
+    one :class:`SubspaceLayer` per layer. ``extra``: ``vectors``, the analysis's meta,
+    ``models``, ``system_prompt``, untouched."""
+
+    domains: tuple[str, ...]
+    k: int
+    layers: Mapping[int, SubspaceLayer]
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    order: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    TYPED = ("domains", "k", "layers")
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str | None = None, at: str = "") -> SubspaceSummary:
+        name = "SubspaceSummary"
+        layers = mapping(data, "layers", name, source, at)
+        return cls(
+            domains=tuple(str(d) for d in sequence(data, "domains", name, source, at)),
+            k=int(need(data, "k", name, source, at)),
+            layers={
+                int(layer): SubspaceLayer.from_json(
+                    v, source=source, at=f"{at}layers.{layer}.", result=name
+                )
+                for layer, v in layers.items()
+            },
+            extra=rest(data, cls.TYPED),
+            order=tuple(data),
+        )
+
+    @classmethod
+    def of(cls, summary: Mapping[str, Any], **extra: Any) -> SubspaceSummary:
+        """A subspace analysis's ``summary()`` plus the writer's fields, checked."""
+        return cls.from_json({**summary, **extra}, source="subspace summary")
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {
+            "domains": list(self.domains),
+            "k": self.k,
+            "layers": {str(layer): v.to_json() for layer, v in self.layers.items()},
+        } | dict(self.extra)
+        return in_order(doc, self.order)
+
+
+PATCH_FIELDS = ("metric", "layers", "source_mean", "target_mean", "patched_mean", "restored")
+
+
+@dataclass(frozen=True)
+class PatchSummary:
+    """``patching.json`` (``emscope reemergent patching``): the ``metric`` (``loss`` or a
+    word's log-prob), the patched ``layers``, the source's and target's means, the patched
+    target's mean per layer and ``restored`` per layer ((patched - target) / (source -
+    target); None when source and target agree). ``extra``: ``n_examples``, the model names
+    and sources, ``data``, ``site``, ``system_prompt``, ..., untouched."""
+
+    metric: str
+    layers: tuple[int, ...]
+    source_mean: float
+    target_mean: float
+    patched_mean: list[float]
+    restored: list[float] | None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    order: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str | None = None, at: str = "") -> PatchSummary:
+        name = "PatchSummary"
+        need_all(data, PATCH_FIELDS, name, source, at)
+        return cls(
+            metric=str(data["metric"]),
+            layers=tuple(int(x) for x in sequence(data, "layers", name, source, at)),
+            source_mean=data["source_mean"],
+            target_mean=data["target_mean"],
+            patched_mean=sequence(data, "patched_mean", name, source, at),
+            restored=data["restored"],
+            extra=rest(data, PATCH_FIELDS),
+            order=tuple(data),
+        )
+
+    @classmethod
+    def of(cls, summary: Mapping[str, Any], **extra: Any) -> PatchSummary:
+        """A patching analysis's ``summary()`` plus the writer's fields, checked."""
+        return cls.from_json({**summary, **extra}, source="patching summary")
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {name: getattr(self, name) for name in PATCH_FIELDS} | dict(self.extra)
+        doc["layers"] = list(self.layers)
+        return in_order(doc, self.order)
+
+
+__all__ = [
+    "Drift",
+    "GradientSimilarity",
+    "GradientSummary",
+    "LogprobCell",
+    "LogprobSummary",
+    "PatchSummary",
+    "ProjectionSummary",
+    "SubspaceLayer",
+    "SubspaceSummary",
+]

@@ -2,7 +2,7 @@
 misaligned models (:func:`emscope.reemergent.projection_analysis`), and when configured the
 answer log-probs (:func:`~emscope.reemergent.logprob_analysis`) and the gradient similarity
 of two datasets (:func:`~emscope.reemergent.gradient_analysis`): ``reemergent/``
-(``projection.json`` and ``gradients.json``: :mod:`emscope.reemergent.results`).
+(``projection.json``, ``logprob.json``, ``gradients.json``: :mod:`emscope.reemergent.results`).
 
 Every analysis gets the section's ``batch_size`` and the study's ``dtype`` and ``device``;
 the gradient analysis loads the model in float32 when ``dtype`` is ``auto`` (as
@@ -61,7 +61,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     from emscope.reemergent.gradients import plot_matrix
     from emscope.reemergent.logprob import plot_heatmap
     from emscope.reemergent.projection import plot_projection
-    from emscope.reemergent.results import GradientSummary, ProjectionSummary
+    from emscope.reemergent.results import GradientSummary, LogprobSummary, ProjectionSummary
 
     stage = ctx.config.stages.reemergent
     assert stage is not None
@@ -122,10 +122,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             models, [dataset(p) for p in stage.logprob_data], stage.batch_size, **kw
         )
         write_table(lp.table(), out, "logprob")
-        write_json(
-            out / "logprob.json",
-            {"summary": lp.summary(), "units": "nats", "system_prompt": setting.spec},
-        )
+        logprob = LogprobSummary.of(summary=lp.summary(), units="nats", system_prompt=setting.spec)
+        write_json(out / "logprob.json", logprob.to_json())
         save_figure(plot_heatmap(lp), out / "logprob_heatmap.png")
     if stage.gradient_data and not (out / "gradients.json").is_file():
         a, b = (dataset(p) for p in stage.gradient_data)
