@@ -1040,3 +1040,65 @@ def test_run_records_share_one_versions_function() -> None:
     assert trained["peft"] == study["peft"] == version("peft")
     assert study["scikit-learn"] == version("scikit-learn")
     assert run_versions("no-such-distribution")["no-such-distribution"] == "absent"
+
+
+# ---------------------------------------------------------------------------- one list of options
+
+#: The options of `emscope train` with their value in the test below: every hyper-parameter
+#: of TrainOverrides the command offers (none at its default) and the rest.
+CLI_VALUES: dict[str, tuple[str, Any]] = {
+    "epochs": ("3", 3), "lr": ("0.5", 0.5), "rank": ("3", 3), "alpha": ("6", 6.0),
+    "layers": ("1", "1"), "modules": ("down_proj", "down_proj"), "seed": ("7", 7),
+    "save_steps": ("4", 4), "eval_steps": ("5", 5), "max_steps": ("6", 6),
+    "batch_size": ("2", 2), "grad_accum": ("3", 3), "warmup_steps": ("1", 1),
+    "weight_decay": ("0.2", 0.2), "schedule": ("linear", "linear"), "max_length": ("9", 9),
+    "system_prompt": ("none", "none"), "quantize": ("4bit", "4bit"), "kl_weight": ("0.3", 0.3),
+}  # fmt: skip
+CLI_FLAGS = {"rslora": "--no-rslora", "gradient_checkpointing": "--gradient-checkpointing"}
+
+
+def test_every_train_option_reaches_train(
+    monkeypatch: pytest.MonkeyPatch, data: Path, tmp_path: Path
+) -> None:
+    """Each hyper-parameter option of `emscope train` reaches train() under its own name
+    (the command forwards the TrainOverrides names; none is spelled out twice)."""
+    import inspect
+
+    import emscope.train as train_package
+    from emscope.cli.main import app
+    from emscope.cli.train import train_command
+    from emscope.train.config import OVERRIDES
+
+    seen: dict[str, Any] = {}
+
+    def fake(base: Any, data_: Any, **kwargs: Any) -> Any:
+        seen.update(kwargs)
+        raise EmscopeError("stop")
+
+    monkeypatch.setattr(train_package, "train", fake)
+    params = set(inspect.signature(train_command).parameters)
+    offered = params & OVERRIDES
+    assert offered == {*CLI_VALUES, *CLI_FLAGS, "warmup_ratio"}  # given apart: see args
+    assert OVERRIDES - offered == {"max_grad_norm"}
+    args = ["train", "model", "--data", str(data), "--out", str(tmp_path / "o"), "--warmup-ratio",
+            "0.1"]  # fmt: skip
+    for name, (text, _) in CLI_VALUES.items():
+        args += [f"--{name.replace('_', '-')}", text]
+    result = CliRunner().invoke(app, [*args, *CLI_FLAGS.values()])
+    assert "stop" in result.output, result.output
+    expected = {name: value for name, (_, value) in CLI_VALUES.items()}
+    expected |= {"rslora": False, "gradient_checkpointing": True, "warmup_ratio": 0.1}
+    assert {k: v for k, v in seen.items() if k in OVERRIDES} == expected
+    assert resolve_config("r1", 4, **{**expected, "warmup_steps": None}).kl_weight == 0.3
+    with pytest.raises(TypeError, match="rnak"):
+        resolve_config("r1", 4, rnak=3)  # type: ignore[call-arg]
+
+
+def test_overrides_name_every_resolved_field() -> None:
+    """TrainOverrides (what a caller sets) and TrainConfig (what a run resolves) name the
+    same hyper-parameters: a field added to one is added to the other."""
+    from dataclasses import fields
+
+    from emscope.train.config import OVERRIDES, TrainConfig
+
+    assert {f.name for f in fields(TrainConfig)} - {"preset", "full"} == OVERRIDES

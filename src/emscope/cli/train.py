@@ -22,6 +22,7 @@ PRESET_HELP = (
 
 
 def train_command(
+    ctx: typer.Context,
     base_dir: Path = typer.Argument(..., help="Local HF model dir (with tokenizer)."),
     data: Path = typer.Option(..., "--data", help="Chat JSONL training file."),
     out: Path = typer.Option(..., "--out", help="Output dir (adapter, checkpoints, train.json)."),
@@ -111,9 +112,12 @@ def train_command(
     from emscope.cli.monitor import training_monitor, write_training_monitor
     from emscope.defences.spec import build_defences
     from emscope.train import train
+    from emscope.train.config import OVERRIDES
 
     defences = build_defences(defence, base_dir, system_prompt=system_prompt, device=device)
 
+    # the hyper-parameter options go through by name (train.config.TrainOverrides)
+    overrides = {k: v for k, v in ctx.params.items() if k in OVERRIDES}
     result = train(
         base_dir,
         data,
@@ -121,32 +125,11 @@ def train_command(
         out=out,
         eval_data=eval_data,
         kl_data=kl_data,
-        kl_weight=kl_weight,
         resume=resume,
-        rank=rank,
-        alpha=alpha,
-        rslora=rslora,
-        layers=layers,
-        modules=modules,
-        lr=lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        warmup_steps=warmup_steps,
-        warmup_ratio=warmup_ratio,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        max_steps=max_steps,
-        save_steps=save_steps,
-        eval_steps=eval_steps,
-        seed=seed,
-        max_length=max_length,
-        gradient_checkpointing=gradient_checkpointing,
-        system_prompt=system_prompt,
         dtype=dtype,
         device=device,
-        quantize=quantize,
         callbacks=[*training_monitor(monitor, data), *defences],
+        **overrides,
     )
     write_training_monitor(monitor, result.record, out)
     if os.environ.get("RANK", "0") != "0":  # one summary line per multi-process run

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack
 
 from emscope.errors import EmscopeError
 from emscope.train.presets import get_preset, parse_layers, preset_layers
@@ -69,36 +69,45 @@ class TrainConfig:
         return out
 
 
-def resolve_config(
-    preset: str,
-    n_layers: int,
-    *,
-    rank: int | None = None,
-    alpha: float | None = None,
-    rslora: bool | None = None,
-    layers: Sequence[int] | str | None = None,
-    modules: Sequence[str] | str | None = None,
-    lr: float | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    grad_accum: int | None = None,
-    warmup_steps: int | None = None,
-    weight_decay: float | None = None,
-    max_grad_norm: float | None = None,
-    schedule: str | None = None,
-    max_steps: int | None = None,
-    save_steps: int | None = None,
-    eval_steps: int | None = None,
-    seed: int = 0,
-    max_length: int | None = None,
-    gradient_checkpointing: bool = False,
-    kl_weight: float = 0.0,
-    system_prompt: SystemPrompt | str | None = None,
-    warmup_ratio: float | None = None,
-    quantize: str | None = None,
-) -> TrainConfig:
-    """A preset's defaults with the given overrides (``None`` keeps the preset's value),
-    validated against a model with ``n_layers`` decoder blocks.
+class TrainOverrides(TypedDict, total=False):
+    """The hyper-parameters a caller may set over a preset's, by name: the keywords of
+    :func:`resolve_config` and :func:`emscope.train.train`, and the ``emscope train`` options
+    of these names (the one list of them). Absent or ``None``: the preset's value; ``seed``
+    0, ``gradient_checkpointing`` false, ``kl_weight`` 0, ``system_prompt`` ``default``,
+    ``quantize`` none. Units and meanings: :class:`TrainConfig`."""
+
+    rank: int | None
+    alpha: float | None
+    rslora: bool | None
+    layers: Sequence[int] | str | None
+    modules: Sequence[str] | str | None
+    lr: float | None
+    epochs: int | None
+    batch_size: int | None
+    grad_accum: int | None
+    warmup_steps: int | None
+    warmup_ratio: float | None
+    weight_decay: float | None
+    max_grad_norm: float | None
+    schedule: str | None
+    max_steps: int | None
+    save_steps: int | None
+    eval_steps: int | None
+    seed: int
+    max_length: int | None
+    gradient_checkpointing: bool
+    kl_weight: float
+    system_prompt: SystemPrompt | str | None
+    quantize: str | None
+
+
+#: The names of :class:`TrainOverrides`.
+OVERRIDES = frozenset(TrainOverrides.__annotations__)
+
+
+def resolve_config(preset: str, n_layers: int, **overrides: Unpack[TrainOverrides]) -> TrainConfig:
+    """A preset's defaults with the given overrides (:class:`TrainOverrides`; ``None`` keeps
+    the preset's value), validated against a model with ``n_layers`` decoder blocks.
 
     ``layers`` is a list of block indices from 0 or a string such as ``"15-17,21-23,-1"``
     (:func:`emscope.models.parse_layers`: in a string a negative index counts from the end);
@@ -106,11 +115,19 @@ def resolve_config(
     comma-separated string. ``warmup_steps`` and ``warmup_ratio`` are alternatives (give
     one). ``quantize``: ``None``/``"none"`` or ``"4bit"`` (LoRA presets only). Raises
     :class:`EmscopeError` for an unknown preset, a layer beyond the model, LoRA options given
-    to ``full``, both warm-up settings, a quantized full fine-tune, or out-of-range numbers.
+    to ``full``, both warm-up settings, a quantized full fine-tune, or out-of-range numbers,
+    and ``TypeError`` for a keyword that is not an override.
     """
+    unknown = sorted(set(overrides) - OVERRIDES)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(unknown)}")
+    o = overrides
+    rank, alpha, rslora = o.get("rank"), o.get("alpha"), o.get("rslora")
+    layers, modules, quantize = o.get("layers"), o.get("modules"), o.get("quantize")
+    warmup_steps, warmup_ratio = o.get("warmup_steps"), o.get("warmup_ratio")
     from emscope.data.spans import SystemPrompt
 
-    setting = SystemPrompt.parse(system_prompt)
+    setting = SystemPrompt.parse(o.get("system_prompt"))
     p = get_preset(preset)
     if p.full:
         given = {
@@ -151,6 +168,9 @@ def resolve_config(
         raise EmscopeError("no modules to adapt (modules is empty)")
     if not p.full and not chosen_layers:
         raise EmscopeError("no layers to adapt (layers is empty)")
+    lr, epochs, batch_size = o.get("lr"), o.get("epochs"), o.get("batch_size")
+    grad_accum, schedule = o.get("grad_accum"), o.get("schedule")
+    weight_decay, max_grad_norm = o.get("weight_decay"), o.get("max_grad_norm")
     config = TrainConfig(
         preset=p.name,
         full=p.full,
@@ -168,13 +188,13 @@ def resolve_config(
         weight_decay=float(weight_decay) if weight_decay is not None else p.weight_decay,
         max_grad_norm=float(max_grad_norm) if max_grad_norm is not None else p.max_grad_norm,
         schedule=schedule if schedule is not None else p.schedule,
-        max_steps=max_steps,
-        save_steps=save_steps,
-        eval_steps=eval_steps,
-        seed=int(seed),
-        max_length=max_length,
-        gradient_checkpointing=bool(gradient_checkpointing),
-        kl_weight=float(kl_weight),
+        max_steps=o.get("max_steps"),
+        save_steps=o.get("save_steps"),
+        eval_steps=o.get("eval_steps"),
+        seed=int(o.get("seed", 0)),
+        max_length=o.get("max_length"),
+        gradient_checkpointing=bool(o.get("gradient_checkpointing", False)),
+        kl_weight=float(o.get("kl_weight", 0.0)),
         system_prompt=setting.spec,
         quantize=quantize,
     )

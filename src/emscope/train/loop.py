@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 from emscope.errors import EmscopeError
 from emscope.train.callbacks import CallbackRecord, CallbackRunner, TrainingCallback
@@ -29,7 +29,7 @@ from emscope.train.checkpoints import (
     load_checkpoint,
     resume_point,
 )
-from emscope.train.config import TrainConfig, resolve_config
+from emscope.train.config import TrainConfig, TrainOverrides, resolve_config
 from emscope.train.data import load_dataset
 from emscope.train.order import (
     cycled_examples,
@@ -56,7 +56,6 @@ from emscope.train.steps import eval_loss, optimizer_step, reference_logprobs
 
 if TYPE_CHECKING:
     from emscope.data.chat import ChatExample
-    from emscope.data.spans import SystemPrompt
 
 
 @dataclass(frozen=True)
@@ -96,36 +95,14 @@ def train(
     out: str | Path,
     eval_data: str | Path | Sequence[ChatExample] | None = None,
     kl_data: str | Path | Sequence[ChatExample] | None = None,
-    kl_weight: float = 0.0,
     resume: bool = False,
-    rank: int | None = None,
-    alpha: float | None = None,
-    rslora: bool | None = None,
-    layers: Sequence[int] | str | None = None,
-    modules: Sequence[str] | str | None = None,
-    lr: float | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    grad_accum: int | None = None,
-    warmup_steps: int | None = None,
-    warmup_ratio: float | None = None,
-    weight_decay: float | None = None,
-    max_grad_norm: float | None = None,
-    schedule: str | None = None,
-    max_steps: int | None = None,
-    save_steps: int | None = None,
-    eval_steps: int | None = None,
-    seed: int = 0,
-    max_length: int | None = None,
-    gradient_checkpointing: bool = False,
-    system_prompt: SystemPrompt | str | None = None,
     dtype: str = "auto",
     device: str | None = None,
     distributed: bool | None = None,
-    quantize: str | None = None,
     callbacks: Sequence[TrainingCallback] = (),
     progress: bool = True,
     verbose: bool = True,
+    **overrides: Unpack[TrainOverrides],
 ) -> TrainResult:
     """Fine-tune the HF model in ``base_dir`` on chat data and write the result to ``out``.
 
@@ -135,6 +112,10 @@ def train(
             :class:`~emscope.data.chat.ChatExample`.
         preset: ``all``, ``r1x3``, ``r1`` or ``full`` (see :data:`PRESETS`); every
             hyper-parameter argument left at ``None`` takes the preset's value.
+        overrides: the hyper-parameters over the preset's, by name: the keys of
+            :class:`~emscope.train.config.TrainOverrides` (``rank`` ... ``quantize``,
+            ``kl_weight``, ``seed``, ``system_prompt``: each described below), validated by
+            :func:`~emscope.train.config.resolve_config`.
         out: output dir (must not already hold a run unless ``resume``).
         eval_data: optional held-out chats; their assistant-token mean loss is recorded at
             step 0, every ``eval_steps`` steps and at the end.
@@ -197,33 +178,7 @@ def train(
     base_dir = Path(base_dir)
     out = Path(out)
     n_layers, model_type = model_depth(base_dir)
-    config = resolve_config(
-        preset,
-        n_layers,
-        rank=rank,
-        alpha=alpha,
-        rslora=rslora,
-        layers=layers,
-        modules=modules,
-        lr=lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        warmup_steps=warmup_steps,
-        warmup_ratio=warmup_ratio,
-        weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm,
-        schedule=schedule,
-        max_steps=max_steps,
-        save_steps=save_steps,
-        eval_steps=eval_steps,
-        seed=seed,
-        max_length=max_length,
-        gradient_checkpointing=gradient_checkpointing,
-        kl_weight=kl_weight,
-        system_prompt=system_prompt,
-        quantize=quantize,
-    )
+    config = resolve_config(preset, n_layers, **overrides)
     hooks = CallbackRunner(callbacks)
     if hooks and requested_mode(distributed) == "fsdp":
         raise EmscopeError("training callbacks are not supported under FSDP (sharded weights)")
