@@ -205,9 +205,8 @@ class Interleave(TrainingCallback):
     def extra_loss(
         self, model: Any, batch: dict[str, torch.Tensor], outputs: Any
     ) -> torch.Tensor | None:
-        import torch.nn.functional as F
-
         from emscope.train.data import collate
+        from emscope.train.steps import forward_loss
 
         step, micro = self.clock.tick()
         rows = micro_rows(len(self.examples), step, micro, self.k, self.n_micro, self.seed, STREAM)
@@ -215,14 +214,7 @@ class Interleave(TrainingCallback):
         if not rows:
             return None
         aligned = collate([self.examples[i] for i in rows], self.pad_id)
-        device = next(model.parameters()).device
-        logits = model(
-            input_ids=aligned["input_ids"].to(device),
-            attention_mask=aligned["attention_mask"].to(device),
-        ).logits
-        target = aligned["labels"][:, 1:].to(device)
-        keep = target != -100
-        nll = F.cross_entropy(logits[:, :-1][keep].float(), target[keep], reduction="sum")
+        nll, _, _ = forward_loss(model, aligned, next(model.parameters()).device)
         # the runner weighs this by (micro-batch training tokens) / (step training tokens):
         # dividing by the micro-batch's training tokens leaves nll / (step training tokens)
         n_train = int((batch["labels"][:, 1:] != -100).sum())
