@@ -292,9 +292,6 @@ KNOWN_DEFERRED_CYCLES: dict[frozenset[str], str] = {
         "eval's samplers wrap generate and vllm_backend (imported when they draw); both "
         "backends check their settings with the one eval.params.SamplingParams"
     ),
-    frozenset({"emscope.pipeline", "emscope.report"}): (
-        "the report shows the claims table (pipeline.claims); replicate writes a report"
-    ),
 }
 
 

@@ -46,10 +46,12 @@ def report_command(
 ) -> None:
     """Write DIR/report.html (self-contained, figures embedded) and DIR/report.md (for a
     dir of `emscope run --organism-seeds`: each build's report and DIR/replicates.md)."""
-    from emscope.pipeline.replicate import is_replicate_dir, rewrite_replicates
+    from emscope.pipeline.replicate import is_replicate_dir, replicate_runs, rewrite_replicates
     from emscope.report import write_report
 
     if is_replicate_dir(directory):
+        for run in replicate_runs(directory).values():
+            write_report(run)
         json_path, md = rewrite_replicates(directory)
         typer.echo(f"replicates: {md.resolve()}")
         typer.echo(f"            {json_path.resolve()}")

@@ -515,17 +515,21 @@ def is_replicate_dir(path: str | Path) -> bool:
     return (Path(path) / "replicates.json").is_file()
 
 
+def replicate_runs(out: str | Path) -> dict[int, Path]:
+    """The run dir of each organism seed of ``out/replicates.json``."""
+    from emscope.io import read_json
+
+    return {int(s): Path(d) for s, d in read_json(Path(out) / "replicates.json")["runs"].items()}
+
+
 def rewrite_replicates(out: str | Path) -> tuple[Path, Path]:
     """Re-read every run of ``out/replicates.json`` and write the pooled files again
-    (``emscope report`` on a replicate dir; each run also gets its own report)."""
+    (``emscope report`` on a replicate dir, which first writes each run's own report)."""
     from emscope.io import read_json
-    from emscope.report import write_report
 
     out = Path(out)
     old = read_json(out / "replicates.json")
-    runs = {int(s): Path(d) for s, d in old["runs"].items()}
-    for d in runs.values():
-        write_report(d)
+    runs = replicate_runs(out)
     summary = replicate_summary(runs)
     if "config_file" in old:
         summary["config_file"] = old["config_file"]
