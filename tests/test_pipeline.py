@@ -536,8 +536,8 @@ def test_whole_study_end_to_end(
 
     html_path, md_path = write_report(out)
     claims = json.loads((out / "claims.json").read_text())
-    assert len(claims) == 18  # the 12 of docs/methods.md section 8 + early_warning, screening
-    # + the 4 defence rows
+    assert len(claims) == 20  # the 12 of docs/methods.md section 8 + early_warning, screening
+    # + the 4 defence rows + the 2 inoculation rows
     # Every stage ran, so no row may read "stage not run".
     assert all("stage not run" not in row["holds"] for row in claims)
     assert "| claim | paper's value | measured here | holds? | test |" in md_path.read_text()
@@ -835,8 +835,8 @@ def test_study_on_each_organism_build_and_pooled_claims(
     summary = json.loads((out / "replicates.json").read_text())
     assert summary["seeds"] == [0, 1]
     claims = {c["key"]: c for c in summary["claims"]}
-    assert len(claims) == 18  # the 12 of docs/methods.md section 8 + early_warning, screening
-    # + the 4 defence rows
+    assert len(claims) == 20  # the 12 of docs/methods.md section 8 + early_warning, screening
+    # + the 4 defence rows + the 2 inoculation rows
     cosine = claims["cosine"]
     assert set(cosine["per_build"]) == {"0", "1"}
     verdicts = [cosine["per_build"][s]["holds"] for s in ("0", "1")]
