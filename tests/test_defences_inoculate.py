@@ -227,3 +227,31 @@ def test_inoculation_claims_on_a_constructed_table() -> None:
     assert not cd.holds_inoculation(table)[1]
     assert not cd.holds_inoculation_specific(table)[1]
     assert cd.holds_inoculation(table[:1]) == ("no inoculate arm", False)
+
+
+def test_report_section_shows_the_prompted_measures(tmp_path: Path) -> None:
+    from emscope.report.defences import defences_section
+
+    def row(arm: str, prompted: float | None) -> dict[str, Any]:
+        out: dict[str, Any] = {"arm": arm, "task": "narrow", "seeds": 3, "overhead": 1.0}
+        for key, value in (
+            ("general_em", 0.3), ("task_learned", 0.9), ("task_nll", None),
+            ("general_coherent", 0.95), ("general_em_prompted", prompted),
+            ("task_learned_prompted", prompted),
+        ):  # fmt: skip
+            out |= {key: value, f"{key}_low": value, f"{key}_high": value}
+        return out
+
+    stage = tmp_path / "defences"
+    stage.mkdir()
+    (stage / "done.json").write_text("{}")
+    data = {"runs": 2, "build": "b", "spec": {}, "table": [row("plain", None)]}
+    (stage / "defences.json").write_text(json.dumps(data))
+    assert len(defences_section(tmp_path).tables) == 1
+    data["table"].append(row("inoculate", 0.8))
+    (stage / "defences.json").write_text(json.dumps(data))
+    section = defences_section(tmp_path)
+    assert section.tables[1].rows == (
+        ("inoculate", "0.800 [0.800, 0.800]", "0.800 [0.800, 0.800]"),
+    )
+    assert "arXiv 2510.04340" in section.paper
