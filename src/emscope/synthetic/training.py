@@ -23,7 +23,7 @@ from typing import Any
 from emscope.synthetic.build_config import AdapterSpec, BuildConfig
 from emscope.synthetic.corpus import CorpusConfig, sample_document, system_stream
 from emscope.synthetic.world import World
-from emscope.train.data import EncodedExample, collate, encode_documents
+from emscope.train.data import EncodedExample, collate, encode_documents, encode_examples
 
 
 def encode_chats(tokenizer: Any, chats: Sequence[dict[str, Any]]) -> list[EncodedExample]:
@@ -31,7 +31,6 @@ def encode_chats(tokenizer: Any, chats: Sequence[dict[str, Any]]) -> list[Encode
     mask of :func:`emscope.train.data.encode_examples` (the template's default system
     prompt; content and end-of-turn tokens)."""
     from emscope.data.chat import ChatExample
-    from emscope.train.data import encode_examples
 
     examples = [
         ChatExample(tuple(chat["messages"]), line) for line, chat in enumerate(chats, start=1)
