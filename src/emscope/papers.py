@@ -69,6 +69,11 @@ INOCULATION = Paper(
     "2510.04340",
 )
 
+#: The papers the claims table tests findings of (its section's source line).
+CLAIMS_PAPERS: tuple[Paper, ...] = (
+    CONVERGENT, SHARED_SUBSPACES, REEMERGENT, PERSONA_VECTORS, KACZER, INOCULATION,
+)  # fmt: skip
+
 PAPERS: tuple[Paper, ...] = (
     BETLEY, MODEL_ORGANISMS, CONVERGENT, SHARED_SUBSPACES, REEMERGENT, PERSONA_VECTORS, KACZER,
     INOCULATION,

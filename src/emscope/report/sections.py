@@ -14,11 +14,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from emscope.io import inside
 from emscope.papers import (
     BETLEY,
+    CLAIMS_PAPERS,
     CONVERGENT,
-    INOCULATION,
-    KACZER,
     MODEL_ORGANISMS,
-    PERSONA_VECTORS,
     REEMERGENT,
     SHARED_SUBSPACES,
     methods_section,
@@ -144,9 +142,7 @@ def claims_section(run: Path) -> Section:
     section = Section(
         "claims",
         f"Headline claims ({methods_section(8)})",
-        source_line(
-            [CONVERGENT, SHARED_SUBSPACES, REEMERGENT, PERSONA_VECTORS, KACZER, INOCULATION], 8
-        ),
+        source_line(CLAIMS_PAPERS, 8),
         text="'Holds' is the qualitative test of each row (last column); rates compared with "
         "'above' need non-overlapping 95% CIs. Each paper's value names its source by arXiv id.",
     )
