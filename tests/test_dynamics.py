@@ -118,6 +118,23 @@ def test_whole_adapter_and_pca(series: Path, qwen: Any) -> None:
     assert result["modules"][M2]["pca_A"] is None
 
 
+def test_dynamics_result_reads_adapter_dynamics(series: Path) -> None:
+    """DynamicsResult of adapter_dynamics on the known series: the same document back, and
+    the typed fields are the known rotation of module 1 and the zero B of module 2."""
+    from emscope.probing.dynamics_result import DynamicsResult
+
+    doc = adapter_dynamics(load_checkpoints(series), k=1)
+    doc = json.loads(json.dumps(doc))  # as written to dynamics.json
+    result = DynamicsResult.from_json(doc, source="dynamics.json")
+    assert json.dumps(result.to_json()) == json.dumps(doc)  # same keys, order and numbers
+    sharp = result.modules[M1].sharpest_rotation["B"]
+    assert sharp is not None and (sharp.previous, sharp.step) == (6, 8)
+    assert sharp.cos == pytest.approx(0.5, abs=1e-6)
+    assert result.modules[M2].cos_B[0] is None and result.eval is None
+    assert result.steps == tuple(STEPS) and result.adapter_name is None
+    assert set(result.plot()) == {"norms", "cosines", "pca"}  # no EM rates: no emergence
+
+
 def test_dynamics_errors(series: Path, tmp_path: Path, qwen: Any) -> None:
     checkpoints = load_checkpoints(series)
     with pytest.raises(EmscopeError, match="at least two"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from emscope.lmc_result import LmcResult
 from emscope.metrics import Metrics
 from emscope.pipeline import claims as c
 from emscope.pipeline.eval_result import EvalSummary
+from emscope.probing.dynamics_result import DynamicsResult
 from emscope.probing.result import ProbeResult
 from emscope.reemergent.results import (
     GradientSummary,
@@ -140,6 +142,37 @@ def probe_doc() -> dict[str, Any]:
             "misaligned_nonmedical_vs_medical": medical,
         },
         "settings": {"C": "cv", "C_rule": "grouped CV", "seeds": [0, 1]},
+    }
+
+
+def dynamics_doc() -> dict[str, Any]:
+    """A dynamics/dynamics.json as the dynamics stage writes it (adapter_dynamics with k=1
+    on three checkpoints, the EM rate per checkpoint, the adapter's name)."""
+    track = {
+        "norm_A": [1.0, 1.1, 1.2],
+        "norm_B": [0.0, 0.5, 1.0],
+        "pairs": [[10, 20], [20, 30]],
+        "cos_A": [0.99, 0.98],
+        "cos_B": [None, 0.5],
+        "sharpest_rotation": {"B": {"step": 30, "from": 20, "cos": 0.5},
+                              "A": {"step": 30, "from": 20, "cos": 0.98}},
+        "pca_A": {"coords": [[0.1, 0.0], [0.0, 0.1], [-0.1, -0.1]],
+                  "explained_variance_ratio": [0.7, 0.3]},
+        "pca_B": None,
+    }  # fmt: skip
+    evals = [
+        {"step": s, **_rate(v, v / 2, 2 * v), "unscored_rate": 0.0, "n": 40, "dir": f"step-{s}"}
+        for s, v in ((10, 0.01), (20, 0.1), (30, 0.3))
+    ]
+    for e in evals:
+        del e["coherent_ci"]  # evaluate_checkpoints records the coherent rate alone
+    return {
+        "steps": [10, 20, 30],
+        "k": 1,
+        "modules": {"model.layers.1.mlp.down_proj": copy.deepcopy(track)},
+        "adapter": track,
+        "eval": evals,
+        "adapter_name": "em1",
     }
 
 
@@ -294,6 +327,7 @@ DOCS = {
     GeometryResult: geometry_doc,
     LmcResult: lmc_doc,
     ProbeResult: probe_doc,
+    DynamicsResult: dynamics_doc,
 }
 
 
@@ -531,6 +565,79 @@ def test_replicate_headlines_read_eval_directions_and_reemergence(run_dir: Path)
     _write(run_dir / "directions" / "summary.json", _drop(directions_doc(), ("sources",)))
     with pytest.raises(EmscopeError, match=r"missing field 'sources' \(DirectionsSummary\)"):
         headline_numbers(run_dir)
+
+
+def test_replicate_headlines_read_steering_transfer_geometry_lmc_probes(run_dir: Path) -> None:
+    from emscope.pipeline.replicate import headline_numbers, probe_numbers
+
+    numbers = headline_numbers(run_dir)
+    assert numbers["steering"] == {
+        "value": 0.3,
+        "ci": [0.2, 0.4],
+        "what": "steered EM at the best (or the rule's) setting",
+        "setting": "layer 1 x4",
+        "random": 0.01,  # the random row at the same layer and scale
+    }
+    assert numbers["transfer"]["value"] == 0.75
+    assert numbers["subspace"]["value"] == 20.0  # the one EM-EM pair, not EM-control
+    assert (numbers["cosine"]["value"], numbers["overlap"]["value"]) == (0.3, 0.7)
+    assert numbers["base_orthogonal"]["value"] == 2e-3  # EM adapters only (ctl: 0.2)
+    assert numbers["interpolation"]["value"] == 0.2  # t = 0.5 only
+    probes = probe_numbers(run_dir)
+    assert probes["aligned_nonmedical_vs_medical"] == {"skipped": "too few responses"}
+    fitted = probes["nonmedical_aligned_vs_misaligned"]
+    assert fitted["auc"] == {"mean": 0.9, "sd": 0.01} and fitted["C_chosen"] is None
+
+
+@pytest.mark.parametrize(
+    ("stage", "name", "path", "message"),
+    [
+        ("steering", "summary.json", ("rows", 0, "vector"),
+         r"steering/summary\.json: missing field 'rows\[0\]\.vector' \(SteerResult\)"),
+        ("transfer", "stage.json", ("targets", "em2", "relative_reduction"),
+         r"transfer/stage\.json: missing field 'targets\.em2\.relative_reduction' "
+         r"\(AblationResult\)"),
+        ("transfer", "stage.json", ("targets",),
+         r"transfer/stage\.json: missing field 'targets' \(AblationResult\)"),
+        ("geometry", "summary.json", ("pairs", "em1|em2", "roles"),
+         r"geometry/summary\.json: missing field 'pairs\.em1\|em2\.roles' \(GeometryResult\)"),
+        ("lmc", "summary.json", ("paths", "em1__em2", "rows", 1, "t"),
+         r"lmc/summary\.json: missing field 'paths\.em1__em2\.rows\[1\]\.t' \(LmcResult\)"),
+        ("probes", "probe.json", ("split",),
+         r"probes/probe\.json: missing field 'split' \(ProbeResult\)"),
+    ],
+)  # fmt: skip
+def test_replicate_names_the_missing_field(
+    run_dir: Path, stage: str, name: str, path: tuple[Any, ...], message: str
+) -> None:
+    from emscope.pipeline.replicate import replicate_summary
+
+    file = run_dir / stage / name
+    _write(file, _drop(json.loads(file.read_text()), path))
+    with pytest.raises(EmscopeError, match=message):
+        replicate_summary({0: run_dir})
+
+
+def test_report_dynamics_section_reads_the_typed_result(run_dir: Path) -> None:
+    from emscope.report import sections as s
+
+    _write(run_dir / "dynamics" / "done.json", {"wall_s": 1.0})
+    _write(run_dir / "dynamics" / "dynamics.json", dynamics_doc())
+    section = s.dynamics_section(run_dir)
+    assert section.text == (
+        "Adapter `em1`, checkpoints [10, 20, 30]; sharpest rotation of B between steps 20 "
+        "and 30 (cos 0.500)."
+    )
+    assert section.tables[0].rows[2] == ("30", "0.300 [0.150, 0.600]", "0.950")
+    for path, field in (
+        (("adapter", "sharpest_rotation", "B", "from"), "adapter.sharpest_rotation.B.from"),
+        (("eval", 1, "em_ci"), "eval[1].em_ci"),
+        (("adapter_name",), "adapter_name"),
+    ):
+        _write(run_dir / "dynamics" / "dynamics.json", _drop(dynamics_doc(), path))
+        message = rf"dynamics\.json: missing field '{re.escape(field)}' \(DynamicsResult\)"
+        with pytest.raises(EmscopeError, match=message):
+            s.dynamics_section(run_dir)
 
 
 def test_report_sections_read_eval_directions_and_reemergence(run_dir: Path) -> None:

@@ -23,9 +23,13 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from emscope.errors import EmscopeError
+
+if TYPE_CHECKING:
+    from emscope.directions.results import AblationResult
+    from emscope.lmc_result import LmcResult
 
 R = TypeVar("R")
 
@@ -168,12 +172,39 @@ def _result(run: Path, stage: str, name: str, cls: type[R]) -> R | None:
     return read_result(cls, path) if path.is_file() else None
 
 
+def transfer_targets(path: Path) -> dict[str, AblationResult]:
+    """The ablation result of each target of the transfer stage's ``stage.json`` at
+    ``path`` (each through ``AblationResult.from_json``: a missing field is an EmscopeError
+    naming the file and ``targets.<name>.<field>``); {} when the file is absent."""
+    from emscope.directions.results import AblationResult
+    from emscope.results import mapping
+
+    doc = _read(path)
+    if doc is None:
+        return {}
+    targets = mapping(doc, "targets", "AblationResult", str(path))
+    return {
+        name: AblationResult.from_json(t, source=str(path), at=f"targets.{name}.")
+        for name, t in targets.items()
+    }
+
+
+def lmc_paths(path: Path) -> dict[str, LmcResult]:
+    """The paths of the lmc stage's ``summary.json`` at ``path``
+    (:meth:`~emscope.lmc_result.LmcResult.paths_from_json`); {} when the file is absent."""
+    from emscope.lmc_result import LmcResult
+
+    doc = _read(path)
+    return {} if doc is None else LmcResult.paths_from_json(doc, source=str(path))
+
+
 def headline_numbers(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Per claim, the number its test is about, with the CI where it has one
     (``{"value", "ci", "what"}``), read from the run's stage outputs; claims whose stage
     did not run are left out."""
     run = Path(run_dir)
-    from emscope.directions.results import DirectionsSummary
+    from emscope.directions.results import DirectionsSummary, SteerResult
+    from emscope.geometry.result import GeometryResult
     from emscope.pipeline.config import claims_organism_of
     from emscope.pipeline.eval_result import EvalSummary
     from emscope.reemergent.results import ProjectionSummary
@@ -197,33 +228,23 @@ def headline_numbers(run_dir: Path) -> dict[str, dict[str, Any]]:
                 "ci": r.em_ci,
                 "what": f"EM rate of {organism}",
             }
-    if done("steering"):
-        summary = _read(run / "steering" / "summary.json") or {}
-        direction = [
-            r
-            for r in summary.get("rows", [])
-            if r["vector"] == "direction" and r["em_rate"] is not None
-        ]
-        if direction:
-            best = max(direction, key=lambda r: r["em_rate"])
+    if done("steering") and (steer := _result(run, "steering", "summary.json", SteerResult)):
+        best = steer.best("direction")
+        if best is not None:
             random = [
                 r
-                for r in summary["rows"]
-                if r["vector"] == "random"
-                and r["layer"] == best["layer"]
-                and r["scale"] == best["scale"]
+                for r in steer.rows
+                if r.vector == "random" and r.layer == best.layer and r.scale == best.scale
             ]
             out["steering"] = {
-                "value": best["em_rate"],
-                "ci": best.get("em_ci"),
+                "value": best.em_rate,
+                "ci": best.em_ci,
                 "what": "steered EM at the best (or the rule's) setting",
-                "setting": f"layer {best['layer']} x{best['scale']:g}",
-                "random": random[0]["em_rate"] if random else None,
+                "setting": f"layer {best.layer} x{best.scale:g}",
+                "random": random[0].em_rate if random else None,
             }
-    if done("transfer"):
-        targets = (_read(run / "transfer" / "stage.json") or {}).get("targets", {})
-        reds = [t.get("relative_reduction") for t in targets.values()]
-        reds = [r for r in reds if r is not None]
+    if done("transfer") and (targets := transfer_targets(run / "transfer" / "stage.json")):
+        reds = [x for t in targets.values() if (x := t.relative_reduction) is not None]
         if reds:
             out["transfer"] = {"value": min(reds), "ci": None, "what": "smallest reduction"}
     if done("directions") and (d := _result(run, "directions", "summary.json", DirectionsSummary)):
@@ -233,10 +254,9 @@ def headline_numbers(run_dir: Path) -> dict[str, dict[str, Any]]:
         b = [abs(e.cosine) for rows in d.adapter_b_cosines.values() for e in rows]
         if b:
             out["b_vector"] = {"value": max(b), "ci": None, "what": "max abs cosine of B"}
-    if done("geometry"):
-        g = _read(run / "geometry" / "summary.json") or {}
-        em_em = [p for p in g.get("pairs", {}).values() if p["roles"] == ["em", "em"]]
-        angles = [p["mean_angle_deg"] for p in em_em if p.get("mean_angle_deg") is not None]
+    if done("geometry") and (g := _result(run, "geometry", "summary.json", GeometryResult)):
+        em_em = g.by_roles("em", "em")
+        angles = [p.mean_angle_deg for p in em_em if p.mean_angle_deg is not None]
         if angles:
             out["subspace"] = {
                 "value": max(angles),
@@ -244,24 +264,23 @@ def headline_numbers(run_dir: Path) -> dict[str, dict[str, Any]]:
                 "what": "largest EM-EM angle (deg)",
             }
         for field in ("cosine", "overlap"):
-            vals = [p[field] for p in em_em if p.get(field) is not None]
+            vals = [v for p in em_em if (v := getattr(p, field)) is not None]
             if vals:
                 out[field] = {"value": min(vals), "ci": None, "what": f"smallest EM-EM {field}"}
         base = [
             abs(float(c))
-            for n, c in g.get("base_cosine", {}).items()
+            for n, c in g.base_cosine.items()
             if roles.get(n) == "em" and c is not None
         ]
         if base:
             out["base_orthogonal"] = {"value": max(base), "ci": None, "what": "max abs cos(W0, dW)"}
-    if done("lmc"):
-        paths = (_read(run / "lmc" / "summary.json") or {}).get("paths", {})
+    if done("lmc") and (paths := lmc_paths(run / "lmc" / "summary.json")):
         inner = [
-            r["em_rate"]
+            em
             for p in paths.values()
-            if roles.get(p["from"]) == "em" and roles.get(p["to"]) == "em"
-            for r in p["rows"]
-            if 0 < r["t"] < 1 and r["em_rate"] is not None
+            if roles.get(str(p.start)) == "em" and roles.get(str(p.end)) == "em"
+            for r in p.rows
+            if 0 < r.t < 1 and (em := r.em_rate) is not None
         ]
         if inner:
             out["interpolation"] = {"value": min(inner), "ci": None, "what": "lowest interior EM"}
@@ -285,9 +304,13 @@ def probe_numbers(run_dir: Path) -> dict[str, dict[str, Any]]:
     run = Path(run_dir)
     if not (run / "probes" / "done.json").is_file():
         return {}
-    result = _read(run / "probes" / "probe.json") or {}
+    from emscope.probing.result import ProbeResult
+
+    result = _result(run, "probes", "probe.json", ProbeResult)
+    if result is None:
+        return {}
     out = {}
-    for name, t in result.get("tests", {}).items():
+    for name, t in result.tests.items():
         if "skipped" in t:
             out[name] = {"skipped": t["skipped"]}
             continue

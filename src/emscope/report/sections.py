@@ -480,20 +480,25 @@ def dynamics_section(run: Path) -> Section:
     section = Section("dynamics", "Training dynamics", source_line([MODEL_ORGANISMS], "6.4"))
     if not stage_done(run, "dynamics"):
         return not_run(section, "dynamics")
-    d = _read(run / "dynamics" / "stage.json")
-    sharp = d.get("sharpest_rotation") or {}
-    b = sharp.get("B") or {}
+    from emscope.errors import EmscopeError
+    from emscope.probing.dynamics_result import DynamicsResult
+
+    path = run / "dynamics" / "dynamics.json"
+    d = _result(run, "dynamics", "dynamics.json", DynamicsResult)
+    if d.adapter_name is None:
+        raise EmscopeError(f"{path}: missing field 'adapter_name' (DynamicsResult)")
+    b = d.adapter.sharpest_rotation["B"]
+    start, end, cos = (b.previous, b.step, b.cos) if b is not None else (None, None, None)
     section.text = (
-        f"Adapter `{d['adapter']}`, checkpoints {d['steps']}; sharpest rotation of B between "
-        f"steps {b.get('from')} and {b.get('step')} (cos {_f(b.get('cos'))})."
+        f"Adapter `{d.adapter_name}`, checkpoints {list(d.steps)}; sharpest rotation of B "
+        f"between steps {start} and {end} (cos {_f(cos)})."
     )
-    if d.get("eval"):
+    if d.eval:
         section.tables.append(
             Table(
                 ("step", "EM rate", "coherent rate"),
                 tuple(
-                    (str(e["step"]), with_ci(e["em_rate"], e["em_ci"]), _f(e["coherent_rate"]))
-                    for e in d["eval"]
+                    (str(e.step), with_ci(e.em_rate, e.em_ci), _f(e.coherent_rate)) for e in d.eval
                 ),
             )
         )
