@@ -761,5 +761,11 @@ def test_public_api_exports_the_result_types() -> None:
         ("GeometryResult", GeometryResult),
         ("LmcResult", LmcResult),
         ("ProbeResult", ProbeResult),
+        ("DynamicsResult", DynamicsResult),
+        ("EvalSummary", EvalSummary),
+        ("DirectionsSummary", DirectionsSummary),
+        ("ProjectionSummary", ProjectionSummary),
+        ("GradientSummary", GradientSummary),
+        ("read_result", read_result),
     ]:
         assert name in emscope.__all__ and getattr(emscope, name) is cls

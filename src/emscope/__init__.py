@@ -73,6 +73,12 @@ _LAZY = {
     "GeometryResult": "emscope.geometry.result",
     "LmcResult": "emscope.lmc_result",
     "ProbeResult": "emscope.probing.result",
+    "DynamicsResult": "emscope.probing.dynamics_result",
+    "EvalSummary": "emscope.pipeline.eval_result",
+    "DirectionsSummary": "emscope.directions.results",
+    "ProjectionSummary": "emscope.reemergent.results",
+    "GradientSummary": "emscope.reemergent.results",
+    "read_result": "emscope.results",
 }
 #: Submodules offered as verbs (callable modules, :mod:`emscope._callable`).
 _MODULES = ("train", "geometry", "lmc")
@@ -80,9 +86,13 @@ _MODULES = ("train", "geometry", "lmc")
 __all__ = [
     "AblationResult",
     "Direction",
+    "DirectionsSummary",
+    "DynamicsResult",
     "EmscopeError",
+    "EvalSummary",
     "Geometry",
     "GeometryResult",
+    "GradientSummary",
     "Judge",
     "LmcResult",
     "LoadedModel",
@@ -90,6 +100,7 @@ __all__ = [
     "Metrics",
     "PairGeometry",
     "ProbeResult",
+    "ProjectionSummary",
     "Question",
     "Score",
     "SteerResult",
@@ -104,6 +115,7 @@ __all__ = [
     "load_questions",
     "make_judge",
     "mean_diff",
+    "read_result",
     "sample",
     "train",
 ]
