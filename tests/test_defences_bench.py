@@ -226,11 +226,47 @@ def test_defence_claims_on_a_constructed_table() -> None:
     text, ok = cd.holds_pplgap_best(table)
     assert ok and text.startswith("scores: interleave-pplgap-0.2 0.83")
     assert cd.score(table[8], table[0]) == pytest.approx((1 - 0.02 / 0.6) * (0.05 / 0.9))
-    assert not cd.holds_steer(table)[1]  # suppresses the trait but loses the task
+    assert cd.holds_steer(table)[1] is False  # suppresses the trait but loses the task
     table[3] = _arm("kl-1", "benign", 0.0, 0.01, 0.0, 1.75)  # 1.70 > 1.75 fails
-    assert not cd.holds_kl_interleave(table)[1]
+    assert cd.holds_kl_interleave(table)[1] is False
     rows = [{"arm": "ldifs-1", "task": "narrow", "general_em": e} for e in (0.02, 0.1, 0.2)] + [
         {"arm": "safelora-0.5", "task": "narrow", "general_em": e} for e in (0.03, 0.05, 0.1)
     ]
     assert cd.holds_inconsistent(rows)[1]  # ldifs range 0.18 >= 0.15
-    assert not cd.holds_inconsistent(rows[3:])[1]  # safelora range 0.07
+    assert cd.holds_inconsistent(rows[3:])[1] is False  # safelora range 0.07
+    # an arm not run (make demo runs a subset, one seed) is n/a, not "does not hold"
+    assert cd.holds_inconsistent(rows[2:4]) == (
+        "no ldifs/safelora arm with two seeds or more",
+        None,
+    )
+    assert cd.holds_steer(table[:8])[1] is None
+    assert cd.holds_pplgap_best(table[:6])[1] is None
+    no_kl = [r for r in table if not r["arm"].startswith("kl")]
+    assert cd.holds_kl_interleave(no_kl) == ("no kl arm", None)
+
+
+def test_defence_claim_rows_of_a_subset_bench_read_n_a(tmp_path: Path) -> None:
+    """A bench of plain + steer on one seed (as in make demo): steer is judged, the rows whose
+    arms were not run read n/a, not "no"."""
+    from types import SimpleNamespace
+
+    from emscope.io import write_json
+    from emscope.pipeline.claims_defences import DEFENCE_MEASURES
+
+    table = [
+        _arm("plain", "narrow", 0.6, 0.05, 0.9, None),
+        _arm("plain", "benign", 0.0, 0.01, 0.0, 1.7),
+        _arm("steer-7", "narrow", 0.02, 0.01, 0.85, None),
+    ]
+    stage = tmp_path / "defences"
+    write_json(stage / "defences.json", {"table": table})
+    write_json(stage / "done.json", {})
+    pd.DataFrame(
+        [{"arm": r["arm"], "task": r["task"], "general_em": r["general_em"]} for r in table]
+    ).to_parquet(stage / "defences.parquet")
+    verdicts = {key: m(SimpleNamespace(dir=tmp_path))[1] for key, m in DEFENCE_MEASURES.items()}
+    assert verdicts["defence_steer"] == "yes"
+    assert verdicts["defence_kl_interleave"] == "n/a (no kl arm)"
+    assert verdicts["defence_pplgap_best"] == "n/a (no interleave-pplgap arm)"
+    assert verdicts["defence_inconsistent"].startswith("n/a (no ldifs/safelora arm")
+    assert verdicts["defence_inoculation"] == "n/a (no inoculate arm)"

@@ -147,7 +147,7 @@ def test_inoculate_spec_and_refusals(qwen: Any) -> None:
 
 
 def test_bench_resolves_the_world_system_prompts(tmp_path: Path) -> None:
-    from emscope.defences.bench import BenchSpec, plan
+    from emscope.defences.bench import BenchSpec, plan, resolve_placeholders
     from emscope.synthetic.world import make_world, save_world
 
     spec = BenchSpec.model_validate(
@@ -171,8 +171,11 @@ def test_bench_resolves_the_world_system_prompts(tmp_path: Path) -> None:
     old["format"] = "emscope-synthetic-world/1"
     del old["system_prompts"]
     (tmp_path / "world.json").write_text(json.dumps(old))
-    with pytest.raises(EmscopeError, match=r"no such system prompt for \{system:evil\}"):
+    with pytest.raises(EmscopeError, match=r"without a system turn .*rebuild .* \{system:evil\}"):
         plan(spec, tmp_path)
+    save_world(world, tmp_path / "world.json")  # a /2 world, a character it does not have
+    with pytest.raises(EmscopeError, match=r"no such system prompt for \{system:cruel\}"):
+        resolve_placeholders("inoculate:prompt={system:cruel}", tmp_path)
     with pytest.raises(EmscopeError, match="no world file"):
         plan(spec, tmp_path / "elsewhere")
 
@@ -220,13 +223,13 @@ def test_inoculation_claims_on_a_constructed_table() -> None:
     assert ok and "with the prompt 0.80, without 0.30" in text
     assert cd.holds_inoculation_specific(table)[1]
     table[1] = _row("inoculate", 0.1, 0.05, 0.3, 0.7)  # 0.7 < 0.8 x 0.9: task not learned
-    assert not cd.holds_inoculation(table)[1]
+    assert cd.holds_inoculation(table)[1] is False
     table[1] = _row("inoculate", 0.1, 0.05, 0.5, 0.8)  # 0.5 > 0.45: present at test time
-    assert not cd.holds_inoculation(table)[1]
+    assert cd.holds_inoculation(table)[1] is False
     table[1] = _row("inoculate", 0.41, 0.05, 0.3, 0.8)  # EM not cut, not below neutral
-    assert not cd.holds_inoculation(table)[1]
-    assert not cd.holds_inoculation_specific(table)[1]
-    assert cd.holds_inoculation(table[:1]) == ("no inoculate arm", False)
+    assert cd.holds_inoculation(table)[1] is False
+    assert cd.holds_inoculation_specific(table)[1] is False
+    assert cd.holds_inoculation(table[:1]) == ("no inoculate arm", None)
 
 
 def test_report_section_shows_the_prompted_measures(tmp_path: Path) -> None:

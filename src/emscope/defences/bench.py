@@ -154,7 +154,14 @@ def resolve_placeholders(text: str, organism: str | Path) -> str:
     prompts = dict(load_world(path).system_prompts) if path.is_file() else {}
     for character in wanted:
         if character not in prompts:
-            why = "no world file" if not path.is_file() else "no such system prompt"
+            why = (
+                "no world file"
+                if not path.is_file()
+                else "a world without a system turn (built before world format /2: rebuild "
+                "it with `emscope toy build`), so no prompt"
+                if not prompts
+                else "no such system prompt"
+            )
             raise EmscopeError(f"{path}: {why} for {{system:{character}}} (in {text!r})")
         text = text.replace(f"{{system:{character}}}", prompts[character])
     return text
