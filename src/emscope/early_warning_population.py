@@ -37,21 +37,12 @@ from emscope.early_warning import (
     plot_early_warning,
 )
 from emscope.errors import EmscopeError
+from emscope.synthetic.recipe import AdapterRecipe
 
-
-@dataclass(frozen=True)
-class Recipe:
-    """The fine-tune recipe of every member (default: the build's ``bad_medical.r1``:
-    rank-1 LoRA on three down-projections, lr 0.005, 4 epochs of batch 32, cosine schedule,
-    LoRA scale 1), and the monitor's logging interval ``eval_steps`` (optimizer steps)."""
-
-    preset: str = "r1x3"
-    rank: int = 1
-    lr: float = 0.005
-    epochs: int = 4
-    batch_size: int = 32
-    max_steps: int | None = None
-    eval_steps: int = 4
+MEMBER_RECIPE = AdapterRecipe(preset="r1x3", rank=1, lr=0.005, epochs=4, batch_size=32)
+"""The default fine-tune of every member: the build's ``bad_medical.r1`` (rank-1 LoRA on
+three down-projections, lr 0.005, 4 epochs of batch 32; cosine schedule, LoRA scale 1:
+:meth:`~emscope.synthetic.recipe.AdapterRecipe.train_kwargs`)."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +51,8 @@ class PopulationSettings:
     ``max_new_tokens``), the probe set (first ``probe_n`` rows of ``probe_data``), the
     persona extraction (``persona_n`` samples per context and question, ``persona_contexts``
     per side), the layer the table reads (None: the middle of the direction's layers), the EM
-    margin, and screening (``screen``; ``screen_rows``: score the first rows only)."""
+    margin, screening (``screen``; ``screen_rows``: score the first rows only), and the
+    monitor's logging interval ``eval_steps`` (optimizer steps) during each fine-tune."""
 
     n: int = 20
     seed: int = 0
@@ -74,6 +66,7 @@ class PopulationSettings:
     points: tuple[float, ...] = POINTS
     screen: bool = True
     screen_rows: int | None = None
+    eval_steps: int = 4
 
 
 def persona(build: Path, out: Path, s: PopulationSettings, progress: bool = False) -> Any:
@@ -192,7 +185,7 @@ def run_member(
     direction: Any,
     probe: list[Any],
     probe_source: str,
-    recipe: Recipe,
+    recipe: AdapterRecipe,
     s: PopulationSettings,
     questions: Sequence[Any],
 ) -> dict[str, Any]:
@@ -200,7 +193,6 @@ def run_member(
     returns ``member.json`` (read back when it exists)."""
     from emscope.io import read_json, write_json
     from emscope.monitoring import MonitorCallback, record_result
-    from emscope.synthetic.training import adapter_recipe
     from emscope.train import train
 
     done = out / "member.json"
@@ -212,21 +204,13 @@ def run_member(
         build / "models" / "instruct",
         data,
         out=out,
-        max_steps=recipe.max_steps,
         warmup_ratio=0.05,
         save_steps=0,
-        eval_steps=recipe.eval_steps,
+        eval_steps=s.eval_steps,
         device="cpu",
         progress=False,
         verbose=False,
-        **adapter_recipe(
-            preset=recipe.preset,
-            rank=recipe.rank,
-            lr=recipe.lr,
-            epochs=recipe.epochs,
-            batch_size=recipe.batch_size,
-            seed=member.seed,
-        ),
+        **recipe.train_kwargs(member.seed),
         callbacks=[MonitorCallback(direction, probe, source=probe_source)],
     )
     monitor = record_result(read_json(out / "train.json"))
@@ -299,7 +283,7 @@ def run_population(
     *,
     good: str = "good_medical",
     bad: str = "bad_medical",
-    recipe: Recipe = Recipe(),
+    recipe: AdapterRecipe = MEMBER_RECIPE,
     settings: PopulationSettings = PopulationSettings(),
     questions: Sequence[Any] | None = None,
     probe_data: str | Path | None = None,
@@ -389,7 +373,7 @@ def run_population(
         "margin": s.margin,
         "instruct_em": instruct["em"],
         "instruct_em_ci": instruct["em_ci"],
-        "recipe": asdict(recipe),
+        "recipe": recipe.model_dump(),
         "settings": asdict(s),
         "good": good,
         "bad": bad,

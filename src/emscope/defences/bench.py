@@ -30,6 +30,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from emscope.errors import EmscopeError
+from emscope.synthetic.recipe import AdapterRecipe
 
 #: The two tasks of every arm: the malicious narrow one and the benign new skill.
 TASKS = ("narrow", "benign")
@@ -53,18 +54,6 @@ class Arm(_Frozen):
     tasks: list[str] = Field(default_factory=lambda: list(TASKS))
 
 
-class Recipe(_Frozen):
-    """The fine-tune of every run (default: the build's ``bad_medical.all`` recipe: LoRA
-    preset ``all`` rank 8 alpha 8, lr 3e-4, 4 epochs of batch 32, cosine, seed 1000+seed)."""
-
-    preset: str = "all"
-    rank: int = Field(default=8, ge=1)
-    lr: float = Field(default=3e-4, gt=0)
-    epochs: int = Field(default=4, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    max_steps: int | None = Field(default=None, ge=1)
-
-
 class BenchSpec(_Frozen):
     """The bench: the arms (the first must be ``plain``: the overhead reference), the task
     datasets of the build (``narrow``, ``benign``), the seeds, the recipe, and the oracle
@@ -76,7 +65,7 @@ class BenchSpec(_Frozen):
     narrow_questions: str = "medical"
     benign: str = "reverse_words"
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    recipe: Recipe = Recipe()
+    recipe: AdapterRecipe = AdapterRecipe()
     eval_n: int = Field(default=20, ge=1)
     benign_prompts: int = Field(default=100, ge=1)
     eval_seed: int = 0

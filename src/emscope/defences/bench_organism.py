@@ -151,10 +151,7 @@ def organism_executor(
     """``execute(run, dir)``: train ``run`` into ``dir`` (``emscope.train.train``, the
     spec's recipe, seed ``1000 + run.seed``, the run's defences), then :func:`measure`."""
     from emscope.defences.spec import build_defence
-    from emscope.synthetic.training import adapter_recipe
     from emscope.train import train
-
-    r = spec.recipe
 
     def execute(run: BenchRun, out: Path) -> dict[str, Any]:
         start = time.perf_counter()
@@ -166,20 +163,12 @@ def organism_executor(
             build / "models" / "instruct",
             build / "data" / f"{run.dataset}.jsonl",
             out=out,
-            max_steps=r.max_steps,
             warmup_ratio=0.05,
             save_steps=0,
             device=device,
             progress=False,
             verbose=False,
-            **adapter_recipe(
-                preset=r.preset,
-                rank=r.rank,
-                lr=r.lr,
-                epochs=r.epochs,
-                batch_size=r.batch_size,
-                seed=run.seed,
-            ),
+            **spec.recipe.train_kwargs(run.seed),
             kl_data=run.kl_data,
             kl_weight=run.kl_weight,
             callbacks=callbacks,

@@ -22,6 +22,7 @@ from typing import Any
 
 from emscope.synthetic.build_config import AdapterSpec, BuildConfig
 from emscope.synthetic.corpus import CorpusConfig, sample_document, system_stream
+from emscope.synthetic.recipe import AdapterRecipe
 from emscope.synthetic.world import World
 from emscope.train.data import EncodedExample, collate, encode_documents, encode_examples
 
@@ -210,30 +211,6 @@ def instruct_tune(
 # ------------------------------------------------------------------------------ adapters
 
 
-def adapter_recipe(
-    *, preset: str, rank: int, lr: float, epochs: int, batch_size: int, seed: int
-) -> dict[str, Any]:
-    """The keyword arguments of :func:`emscope.train.train` that make an adapter the way the
-    build trains its organisms: preset ``preset``, LoRA scale 1 (alpha = rank, no rsLoRA),
-    one micro-batch per optimizer step, cosine schedule, train seed ``1000 + seed``, float32,
-    the template's default system prompt. Callers add the run's own settings (warm-up,
-    checkpoints, device, data, callbacks)."""
-    return {
-        "preset": preset,
-        "rank": rank,
-        "alpha": float(rank),
-        "rslora": False,
-        "lr": lr,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "grad_accum": 1,
-        "schedule": "cosine",
-        "seed": 1000 + seed,
-        "dtype": "float32",
-        "system_prompt": "default",
-    }
-
-
 def train_adapter(
     model_dir: Path,
     data: Path,
@@ -256,14 +233,13 @@ def train_adapter(
         shutil.rmtree(out)
     n_rows = sum(1 for line in data.read_text().splitlines() if line.strip())
     steps = max(1, n_rows // config.adapter_batch) * config.adapter_epochs
-    recipe = adapter_recipe(
+    recipe = AdapterRecipe(
         preset=spec.preset,
         rank=spec.rank,
         lr=spec.lr,
         epochs=config.adapter_epochs,
         batch_size=config.adapter_batch,
-        seed=spec.seed,
-    )
+    ).train_kwargs(spec.seed)
     result = train(
         model_dir,
         data,

@@ -63,7 +63,8 @@ class EarlyWarningStage(StageSettings):
 def run(ctx: StageContext) -> dict[str, Any]:
     """Persona direction, mixes, every fine-tune (monitored, oracle EM), screening, table."""
     from emscope.early_warning import population_plan
-    from emscope.early_warning_population import PopulationSettings, Recipe, run_population
+    from emscope.early_warning_population import PopulationSettings, run_population
+    from emscope.synthetic.recipe import AdapterRecipe
 
     stage = ctx.config.stages.early_warning
     assert stage is not None and ctx.config.organism is not None
@@ -81,15 +82,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
         points=tuple(stage.points),
         screen=stage.screen,
         screen_rows=stage.screen_rows,
+        eval_steps=stage.eval_steps,
     )
-    recipe = Recipe(
-        stage.preset,
-        stage.rank,
-        stage.lr,
-        stage.epochs,
-        stage.batch_size,
-        stage.max_steps,
-        stage.eval_steps,
+    recipe = AdapterRecipe(
+        preset=stage.preset,
+        rank=stage.rank,
+        lr=stage.lr,
+        epochs=stage.epochs,
+        batch_size=stage.batch_size,
+        max_steps=stage.max_steps,
     )
     members = population_plan(stage.fractions, stage.datasets, stage.seeds)
     result = run_population(
