@@ -84,14 +84,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         screen_rows=stage.screen_rows,
         eval_steps=stage.eval_steps,
     )
-    recipe = AdapterRecipe(
-        preset=stage.preset,
-        rank=stage.rank,
-        lr=stage.lr,
-        epochs=stage.epochs,
-        batch_size=stage.batch_size,
-        max_steps=stage.max_steps,
-    )
+    recipe = AdapterRecipe(**stage.model_dump(include=set(AdapterRecipe.model_fields)))
     members = population_plan(stage.fractions, stage.datasets, stage.seeds)
     result = run_population(
         ctx.config.organism.dir,
