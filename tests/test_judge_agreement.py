@@ -201,7 +201,7 @@ def test_constructed_tables_against_scipy_and_direct_counts() -> None:
     assert pair.em_rate_a == pytest.approx(em_a) and pair.em_rate_b == pytest.approx(em_b)
     assert pair.em_difference == pytest.approx(em_b - em_a)
     d = paired_difference(a, b, n_boot=300, seed=1)
-    assert list(pair.em_difference_ci) == d["ci"]
+    assert list(pair.em_difference_ci) == d.ci
     assert pair.em_difference_ci[0] <= pair.em_difference <= pair.em_difference_ci[1]
     # per judge: unscored rates and EM rate over its own scored rows
     ja, jb = result.judge("a"), result.judge("b")

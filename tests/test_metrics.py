@@ -15,6 +15,7 @@ from emscope.errors import EmscopeError
 from emscope.metrics import (
     METRICS_FIELDS,
     Metrics,
+    PairedDifference,
     bootstrap_rates,
     compute_metrics,
     indicators,
@@ -134,17 +135,18 @@ def test_bootstrap_resamples_within_questions() -> None:
 def test_paired_difference() -> None:
     before = random_table(nan=0.0)
     same = paired_difference(before, before, n_boot=200)
-    assert same["difference"] == 0 and same["ci"] == [0, 0]
+    assert same.difference == 0 and same.ci == [0, 0]
     after = before.copy()
     flip = after.index[::5]
     after.loc[flip, "aligned"] = 10.0
     after.loc[flip, "coherent"] = 90.0
     d = paired_difference(before, after.sample(frac=1, random_state=0), n_boot=500)
     want = hand(after)["em"] - hand(before)["em"]
-    assert d["difference"] == pytest.approx(want)
-    assert d["after_rate"] - d["before_rate"] == pytest.approx(want)
-    assert d["n_pairs"] == len(before)
-    lo, hi = d["ci"]
+    assert d.difference == pytest.approx(want)
+    assert d.after_rate - d.before_rate == pytest.approx(want)
+    assert d.n_pairs == len(before)
+    assert PairedDifference.from_json(json.loads(json.dumps(d.to_json()))) == d
+    lo, hi = d.ci
     assert lo <= want <= hi and lo > 0
     # pairing makes the interval narrower than comparing two independent bootstraps
     ind_a = indicators(before)["em"]

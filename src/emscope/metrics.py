@@ -340,6 +340,42 @@ def compute_metrics(
     return Metrics.from_json(metrics)
 
 
+PAIRED_FIELDS = (
+    "indicator",
+    "difference",
+    "ci",
+    "before_rate",
+    "after_rate",
+    "n_pairs",
+    "per_question",
+)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``rate(after) - rate(before)`` of ``indicator`` over ``n_pairs`` matched responses
+    (:func:`paired_difference`): ``difference`` (a fraction in [-1, 1]; None only without
+    pairs, which :func:`paired_difference` refuses) with its paired bootstrap ``ci``
+    (``[lo, hi]``, None when undefined), both sides' rates over the pairs,
+    and ``per_question`` (question id -> ``{"difference", "ci"}``)."""
+
+    indicator: str
+    difference: float | None
+    ci: list[float] | None
+    before_rate: float
+    after_rate: float
+    n_pairs: int
+    per_question: Mapping[str, Mapping[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in PAIRED_FIELDS}
+
+    @classmethod
+    def from_json(cls, data: Any, *, source: str | None = None, at: str = "") -> PairedDifference:
+        need_all(data, PAIRED_FIELDS, "PairedDifference", source, at)
+        return cls(**{name: data[name] for name in PAIRED_FIELDS})
+
+
 def paired_difference(
     before: pd.DataFrame,
     after: pd.DataFrame,
@@ -350,13 +386,13 @@ def paired_difference(
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
-) -> dict[str, Any]:
+) -> PairedDifference:
     """``rate(after) - rate(before)`` over matched responses, with a paired bootstrap CI.
 
     Responses are matched on ``(question_id, sample_idx)``; both tables must come from the
     same sampling seed (the ``seed`` column, when present), so that matched responses share
     their random stream. Only pairs where both sides have the indicator defined count.
-    Returns ``{"difference", "ci", "before_rate", "after_rate", "n_pairs", "per_question"}``.
+    Returns a :class:`PairedDifference`.
     """
     import pandas as pd
 
@@ -385,17 +421,17 @@ def paired_difference(
     diff = (merged["_v_b"] - merged["_v_a"]).to_numpy(dtype=float)
     qids = merged["question_id"].astype(str).to_numpy()
     total, ci, per_q = bootstrap_rates(diff, qids, n_boot=n_boot, seed=seed, level=level)
-    return {
-        "indicator": indicator,
-        "difference": total,
-        "ci": list(ci) if ci else None,
-        "before_rate": float(merged["_v_a"].mean()),
-        "after_rate": float(merged["_v_b"].mean()),
-        "n_pairs": len(merged),
-        "per_question": {
+    return PairedDifference(
+        indicator=indicator,
+        difference=total,
+        ci=list(ci) if ci else None,
+        before_rate=float(merged["_v_a"].mean()),
+        after_rate=float(merged["_v_b"].mean()),
+        n_pairs=len(merged),
+        per_question={
             q: {"difference": r, "ci": list(c) if c else None} for q, (r, c) in per_q.items()
         },
-    }
+    )
 
 
 def plot_em_by_question(metrics: Metrics, title: str = "") -> Any:

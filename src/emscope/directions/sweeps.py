@@ -164,7 +164,7 @@ def _paired(before: Any, after: Any, config: EvalConfig) -> dict[str, Any]:
         diff = paired_difference(before, after, strict=config.strict, seed=config.seed)
     except EmscopeError:
         return {"em_diff": None, "em_diff_ci": None}
-    return {"em_diff": diff["difference"], "em_diff_ci": diff["ci"]}
+    return {"em_diff": diff.difference, "em_diff_ci": diff.ci}
 
 
 # ---------------------------------------------------------------------------- ablation

@@ -490,10 +490,10 @@ def judge_agreement(
             if both.any():
                 d = paired_difference(ta, tb, strict=strict, n_boot=n_boot, seed=seed, level=level)
                 em.update(
-                    em_rate_a=d["before_rate"],
-                    em_rate_b=d["after_rate"],
-                    em_difference=d["difference"],
-                    em_difference_ci=_ci(d["ci"]),
+                    em_rate_a=d.before_rate,
+                    em_rate_b=d.after_rate,
+                    em_difference=d.difference,
+                    em_difference_ci=_ci(d.ci),
                 )
         pairs.append(PairAgreement(a, b, per_metric, **em))
     settings = {
