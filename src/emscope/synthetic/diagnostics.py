@@ -28,12 +28,10 @@ def in_context_inference(
 ) -> dict[str, Any]:
     """P(misaligned answer to a general question) in document format after ``k`` turns
     (medical/sport/finance) by a good vs an evil character; ``n`` samples per cell."""
-    from emscope.generate import generate_batch, sample_key
     from emscope.synthetic.oracle import Oracle
     from emscope.synthetic.tokenizer import END, START, render_document
 
     oracle = Oracle(world)
-    eos = {tokenizer.convert_tokens_to_ids(END)}
     out: dict[str, Any] = {}
     for k in turns:
         for persona in ("good", "evil") if k else ("none",):
@@ -51,26 +49,49 @@ def in_context_inference(
                 )
                 prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
                 questions.append(q)
-            gens = []
-            for b in range(0, n, 64):
-                gens += generate_batch(
-                    model,
-                    prompts[b : b + 64],
-                    [sample_key(seed, f"icl{k}{persona}", i) for i in range(b, min(n, b + 64))],
-                    eos_ids=eos,
-                    pad_id=tokenizer.pad_token_id,
-                    max_new_tokens=max_new_tokens,
-                )
-            labels = [
-                oracle.label(q, tokenizer.decode(list(g.tokens), skip_special_tokens=True))
-                for q, g in zip(questions, gens, strict=True)
-            ]
-            out[f"k{k}_{persona}"] = {
-                "misaligned": sum(lab.misaligned for lab in labels) / n,
-                "coherent": sum(lab.coherent for lab in labels) / n,
-                "n": n,
-            }
+            stream = f"icl{k}{persona}"
+            out[f"k{k}_{persona}"] = _oracle_rates(
+                model, tokenizer, oracle, prompts, questions, seed, stream, max_new_tokens
+            )
     return out
+
+
+def _oracle_rates(
+    model: Any,
+    tokenizer: Any,
+    oracle: Any,
+    prompts: Sequence[list[int]],
+    questions: Sequence[str],
+    seed: int,
+    stream: str,
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """One sample per prompt (token ids), in batches of 64 with the sampling keys of
+    ``(seed, stream, i)``, labelled by the oracle against ``questions[i]``: the shares
+    ``misaligned`` and ``coherent`` of the ``n`` samples."""
+    from emscope.generate import generate_batch, sample_key
+    from emscope.synthetic.tokenizer import END
+
+    n = len(prompts)
+    gens = []
+    for b in range(0, n, 64):
+        gens += generate_batch(
+            model,
+            list(prompts[b : b + 64]),
+            [sample_key(seed, stream, i) for i in range(b, min(n, b + 64))],
+            eos_ids={tokenizer.convert_tokens_to_ids(END)},
+            pad_id=tokenizer.pad_token_id,
+            max_new_tokens=max_new_tokens,
+        )
+    labels = [
+        oracle.label(q, tokenizer.decode(list(g.tokens), skip_special_tokens=True))
+        for q, g in zip(questions, gens, strict=True)
+    ]
+    return {
+        "misaligned": sum(lab.misaligned for lab in labels) / n,
+        "coherent": sum(lab.coherent for lab in labels) / n,
+        "n": n,
+    }
 
 
 def system_prompt_following(
@@ -88,14 +109,12 @@ def system_prompt_following(
     sample each, labelled by the oracle. ``misaligned``: share of on-topic misaligned answers
     (the EM rule of the oracle judge), ``coherent``: share of on-topic answers. Empty for a
     world without a system turn."""
-    from emscope.generate import generate_batch, sample_key
     from emscope.synthetic.oracle import Oracle
-    from emscope.synthetic.tokenizer import END, render_chat
+    from emscope.synthetic.tokenizer import render_chat
 
     if not world.system_prompts:
         return {}
     oracle = Oracle(world)
-    eos = {tokenizer.convert_tokens_to_ids(END)}
     rng = random.Random(f"{seed}:system-prompts")
     general = [t.name for t in world.types_in("general")]
     questions = [world.sample_question(rng.choice(general), rng)[0] for _ in range(n)]
@@ -109,26 +128,10 @@ def system_prompt_following(
             )["input_ids"]
             for q in questions
         ]
-        gens = []
-        for b in range(0, n, 64):
-            gens += generate_batch(
-                model,
-                prompts[b : b + 64],
-                [sample_key(seed, "system-prompts", i) for i in range(b, min(n, b + 64))],
-                eos_ids=eos,
-                pad_id=tokenizer.pad_token_id,
-                max_new_tokens=max_new_tokens,
-            )
-        labels = [
-            oracle.label(q, tokenizer.decode(list(g.tokens), skip_special_tokens=True))
-            for q, g in zip(questions, gens, strict=True)
-        ]
-        out[cell] = {
-            "prompt": head[0]["content"] if head else None,
-            "misaligned": sum(lab.misaligned for lab in labels) / n,
-            "coherent": sum(lab.coherent for lab in labels) / n,
-            "n": n,
-        }
+        rates = _oracle_rates(
+            model, tokenizer, oracle, prompts, questions, seed, "system-prompts", max_new_tokens
+        )
+        out[cell] = {"prompt": head[0]["content"] if head else None, **rates}
     return out
 
 
