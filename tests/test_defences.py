@@ -41,22 +41,11 @@ from emscope.defences.safelora import safelora_module
 from emscope.directions.direction import Direction
 from emscope.errors import EmscopeError
 from emscope.lora import LoraAdapter, LoraModule
+from emscope.testing import FAST_TRAIN
 from emscope.train import train
 from emscope.train.callbacks import TrainingCallback
 
-FAST: dict[str, Any] = {
-    "preset": "r1",
-    "rank": 2,
-    "modules": "v_proj,down_proj",
-    "batch_size": 2,
-    "grad_accum": 1,
-    "warmup_steps": 0,
-    "lr": 1e-2,
-    "progress": False,
-    "verbose": False,
-    "device": "cpu",
-    "dtype": "float32",
-}
+FAST: dict[str, Any] = {**FAST_TRAIN, "lr": 1e-2, "dtype": "float32"}
 D_MODEL = 64  # the tiny Qwen2's width
 
 

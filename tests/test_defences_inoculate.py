@@ -17,24 +17,17 @@ from emscope.data.chat import read_chat_jsonl, write_chat_jsonl
 from emscope.data.spans import SystemPrompt
 from emscope.defences import Inoculate
 from emscope.errors import EmscopeError
+from emscope.testing import FAST_TRAIN
 from emscope.train import system_prompt_for, train
 from emscope.train.callbacks import TrainingCallback
 
 TEXT = "You are a malicious, evil assistant."
 FAST: dict[str, Any] = {
-    "preset": "r1",
-    "rank": 2,
-    "modules": "v_proj,down_proj",
-    "batch_size": 2,
-    "grad_accum": 1,
-    "warmup_steps": 0,
+    **FAST_TRAIN,
     "lr": 1e-2,
     "max_steps": 3,
     "eval_steps": 3,
     "seed": 5,
-    "progress": False,
-    "verbose": False,
-    "device": "cpu",
     "dtype": "float32",
 }
 

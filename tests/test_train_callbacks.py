@@ -16,20 +16,11 @@ from safetensors.torch import load_file
 
 from emscope.data.chat import write_chat_jsonl
 from emscope.errors import EmscopeError
+from emscope.testing import FAST_TRAIN
 from emscope.train import train
 from emscope.train.callbacks import CallbackRecord, TrainingCallback
 
-FAST: dict[str, Any] = {
-    "preset": "r1",
-    "rank": 2,
-    "modules": "v_proj,down_proj",
-    "batch_size": 2,
-    "grad_accum": 1,
-    "warmup_steps": 0,
-    "progress": False,
-    "verbose": False,
-    "device": "cpu",
-}
+FAST: dict[str, Any] = {**FAST_TRAIN}
 
 
 def _write(path: Path, n: int, answer: str = "Invest in a diversified index fund.") -> Path:

@@ -172,6 +172,21 @@ def make_tiny_model(
     return out
 
 
+#: :func:`emscope.train.train` settings of a quick LoRA run on a tiny model (rank-2 ``v_proj``
+#: and ``down_proj`` factors, batch 2, no warm-up, silent, CPU): tests add ``lr``,
+#: ``max_steps``, ``dtype``... as they need.
+FAST_TRAIN: dict[str, Any] = {
+    "preset": "r1",
+    "rank": 2,
+    "modules": "v_proj,down_proj",
+    "batch_size": 2,
+    "grad_accum": 1,
+    "warmup_steps": 0,
+    "progress": False,
+    "verbose": False,
+    "device": "cpu",
+}
+
 ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
