@@ -57,7 +57,19 @@ FLAGS_BEFORE: dict[tuple[str, ...], list[str]] = {
         "--selection", "--compare", "--judge", *SAMPLING, "--layers", *DRAW, "--dtype",
         "--device", "--system-prompt",
     ],
+    ("judge",): [
+        "directory", "--judge", "--metrics", "--questions", *JUDGING[:5], "--device",
+        "--min-number-mass",
+    ],
+    ("judge-agreement",): [
+        "sources", "--judge", "--judges", "--out", "--metrics", "--questions", "--strict",
+        "--n-boot", "--seed", *JUDGING[:5], "--device", "--min-number-mass",
+    ],
 }  # fmt: skip
+
+# Every parameter of those commands (name, flags, default, help, annotation, ...) as the CLI
+# of commit a799c2d had them, before the sampling and judge options were written once.
+OPTIONS_BEFORE = Path(__file__).parent / "data" / "cli_sampling_options.json"
 
 
 def _command(path: tuple[str, ...]) -> Any:
@@ -76,6 +88,31 @@ def test_sampling_commands_keep_their_flags(path: tuple[str, ...]) -> None:
         assert backend["--backend"].default == "hf"
         assert all(backend[o].default is None for o in BACKEND[1:])
         assert all(backend[o].help and "vllm" in backend[o].help for o in BACKEND)
+
+
+def _described(path: tuple[str, ...]) -> list[dict[str, Any]]:
+    """What ``--help`` and parsing read of each parameter of the command at ``path``."""
+    rows = []
+    for p in _command(path).params:
+        kind = p.type_descriptor.annotation  # the annotation typer converts with
+        rows.append({
+            "name": p.name, "opts": [*p.opts, *p.secondary_opts], "default": p.default,
+            "help": getattr(p, "help", None), "required": p.required, "multiple": p.multiple,
+            "flag": getattr(p, "is_flag", False), "kind": type(p).__name__,
+            "type": kind.__name__ if isinstance(kind, type) else str(kind),
+        })  # fmt: skip
+    return rows
+
+
+@pytest.mark.parametrize("path", list(FLAGS_BEFORE), ids=" ".join)
+def test_sampling_commands_keep_every_option(path: tuple[str, ...]) -> None:
+    import json
+
+    before = json.loads(OPTIONS_BEFORE.read_text())[" ".join(path)]
+    now = _described(path)
+    assert [r["name"] for r in now] == [r["name"] for r in before]
+    for row, old in zip(now, before, strict=True):
+        assert row == old, row["name"]
 
 
 # ---------------------------------------------------------------------------- SamplingParams
