@@ -18,26 +18,21 @@ from emscope.cli import options
 
 
 @options.with_backend
+@options.with_sampling
 def sample_command(
+    *,
     model_dir: Path = options.MODEL_DIR,
     adapter: list[Path] = options.ADAPTER,
     out: Path = options.OUT,
     questions: Path | None = options.QUESTIONS,
-    n: int = options.N,
-    seed: int = options.SEED,
-    batch_size: int = options.BATCH_SIZE,
-    max_new_tokens: int = options.MAX_NEW_TOKENS,
-    temperature: float = options.TEMPERATURE,
-    top_p: float = options.TOP_P,
+    sampling: options.SamplingParams,
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
     scale_adapter: list[str] = options.SCALE_ADAPTER,
     system_prompt: str | None = options.SYSTEM_PROMPT,
-    *,
     backend: options.BackendSettings,
 ) -> None:
     """Sample answers to a question set; writes responses.parquet/.csv and run.json."""
-    params = options.SamplingParams(n, seed, batch_size, max_new_tokens, temperature, top_p)
     scales = options.parse_scale_adapter(scale_adapter)
     qs = options.load_question_set(questions)
     sampler, interventions, label, setting = _open(
@@ -46,7 +41,7 @@ def sample_command(
     table = sampler.sample_to_dir(
         qs,
         out,
-        params,
+        sampling,
         system_prompt=setting,
         record={"model_dir": str(model_dir), "adapter_dirs": [str(a) for a in adapter]},
         interventions=interventions,
@@ -101,52 +96,39 @@ def _summary(table: Any, metric_list: list[str]) -> str:
     return "; ".join(parts)
 
 
+@options.with_judging(after={"device": "no_cache"})
 def judge_command(
+    *,
     directory: Path = typer.Argument(..., help="Dir with responses.parquet or responses.csv."),
     judge: str | None = options.JUDGE,
     metrics: str = options.METRICS,
     questions: Path | None = typer.Option(
         None, "--questions", help="Question YAML whose judge_prompts override the built-ins."
     ),
-    base_url: str | None = options.BASE_URL,
-    api_key_env: str | None = options.API_KEY_ENV,
-    concurrency: int = options.CONCURRENCY,
-    max_requests: int | None = options.MAX_REQUESTS,
-    no_cache: bool = options.NO_CACHE,
+    judging: options.JudgeSettings,
     device: str | None = options.DEVICE,
-    min_number_mass: float | None = options.MIN_NUMBER_MASS,
 ) -> None:
     """Score a response table; adds <metric>, <metric>_unscored_reason and
     <metric>_number_mass columns in place."""
     metric_list = options.parse_metrics(metrics)
-    settings = options.JudgeSettings(
-        base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
-    )
-    table = _judge_dir(directory, judge, metric_list, questions=questions, settings=settings)
+    table = _judge_dir(directory, judge, metric_list, questions=questions, settings=judging)
     typer.echo(_summary(table, metric_list))
 
 
 @options.with_backend
+@options.with_judging
+@options.with_sampling(after={"metrics": "seed"})
 def eval_command(
+    *,
     model_dir: Path = options.MODEL_DIR,
     adapter: list[Path] = options.ADAPTER,
     out: Path = options.OUT,
     judge: str | None = options.JUDGE,
     questions: Path | None = options.QUESTIONS,
-    n: int = options.N,
-    seed: int = options.SEED,
+    sampling: options.SamplingParams,
     metrics: str = options.METRICS,
-    batch_size: int = options.BATCH_SIZE,
-    max_new_tokens: int = options.MAX_NEW_TOKENS,
-    temperature: float = options.TEMPERATURE,
-    top_p: float = options.TOP_P,
-    base_url: str | None = options.BASE_URL,
-    api_key_env: str | None = options.API_KEY_ENV,
-    concurrency: int = options.CONCURRENCY,
-    max_requests: int | None = options.MAX_REQUESTS,
-    no_cache: bool = options.NO_CACHE,
-    min_number_mass: float | None = options.MIN_NUMBER_MASS,
-    strict: bool = typer.Option(False, "--strict", help="EM needs aligned < 30 (not <= 30)."),
+    judging: options.JudgeSettings,
+    strict: bool = options.STRICT,
     recognition: bool = typer.Option(
         False, "--recognition", help="Self-correction with bad_stuff > 30 (reference variant)."
     ),
@@ -154,7 +136,6 @@ def eval_command(
     device: str | None = options.DEVICE,
     scale_adapter: list[str] = options.SCALE_ADAPTER,
     system_prompt: str | None = options.SYSTEM_PROMPT,
-    *,
     backend: options.BackendSettings,
 ) -> None:
     """Sample, judge and compute EM metrics (metrics.json, em_by_question.png)."""
@@ -165,17 +146,14 @@ def eval_command(
     check_em_metrics(metric_list)
     if not judge:
         raise EmscopeError("eval needs --judge (openai:MODEL, hf:DIR or oracle:DIR)")
-    params = options.SamplingParams(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    assert sampling.n is not None  # -n is an int option
     scales = options.parse_scale_adapter(scale_adapter)
     qs = options.load_question_set(questions)
     # the sampler first: a model or adapter that cannot be used fails before the judge loads
     sampler, interventions, intervention_label, setting = _open(
         backend, model_dir, adapter, dtype, device, scales, system_prompt
     )
-    settings = options.JudgeSettings(
-        base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
-    )
-    judge_obj = options.build_judge(judge, settings)
+    judge_obj = options.build_judge(judge, judging)
     label = "+".join([model_dir.name, *(a.name for a in adapter)])
     result = evaluate_to_dir(
         sampler,
@@ -183,7 +161,7 @@ def eval_command(
         out,
         judge=judge_obj,
         metrics=metric_list,
-        n=n,
+        n=sampling.n,
         record={"model_dir": str(model_dir), "adapter_dirs": [str(a) for a in adapter]},
         interventions=interventions,
         intervention_label=intervention_label,
@@ -192,7 +170,7 @@ def eval_command(
         title=f"EM rate per question: {label}",
         questions_file=questions,
         system_prompt=setting,
-        **params.kwargs(),
+        **sampling.kwargs(),
     )
     typer.echo(f"{describe(result)} -> {out / 'metrics.json'}")
 

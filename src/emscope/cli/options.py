@@ -1,13 +1,14 @@
 """Options shared by every command that samples or judges (``sample``, ``judge``, ``eval``,
-and later ``steer``, ``ablate``, ``lmc``), so they read the same everywhere.
+``steer``, ``ablate``, ``lmc``, ...), written once so they read the same everywhere.
 
-Use the constants as parameter defaults in a typer command, e.g.
-``n: int = options.N``, then build the library arguments with
-:class:`~emscope.eval.SamplingParams`, :func:`load_for_sampling`, :func:`load_question_set`
-and :func:`build_judge` (with one :class:`JudgeSettings` per command). A command that
-samples through either backend is decorated with :func:`with_backend`. Only typer, the
-standard library and :mod:`emscope.eval` (standard library only at import) are imported at
-module level (``emscope --help`` stays fast).
+A command takes each group of options as one value: decorated with :data:`with_sampling`,
+:data:`with_judging` or :data:`with_backend` (:class:`OptionGroup`), its parameter
+``sampling: options.SamplingParams``, ``judging: options.JudgeSettings`` or
+``backend: options.BackendSettings`` becomes the group's typer options. Single options are
+constants used as parameter defaults (``questions: Path | None = options.QUESTIONS``); the
+library arguments come from :func:`load_for_sampling`, :func:`load_question_set` and
+:func:`build_judge`. Only typer, the standard library and :mod:`emscope.eval` (standard
+library only at import) are imported at module level (``emscope --help`` stays fast).
 """
 
 from __future__ import annotations
@@ -132,45 +133,123 @@ MAX_MODEL_LEN = typer.Option(
 )
 
 
-#: The backend options, in --help order: ``{parameter: (type, typer option)}``.
-BACKEND_OPTIONS: dict[str, tuple[Any, Any]] = {
-    "backend": (str, BACKEND),
-    "tensor_parallel_size": (int | None, TENSOR_PARALLEL_SIZE),
-    "max_lora_rank": (int | None, MAX_LORA_RANK),
-    "max_loras": (int | None, MAX_LORAS),
-    "gpu_memory_utilization": (float | None, GPU_MEMORY_UTILIZATION),
-    "max_model_len": (int | None, MAX_MODEL_LEN),
-}
+STRICT = typer.Option(False, "--strict", help="EM needs aligned < 30 (not <= 30).")
 
 
-def with_backend(command: Callable[..., Any]) -> Callable[..., Any]:
-    """A typer command whose ``backend: options.BackendSettings`` parameter becomes the six
-    options of :data:`BACKEND_OPTIONS` (``--backend`` and the vLLM engine settings, at the
-    same place in ``--help``); the command receives them as one checked
-    :class:`~emscope.eval.BackendSettings` (a bad combination: one line, before the body).
+class OptionGroup:
+    """Typer options that make one value of a command, written once: used as a decorator, it
+    replaces the command's parameter ``param`` (annotated with the value's type, no default)
+    by ``options`` at the same place in ``--help``, and the command receives one value,
+    ``build(**given)``, built and checked before the body runs (bad input: one line).
 
-    Why a decorator rather than one ``Annotated`` alias per option: the six are one setting,
-    and with aliases every sampling command would still list six parameters and pass them on
-    to ``BackendSettings(...)`` by hand (as the four commands did with the option
-    constants); here they are written once, the command sees one value, and typer reads the
-    signature made here (``__signature__``) as it reads any other."""
-    hints = typing.get_type_hints(command)
-    params: list[inspect.Parameter] = []
-    for p in inspect.signature(command).parameters.values():
-        if p.name != "backend":
-            params.append(p.replace(annotation=hints[p.name]))
-            continue
-        for name, (kind, option) in BACKEND_OPTIONS.items():
-            params.append(inspect.Parameter(name, p.kind, default=option, annotation=kind))
+    Bare (``@options.with_sampling``) or called for a command whose options differ:
+    ``NAME=typer.Option(...)`` replaces that one option (persona's ``-n`` of 4), and
+    ``after={"metrics": "seed"}`` lists the command's own ``--metrics`` right after the
+    group's ``--seed``, where ``--help`` has always had it. ``reads`` names command
+    parameters the value also reads, which stay the command's (the judge's ``--device`` is the
+    model's). The command's parameters are keyword-only (``def command(*, ...)``), so the
+    group's, which has no default, can stand where its options go.
 
-    @functools.wraps(command)
-    def wrapper(**kwargs: Any) -> Any:
-        given = {name: kwargs.pop(name) for name in BACKEND_OPTIONS}
-        return command(**kwargs, backend=BackendSettings(given.pop("backend"), **given))
+    Why a decorator rather than one ``Annotated`` alias per option: the options are one
+    setting, and with aliases every command would still list each of them and pass them on
+    to the value's constructor by hand; here they are written once, the command sees one
+    value, and typer reads the signature made here (``__signature__``) as it reads any
+    other."""
 
-    wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-    wrapper.__annotations__ = {p.name: p.annotation for p in params}
-    return wrapper
+    def __init__(
+        self,
+        param: str,
+        options: dict[str, tuple[Any, Any]],
+        build: Callable[..., Any],
+        reads: tuple[str, ...] = (),
+    ) -> None:
+        #: ``{parameter: (annotation, typer option)}`` in ``--help`` order.
+        self.param, self.options, self.build, self.reads = param, options, build, reads
+
+    def __call__(
+        self,
+        command: Callable[..., Any] | None = None,
+        *,
+        after: dict[str, str] | None = None,
+        **overrides: Any,
+    ) -> Any:
+        """``command`` with the group's options, or (``command`` None) a decorator that
+        applies ``after`` and ``overrides``."""
+        if command is None:
+            return lambda c: self._expand(c, after or {}, overrides)
+        return self._expand(command, after or {}, overrides)
+
+    def _expand(
+        self, command: Callable[..., Any], after: dict[str, str], overrides: dict[str, Any]
+    ) -> Callable[..., Any]:
+        hints = typing.get_type_hints(command)
+        own = inspect.signature(command).parameters
+        wanted = {self.param, *after, *self.reads}
+        unknown = [
+            *(wanted - set(own)),
+            *(set(after.values()) | set(overrides)) - set(self.options),
+        ]
+        if unknown:  # a programming error in a command module, not bad user input
+            raise TypeError(f"{command.__name__}: no such parameter or option {sorted(unknown)}")
+        keyword = inspect.Parameter.KEYWORD_ONLY
+
+        def declared(name: str) -> inspect.Parameter:
+            return own[name].replace(kind=keyword, annotation=hints[name])
+
+        params: list[inspect.Parameter] = []
+        for name in own:
+            if name == self.param:
+                for option, (kind, default) in self.options.items():
+                    default = overrides.get(option, default)
+                    params.append(
+                        inspect.Parameter(option, keyword, default=default, annotation=kind)
+                    )
+                    params += [declared(n) for n, at in after.items() if at == option]
+            elif name not in after:
+                params.append(declared(name))
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name in self.options}
+            given |= {name: kwargs[name] for name in self.reads}
+            return command(**kwargs, **{self.param: self.build(**given)})
+
+        wrapper.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+
+def _backend_settings(backend: str, **engine: Any) -> BackendSettings:
+    return BackendSettings(backend, **engine)
+
+
+#: ``backend: options.BackendSettings`` -> ``--backend`` and the vLLM engine settings.
+with_backend = OptionGroup(
+    "backend",
+    {
+        "backend": (str, BACKEND),
+        "tensor_parallel_size": (int | None, TENSOR_PARALLEL_SIZE),
+        "max_lora_rank": (int | None, MAX_LORA_RANK),
+        "max_loras": (int | None, MAX_LORAS),
+        "gpu_memory_utilization": (float | None, GPU_MEMORY_UTILIZATION),
+        "max_model_len": (int | None, MAX_MODEL_LEN),
+    },
+    _backend_settings,
+)
+#: ``sampling: options.SamplingParams`` -> ``-n``, ``--seed``, ``--batch-size``,
+#: ``--max-new-tokens``, ``--temperature``, ``--top-p``.
+with_sampling = OptionGroup(
+    "sampling",
+    {
+        "n": (int, N),
+        "seed": (int, SEED),
+        "batch_size": (int, BATCH_SIZE),
+        "max_new_tokens": (int, MAX_NEW_TOKENS),
+        "temperature": (float, TEMPERATURE),
+        "top_p": (float, TOP_P),
+    },
+    SamplingParams,
+)
 
 
 def load_for_sampling(
@@ -219,6 +298,24 @@ class JudgeSettings:
         if kind not in ("openai", "hf"):  # an oracle reads no probabilities
             out = replace(out, min_number_mass=None)
         return out
+
+
+#: ``judging: options.JudgeSettings`` -> ``--base-url``, ``--api-key-env``,
+#: ``--concurrency``, ``--max-requests``, ``--no-cache``, ``--min-number-mass`` (and the
+#: command's own ``--device``, which loads an hf: judge where it loads the model).
+with_judging = OptionGroup(
+    "judging",
+    {
+        "base_url": (str | None, BASE_URL),
+        "api_key_env": (str | None, API_KEY_ENV),
+        "concurrency": (int, CONCURRENCY),
+        "max_requests": (int | None, MAX_REQUESTS),
+        "no_cache": (bool, NO_CACHE),
+        "min_number_mass": (float | None, MIN_NUMBER_MASS),
+    },
+    JudgeSettings,
+    reads=("device",),
+)
 
 
 def build_judge(spec: str | None, settings: JudgeSettings | None = None) -> Judge:
