@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import typer
 
+from emscope.cli import options
 from emscope.cli.main import app
 
 # The option names of every command that samples, in --help order, as they were before the
@@ -113,6 +114,49 @@ def test_sampling_commands_keep_every_option(path: tuple[str, ...]) -> None:
     assert [r["name"] for r in now] == [r["name"] for r in before]
     for row, old in zip(now, before, strict=True):
         assert row == old, row["name"]
+
+
+def test_option_groups_pass_one_value_built_from_their_options() -> None:
+    from typer.testing import CliRunner
+
+    from emscope.errors import EmscopeError
+    from emscope.eval import SamplingParams
+
+    got: dict[str, Any] = {}
+
+    @options.with_judging
+    @options.with_sampling(n=typer.Option(4, "-n", "--n", help="Few."), after={"tag": "seed"})
+    def command(
+        *,
+        sampling: options.SamplingParams,
+        tag: str = typer.Option("x", "--tag"),
+        judging: options.JudgeSettings,
+        device: str | None = options.DEVICE,
+    ) -> None:
+        got.update(sampling=sampling, tag=tag, judging=judging, device=device)
+
+    tiny = typer.Typer()
+    tiny.command()(command)
+    tiny.command("other")(lambda: None)  # two commands: `command` is a sub-command
+    flags = [o for p in typer.main.get_command(tiny).commands["command"].params for o in p.opts]
+    assert flags == [
+        "-n", "--n", "--seed", "--tag", *DRAW, *JUDGING[:5], "--min-number-mass", "--device",
+    ]  # fmt: skip
+    args = ["command", "--seed", "3", "--top-p", "0.5", "--concurrency", "2", "--no-cache"]
+    result = CliRunner().invoke(tiny, [*args, "--device", "cpu", "--tag", "y"])
+    assert result.exit_code == 0, result.output
+    assert got["sampling"] == SamplingParams(4, 3, 32, 600, 1.0, 0.5)
+    assert got["judging"] == options.JudgeSettings(None, None, 2, None, True, "cpu", None)
+    assert (got["tag"], got["device"]) == ("y", "cpu")
+    got.clear()
+    refused = CliRunner().invoke(tiny, ["command", "-n", "0"])  # checked before the body
+    assert isinstance(refused.exception, EmscopeError) and "-n" in str(refused.exception)
+    assert got == {}
+
+    def misplaced(*, sampling: options.SamplingParams, tag: str = "x") -> None: ...
+
+    with pytest.raises(TypeError, match=r"misplaced: no such parameter or option \['seeds'\]"):
+        options.with_sampling(after={"tag": "seeds"})(misplaced)
 
 
 # ---------------------------------------------------------------------------- SamplingParams

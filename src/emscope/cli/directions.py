@@ -113,7 +113,13 @@ def extract_command(
 
 
 @directions_app.command("persona")
+@options.with_sampling(
+    n=typer.Option(4, "-n", "--n", help="Samples per (context, question)."),
+    max_new_tokens=typer.Option(64, "--max-new-tokens", help="Answer length (tokens)."),
+    after={"layers": "seed"},
+)
 def persona_command(
+    *,
     model_dir: Path = options.MODEL_DIR,
     adapter: list[Path] = options.ADAPTER,
     out: Path = typer.Option(..., "--out", help="Output dir (persona.safetensors, ...)."),
@@ -129,13 +135,8 @@ def persona_command(
         [], "--compare", help="Direction file to compare with, cosine per layer (repeatable)."
     ),
     judge: str | None = options.JUDGE,
-    n: int = typer.Option(4, "-n", "--n", help="Samples per (context, question)."),
-    seed: int = options.SEED,
+    sampling: options.SamplingParams,
     layers: str | None = typer.Option(None, "--layers", help="Layers (default: all)."),
-    batch_size: int = options.BATCH_SIZE,
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Answer length (tokens)."),
-    temperature: float = options.TEMPERATURE,
-    top_p: float = options.TOP_P,
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
     system_prompt: str | None = options.SYSTEM_PROMPT,
@@ -146,14 +147,16 @@ def persona_command(
     from emscope.errors import EmscopeError
     from emscope.train import system_prompt_for
 
-    opts = options.SamplingParams(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    assert sampling.n is not None  # -n is an int option
     others: dict[str, Direction] = {}
     if organism is not None:
         from emscope.synthetic.world import load_world
 
         if prompts is not None:
             raise EmscopeError("--prompts and --organism exclude each other")
-        contrast = persona.organism_prompts(load_world(organism / "world.json"), contexts, seed)
+        contrast = persona.organism_prompts(
+            load_world(organism / "world.json"), contexts, sampling.seed
+        )
         judge = judge or f"oracle:{organism}"
         probe = organism / "diagnostics" / "disposition_probe.safetensors"
         if probe.is_file():
@@ -165,10 +168,8 @@ def persona_command(
     loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
     setting = system_prompt_for(system_prompt, [loaded.path, *loaded.adapters.values()])
     result, table = persona.persona_direction(
-        loaded, contrast, options.build_judge(judge), n=n, seed=opts.seed,
-        temperature=opts.temperature, top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
-        selection=selection, layers=options.layer_list(layers), batch_size=opts.batch_size,
-        system_prompt=setting,
+        loaded, contrast, options.build_judge(judge), n=sampling.n, selection=selection,
+        layers=options.layer_list(layers), system_prompt=setting, **sampling.kwargs(),
         provenance={"model_dir": str(model_dir), "adapter": [str(a) for a in adapter]},
         progress=True,
     )  # fmt: skip
@@ -248,12 +249,7 @@ def compare_command(
 
 def _eval_config(
     questions: Path | None,
-    n: int,
-    seed: int,
-    batch_size: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
+    sampling: options.SamplingParams,
     judge: str | None,
     metrics: str,
     strict: bool,
@@ -266,12 +262,12 @@ def _eval_config(
     missing = [m for m in ("aligned", "coherent") if m not in metric_list]
     if missing:
         raise EmscopeError(f"--metrics lacks {missing} (EM needs aligned and coherent)")
-    opts = options.SamplingParams(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    assert sampling.n is not None  # -n is an int option
     qs = options.load_question_set(questions)
     return EvalConfig(
         questions=qs,
-        n=n,
-        sampling=opts.kwargs(),
+        n=sampling.n,
+        sampling=sampling.kwargs(),
         judge=options.build_judge(judge, judge_settings),
         metrics=metric_list,
         strict=strict,
@@ -304,10 +300,12 @@ CONTROL_SEED = typer.Option(0, "--control-seed", help="Seed of the random contro
 KL_DATA = typer.Option(
     None, "--kl-data", help="Chat JSONL for the KL cost (default: the questions' prompts)."
 )
-STRICT = typer.Option(False, "--strict", help="EM needs aligned < 30 (not <= 30).")
 
 
+@options.with_judging
+@options.with_sampling(after={"metrics": "seed"})
 def steer_command(
+    *,
     model_dir: Path = options.MODEL_DIR,
     adapter: list[Path] = options.ADAPTER,
     direction: Path = typer.Option(..., "--direction", help="Direction file."),
@@ -323,20 +321,10 @@ def steer_command(
     out: Path = options.OUT,
     judge: str | None = options.JUDGE,
     questions: Path | None = options.QUESTIONS,
-    n: int = options.N,
-    seed: int = options.SEED,
+    sampling: options.SamplingParams,
     metrics: str = options.METRICS,
-    batch_size: int = options.BATCH_SIZE,
-    max_new_tokens: int = options.MAX_NEW_TOKENS,
-    temperature: float = options.TEMPERATURE,
-    top_p: float = options.TOP_P,
-    base_url: str | None = options.BASE_URL,
-    api_key_env: str | None = options.API_KEY_ENV,
-    concurrency: int = options.CONCURRENCY,
-    max_requests: int | None = options.MAX_REQUESTS,
-    no_cache: bool = options.NO_CACHE,
-    min_number_mass: float | None = options.MIN_NUMBER_MASS,
-    strict: bool = STRICT,
+    judging: options.JudgeSettings,
+    strict: bool = options.STRICT,
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
     system_prompt: str | None = options.SYSTEM_PROMPT,
@@ -352,13 +340,7 @@ def steer_command(
     layer_list = options.layer_list(layers) or []
     scale_list = _floats(scales, "--scales")
     vec = Direction.load(direction)
-    config = _eval_config(
-        questions, n, seed, batch_size, max_new_tokens, temperature, top_p, judge, metrics,
-        strict,
-        options.JudgeSettings(
-            base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
-        ),
-    )  # fmt: skip
+    config = _eval_config(questions, sampling, judge, metrics, strict, judging)
     loaded = options.load_for_sampling(model_dir, adapter, dtype, device)
     config = _rendered_as_trained(config, loaded, system_prompt)
     summary = steer_sweep(
@@ -386,7 +368,10 @@ def steer_command(
     typer.echo(f"-> {out / 'summary.json'}")
 
 
+@options.with_judging
+@options.with_sampling(after={"metrics": "seed"})
 def ablate_command(
+    *,
     model_dir: Path = options.MODEL_DIR,
     adapter: list[Path] = options.ADAPTER,
     direction: Path = typer.Option(..., "--direction", help="Direction file."),
@@ -408,20 +393,10 @@ def ablate_command(
     out: Path = options.OUT,
     judge: str | None = options.JUDGE,
     questions: Path | None = options.QUESTIONS,
-    n: int = options.N,
-    seed: int = options.SEED,
+    sampling: options.SamplingParams,
     metrics: str = options.METRICS,
-    batch_size: int = options.BATCH_SIZE,
-    max_new_tokens: int = options.MAX_NEW_TOKENS,
-    temperature: float = options.TEMPERATURE,
-    top_p: float = options.TOP_P,
-    base_url: str | None = options.BASE_URL,
-    api_key_env: str | None = options.API_KEY_ENV,
-    concurrency: int = options.CONCURRENCY,
-    max_requests: int | None = options.MAX_REQUESTS,
-    no_cache: bool = options.NO_CACHE,
-    min_number_mass: float | None = options.MIN_NUMBER_MASS,
-    strict: bool = STRICT,
+    judging: options.JudgeSettings,
+    strict: bool = options.STRICT,
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
     system_prompt: str | None = options.SYSTEM_PROMPT,
@@ -445,13 +420,7 @@ def ablate_command(
     if weights is not None and kind == "single" and single is None:
         raise EmscopeError("single:all sweeps are for activation ablation only")
     vec = Direction.load(direction)
-    config = _eval_config(
-        questions, n, seed, batch_size, max_new_tokens, temperature, top_p, judge, metrics,
-        strict,
-        options.JudgeSettings(
-            base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
-        ),
-    )  # fmt: skip
+    config = _eval_config(questions, sampling, judge, metrics, strict, judging)
     before = options.load_for_sampling(model_dir, adapter, dtype, device)
     config = _rendered_as_trained(config, before, system_prompt)
     meta: dict[str, Any] = {

@@ -147,7 +147,9 @@ def _score_with_judges(
     return tables, names
 
 
+@options.with_judging(after={"device": "no_cache"})
 def judge_agreement_command(
+    *,
     sources: list[str] = typer.Argument(
         ...,
         help="With --judge: ONE responses dir or table to score with every judge. Without: "
@@ -170,16 +172,11 @@ def judge_agreement_command(
     questions: Path | None = typer.Option(
         None, "--questions", help="Question YAML whose judge_prompts override the built-ins."
     ),
-    strict: bool = typer.Option(False, "--strict", help="EM needs aligned < 30 (not <= 30)."),
+    strict: bool = options.STRICT,
     n_boot: int = typer.Option(2000, "--n-boot", help="Bootstrap replicates for the CIs."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
-    base_url: str | None = options.BASE_URL,
-    api_key_env: str | None = options.API_KEY_ENV,
-    concurrency: int = options.CONCURRENCY,
-    max_requests: int | None = options.MAX_REQUESTS,
-    no_cache: bool = options.NO_CACHE,
+    judging: options.JudgeSettings,
     device: str | None = options.DEVICE,
-    min_number_mass: float | None = options.MIN_NUMBER_MASS,
 ) -> None:
     """Compare judges on one response set: correlations, kappa, EM per judge and differences."""
     from emscope.errors import EmscopeError
@@ -189,10 +186,10 @@ def judge_agreement_command(
 
     if n_boot < 1:
         raise EmscopeError(f"--n-boot must be >= 1, got {n_boot}")
-    if min_number_mass is not None:  # before any judge dir is written
+    if judging.min_number_mass is not None:  # before any judge dir is written
         from emscope.judge.aggregate import check_min_number_mass
 
-        check_min_number_mass(min_number_mass)
+        check_min_number_mass(judging.min_number_mass)
     if judges:
         if len(sources) != 1:
             raise EmscopeError(
@@ -210,9 +207,7 @@ def judge_agreement_command(
             out,
             metric_list,
             questions,
-            options.JudgeSettings(
-                base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
-            ),
+            judging,
         )
         metric_sel: list[str] | None = metric_list
     else:

@@ -10,7 +10,10 @@ from emscope.cli import options
 
 
 @options.with_backend
+@options.with_judging
+@options.with_sampling(after={"metrics": "seed"})
 def lmc_command(
+    *,
     base: Path | None = typer.Option(
         None, "--base", help="Base model dir (needed when an end is an adapter or 'base')."
     ),
@@ -25,19 +28,9 @@ def lmc_command(
         "--loss-data / --features are computed and the outputs say EM was not measured.",
     ),
     questions: Path | None = options.QUESTIONS,
-    n: int = options.N,
-    seed: int = options.SEED,
+    sampling: options.SamplingParams,
     metrics: str = options.METRICS,
-    batch_size: int = options.BATCH_SIZE,
-    max_new_tokens: int = options.MAX_NEW_TOKENS,
-    temperature: float = options.TEMPERATURE,
-    top_p: float = options.TOP_P,
-    base_url: str | None = options.BASE_URL,
-    api_key_env: str | None = options.API_KEY_ENV,
-    concurrency: int = options.CONCURRENCY,
-    max_requests: int | None = options.MAX_REQUESTS,
-    no_cache: bool = options.NO_CACHE,
-    min_number_mass: float | None = options.MIN_NUMBER_MASS,
+    judging: options.JudgeSettings,
     loss_data: list[Path] = typer.Option(
         [], "--loss-data", help="Chat JSONL to compute the loss on at each t (repeatable)."
     ),
@@ -48,7 +41,6 @@ def lmc_command(
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
     system_prompt: str | None = options.SYSTEM_PROMPT,
-    *,
     backend: options.BackendSettings,
 ) -> None:
     """Linear mode connectivity: lmc.json, lmc.png (+ features.json/features.png)."""
@@ -63,7 +55,7 @@ def lmc_command(
     ts = parse_steps(steps)
     metric_list = options.parse_metrics(metrics)
     check_em_metrics(metric_list)
-    params = options.SamplingParams(n, seed, batch_size, max_new_tokens, temperature, top_p)
+    assert sampling.n is not None  # -n is an int option
     first, second = parse_endpoint(start), parse_endpoint(end)
     full = first.is_model_dir and second.is_model_dir
     if not full and base is None:
@@ -84,10 +76,7 @@ def lmc_command(
     if backend.vllm and judge:  # the point adapters and vLLM checked before the judge
         points = vllm_points(base, first, second, ts, out, backend.engine(), dtype)
         require_vllm()
-    settings = options.JudgeSettings(
-        base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
-    )
-    judge_obj = options.build_judge(judge, settings) if judge else None
+    judge_obj = options.build_judge(judge, judging) if judge else None
     ends = [e.path for e in (first, second) if e.path is not None]
     setting = system_prompt_for(system_prompt, [*([base] if base is not None else []), *ends])
     # with vLLM the HF base is loaded only for what vLLM cannot do: losses and features
@@ -102,7 +91,7 @@ def lmc_command(
         out,
         judge=judge_obj,
         metrics=metric_list,
-        n=n,
+        n=sampling.n,
         loss_data=losses_data,
         features=features,
         export=export,
@@ -111,7 +100,7 @@ def lmc_command(
         echo=typer.echo,
         system_prompt=setting,
         vllm=points,
-        **params.kwargs(),
+        **sampling.kwargs(),
     )
     if not doc.extra.get("em_measured"):
         typer.echo(f"EM not measured: {doc.extra.get('em_not_measured')}")

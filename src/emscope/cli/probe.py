@@ -142,7 +142,10 @@ def fit_command(
 
 
 @options.with_backend
+@options.with_judging
+@options.with_sampling(after={"metrics": "seed"})
 def dynamics_command(
+    *,
     adapter_dir: Path = typer.Argument(
         ..., help="Adapter dir with checkpoints/checkpoint-<step>/ subdirs."
     ),
@@ -156,23 +159,12 @@ def dynamics_command(
     ),
     judge: str | None = options.JUDGE,
     questions: Path | None = options.QUESTIONS,
-    n: int = options.N,
-    seed: int = options.SEED,
+    sampling: options.SamplingParams,
     metrics: str = options.METRICS,
-    batch_size: int = options.BATCH_SIZE,
-    max_new_tokens: int = options.MAX_NEW_TOKENS,
-    temperature: float = options.TEMPERATURE,
-    top_p: float = options.TOP_P,
-    base_url: str | None = options.BASE_URL,
-    api_key_env: str | None = options.API_KEY_ENV,
-    concurrency: int = options.CONCURRENCY,
-    max_requests: int | None = options.MAX_REQUESTS,
-    no_cache: bool = options.NO_CACHE,
-    min_number_mass: float | None = options.MIN_NUMBER_MASS,
+    judging: options.JudgeSettings,
     dtype: str = options.DTYPE,
     device: str | None = options.DEVICE,
     system_prompt: str | None = options.SYSTEM_PROMPT,
-    *,
     backend: options.BackendSettings,
 ) -> None:
     """Factor norms, cosines, sharpest rotation and PCA over checkpoints (+ EM with --eval)."""
@@ -207,13 +199,10 @@ def dynamics_command(
                     f"{recorded!r} is not a local model dir)"
                 )
             base = Path(recorded)
-        params = options.SamplingParams(n, seed, batch_size, max_new_tokens, temperature, top_p)
+        assert sampling.n is not None  # -n is an int option
         steps = [path for _, path in list_checkpoints(adapter_dir)]
         backend.check(base, steps, dtype=dtype, stacked=False)  # before the judge loads
-        settings = options.JudgeSettings(
-            base_url, api_key_env, concurrency, max_requests, no_cache, device, min_number_mass
-        )
-        judge_obj = options.build_judge(judge, settings)
+        judge_obj = options.build_judge(judge, judging)
         result["eval"] = evaluate_checkpoints(
             base,
             list_checkpoints(adapter_dir),
@@ -221,12 +210,12 @@ def dynamics_command(
             out / "eval",
             judge=judge_obj,
             metrics=metric_list,
-            n=n,
+            n=sampling.n,
             dtype=dtype,
             device=device,
             backend=backend,
             system_prompt=system_prompt_for(system_prompt, [base, adapter_dir]),
-            **params.kwargs(),
+            **sampling.kwargs(),
         )
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "dynamics.json", result)
