@@ -68,9 +68,14 @@ FLAGS_BEFORE: dict[tuple[str, ...], list[str]] = {
     ],
 }  # fmt: skip
 
-# Every parameter of those commands (name, flags, default, help, annotation, ...) as the CLI
-# of commit a799c2d had them, before the sampling and judge options were written once.
+# Every parameter of those commands and of the reemergent analyses (name, flags, default,
+# help, annotation, ...) as the CLI of commit a799c2d had them, before the sampling, judge
+# and model-run options were written once.
 OPTIONS_BEFORE = Path(__file__).parent / "data" / "cli_sampling_options.json"
+RECORDED = [
+    *FLAGS_BEFORE,
+    *(("reemergent", c) for c in ("logprob", "project", "subspace", "patch")),
+]
 
 
 def _command(path: tuple[str, ...]) -> Any:
@@ -105,7 +110,7 @@ def _described(path: tuple[str, ...]) -> list[dict[str, Any]]:
     return rows
 
 
-@pytest.mark.parametrize("path", list(FLAGS_BEFORE), ids=" ".join)
+@pytest.mark.parametrize("path", RECORDED, ids=" ".join)
 def test_sampling_commands_keep_every_option(path: tuple[str, ...]) -> None:
     import json
 
