@@ -6,6 +6,7 @@ JSON summary, tables (parquet + CSV) and PNG figures into ``--out``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,44 @@ _DTYPE = typer.Option("auto", "--dtype", help="auto, float32, bfloat16, float64.
 _DEVICE = typer.Option(None, "--device", help="cpu, cuda, ... (default: auto).")
 _N = typer.Option(None, "-n", "--max-examples", help="Use the first N examples of each dataset.")
 _LAYERS = typer.Option(None, "--layers", help="Layers (from 0), e.g. '0,2,-1' (default: all).")
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """How an analysis runs its models (the options ``-n/--max-examples``, ``--batch-size``,
+    ``--dtype``, ``--device``, ``--system-prompt`` of ``logprob``, ``project``, ``subspace``
+    and ``patch``): the first ``n`` examples of each dataset (None: all), chats per forward
+    pass, torch dtype name, device (None: auto) and the ``--system-prompt`` given (None: as
+    trained, see :meth:`setting`)."""
+
+    n: int | None
+    batch_size: int
+    dtype: str
+    device: str | None
+    system_prompt: str | None
+
+    def setting(self, models: dict[str, Any]) -> Any:
+        """The system-prompt setting to render chats with: ``--system-prompt``, else the one
+        the models' adapters (or fine-tuned models) were trained with, else default
+        (:func:`emscope.train.system_prompt_for`)."""
+        from emscope.train import system_prompt_for
+
+        dirs = [p for spec in models.values() for p in (spec.path, *spec.adapters)]
+        return system_prompt_for(self.system_prompt, dirs)
+
+
+#: ``run: ModelRun`` -> the five options, at the end of ``--help`` (as before).
+with_model_run = options.OptionGroup(
+    "run",
+    {
+        "n": (int | None, _N),
+        "batch_size": (int, _BATCH),
+        "dtype": (str, _DTYPE),
+        "device": (str | None, _DEVICE),
+        "system_prompt": (str | None, options.SYSTEM_PROMPT),
+    },
+    ModelRun,
+)
 
 
 def _models(specs: list[str]) -> dict[str, Any]:
@@ -58,15 +97,6 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
         raise EmscopeError(f"bad {what} {text!r}; expected comma-separated integers") from None
 
 
-def _system_prompt(given: str | None, models: dict[str, Any]) -> Any:
-    """``--system-prompt``, else the setting the models' adapters (or fine-tuned models) were
-    trained with, else default (:func:`emscope.train.system_prompt_for`)."""
-    from emscope.train import system_prompt_for
-
-    dirs = [p for spec in models.values() for p in (spec.path, *spec.adapters)]
-    return system_prompt_for(given, dirs)
-
-
 def _progress() -> bool:
     import sys
 
@@ -80,18 +110,16 @@ def _sources(models: dict[str, Any]) -> dict[str, str]:
     }
 
 
+@with_model_run
 def logprob(
+    *,
     model: list[str] = typer.Option(..., "--model", help=MODEL_HELP),
     data: list[str] = typer.Option(..., "--data", help=DATA_HELP),
     out: Path = _OUT,
     examples: str | None = typer.Option(
         None, "--examples", help="Per-token heatmaps for these examples (0-based lines), e.g. 0,3."
     ),
-    n: int | None = _N,
-    batch_size: int = _BATCH,
-    dtype: str = _DTYPE,
-    device: str | None = _DEVICE,
-    system_prompt: str | None = options.SYSTEM_PROMPT,
+    run: ModelRun,
 ) -> None:
     """Log joint probability, per-token log-prob and entropy of each answer under each model."""
     from emscope.errors import EmscopeError
@@ -102,14 +130,14 @@ def logprob(
     from emscope.reemergent.results import LogprobSummary
 
     models = _models(model)
-    datasets = _datasets(data, n)
+    datasets = _datasets(data, run.n)
     chosen = _int_list(examples, "--examples") or []
     for index in chosen:
         if not any(index in d.indices for d in datasets):
             raise EmscopeError(f"--examples: no dataset has an example at line index {index}")
-    setting = _system_prompt(system_prompt, models)
+    setting = run.setting(models)
     result = logprob_analysis(
-        models, datasets, batch_size, dtype, device, _progress(), system_prompt=setting
+        models, datasets, run.batch_size, run.dtype, run.device, _progress(), system_prompt=setting
     )
     write_table(result.table(), out, "logprob")
     summary = LogprobSummary.of(
@@ -164,7 +192,7 @@ def gradients(
     if len(datasets) != 2:
         raise EmscopeError(f"gradients needs exactly two --data, got {len(datasets)}")
     name, source = next(iter(models.items()))
-    setting = _system_prompt(system_prompt, models)
+    setting = ModelRun(n, batch_size, dtype, device, system_prompt).setting(models)
     result = gradient_analysis(
         source,
         datasets[0],
@@ -208,7 +236,9 @@ def gradients(
     typer.echo(f"route {result.gram.route}; raw {raw}; centred {centred}")
 
 
+@with_model_run
 def project(
+    *,
     model: list[str] = typer.Option(..., "--model", help=MODEL_HELP),
     data: str = typer.Option(..., "--data", help="Chat dataset FILE.jsonl or NAME=FILE.jsonl."),
     out: Path = _OUT,
@@ -220,11 +250,7 @@ def project(
     seed: int = typer.Option(0, "--seed", help="Seed of the train / held-out split."),
     weighting: str = typer.Option("token", "--weighting", help="token or response mean."),
     layers: str | None = _LAYERS,
-    n: int | None = _N,
-    batch_size: int = _BATCH,
-    dtype: str = _DTYPE,
-    device: str | None = _DEVICE,
-    system_prompt: str | None = options.SYSTEM_PROMPT,
+    run: ModelRun,
 ) -> None:
     """Alignment direction mean(instruct) - mean(base) per layer; held-out projections."""
     import torch
@@ -236,8 +262,8 @@ def project(
     from emscope.reemergent.results import ProjectionSummary
 
     models = _models(model)
-    dataset = _datasets([data if "=" in data else f"data={data}"], n)[0]
-    setting = _system_prompt(system_prompt, models)
+    dataset = _datasets([data if "=" in data else f"data={data}"], run.n)[0]
+    setting = run.setting(models)
     result = projection_analysis(
         models,
         dataset,
@@ -247,9 +273,9 @@ def project(
         seed,
         options.layer_list(layers),
         weighting,
-        batch_size,
-        dtype,
-        device,
+        run.batch_size,
+        run.dtype,
+        run.device,
         _progress(),
         system_prompt=setting,
     )
@@ -280,7 +306,9 @@ def project(
     typer.echo(f"wrote {out / 'projection.json'} ({len(result.heldout)} held-out examples)")
 
 
+@with_model_run
 def subspace(
+    *,
     model: list[str] = typer.Option(..., "--model", help=MODEL_HELP),
     data: list[str] = typer.Option(..., "--data", help="Exactly two domains A=FILE B=FILE."),
     out: Path = _OUT,
@@ -291,11 +319,7 @@ def subspace(
     random_draws: int = typer.Option(200, "--random-draws", help="Random-subspace draws."),
     shuffle_draws: int = typer.Option(20, "--shuffle-draws", help="Shuffled-pairing draws."),
     seed: int = typer.Option(0, "--seed", help="Seed of the baselines."),
-    n: int | None = _N,
-    batch_size: int = _BATCH,
-    dtype: str = _DTYPE,
-    device: str | None = _DEVICE,
-    system_prompt: str | None = options.SYSTEM_PROMPT,
+    run: ModelRun,
 ) -> None:
     """Top-k instruct-minus-base residual subspaces of two domains, compared."""
     import pandas as pd
@@ -306,8 +330,8 @@ def subspace(
     from emscope.reemergent.subspace import plot_subspace, subspace_analysis
 
     models = _models(model)
-    datasets = _datasets(data, n)
-    setting = _system_prompt(system_prompt, models)
+    datasets = _datasets(data, run.n)
+    setting = run.setting(models)
     result = subspace_analysis(
         models,
         datasets,
@@ -318,9 +342,9 @@ def subspace(
         random_draws,
         shuffle_draws,
         seed,
-        batch_size,
-        dtype,
-        device,
+        run.batch_size,
+        run.dtype,
+        run.device,
         _progress(),
         system_prompt=setting,
     )
@@ -345,7 +369,9 @@ def subspace(
     typer.echo(f"wrote {out / 'subspace.json'} ({len(result.layers)} layers, k={k})")
 
 
+@with_model_run
 def patch(
+    *,
     model: list[str] = typer.Option(..., "--model", help="source=... and target=... models."),
     data: str = typer.Option(..., "--data", help="Chat dataset FILE.jsonl or NAME=FILE.jsonl."),
     out: Path = _OUT,
@@ -354,11 +380,7 @@ def patch(
     source_name: str = typer.Option("source", "--source", help="Name of the source model."),
     target_name: str = typer.Option("target", "--target", help="Name of the target model."),
     layers: str | None = _LAYERS,
-    n: int | None = _N,
-    batch_size: int = _BATCH,
-    dtype: str = _DTYPE,
-    device: str | None = _DEVICE,
-    system_prompt: str | None = options.SYSTEM_PROMPT,
+    run: ModelRun,
 ) -> None:
     """Patch resid_post[l] from source into target, per layer; metric vs layer."""
     from emscope.errors import EmscopeError
@@ -373,8 +395,8 @@ def patch(
     for role, name in (("source", source_name), ("target", target_name)):
         if name not in models:
             raise EmscopeError(f"no model named {name!r} (the {role}); got {list(models)}")
-    dataset = _datasets([data if "=" in data else f"data={data}"], n)[0]
-    setting = _system_prompt(system_prompt, models)
+    dataset = _datasets([data if "=" in data else f"data={data}"], run.n)[0]
+    setting = run.setting(models)
     result = patch_analysis(
         models[source_name],
         models[target_name],
@@ -382,9 +404,9 @@ def patch(
         "loss" if loss else "word",
         word,
         options.layer_list(layers),
-        batch_size,
-        dtype,
-        device,
+        run.batch_size,
+        run.dtype,
+        run.device,
         _progress(),
         system_prompt=setting,
     )
