@@ -253,10 +253,11 @@ def test_defence_claim_rows_of_a_subset_bench_read_n_a(tmp_path: Path) -> None:
     from emscope.io import write_json
     from emscope.pipeline.claims_defences import DEFENCE_MEASURES
 
+    full = {"seeds": 1, "task_learned_low": 0.0, "task_learned_high": 1.0, "train_s": 10.0}
     table = [
-        _arm("plain", "narrow", 0.6, 0.05, 0.9, None),
-        _arm("plain", "benign", 0.0, 0.01, 0.0, 1.7),
-        _arm("steer-7", "narrow", 0.02, 0.01, 0.85, None),
+        _arm("plain", "narrow", 0.6, 0.05, 0.9, None) | full | {"overhead": 1.0},
+        _arm("plain", "benign", 0.0, 0.01, 0.0, 1.7) | full | {"overhead": 1.0},
+        _arm("steer-7", "narrow", 0.02, 0.01, 0.85, None) | full | {"overhead": 1.1},
     ]
     stage = tmp_path / "defences"
     write_json(stage / "defences.json", {"table": table})
@@ -270,3 +271,29 @@ def test_defence_claim_rows_of_a_subset_bench_read_n_a(tmp_path: Path) -> None:
     assert verdicts["defence_pplgap_best"] == "n/a (no interleave-pplgap arm)"
     assert verdicts["defence_inconsistent"].startswith("n/a (no ldifs/safelora arm")
     assert verdicts["defence_inoculation"] == "n/a (no inoculate arm)"
+
+    # a renamed column is an error naming the file and the field, not a silent n/a
+    write_json(
+        stage / "defences.json", {"table": [{k: v for k, v in table[0].items() if k != "seeds"}]}
+    )
+    with pytest.raises(EmscopeError, match=r"defences.json: missing field 'table\[0\]\.seeds'"):
+        DEFENCE_MEASURES["defence_steer"](SimpleNamespace(dir=tmp_path))
+
+
+def test_defences_result_round_trips_and_names_a_missing_field() -> None:
+    from emscope.defences.result import DefencesResult
+
+    row = _arm("kl-1", "narrow", 0.2, 0.05, 0.8, None) | {
+        "seeds": 3, "task_learned_low": 0.7, "task_learned_high": 0.9, "train_s": 30.0,
+        "overhead": 2.1, "general_coherent": 0.95,
+    }  # fmt: skip
+    doc = {"runs": 3, "table": [row], "spec": {"seeds": [0, 1, 2]}}
+    result = DefencesResult.from_json(doc, source="x/defences.json")
+    assert result.to_json() == doc and list(result.to_json()) == list(doc)
+    assert result.table[0].overhead == 2.1 and result.table[0].extra == {"general_coherent": 0.95}
+    assert DefencesResult.from_json(result.to_json()) == result
+    del row["task_nll_high"]
+    with pytest.raises(
+        EmscopeError, match=r"x/defences.json: missing field 'table\[0\]\.task_nll_high'"
+    ):
+        DefencesResult.from_json(doc, source="x/defences.json")

@@ -229,7 +229,13 @@ def test_report_section_shows_the_prompted_measures(tmp_path: Path) -> None:
     from emscope.report.defences import defences_section
 
     def row(arm: str, prompted: float | None) -> dict[str, Any]:
-        out: dict[str, Any] = {"arm": arm, "task": "narrow", "seeds": 3, "overhead": 1.0}
+        out: dict[str, Any] = {
+            "arm": arm,
+            "task": "narrow",
+            "seeds": 3,
+            "overhead": 1.0,
+            "train_s": 9.0,
+        }
         for key, value in (
             ("general_em", 0.3), ("task_learned", 0.9), ("task_nll", None),
             ("general_coherent", 0.95), ("general_em_prompted", prompted),

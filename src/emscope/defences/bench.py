@@ -347,9 +347,10 @@ def plot_pareto(table: Any) -> Any:
 def write_bench(rows: Sequence[dict[str, Any]], out: str | Path, meta: dict[str, Any]) -> Any:
     """``defences.parquet``/``.csv`` (tidy, one row per run), ``table.parquet``/``.csv``
     (:func:`aggregate`), ``defences.png`` (:func:`plot_pareto`), ``defences.json`` (meta +
-    the table); returns the table."""
+    the table, a :class:`~emscope.defences.result.DefencesResult`); returns the table."""
     import pandas as pd
 
+    from emscope.defences.result import DefencesResult
     from emscope.io import write_json, write_table
     from emscope.plotting import save_figure
 
@@ -358,7 +359,9 @@ def write_bench(rows: Sequence[dict[str, Any]], out: str | Path, meta: dict[str,
     table = aggregate(rows, meta.get("n_boot", 1000), meta.get("seed", 0))
     write_table(table, out, "table")
     save_figure(plot_pareto(table), out / "defences.png")
-    write_json(out / "defences.json", {**meta, "table": table.to_dict(orient="records")})
+    doc = {**meta, "table": table.to_dict(orient="records")}
+    result = DefencesResult.from_json(doc, source=str(out / "defences.json"))
+    write_json(out / "defences.json", result.to_json())
     return table
 
 

@@ -222,17 +222,18 @@ def _read(run: Any) -> tuple[list[Row], list[Row]] | None:
     """(aggregated table, tidy rows) of a finished stage, else None."""
     import pandas as pd
 
-    from emscope.io import read_json
+    from emscope.defences.result import DefencesResult
+    from emscope.results import read_result
 
     directory = Path(run.dir) / STAGE
     if not (directory / "done.json").is_file():
         return None
-    table = read_json(directory / "defences.json")["table"]
+    table: list[Row] = list(read_result(DefencesResult, directory / "defences.json").rows())
     rows: list[Row] = [
         {str(k): v for k, v in r.items()}
         for r in pd.read_parquet(directory / "defences.parquet").to_dict(orient="records")
     ]
-    return list(table), rows
+    return table, rows
 
 
 def _measure(

@@ -28,7 +28,8 @@ def _finite(value: Any) -> bool:
 
 def defences_section(run: Path) -> Section:
     """The section (``Stage `defences` not run.`` without the stage)."""
-    from emscope.io import read_json
+    from emscope.defences.result import DefencesResult
+    from emscope.results import read_result
 
     section = Section(
         "defences",
@@ -38,7 +39,8 @@ def defences_section(run: Path) -> Section:
     if not stage_done(run, "defences"):
         return not_run(section, "defences")
     directory = run / "defences"
-    data = read_json(directory / "defences.json")
+    result = read_result(DefencesResult, directory / "defences.json")
+    data, rows = result.extra, result.rows()
     spec = data.get("spec", {})
     section.text = (
         f"{data.get('runs')} fine-tunes on build {data.get('build')}: each arm (a defence at "
@@ -71,12 +73,12 @@ def defences_section(run: Path) -> Section:
                     _ci(r, "general_coherent"),
                     f"{r['overhead']:.2f}x" if r.get("overhead") is not None else "n/a",
                 )
-                for r in data["table"]
+                for r in rows
             ),
             "the defences bench (defences/table.csv)",
         )
     )
-    prompted = [r for r in data["table"] if _finite(r.get("task_learned_prompted"))]
+    prompted = [r for r in rows if _finite(r.get("task_learned_prompted"))]
     if prompted:
         section.tables.append(
             Table(
