@@ -91,15 +91,15 @@ def test_judge_settings_one_place():
         s.concurrency = 1  # type: ignore[misc]
 
 
-def test_sampling_settings_shared_by_cli_and_pipeline():
-    from emscope.cli.options import SamplingParams as SamplingSettings
+def test_sampling_params_shared_by_cli_and_pipeline():
+    from emscope.eval.params import SamplingParams
     from emscope.pipeline.config import SamplingConfig
 
-    cli = SamplingSettings(5, 3, 8, 16, 0.7, 0.9)
+    cli = SamplingParams(5, 3, 8, 16, 0.7, 0.9)
     config = SamplingConfig(
         n=5, seed=3, batch_size=8, max_new_tokens=16, temperature=0.7, top_p=0.9
     )
-    assert isinstance(cli, SamplingSettings) and config.settings() == cli
+    assert isinstance(cli, SamplingParams) and config.settings() == cli
     assert (
         config.kwargs()
         == cli.kwargs()

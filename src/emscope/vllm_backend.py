@@ -13,7 +13,8 @@ once) defaults to 1, since each ``generate`` call here serves one adapter.
 :class:`VllmSampler` (and :class:`VllmModel`, bound to one adapter) is the vLLM
 :class:`emscope.eval.Sampler`; callers get it from :class:`emscope.eval.BackendSettings`:
 the CLI with ``--backend vllm`` on ``sample``, ``eval``, ``lmc`` and ``dynamics --eval``
-(:func:`emscope.cli.options.with_backend`), the pipeline with ``sampling.backend: vllm``.
+(:data:`emscope.cli.options.with_backend`, an option group), the pipeline with
+``sampling.backend: vllm``.
 
 Interventions (activation hooks, adapter scaling) cannot run inside vLLM's engine: they are
 refused with one clear error (:func:`refuse_interventions`); use the HF backend
