@@ -143,11 +143,31 @@ def test_seeds_bootstrap_matches_the_binomial_interval_for_one_seed() -> None:
         seeds_bootstrap(np.array([1]), np.array([0]))
 
 
-def test_dry_run_of_the_shipped_configs() -> None:
-    if (ROOT / "runs" / "toy-sys" / "build.json").is_file():  # inputs: the system-turn build
-        result = CliRunner().invoke(
-            app, ["defend", str(ROOT / "configs/defences.yaml"), "--dry-run"]
-        )
+def test_dry_run_of_the_shipped_configs(tmp_path: Path) -> None:
+    import yaml
+
+    from emscope.synthetic.world import load_world
+
+    shipped = ROOT / "configs/defences.yaml"
+    world = ROOT / "runs" / "toy" / "world.json"
+    if not (world.is_file() and load_world(world).system_prompts):
+        # no build of the system-turn world at runs/toy (a fresh clone): one line saying how
+        # to make one, nothing planned
+        result = CliRunner().invoke(app, ["defend", str(shipped), "--dry-run"])
+        assert result.exit_code != 0 and "emscope toy build" in result.output
+        assert "fine-tunes" not in result.output
+    build = next(
+        (
+            b
+            for b in (ROOT / "runs" / "toy", ROOT / "runs" / "toy-sys")
+            if (b / "world.json").is_file() and load_world(b / "world.json").system_prompts
+        ),
+        None,
+    )
+    if build is not None:  # a system-turn build is here: the whole plan with its inputs
+        config = yaml.safe_load(shipped.read_text()) | {"organism": str(build)}
+        (tmp_path / "defences.yaml").write_text(yaml.safe_dump(config))
+        result = CliRunner().invoke(app, ["defend", str(tmp_path / "defences.yaml"), "--dry-run"])
         assert result.exit_code == 0, result.output
         assert "66 fine-tunes (11 arms, seeds [0, 1, 2])" in result.output
         assert "inoculate/narrow/s0: bad_medical inoculate:prompt=you play a wicked" in (

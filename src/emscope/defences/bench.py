@@ -144,7 +144,8 @@ def resolve_placeholders(text: str, organism: str | Path) -> str:
     for character in wanted:
         if character not in prompts:
             why = (
-                "no world file"
+                "no world file (no organism build there: `make demo` or `emscope toy build "
+                "--out DIR` makes one)"
                 if not path.is_file()
                 else "a world without a system turn (built before world format /2: rebuild "
                 "it with `emscope toy build`), so no prompt"
