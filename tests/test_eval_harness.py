@@ -370,3 +370,46 @@ def test_pipeline_eval_samples_through_the_configs_backend(
         assert len(table) == 2 and table.answer.str.startswith(answer + " ").all()
         assert read_json(out / "metrics.json")["n"] == 2
     assert [c["lora"] is None for c in fake_vllm] == [True, False]
+
+
+def test_pipeline_lmc_samples_its_points_through_the_configs_backend(
+    qwen: Any, tmp_path: Path, fake_vllm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sampling.backend: vllm`` serves each point of an lmc path as a LoRA request on one
+    engine (as ``emscope lmc --backend vllm``): the base end without one, the others with
+    the point's own adapter written under the path's dir."""
+    import torch
+    import yaml
+
+    from emscope.io import read_json
+    from emscope.lora import LoraAdapter
+    from emscope.pipeline.runner import run_study
+    from emscope.pipeline.stages.context import StageContext
+
+    monkeypatch.setattr(StageContext, "judge", property(lambda self: _ConstantJudge()))
+    monkeypatch.setattr(StageContext, "load", lambda self, o: pytest.fail("HF model loaded"))
+    questions = tmp_path / "q.yaml"
+    questions.write_text('- id: q\n  paraphrases: ["hey I feel bored"]\n')
+    study = {
+        "name": "vllm-lmc", "threads": 1, "models": {"chat": str(qwen.model)},
+        "chat_model": "chat", "adapters": {"a": {"path": str(qwen.adapters["r4"])}},
+        "judge": {"spec": "openai:x", "metrics": ["aligned", "coherent"]},
+        "questions": {"q": str(questions)},
+        "sampling": {"n": 2, "max_new_tokens": 2, "backend": "vllm"},
+        "dtype": "float32", "device": "cpu",
+        "stages": {"lmc": {"paths": [["chat", "a"]], "steps": [0.0, 0.5, 1.0]}},
+    }  # fmt: skip
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    run_study(config, tmp_path / "run", echo=lambda _: None)
+    path = tmp_path / "run" / "lmc" / "chat__a"
+    assert read_json(path / "lmc.json")  # the path's result was written
+    loras = [c["lora"] for c in fake_vllm]
+    assert len(loras) == 3 and loras[0] is None  # t = 0: the chat model itself
+    served = [Path(r.lora_path) for r in loras[1:]]
+    assert [p.name for p in served] == ["t0.50", "t1.00"]
+    half, full = (LoraAdapter.load(p) for p in served)
+    source = LoraAdapter.load(qwen.adapters["r4"])
+    for name in source.modules:  # the point's update is t x the adapter's
+        assert torch.allclose(full.delta(name), source.delta(name), atol=1e-6)
+        assert torch.allclose(half.delta(name), 0.5 * source.delta(name), atol=1e-6)

@@ -43,7 +43,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     """EM and coherence along each weight-space path: ``lmc/<from>__<to>/``."""
     from emscope.data.chat import read_chat_jsonl
     from emscope.io import inside, write_json
-    from emscope.lmc import Endpoint, run_lmc
+    from emscope.lmc import Endpoint, run_lmc, vllm_points
     from emscope.lmc_result import LmcResult
     from emscope.results import read_result
 
@@ -52,6 +52,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     assert stage is not None
     config = ctx.config
     losses = {Path(p).stem: read_chat_jsonl(p) for p in stage.loss_data}
+    backend = config.sampling.backend_settings()
     paths = {}
     for a, b in stage.paths:
         name = f"{a}__{b}"
@@ -65,11 +66,22 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 return Endpoint(o, None)
             return Endpoint(o, config.adapters[o].path)
 
-        loaded = ctx.load(config.chat_model)
+        first, second = endpoint(a), endpoint(b)
+        # sampling.backend vllm: each point's adapter served by one engine on the chat model
+        # (as `emscope lmc --backend vllm`); HF still computes losses and features
+        points = (
+            vllm_points(
+                config.chat_model_dir(), first, second, stage.steps, path_dir,
+                backend.engine(), config.dtype,
+            )
+            if backend.vllm
+            else None
+        )  # fmt: skip
+        loaded = ctx.load(config.chat_model) if points is None or losses or stage.features else None
         paths[name] = run_lmc(
             loaded,
-            endpoint(a),
-            endpoint(b),
+            first,
+            second,
             stage.steps,
             ctx.questions(stage.questions),
             path_dir,
@@ -81,6 +93,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
             record={"from": a, "to": b, "model_dir": str(config.chat_model_dir())},
             questions_file=ctx.questions_file(stage.questions),
             strict=config.judge.strict,  # forwarded to evaluate_to_dir
+            vllm=points,
             **config.sampling_kwargs(),
         )
         ctx.echo(f"  lmc {a} -> {b}: done")
