@@ -98,3 +98,28 @@ def test_versions_one_lookup():
     found = versions("numpy", "python", "no-such-dist-emscope")
     assert list(found) == ["numpy", "python"]
     assert versions("no-such-dist-emscope", absent="absent") == {"no-such-dist-emscope": "absent"}
+
+
+def test_read_yaml_is_the_one_reader_of_user_yaml(tmp_path: Path) -> None:
+    """Study, replicate, defend and persona files all fail the same way: one line with the
+    file (and the line of bad YAML)."""
+    from emscope.defences.bench import load_defend_config
+    from emscope.directions.persona import load_persona_prompts
+    from emscope.io import read_yaml
+    from emscope.pipeline.config import load_config
+    from emscope.pipeline.replicate import run_replicates
+
+    good = tmp_path / "good.yaml"
+    good.write_text("a: [1, 2]\n")
+    assert read_yaml(good) == {"a": [1, 2]}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: 1\nb: [oops\n")
+    for reader in (read_yaml, load_config, load_defend_config, load_persona_prompts):
+        with pytest.raises(EmscopeError, match=r"bad\.yaml:\d+: not valid YAML"):
+            reader(bad)
+    with pytest.raises(EmscopeError, match=r"bad\.yaml:\d+: not valid YAML"):
+        run_replicates(bad, tmp_path / "out", [0], dry_run=True)
+    with pytest.raises(EmscopeError, match=r"nope\.yaml: persona prompt file not found"):
+        load_persona_prompts(tmp_path / "nope.yaml")
+    with pytest.raises(EmscopeError, match=r"nope\.yaml: config file not found"):
+        load_defend_config(tmp_path / "nope.yaml")

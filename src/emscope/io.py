@@ -141,6 +141,24 @@ def read_text(path: str | Path) -> str:
         ) from None
 
 
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """A YAML file a user hands emscope (a study or defend config, a prompt file), parsed:
+    one :class:`EmscopeError` line for a missing file (``PATH: WHAT not found``) or bad YAML
+    (``PATH:LINE: not valid YAML (problem)``); an empty file is None."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise EmscopeError(f"{path}: {what} not found")
+    try:
+        return yaml.safe_load(read_text(path))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", exc)
+        raise EmscopeError(f"{path}{where}: not valid YAML ({problem})") from None
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     text = read_text(path)

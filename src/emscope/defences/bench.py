@@ -381,18 +381,12 @@ class DefendConfig(BenchSpec):
 def load_defend_config(path: str | Path) -> DefendConfig:
     """Read and validate a defend YAML; any problem is one EmscopeError line naming the
     file and field."""
-    import yaml
     from pydantic import ValidationError
 
-    from emscope.io import read_text
+    from emscope.io import read_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise EmscopeError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(read_text(path))
-    except yaml.YAMLError as exc:
-        raise EmscopeError(f"{path}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    data = read_yaml(path)
     try:
         config = DefendConfig.model_validate(data or {})
         check_spec(config, "arms")

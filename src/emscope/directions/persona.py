@@ -120,17 +120,10 @@ def builtin_prompts_path() -> Path:
 def load_persona_prompts(path: str | Path | None = None) -> PersonaPrompts:
     """Read a persona YAML (``trait``, ``elicit`` and ``suppress``: lists of system prompts,
     ``questions``: list of questions); default: the shipped ``persona_evil.yaml``."""
-    import yaml
-
-    from emscope.io import read_text
+    from emscope.io import read_yaml
 
     source = builtin_prompts_path() if path is None else Path(path)
-    if not source.is_file():
-        raise EmscopeError(f"{source}: persona prompt file not found")
-    try:
-        data = yaml.safe_load(read_text(source))
-    except yaml.YAMLError as exc:
-        raise EmscopeError(f"{source}: invalid YAML: {exc}") from None
+    data = read_yaml(source, "persona prompt file")
     if not isinstance(data, dict):
         raise EmscopeError(f"{source}: expected a mapping with trait, elicit, suppress, questions")
     for key in ("elicit", "suppress", "questions"):

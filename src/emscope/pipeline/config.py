@@ -362,21 +362,9 @@ def parse_config(data: Any, source: str = "config", registry: Registry = REGISTR
 
 def load_config(path: str | Path, registry: Registry = REGISTRY) -> StudyConfig:
     """Read and validate an experiment YAML; any problem is one line naming the field."""
-    import yaml
+    from emscope.io import read_yaml
 
-    from emscope.io import read_text
-
-    path = Path(path)
-    if not path.is_file():
-        raise EmscopeError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(read_text(path))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", exc)
-        raise EmscopeError(f"{path}{where}: not valid YAML ({problem})") from None
-    return parse_config(data, str(path), registry)
+    return parse_config(read_yaml(path), str(path), registry)
 
 
 def built_by_organism(config: StudyConfig, path: Path) -> bool:

@@ -84,15 +84,13 @@ def run_replicates(
     before the first build. Returns the replicate summary (``{}`` for ``dry_run``)."""
     import yaml
 
-    from emscope.io import read_text
+    from emscope.io import read_yaml
     from emscope.pipeline.config import parse_config
     from emscope.pipeline.runner import run_study
 
     config_path = Path(config_path)
     out = Path(out)
-    if not config_path.is_file():
-        raise EmscopeError(f"{config_path}: config file not found")
-    data = yaml.safe_load(read_text(config_path))
+    data = read_yaml(config_path)
     if not isinstance(data, dict):
         raise EmscopeError(f"{config_path}: the config must be a mapping")
     per_seed = {s: seed_config(data, s) for s in seeds}
